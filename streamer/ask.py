@@ -1,0 +1,66 @@
+"""One video, one question: read frames, ingest them chunk by chunk, answer. Used by `streamer ask`."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable, Iterator
+
+from memory.policies import MemoryPolicy
+from streamer.config import Config
+from streamer.runner import Runner
+from video_io.frames import Frame
+from video_io.sources import FileSource
+from video_io.sampling import Sampling
+
+
+def read_chunks(frames: Iterator[Frame], size: int) -> Iterator[tuple[list[Frame], float]]:
+    """Groups of `size` frames (the last may be shorter), each with the seconds spent reading it."""
+    frames = iter(frames)
+    while True:
+        start = time.perf_counter()
+        chunk = [frame for _, frame in zip(range(size), frames)]
+        if not chunk:
+            return
+        yield chunk, time.perf_counter() - start
+
+
+def ask_video(runner: Runner, video: str, question: str, config: Config, policy: MemoryPolicy,
+              progress: Callable[[str], None] | None = None) -> dict:
+    """Answer `question` about the video file at `video`; returns the public result record."""
+    started = time.perf_counter()
+    sampling = Sampling(frames=config.video.frames, fps=config.video.fps, max_frames=config.video.max_frames)
+    source = FileSource(video, sampling, backend=config.video.backend)
+    chunk_frames = config.memory.chunk_frames
+    total_chunks = math.ceil(len(source) / chunk_frames)
+    memory = runner.new_memory()
+    read_s = 0.0
+    for number, (chunk, seconds) in enumerate(read_chunks(source, chunk_frames), start=1):
+        read_s += seconds
+        report = runner.ingest(memory, [frame.image for frame in chunk], policy)
+        if progress:
+            progress(f"chunk {number}/{total_chunks}: {len(chunk)} frames ({chunk[0].ts:.1f}-{chunk[-1].ts:.1f} s), "
+                     f"{report['tokens']} tokens -> memory {memory.mean_tokens():.0f} of {memory.full_tokens} tokens")
+    answer = runner.answer(memory, question, config.generation.max_new_tokens)
+
+    stage = {key: sum(chunk["timings"][key] for chunk in memory.chunks)
+             for key in ("preprocess", "vision", "prefill", "policy")}
+    timings = dict(read_frames=read_s, **stage, question_prefill=answer.timings["question_prefill"],
+                   decode=answer.timings["decode"], total=time.perf_counter() - started)
+    return dict(
+        answer=answer.text,
+        question=question,
+        video=str(video),
+        model=config.model.name,
+        policy=policy.name,
+        frames=memory.frames,
+        frame_grid=list(memory.grid_hw),
+        chunks=len(memory.chunks),
+        full_tokens=memory.full_tokens,
+        memory_tokens=memory.mean_tokens(),
+        memory_tokens_per_layer=memory.tokens_per_layer(),
+        answer_tokens=len(answer.token_ids),
+        first_token_logprobs=answer.first_token_logprobs,
+        decode_tokens_per_s=answer.timings["decode_tokens_per_s"],
+        timings=timings,
+    )

@@ -1,0 +1,109 @@
+"""Run configuration: TOML files in configs/ with command-line switches on top.
+
+A file may set any subset of the sections and keys below; unknown sections or keys are
+refused by name so that a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+@dataclass
+class ModelOptions:
+    name: str = "tiny-random"  # a built-in model or a local checkpoint directory
+    device: str = "auto"  # auto: cuda if available, else cpu
+    dtype: str = "auto"  # auto: bfloat16 on cuda, float32 on cpu
+
+
+@dataclass
+class VideoOptions:
+    frames: int | None = 32  # uniform sampling over the whole video ...
+    fps: float | None = None  # ... or frames per second of video time (then leave frames out)
+    max_frames: int | None = None  # cap for fps sampling
+    backend: str = "pyav"  # pyav | decord
+    min_pixels: int = 128 * 28 * 28  # per frame, after smart resize
+    max_pixels: int = 768 * 28 * 28
+
+
+@dataclass
+class MemoryOptions:
+    policy: str = "full"
+    chunk_frames: int = 16  # frames per prefill chunk; a multiple of 2 (frames are encoded in pairs)
+
+
+@dataclass
+class GenerationOptions:
+    max_new_tokens: int = 64
+
+
+@dataclass
+class Config:
+    model: ModelOptions = field(default_factory=ModelOptions)
+    video: VideoOptions = field(default_factory=VideoOptions)
+    memory: MemoryOptions = field(default_factory=MemoryOptions)
+    generation: GenerationOptions = field(default_factory=GenerationOptions)
+
+    def validate(self) -> "Config":
+        video, mem = self.video, self.memory
+        if (video.frames is None) == (video.fps is None):
+            raise ValueError("set exactly one of video.frames (--frames) and video.fps (--fps)")
+        if video.frames is not None and video.frames < 1:
+            raise ValueError(f"video.frames must be >= 1, got {video.frames}")
+        if video.fps is not None and video.fps <= 0:
+            raise ValueError(f"video.fps must be > 0, got {video.fps}")
+        if video.backend not in ("pyav", "decord"):
+            raise ValueError(f"video.backend must be pyav or decord, got {video.backend!r}")
+        if not 0 < video.min_pixels <= video.max_pixels:
+            raise ValueError(f"need 0 < video.min_pixels <= video.max_pixels, got {video.min_pixels}, {video.max_pixels}")
+        if mem.chunk_frames < 2 or mem.chunk_frames % 2:
+            raise ValueError(
+                f"memory.chunk_frames (--chunk-frames) must be a positive multiple of 2, got {mem.chunk_frames}: "
+                "Qwen2-VL encodes frames in pairs"
+            )
+        if self.generation.max_new_tokens < 1:
+            raise ValueError(f"generation.max_new_tokens must be >= 1, got {self.generation.max_new_tokens}")
+        return self
+
+
+def find_config(name: str) -> Path:
+    """A path as given, or a file in configs/ (with or without .toml)."""
+    for candidate in (Path(name), CONFIG_DIR / name, CONFIG_DIR / f"{name}.toml"):
+        if candidate.is_file():
+            return candidate
+    known = ", ".join(sorted(p.name for p in CONFIG_DIR.glob("*.toml")))
+    raise FileNotFoundError(f"no config file {name!r} (looked in the current directory and {CONFIG_DIR}; known: {known})")
+
+
+def load_config(name: str | None = None) -> Config:
+    config = Config()
+    if name is None:
+        return config
+    path = find_config(name)
+    with path.open("rb") as f:
+        data = tomllib.load(f)
+    sections = {f.name: f for f in fields(Config)}
+    for section, values in data.items():
+        if section not in sections or not isinstance(values, dict):
+            raise ValueError(f"{path}: unknown section [{section}]; known: {', '.join(sections)}")
+        current = getattr(config, section)
+        known = {f.name for f in fields(current)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"{path}: unknown key(s) {sorted(unknown)} in [{section}]; known: {sorted(known)}")
+        if section == "video" and "fps" in values and "frames" not in values:
+            values = {**values, "frames": None}  # fps sampling replaces the default frame count
+        setattr(config, section, replace(current, **values))
+    return config
+
+
+def override(config: Config, section: str, **values) -> Config:
+    """Set the given keys of one section, skipping those left as None (switches not given)."""
+    given = {k: v for k, v in values.items() if v is not None}
+    if given:
+        setattr(config, section, replace(getattr(config, section), **given))
+    return config

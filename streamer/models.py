@@ -1,0 +1,138 @@
+"""Model loading: local Qwen2-VL checkpoints and built-in offline models.
+
+Nothing here downloads anything. A real checkpoint is a local directory; the built-in
+models are built from a config with seeded random weights:
+
+- ``tiny-random``: a few-layer Qwen2-VL with the project's small tokenizer, for tests and the demo.
+- ``qwen2-vl-{2b,7b,72b}-random``: the real architectures (configs/models/*.json) with random
+  weights, for speed measurement.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+from streamer.attention import MEMORY_ATTENTION, register_memory_attention
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+TINY_TOKENIZER = ASSETS / "tiny-tokenizer"
+MODEL_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "models"
+TINY_RANDOM = "tiny-random"
+RANDOM_ARCHITECTURES = {f"qwen2-vl-{size}-random": f"qwen2-vl-{size}.json" for size in ("2b", "7b", "72b")}
+BUILTIN_MODELS = (TINY_RANDOM, *RANDOM_ARCHITECTURES)
+RANDOM_SEED = 0
+
+# Small enough for 2 CPU cores, but with the features that matter: grouped KV heads
+# (4 query heads per 2 KV heads), 3-D M-RoPE, a 2-block vision tower with the 2x2 merger,
+# and 6 layers so that layer groups of 4 do not divide the depth.
+TINY_TEXT = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
+    num_key_value_heads=2, hidden_act="silu", max_position_embeddings=32768, rms_norm_eps=1e-6,
+    rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+    initializer_range=0.1,
+)
+TINY_VISION = dict(
+    depth=2, embed_dim=32, mlp_ratio=2, num_heads=2, in_channels=3, patch_size=14,
+    spatial_merge_size=2, temporal_patch_size=2, hidden_act="quick_gelu", hidden_size=64,
+    initializer_range=0.1,
+)
+
+
+@dataclass
+class LoadedModel:
+    model: Qwen2VLForConditionalGeneration
+    tokenizer: PreTrainedTokenizerBase
+    name: str  # what was asked for: a built-in name or the checkpoint path
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} was asked for but CUDA is not available here; use --device cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in names:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(names)}")
+    return names[dtype]
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerBase:
+    return AutoTokenizer.from_pretrained(TINY_TOKENIZER)
+
+
+def _special_token_ids(tokenizer: PreTrainedTokenizerBase) -> dict:
+    ids = tokenizer.convert_tokens_to_ids
+    return dict(
+        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
+    )
+
+
+def builtin_config(name: str, tokenizer: PreTrainedTokenizerBase) -> Qwen2VLConfig:
+    """Config of a built-in model, with special-token ids taken from `tokenizer`."""
+    specials = _special_token_ids(tokenizer)
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    bos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    if name == TINY_RANDOM:
+        text = dict(TINY_TEXT, vocab_size=len(tokenizer), eos_token_id=eos, bos_token_id=bos)
+        return Qwen2VLConfig(text_config=text, vision_config=dict(TINY_VISION), tie_word_embeddings=False, **specials)
+    if name in RANDOM_ARCHITECTURES:
+        spec = json.loads((MODEL_CONFIGS / RANDOM_ARCHITECTURES[name]).read_text())
+        spec.pop("_comment", None)
+        spec.pop("model_type", None)
+        spec["text_config"].update(eos_token_id=eos, bos_token_id=bos)
+        return Qwen2VLConfig(**spec, **specials)
+    raise ValueError(f"unknown built-in model {name!r}; choose one of {', '.join(BUILTIN_MODELS)}")
+
+
+def build_random_model(config: Qwen2VLConfig, device: torch.device, dtype: torch.dtype,
+                       seed: int = RANDOM_SEED) -> Qwen2VLForConditionalGeneration:
+    """Seeded random weights: the same seed gives the same model on every machine."""
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = Qwen2VLForConditionalGeneration._from_config(config, dtype=dtype)
+    return model.eval()
+
+
+def load_model(name_or_path: str, device: str | None = None, dtype: str | None = None) -> LoadedModel:
+    """Load a built-in model by name or a Qwen2-VL checkpoint from a local directory."""
+    register_memory_attention()
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    if name_or_path in BUILTIN_MODELS:
+        tokenizer = tiny_tokenizer()
+        model = build_random_model(builtin_config(name_or_path, tokenizer), torch_device, torch_dtype)
+    else:
+        path = Path(name_or_path).expanduser()
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"no Qwen2-VL checkpoint at {str(path)!r} (expected a directory with config.json and "
+                f"*.safetensors). Give a local checkpoint directory or a built-in model: {', '.join(BUILTIN_MODELS)}"
+            )
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        model = Qwen2VLForConditionalGeneration.from_pretrained(
+            path, dtype=torch_dtype, device_map=str(torch_device), local_files_only=True
+        ).eval()
+    # Only the language model uses the memory-aware attention; the vision tower keeps its default.
+    model.set_attn_implementation({"text_config": MEMORY_ATTENTION})
+    return LoadedModel(model=model, tokenizer=tokenizer, name=name_or_path)

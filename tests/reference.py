@@ -1,0 +1,83 @@
+"""Full recomputation references for the exactness tests.
+
+Each reference runs the stock transformers forward over the whole token sequence at once
+(prefix + all video tokens + question), with the video encoded in one vision-tower call,
+and with no cache: nothing of the project's chunking, memory or attention is involved
+except the position convention, which the position tests check separately.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from streamer.attention import MEMORY_ATTENTION
+from streamer.positions import as_position_ids, text_positions, video_positions
+from streamer.prompt import question_suffix
+from streamer.runner import Runner
+from video_io.preprocess import preprocess_frames
+
+REFERENCE_ATTENTION = "test_reference_masked"
+
+
+def one_video_inputs(runner: Runner, frames: list[np.ndarray], question: str):
+    patches = preprocess_frames(frames, runner.preset)
+    grid_t, grid_h, grid_w = patches.grid_thw
+    merge = runner.preset.merge_size
+    prefix, suffix = runner.prefix_ids, runner.encode(question_suffix(question))
+    video_token = runner.model.config.video_token_id
+    ids = prefix + [video_token] * patches.num_tokens + suffix
+    video = video_positions(len(prefix), 0, grid_t, grid_h // merge, grid_w // merge)
+    positions = torch.cat([text_positions(0, len(prefix)), video, text_positions(int(video.max()) + 1, len(suffix))])
+    return ids, positions, patches, len(suffix)
+
+
+@torch.inference_mode()
+def one_shot_logits(runner: Runner, frames, question: str, generated: list[int] = (), key_mask=None) -> torch.Tensor:
+    """Logits at the question (and generated) positions from one stock forward over everything.
+
+    key_mask, if given, is a function (layer_idx, seq_len) -> bool [kv_heads, seq_len, seq_len]
+    of extra visibility (ANDed with causality), used to mimic per-layer, per-head pruning.
+    """
+    ids, positions, patches, suffix_len = one_video_inputs(runner, frames, question)
+    ids = ids + list(generated)
+    if generated:
+        start = int(positions.max()) + 1
+        positions = torch.cat([positions, text_positions(start, len(generated))])
+    model = runner.model
+    implementation = "sdpa"
+    if key_mask is not None:
+        implementation = REFERENCE_ATTENTION
+
+        def masked(module, query, key, value, attention_mask, **kwargs):
+            seq = query.shape[2]
+            causal = torch.ones(seq, seq, dtype=torch.bool).tril()
+            visible = key_mask(module.layer_idx, seq) & causal
+            groups = query.shape[1] // key.shape[1]
+            mask = visible.repeat_interleave(groups, dim=0).unsqueeze(0)
+            return sdpa_attention_forward(module, query, key, value, mask, is_causal=False, **kwargs)
+
+        AttentionInterface.register(REFERENCE_ATTENTION, masked)
+    model.set_attn_implementation({"text_config": implementation})
+    try:
+        out = model(
+            input_ids=torch.tensor([ids]), pixel_values_videos=patches.pixel_values,
+            video_grid_thw=torch.tensor([patches.grid_thw]), position_ids=as_position_ids(positions, "cpu"),
+            use_cache=False,
+        )
+    finally:
+        model.set_attn_implementation({"text_config": MEMORY_ATTENTION})
+    return out.logits[0, -(suffix_len + len(generated)):].float()
+
+
+def one_shot_greedy(runner: Runner, frames, question: str, steps: int) -> list[int]:
+    """Greedy decoding by recomputing the whole sequence for every new token."""
+    tokens: list[int] = []
+    for _ in range(steps):
+        token = int(one_shot_logits(runner, frames, question, tokens)[-1].argmax())
+        if token in runner.stop_ids:
+            break
+        tokens.append(token)
+    return tokens

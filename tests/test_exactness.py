@@ -1,0 +1,103 @@
+"""Chunked prefill into the memory equals one stock forward over the whole video (float32, tiny model)."""
+
+import pytest
+import torch
+from conftest import random_frames
+from reference import one_shot_greedy, one_shot_logits, one_video_inputs
+
+from memory.policies import ChunkContext, FullPolicy, MemoryPolicy, Selection
+
+QUESTION = "What happens in the video?"
+
+
+def stream(runner, frames, chunk_frames, policy=None):
+    memory = runner.new_memory()
+    policy = policy or FullPolicy()
+    for start in range(0, len(frames), chunk_frames):
+        runner.ingest(memory, frames[start:start + chunk_frames], policy)
+    return memory
+
+
+@pytest.mark.parametrize("frame_count, chunk_frames", [(12, 2), (12, 4), (12, 6), (12, 12), (12, 10000), (11, 4)])
+def test_chunked_logits_equal_one_shot(tiny_runner, frame_count, chunk_frames):
+    frames = random_frames(frame_count)
+    memory = stream(tiny_runner, frames, chunk_frames)
+    chunked = tiny_runner.question_logits(memory, QUESTION)
+    reference = one_shot_logits(tiny_runner, frames, QUESTION)
+    assert chunked.shape == reference.shape
+    torch.testing.assert_close(chunked, reference, atol=1e-5, rtol=0)
+    assert memory.tokens_per_layer() == [memory.full_tokens] * tiny_runner.num_layers
+
+
+def test_greedy_decoding_equals_one_shot(tiny_runner):
+    frames = random_frames(8, seed=1)
+    memory = stream(tiny_runner, frames, 2)
+    answer = tiny_runner.answer(memory, QUESTION, max_new_tokens=6)
+    assert answer.token_ids == one_shot_greedy(tiny_runner, frames, QUESTION, steps=6)
+    # the memory is not changed by answering: a second answer is identical
+    assert tiny_runner.answer(memory, QUESTION, max_new_tokens=6).token_ids == answer.token_ids
+
+
+def test_stream_positions_equal_one_video(tiny_runner):
+    frames = random_frames(10, seed=2)
+    _, positions, _, suffix_len = one_video_inputs(tiny_runner, frames, QUESTION)
+    for chunk_frames in (2, 4, 10):
+        memory = stream(tiny_runner, frames, chunk_frames)
+        for layer in memory.layers:
+            for head_positions in layer.positions:
+                assert torch.equal(head_positions, positions[:-suffix_len])
+        assert memory.next_position == int(positions[:-suffix_len].max()) + 1
+
+
+class RaggedSubsetPolicy(MemoryPolicy):
+    """Keeps a random, different number of tokens in every layer and a different subset per head."""
+
+    name = "test-ragged"
+
+    def __init__(self, seed: int):
+        self.generator = torch.Generator().manual_seed(seed)
+        self.kept_by_chunk: list[list[torch.Tensor]] = []
+
+    def select(self, ctx: ChunkContext) -> Selection:
+        kept = []
+        for layer in range(len(ctx.memory.layers)):
+            k = int(torch.randint(1, ctx.chunk_len + 1, (1,), generator=self.generator))
+            heads = ctx.view.keys[layer].shape[1]
+            kept.append(torch.stack([torch.randperm(ctx.chunk_len, generator=self.generator)[:k].sort().values
+                                     for _ in range(heads)]))
+        self.kept_by_chunk.append(kept)
+        return Selection(kept=kept)
+
+
+def test_ragged_per_layer_memory_equals_masked_recomputation(tiny_runner):
+    """Layers holding different token subsets answer exactly as a full forward that hides, per layer and
+    head, the dropped tokens from everything after their own chunk."""
+    frames = random_frames(8, seed=3)
+    chunk_frames = 2
+    policy = RaggedSubsetPolicy(seed=0)
+    memory = stream(tiny_runner, frames, chunk_frames, policy)
+    counts = memory.tokens_per_layer()
+    assert len(set(counts)) > 1, "the test policy should leave layers with different lengths"
+
+    chunk_lens = [report["tokens"] for report in memory.chunks]
+    chunk_of = torch.cat([torch.full((n,), c) for c, n in enumerate(chunk_lens)])
+
+    def key_mask(layer, seq):
+        heads = tiny_runner.kv_heads
+        question_len = seq - len(chunk_of)
+        key_chunk = torch.cat([chunk_of, torch.full((question_len,), -1)])
+        kept = torch.zeros(heads, seq, dtype=torch.bool)
+        kept[:, len(chunk_of):] = True  # question tokens are never pruned
+        offset = 0
+        for c, n in enumerate(chunk_lens):
+            for head in range(heads):
+                kept[head, offset + policy.kept_by_chunk[c][layer][head]] = True
+            offset += n
+        same_chunk = key_chunk[:, None].eq(key_chunk[None, :]) & key_chunk[:, None].ge(0)  # [query, key]
+        return kept[:, None, :] | same_chunk[None]
+
+    chunked = tiny_runner.question_logits(memory, QUESTION)
+    reference = one_shot_logits(tiny_runner, frames, QUESTION, key_mask=key_mask)
+    torch.testing.assert_close(chunked, reference, atol=1e-5, rtol=0)
+    full = one_shot_logits(tiny_runner, frames, QUESTION)
+    assert (chunked - full).abs().max() > 1e-3, "pruning should change the answer logits"
