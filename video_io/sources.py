@@ -1,0 +1,191 @@
+"""Frame sources for streaming: each is an iterator of Frame.
+
+FileSource reads sampled frames of a local file; StreamSource follows anything FFmpeg can open
+(rtsp, http, file URLs) at the source's pace; PushSource is a queue fed by a client connection.
+"""
+
+import io
+import math
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from pathlib import Path
+
+import av
+import numpy as np
+from PIL import Image
+
+from .errors import NoVideoStreamError, QueueFullError, UnreadableStreamError, VideoError
+from .frames import Frame
+from .readers import BACKENDS, iter_frames, probe
+from .sampling import Sampling
+
+
+class FileSource:
+    """The frames of a local video file chosen by `sampling`, in order."""
+
+    def __init__(self, path: str | Path, sampling: Sampling, backend: str = "pyav"):
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+        self.path = os.fspath(path)
+        self.backend = backend
+        self.info = probe(self.path)
+        self.indices = sampling.indices(self.info.num_frames, self.info.fps)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __iter__(self) -> Iterator[Frame]:
+        return iter_frames(self.path, self.indices, self.backend)
+
+
+class StreamSource:
+    """Frames of a URL or path as FFmpeg delivers them; single use.
+
+    fps: keep at most one frame per 1/fps seconds of stream time (the first of each interval).
+    max_frames: stop after yielding this many frames.
+    realtime: yield no frame before its timestamp on the wall clock, measured from the first frame.
+        A live source is paced by its arrival anyway; for a file this replays it like a live one.
+    open_timeout: seconds to wait for the source to open, and for each later read.
+    """
+
+    def __init__(
+        self,
+        url: str | Path,
+        fps: float | None = None,
+        max_frames: int | None = None,
+        realtime: bool = True,
+        open_timeout: float = 10.0,
+    ):
+        if fps is not None and not fps > 0:
+            raise ValueError(f"fps must be > 0, got {fps}")
+        if max_frames is not None and max_frames < 1:
+            raise ValueError(f"max_frames must be >= 1, got {max_frames}")
+        self.url = os.fspath(url)
+        self.fps, self.max_frames, self.realtime = fps, max_frames, realtime
+        # UDP (FFmpeg's rtsp default) drops packets behind NAT and firewalls; TCP is the safe choice
+        options = {"rtsp_transport": "tcp"} if self.url.startswith(("rtsp://", "rtsps://")) else {}
+        try:
+            self._container = av.open(self.url, options=options, timeout=open_timeout)
+        except (av.error.FFmpegError, OSError) as e:
+            raise UnreadableStreamError(
+                f"{self.url}: cannot open the stream ({e}); check the URL and that the source is up "
+                "and reachable"
+            ) from e
+        if not self._container.streams.video:
+            self._container.close()
+            raise NoVideoStreamError(f"{self.url}: the stream carries no video; point to a video source")
+
+    def close(self) -> None:
+        self._container.close()
+
+    def __iter__(self) -> Iterator[Frame]:
+        stream = self._container.streams.video[0]
+        first_pts = wall_start = last_slot = None
+        kept = 0
+        try:
+            for index, av_frame in enumerate(self._container.decode(stream)):
+                now = time.monotonic()
+                if wall_start is None:
+                    wall_start, first_pts = now, av_frame.pts
+                if av_frame.pts is None or first_pts is None:
+                    ts = now - wall_start  # no timestamps (some live sources): arrival time
+                else:
+                    ts = float((av_frame.pts - first_pts) * stream.time_base)
+                if self.fps is not None:
+                    slot = math.floor(ts * self.fps + 1e-6)  # tolerance: 0.4999999 s is 0.5 s
+                    if slot == last_slot:
+                        continue
+                    last_slot = slot
+                if self.realtime and (delay := wall_start + ts - time.monotonic()) > 0:
+                    time.sleep(delay)
+                yield Frame(image=av_frame.to_ndarray(format="rgb24"), ts=ts, index=index)
+                kept += 1
+                if kept == self.max_frames:
+                    break
+        except av.error.FFmpegError as e:
+            raise UnreadableStreamError(
+                f"{self.url}: the stream broke off after {kept} frames ({e}); reconnect to continue"
+            ) from e
+        finally:
+            self.close()
+
+
+class PushSource:
+    """A bounded, thread-safe frame queue: a producer pushes, a consumer iterates until close().
+
+    push never blocks: when `max_queue` frames are waiting it raises QueueFullError, so the
+    producer (e.g. a websocket handler) decides what to drop. Frames get arrival-order indices.
+    """
+
+    def __init__(self, max_queue: int = 256):
+        if max_queue < 1:
+            raise ValueError(f"max_queue must be >= 1, got {max_queue}")
+        self.max_queue = max_queue
+        self._frames: deque[Frame] = deque()
+        self._changed = threading.Condition()
+        self._closed = False
+        self._first_arrival: float | None = None
+        self._pushed = 0
+
+    def push(self, image: np.ndarray, ts: float | None = None) -> None:
+        """Queue an (H, W, 3) uint8 RGB frame (copied); ts defaults to seconds since the first push."""
+        is_array = isinstance(image, np.ndarray)
+        if not (is_array and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3):
+            got = f"{image.dtype} array of shape {image.shape}" if is_array else type(image).__name__
+            raise ValueError(f"a pushed frame must be an (H, W, 3) uint8 RGB array, got {got}")
+        if image.shape[0] == 0 or image.shape[1] == 0:
+            raise ValueError(f"a pushed frame must not be empty, got shape {image.shape}")
+        self._put(image.copy(), ts)
+
+    def push_encoded(self, data: bytes, ts: float | None = None) -> None:
+        """Decode JPEG or PNG bytes (any mode: grey, RGBA, palette are converted to RGB) and queue them."""
+        try:
+            with Image.open(io.BytesIO(data), formats=("JPEG", "PNG")) as encoded:
+                image = np.asarray(encoded.convert("RGB"))
+        except Image.UnidentifiedImageError:
+            raise ValueError(
+                f"pushed bytes are not a JPEG or PNG image (first bytes {bytes(data[:8])!r}); "
+                "send JPEG or PNG"
+            ) from None
+        except (OSError, SyntaxError, Image.DecompressionBombError) as e:
+            raise ValueError(f"pushed image is corrupt, truncated or too large: {e}") from e
+        self._put(image, ts)
+
+    def _put(self, image: np.ndarray, ts: float | None) -> None:
+        with self._changed:
+            if self._closed:
+                raise VideoError("this PushSource is closed; open a new session to send more frames")
+            if len(self._frames) >= self.max_queue:
+                raise QueueFullError(
+                    f"frame queue full ({self.max_queue} frames waiting); send frames slower or drop some"
+                )
+            now = time.monotonic()
+            if self._first_arrival is None:
+                self._first_arrival = now
+            ts = now - self._first_arrival if ts is None else float(ts)
+            self._frames.append(Frame(image=image, ts=ts, index=self._pushed))
+            self._pushed += 1
+            self._changed.notify_all()
+
+    def get(self, timeout: float | None = None) -> Frame | None:
+        """The next frame; None after `timeout` seconds without one, or once closed and drained."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._frames or self._closed, timeout)
+            return self._frames.popleft() if self._frames else None
+
+    def qsize(self) -> int:
+        with self._changed:
+            return len(self._frames)
+
+    def close(self) -> None:
+        """No more frames: iteration ends once the queued ones are consumed."""
+        with self._changed:
+            self._closed = True
+            self._changed.notify_all()
+
+    def __iter__(self) -> Iterator[Frame]:
+        while (frame := self.get()) is not None:
+            yield frame
