@@ -85,13 +85,16 @@ def _add_make_video(sub) -> None:
 
 
 def _run_make_video(args) -> int:
+    from functools import partial
+
     from video_io.synthetic import demo_frame, write_video
 
     try:
         width, height = (int(v) for v in args.size.lower().split("x"))
     except ValueError:
         raise ValueError(f"--size must look like 112x112 (WIDTHxHEIGHT), got {args.size!r}") from None
-    write_video(args.output, args.frames, fps=args.fps, size=(height, width), content=demo_frame)
+    size = (width, height)
+    write_video(args.output, args.frames, fps=args.fps, size=size, content=partial(demo_frame, size=size))
     print(f"wrote {args.output}: {args.frames} frames of {width}x{height} at {args.fps:g} fps")
     return 0
 

@@ -130,9 +130,8 @@ def load_model(name_or_path: str, device: str | None = None, dtype: str | None =
                 f"*.safetensors). Give a local checkpoint directory or a built-in model: {', '.join(BUILTIN_MODELS)}"
             )
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        model = Qwen2VLForConditionalGeneration.from_pretrained(
-            path, dtype=torch_dtype, device_map=str(torch_device), local_files_only=True
-        ).eval()
+        model = Qwen2VLForConditionalGeneration.from_pretrained(path, dtype=torch_dtype, local_files_only=True)
+        model = model.to(torch_device).eval()
     # Only the language model uses the memory-aware attention; the vision tower keeps its default.
     model.set_attn_implementation({"text_config": MEMORY_ATTENTION})
     return LoadedModel(model=model, tokenizer=tokenizer, name=name_or_path)

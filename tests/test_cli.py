@@ -1,0 +1,76 @@
+"""`streamer ask` and `streamer make-video` end to end on the tiny model."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from streamer.cli import main
+
+SMALL = ["--min-pixels", str(56 * 112), "--max-pixels", str(56 * 112), "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def video(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli") / "clip.mp4"
+    assert main(["make-video", str(path), "--frames", "30", "--fps", "10", "--size", "112x56"]) == 0
+    return path
+
+
+def ask_json(capsys, video, *switches):
+    code = main(["-q", "ask", str(video), "What happens in the video?", "--json", *SMALL, *switches])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    return json.loads(out)
+
+
+def test_ask_json_fields_and_chunk_invariance(capsys, video):
+    small = ask_json(capsys, video, "--frames", "12", "--chunk-frames", "4", "--max-new-tokens", "5")
+    whole = ask_json(capsys, video, "--frames", "12", "--chunk-frames", "10000", "--max-new-tokens", "5")
+    for field in ("answer", "frames", "full_tokens", "memory_tokens", "memory_tokens_per_layer",
+                  "first_token_logprobs", "timings"):
+        assert field in small
+    assert small["frames"] == 12 and small["chunks"] == 3 and whole["chunks"] == 1
+    prefix_tokens = small["full_tokens"] - 6 * 8  # 6 frame pairs of 8 tokens each
+    assert prefix_tokens > 0
+    assert small["memory_tokens"] == small["full_tokens"]
+    assert small["memory_tokens_per_layer"] == [small["full_tokens"]] * 6
+    assert len(small["first_token_logprobs"]) == 5
+    for a, b in zip(small["first_token_logprobs"], whole["first_token_logprobs"]):
+        assert a["id"] == b["id"]
+        assert a["logprob"] == pytest.approx(b["logprob"], abs=1e-5)
+    assert small["answer"] == whole["answer"]
+    assert set(small["timings"]) >= {"load_model", "read_frames", "vision", "prefill", "question_prefill", "decode"}
+
+
+def test_ask_fps_sampling(capsys, video):
+    result = ask_json(capsys, video, "--fps", "2", "--max-frames", "5", "--chunk-frames", "2", "--max-new-tokens", "1")
+    assert result["frames"] == 5  # 3 s at 2 fps is 6 frames, capped to 5 uniform frames
+
+
+@pytest.mark.parametrize("switches, message", [
+    (["--chunk-frames", "3"], "multiple of 2"),
+    (["--max-new-tokens", "0"], "max_new_tokens"),
+    (["--config", "no-such-config"], "no config file"),
+    (["--model", "/no/such/checkpoint"], "no Qwen2-VL checkpoint"),
+])
+def test_ask_bad_options_are_clear_errors(capsys, video, switches, message):
+    assert main(["-q", "ask", str(video), "Q?", *SMALL, *switches]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_ask_missing_video(capsys, tmp_path):
+    assert main(["-q", "ask", str(tmp_path / "missing.mp4"), "Q?", *SMALL]) == 2
+    err = capsys.readouterr().err
+    assert "missing.mp4" in err
+
+
+def test_console_entry_point_text_output(video):
+    result = subprocess.run(
+        [sys.executable, "-m", "streamer", "ask", str(video), "What happens?", *SMALL, "--frames", "4",
+         "--max-new-tokens", "3"], capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "chunk 1/1" in result.stderr  # progress is shown
+    assert "memory" in result.stderr and "tokens" in result.stderr
