@@ -6,6 +6,13 @@ This function receives no prebuilt mask and derives causality from the shapes it
 the queries are the last `q` positions of the keys (memory first, then the new tokens), so
 query i may see every key up to `kv - q + i` -- a lower-right causal mask. Using the
 `causal_lower_right` bias instead of a materialised mask keeps SDPA's fused kernels.
+
+Two optional keyword arguments serve the memory policies' short probe forwards, which reach
+this function through the decoder layers' **kwargs:
+- key_masks: {layer_idx: bool [kv_heads, kv]} hides keys per KV head (a pruning candidate
+  evaluated without copying the cache);
+- attention_recorder: called as recorder(layer_idx, probs) with the probe rows' attention
+  probabilities, float32 [kv_heads, groups, q, kv] (queries grouped by the KV head they share).
 """
 
 from __future__ import annotations
@@ -18,19 +25,36 @@ from transformers import AttentionInterface
 MEMORY_ATTENTION = "streamer_memory"
 
 
-def memory_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, **kwargs):
+def memory_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0,
+                     key_masks=None, attention_recorder=None, **kwargs):
     """query [B, Hq, q, D]; key/value [B, Hkv, kv, D] with the q new tokens last. Returns [B, q, Hq, D]."""
     if attention_mask is not None:
         raise ValueError("memory attention derives its own mask; the model must not pass one")
     q_len, kv_len = query.shape[2], key.shape[2]
+    heads, kv_heads = query.shape[1], key.shape[1]
+    groups = heads // kv_heads
+    key_mask = key_masks.get(module.layer_idx) if key_masks else None
     mask, is_causal = None, False
-    if q_len > 1 and kv_len == q_len:
+    if key_mask is not None or attention_recorder is not None:
+        # probe forwards (few queries): an explicit mask is cheap and can hide keys per head
+        mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - q_len)
+        mask = mask.expand(heads, q_len, kv_len)
+        if key_mask is not None:
+            mask = mask & key_mask.repeat_interleave(groups, dim=0)[:, None, :]
+        mask = mask.unsqueeze(0)
+    elif q_len > 1 and kv_len == q_len:
         is_causal = True
     elif q_len > 1:
         mask = causal_lower_right(q_len, kv_len)
+    if attention_recorder is not None:
+        # queries grouped by KV head: [1, Hkv, groups * q, D] @ [1, Hkv, D, kv], no key copies
+        grouped = query.float().reshape(1, kv_heads, groups * q_len, -1)
+        scores = (grouped @ key.float().transpose(2, 3)) * (scaling or query.shape[-1] ** -0.5)
+        scores = scores.view(kv_heads, groups, q_len, kv_len)
+        scores = scores.masked_fill(~mask[0].reshape(kv_heads, groups, q_len, kv_len), float("-inf"))
+        attention_recorder(module.layer_idx, scores.softmax(dim=-1))
     out = F.scaled_dot_product_attention(
-        query, key, value, attn_mask=mask, is_causal=is_causal, scale=scaling,
-        enable_gqa=query.shape[1] != key.shape[1],
+        query, key, value, attn_mask=mask, is_causal=is_causal, scale=scaling, enable_gqa=groups > 1,
     )
     return out.transpose(1, 2).contiguous(), None
 

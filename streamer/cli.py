@@ -8,7 +8,7 @@ import logging
 import sys
 import time
 
-from memory.policies import POLICIES, make_policy
+from memory.registry import POLICIES
 from streamer.config import load_config, override
 from video_io.errors import VideoError
 
@@ -32,10 +32,25 @@ def _add_ask(sub) -> None:
     p.add_argument("--min-pixels", type=int, help="minimum pixels per frame after resize")
     p.add_argument("--max-pixels", type=int, help="maximum pixels per frame after resize")
     p.add_argument("--chunk-frames", type=int, help="frames per prefill chunk (a multiple of 2)")
-    p.add_argument("--memory", choices=sorted(POLICIES), help="memory policy")
+    p.add_argument("--memory", choices=list(POLICIES), help="memory policy")
+    p.add_argument("--delta", type=float, help="emloc: JS divergence bound per chunk (nats)")
+    p.add_argument("--ratios", type=_ratio_list, help="emloc: retention ratios to try, e.g. 0.02,0.1,0.5,1.0")
+    p.add_argument("--group-size", type=int, help="emloc: layers per group (1 = layer-wise)")
+    p.add_argument("--ratio", type=float, help="uniform/pyramid/window/random: fraction of each chunk kept")
+    p.add_argument("--probe", choices=["generic", "question"],
+                   help="generic: fixed probe prompts, memory reusable for any question; question: the question "
+                        "is the probe (memory specific to it)")
+    p.add_argument("--budget", type=int, help="most tokens each layer's memory may hold (0 = unbounded)")
     p.add_argument("--max-new-tokens", type=int, help="longest answer in tokens")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.set_defaults(run=_run_ask)
+
+
+def _ratio_list(text: str) -> list[float]:
+    try:
+        return [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 0.02,0.1,1.0, got {text!r}")
 
 
 def _run_ask(args) -> int:
@@ -50,10 +65,15 @@ def _run_ask(args) -> int:
         config.video.frames = None
     override(config, "video", frames=args.frames, fps=args.fps, max_frames=args.max_frames, backend=args.backend,
              min_pixels=args.min_pixels, max_pixels=args.max_pixels)
-    override(config, "memory", policy=args.memory, chunk_frames=args.chunk_frames)
+    override(config, "memory", policy=args.memory, chunk_frames=args.chunk_frames, budget=args.budget)
+    override(config, "emloc", delta=args.delta, ratios=args.ratios, group_size=args.group_size)
+    if args.ratio is not None:
+        if config.memory.policy not in ("uniform", "pyramid", "window", "random"):
+            raise ValueError(f"--ratio applies to uniform, pyramid, window and random, not {config.memory.policy}")
+        override(config, config.memory.policy, ratio=args.ratio)
+    override(config, "probe", mode=args.probe)
     override(config, "generation", max_new_tokens=args.max_new_tokens)
     config.validate()
-    policy = make_policy(config.memory.policy)
 
     started = time.perf_counter()
     log.info("loading model %s", config.model.name)
@@ -61,7 +81,7 @@ def _run_ask(args) -> int:
     load_s = time.perf_counter() - started
     runner = Runner(loaded, VisionPreset(min_pixels=config.video.min_pixels, max_pixels=config.video.max_pixels))
     log.info("model on %s (%s), loaded in %.1f s", loaded.device, loaded.dtype, load_s)
-    result = ask_video(runner, args.video, args.question, config, policy, progress=log.info)
+    result, _ = ask_video(runner, args.video, args.question, config, progress=log.info)
     result["timings"] = {"load_model": load_s, **result["timings"]}
 
     if args.json:

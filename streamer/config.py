@@ -10,6 +10,9 @@ import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
+from memory.probe import ProbeConfig
+from memory.registry import POLICIES, make_policy
+
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
@@ -32,8 +35,9 @@ class VideoOptions:
 
 @dataclass
 class MemoryOptions:
-    policy: str = "full"
+    policy: str = "full"  # full | emloc | uniform | pyramid | window | random; options in [emloc], [uniform], ...
     chunk_frames: int = 16  # frames per prefill chunk; a multiple of 2 (frames are encoded in pairs)
+    budget: int = 0  # most tokens a layer's memory may hold; 0 = unbounded
 
 
 @dataclass
@@ -47,6 +51,17 @@ class Config:
     video: VideoOptions = field(default_factory=VideoOptions)
     memory: MemoryOptions = field(default_factory=MemoryOptions)
     generation: GenerationOptions = field(default_factory=GenerationOptions)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    policies: dict[str, dict] = field(default_factory=dict)  # per-policy options: {"emloc": {"delta": ...}}
+
+    def make_policy(self, question: str | None = None):
+        """The configured memory policy; in question-probe mode, `question` is the probe."""
+        probe = self.probe
+        if probe.mode == "question":
+            if question is None:
+                raise ValueError("probe mode 'question' needs the question before the video; use mode 'generic'")
+            probe = replace(probe, prompts=[question])
+        return make_policy(self.memory.policy, self.policies.get(self.memory.policy), probe)
 
     def validate(self) -> "Config":
         video, mem = self.video, self.memory
@@ -65,6 +80,10 @@ class Config:
                 f"memory.chunk_frames (--chunk-frames) must be a positive multiple of 2, got {mem.chunk_frames}: "
                 "Qwen2-VL encodes frames in pairs"
             )
+        if mem.budget < 0:
+            raise ValueError(f"memory.budget must be >= 0 (0 = unbounded), got {mem.budget}")
+        self.probe.validate()
+        self.make_policy(question="?")  # checks the policy name and its options
         if self.generation.max_new_tokens < 1:
             raise ValueError(f"generation.max_new_tokens must be >= 1, got {self.generation.max_new_tokens}")
         return self
@@ -86,10 +105,14 @@ def load_config(name: str | None = None) -> Config:
     path = find_config(name)
     with path.open("rb") as f:
         data = tomllib.load(f)
-    sections = {f.name: f for f in fields(Config)}
+    sections = [f.name for f in fields(Config) if f.name != "policies"]
     for section, values in data.items():
-        if section not in sections or not isinstance(values, dict):
-            raise ValueError(f"{path}: unknown section [{section}]; known: {', '.join(sections)}")
+        if not isinstance(values, dict) or section not in [*sections, *POLICIES]:
+            raise ValueError(f"{path}: unknown section [{section}]; known: {', '.join([*sections, *POLICIES])}")
+        if section in POLICIES:
+            make_policy(section, values)  # refuses unknown keys by name
+            config.policies[section] = dict(values)
+            continue
         current = getattr(config, section)
         known = {f.name for f in fields(current)}
         unknown = set(values) - known
@@ -102,8 +125,10 @@ def load_config(name: str | None = None) -> Config:
 
 
 def override(config: Config, section: str, **values) -> Config:
-    """Set the given keys of one section, skipping those left as None (switches not given)."""
+    """Set the given keys of one section (or policy's options), skipping those left as None."""
     given = {k: v for k, v in values.items() if v is not None}
-    if given:
+    if section in POLICIES:
+        config.policies[section] = {**config.policies.get(section, {}), **given}
+    elif given:
         setattr(config, section, replace(getattr(config, section), **given))
     return config

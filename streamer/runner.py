@@ -78,8 +78,9 @@ class Runner:
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False).input_ids
 
-    def new_memory(self) -> KVMemory:
-        return KVMemory.empty(self.num_layers, self.kv_heads, self.head_dim, self.device, self.model.dtype)
+    def new_memory(self, budget: int | None = None) -> KVMemory:
+        """An empty memory; `budget` caps the tokens each layer may hold (None: unbounded)."""
+        return KVMemory.empty(self.num_layers, self.kv_heads, self.head_dim, self.device, self.model.dtype, budget)
 
     # --- forwards -------------------------------------------------------------------------
 
@@ -95,12 +96,20 @@ class Runner:
         return out.pooler_output if hasattr(out, "pooler_output") else out
 
     def forward_layers(self, hidden: torch.Tensor, positions: torch.Tensor, view: MemoryView,
-                       layers: range | None = None) -> torch.Tensor:
-        """Run decoder layers on hidden [1, n, hidden] at absolute positions [n, 3], attending to `view`."""
+                       layers: range | None = None, layer_inputs: list | None = None,
+                       **attention_kwargs) -> torch.Tensor:
+        """Run decoder layers on hidden [1, n, hidden] at absolute positions [n, 3], attending to `view`.
+
+        layer_inputs, if given, collects the hidden state entering each layer run; attention_kwargs
+        (key_masks, attention_recorder) reach streamer.attention through the layers.
+        """
         rotary = self.language_model.rotary_emb(hidden, as_position_ids(positions, self.device))
         for idx in layers if layers is not None else range(self.num_layers):
+            if layer_inputs is not None:
+                layer_inputs.append(hidden)
             hidden = self.language_model.layers[idx](
-                hidden, attention_mask=None, past_key_values=view, use_cache=True, position_embeddings=rotary
+                hidden, attention_mask=None, past_key_values=view, use_cache=True, position_embeddings=rotary,
+                **attention_kwargs,
             )
         return hidden
 
@@ -148,22 +157,26 @@ class Runner:
         protected = torch.zeros(positions.shape[0], dtype=torch.bool)
         protected[:prefix.shape[1]] = True
 
-        view = MemoryView(memory, extra=positions.shape[0])
+        view = MemoryView(memory, extra=positions.shape[0] + policy.probe_capacity(self))
         with timer:
             self.forward_layers(hidden, positions, view)
         prefill_s = timer.seconds
+        next_position = max(memory.next_position, int(positions.max()) + 1)
         with timer:
-            selection = policy.select(ChunkContext(memory, view, positions, protected, runner=self))
-            commit_chunk(memory, view, positions, selection.kept)
+            selection = policy.select(ChunkContext(memory, view, positions, protected, next_position, runner=self))
+            evicted = commit_chunk(memory, view, positions, protected, selection.kept, selection.scores)
         policy_s = timer.seconds
 
-        memory.next_position = max(memory.next_position, int(positions.max()) + 1)
+        memory.next_position = next_position
         memory.temporal_groups += grid_t
         memory.frames += len(frames)
         memory.full_tokens += positions.shape[0]
-        report = dict(frames=len(frames), tokens=positions.shape[0], kept=memory.tokens_per_layer(),
-                      timings=dict(preprocess=preprocess_s, vision=vision_s, prefill=prefill_s, policy=policy_s),
-                      **selection.report)
+        chunk_len = positions.shape[0]
+        kept = [chunk_len] * self.num_layers if selection.kept is None else [k.shape[1] for k in selection.kept]
+        report = dict(frames=len(frames), tokens=chunk_len, **selection.report, kept=kept, evicted=evicted,
+                      memory_tokens=memory.mean_tokens(),
+                      timings=dict(preprocess=preprocess_s, vision=vision_s, prefill=prefill_s, policy=policy_s,
+                                   **selection.timings))
         memory.chunks.append(report)
         return report
 

@@ -1,0 +1,148 @@
+"""The probe: a short prompt run after the memory and the full current chunk.
+
+It tells a policy two things about the chunk it just prefilled (DESIGN.md section 2):
+- how much each chunk token matters, per KV head: the probe queries' attention to the chunk's
+  keys, averaged over the query heads sharing the KV head, summed over probe tokens, smoothed
+  along token order. Only the probe rows of attention are computed.
+- what the model would say with the chunk unpruned: reference logits at the probe's last K
+  positions, against which pruning candidates are judged by Jensen-Shannon divergence.
+
+A probe is a prompt (the instruction of a question turn, "<|vision_end|>...assistant\\n") plus
+`answer_tokens` tokens the model generates greedily after it, so that the JS positions are
+the model's own answer about the video rather than template text. Its positions continue
+after the chunk, as if the video ended there.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from streamer.positions import text_positions
+from streamer.prompt import question_suffix
+
+GENERIC_PROMPTS = ("Describe what happens in the video.",)
+
+
+@dataclass
+class ProbeConfig:
+    mode: str = "generic"  # generic: fixed prompts, memory serves any later question; question: the question is the probe
+    prompts: list[str] = field(default_factory=lambda: list(GENERIC_PROMPTS))
+    js_positions: int = 16  # K: last probe positions whose next-token distributions are compared
+    answer_tokens: int = 15  # greedy tokens appended to each prompt
+    smoothing: int = 5  # average-pool kernel along token order (1 = none)
+
+    def validate(self) -> "ProbeConfig":
+        if self.mode not in ("generic", "question"):
+            raise ValueError(f"probe mode must be 'generic' or 'question', got {self.mode!r}")
+        if not self.prompts or not all(isinstance(p, str) and p.strip() for p in self.prompts):
+            raise ValueError("probe prompts must be a non-empty list of non-empty strings")
+        if self.js_positions < 1 or self.answer_tokens < 0:
+            raise ValueError(f"need js_positions >= 1 and answer_tokens >= 0, got {self.js_positions}, "
+                             f"{self.answer_tokens}")
+        if self.smoothing < 1 or self.smoothing % 2 == 0:
+            raise ValueError(f"probe smoothing must be an odd kernel size >= 1, got {self.smoothing}")
+        return self
+
+
+@dataclass
+class ProbeRun:
+    positions: torch.Tensor  # [p, 3]
+    layer_inputs: list[torch.Tensor]  # hidden state entering each layer, [1, p, hidden]
+    importance: list[torch.Tensor]  # per layer [kv_heads, chunk_len] float32, unsmoothed
+    reference: torch.Tensor  # [K, vocab] float32 logits with the chunk unpruned
+
+
+def probe_capacity(runner, config: ProbeConfig) -> int:
+    """Most tokens one probe writes into the memory view after the chunk."""
+    return max(len(runner.encode(question_suffix(p))) for p in config.prompts) + config.answer_tokens
+
+
+def run_probe(runner, ctx, prompt: str, config: ProbeConfig) -> ProbeRun:
+    view, chunk_len = ctx.view, ctx.chunk_len
+    ids = runner.encode(question_suffix(prompt))
+    view.rewind(chunk_len)
+    if config.answer_tokens:
+        hidden = runner.forward_layers(runner.embed_tokens(ids), text_positions(ctx.next_position, len(ids)), view)
+        prompt_len = len(ids)
+        for step in range(config.answer_tokens):
+            ids.append(int(runner.logits(hidden[:, -1])[0].argmax()))
+            if step + 1 < config.answer_tokens:
+                position = text_positions(ctx.next_position + prompt_len + step, 1)
+                hidden = runner.forward_layers(runner.embed_tokens(ids[-1:]), position, view)
+        view.rewind(chunk_len)
+
+    importance: list[torch.Tensor | None] = [None] * runner.num_layers
+
+    def record(layer: int, probs: torch.Tensor) -> None:  # probs [kv_heads, groups, p, kv]
+        start = view.memory_lengths[layer]
+        importance[layer] = probs[..., start:start + chunk_len].mean(dim=1).sum(dim=1)
+
+    positions = text_positions(ctx.next_position, len(ids))
+    layer_inputs: list[torch.Tensor] = []
+    hidden = runner.forward_layers(runner.embed_tokens(ids), positions, view, layer_inputs=layer_inputs,
+                                   attention_recorder=record)
+    reference = runner.logits(hidden[:, -min(config.js_positions, len(ids)):])[0]
+    view.rewind(chunk_len)
+    return ProbeRun(positions, layer_inputs, importance, reference)
+
+
+def chunk_importance(runs: list[ProbeRun], smoothing: int) -> list[torch.Tensor]:
+    """Per layer [kv_heads, chunk_len]: summed over probes, average-pooled along token order."""
+    scores = []
+    for layer_scores in zip(*(run.importance for run in runs)):
+        total = torch.stack(layer_scores).sum(dim=0)
+        if smoothing > 1:
+            total = F.avg_pool1d(total[None], smoothing, stride=1, padding=smoothing // 2, count_include_pad=False)[0]
+        scores.append(total)
+    return scores
+
+
+def rerun_probe(runner, ctx, run: ProbeRun, from_layer: int, keep: dict[int, torch.Tensor]) -> torch.Tensor:
+    """Probe logits [K, vocab] with chunk tokens hidden per layer and head by keep[l] (bool
+    [kv_heads, chunk_len]); layers from `from_layer` up are re-run from the stored hidden state,
+    which is exact as long as no layer below `from_layer` is pruned."""
+    view, chunk_len = ctx.view, ctx.chunk_len
+    layers = range(from_layer, runner.num_layers)
+    probe_len = run.positions.shape[0]
+    key_masks = {}
+    for layer, kept in keep.items():
+        if layer in layers:
+            start = view.memory_lengths[layer]
+            mask = kept.new_ones(kept.shape[0], start + chunk_len + probe_len)
+            mask[:, start:start + chunk_len] = kept
+            key_masks[layer] = mask
+    view.rewind(chunk_len, layers)
+    hidden = runner.forward_layers(run.layer_inputs[from_layer], run.positions, view, layers=layers,
+                                   key_masks=key_masks)
+    view.rewind(chunk_len)
+    return runner.logits(hidden[:, -run.reference.shape[0]:])[0]
+
+
+def js_divergence(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
+    """Jensen-Shannon divergence of the next-token distributions, mean over positions, in nats
+    (0 .. ln 2). Float32 throughout: in bf16 the log-probabilities are too coarse and give NaN."""
+    log_p = torch.log_softmax(p_logits.float(), dim=-1)
+    log_q = torch.log_softmax(q_logits.float(), dim=-1)
+    log_m = torch.logaddexp(log_p, log_q) - math.log(2.0)
+    kl_pm = (log_p.exp() * (log_p - log_m)).sum(dim=-1)
+    kl_qm = (log_q.exp() * (log_q - log_m)).sum(dim=-1)
+    return float((0.5 * (kl_pm + kl_qm)).mean().clamp(0.0, math.log(2.0)))  # float32 rounding can leave the range
+
+
+def keep_top(importance: torch.Tensor, protected: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Bool [kv_heads, chunk_len]: per head the ceil(ratio * video tokens) most important video
+    tokens, plus every protected (text) token."""
+    video_tokens = int((~protected).sum())
+    k = min(math.ceil(round(ratio * video_tokens, 6)), video_tokens) + int(protected.sum())
+    scores = importance.masked_fill(protected.to(importance.device), float("inf"))
+    index = scores.topk(k, dim=1).indices
+    return torch.zeros_like(scores, dtype=torch.bool).scatter_(1, index, True)
+
+
+def kept_indices(keep: torch.Tensor) -> torch.Tensor:
+    """Bool [kv_heads, chunk_len] with equal counts per head -> sorted indices [kv_heads, k]."""
+    return keep.nonzero()[:, 1].view(keep.shape[0], -1)

@@ -1,0 +1,160 @@
+"""Memory snapshots: save a stream's KV memory to one .safetensors file and load it back.
+
+The file holds only tensors and a JSON header (no pickle), so loading an untrusted snapshot
+cannot run code. Keys are stored after RoPE and carry the model's weights in them, so a
+snapshot is only meaningful for the model that made it: the header records that model's
+identity (architecture plus a hash of a few weights) and loading refuses any other model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from memory.store import KVMemory, LayerMemory
+
+SNAPSHOT_FORMAT = "video-streamer-memory"
+SNAPSHOT_VERSION = 1
+READABLE_VERSIONS = (1,)
+TENSOR_FIELDS = ("keys", "values", "positions", "importance")
+STREAM_FIELDS = tuple(f.name for f in dataclasses.fields(KVMemory) if f.name != "layers")
+HASHED_VALUES = 4096  # per hashed parameter: enough to tell random inits apart, cheap even for 72B
+
+
+def model_identity(model, name: str) -> dict:
+    """What a snapshot must match: the architecture and a sha256 over a few weights.
+
+    `weights` is None for a model on the meta device (no values to hash); such an identity is
+    checked on architecture only.
+    """
+    text, vision = model.config.text_config, model.config.vision_config
+    architecture = dict(
+        num_hidden_layers=text.num_hidden_layers, num_attention_heads=text.num_attention_heads,
+        num_key_value_heads=text.num_key_value_heads, hidden_size=text.hidden_size, vocab_size=text.vocab_size,
+        rope_theta=text.rope_parameters["rope_theta"], mrope_section=list(text.rope_parameters["mrope_section"]),
+        vision_depth=vision.depth, vision_embed_dim=vision.embed_dim, vision_hidden_size=vision.hidden_size,
+        patch_size=vision.patch_size, temporal_patch_size=vision.temporal_patch_size,
+        spatial_merge_size=vision.spatial_merge_size,
+    )
+    lm = model.model.language_model
+    params = [lm.embed_tokens.weight, lm.norm.weight, model.lm_head.weight, model.model.visual.patch_embed.proj.weight]
+    weights = None
+    if not any(p.is_meta for p in params):
+        digest = hashlib.sha256()
+        for p in params:
+            digest.update(p.detach().reshape(-1)[:HASHED_VALUES].to("cpu", torch.float32).numpy().tobytes())
+        weights = digest.hexdigest()
+    return dict(name=name, architecture=architecture, weights=weights)
+
+
+def save_memory(memory: KVMemory, path, identity: dict, config: dict | None = None) -> None:
+    """Write `memory` to `path` atomically: an interrupted save leaves any old file there intact."""
+    path = Path(path)
+    tensors = {f"layers.{i}.{name}": getattr(layer, name).detach().to("cpu").contiguous()
+               for i, layer in enumerate(memory.layers) for name in TENSOR_FIELDS}
+    _, kv_heads, _, head_dim = memory.layers[0].keys.shape
+    meta = dict(model=identity, config=config or {}, dtype=str(memory.layers[0].keys.dtype).removeprefix("torch."),
+                num_layers=len(memory.layers), kv_heads=kv_heads, head_dim=head_dim,
+                stream={name: getattr(memory, name) for name in STREAM_FIELDS},
+                created_at=datetime.now(timezone.utc).isoformat())
+    header = dict(format=SNAPSHOT_FORMAT, version=str(SNAPSHOT_VERSION), meta=json.dumps(meta))
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=header)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())  # the data is on disk before the rename makes it visible
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _describe(identity: dict) -> str:
+    a = identity["architecture"]
+    return (f"{identity['name']!r} ({a['num_hidden_layers']} layers, hidden {a['hidden_size']}, "
+            f"{a['num_attention_heads']} heads / {a['num_key_value_heads']} KV heads, vocab {a['vocab_size']})")
+
+
+def _check_model(saved: dict, current: dict, path: Path) -> None:
+    current = json.loads(json.dumps(current))  # tuples -> lists, as stored
+    if saved["architecture"] == current["architecture"]:
+        if None in (saved["weights"], current["weights"]) or saved["weights"] == current["weights"]:
+            return
+        difference = "same architecture, different weights"
+    else:
+        difference = "different architecture"
+    raise ValueError(f"{path} was made with another model: snapshot model {_describe(saved)}, this is "
+                     f"{_describe(current)} ({difference}); load it with the model that made it")
+
+
+def _read_meta(header: dict, path: Path) -> dict:
+    if header.get("format") != SNAPSHOT_FORMAT:
+        raise ValueError(f"{path} is a safetensors file but not a memory snapshot (format {header.get('format')!r}, "
+                         f"expected {SNAPSHOT_FORMAT!r}); give a file from save_memory")
+    if header.get("version") not in [str(v) for v in READABLE_VERSIONS]:
+        raise ValueError(f"{path} is snapshot version {header.get('version')}, this build reads version(s) "
+                         f"{', '.join(map(str, READABLE_VERSIONS))}; use the build that wrote it")
+    try:
+        meta = json.loads(header["meta"])
+    except (KeyError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path} has no readable snapshot metadata ({exc!r}); save it again") from None
+    missing = {"model", "dtype", "num_layers", "kv_heads", "head_dim", "stream"} - set(meta)
+    if missing:
+        raise ValueError(f"{path} snapshot metadata lacks {sorted(missing)}; save it again")
+    differing = set(meta["stream"]) ^ set(STREAM_FIELDS)
+    if differing:
+        raise ValueError(f"{path} stream fields differ from this build's KVMemory in {sorted(differing)}; "
+                         "load it with the build that wrote it")
+    return meta
+
+
+def _check_layer(layer: LayerMemory, index: int, meta: dict, path: Path) -> None:
+    heads, m, dim = meta["kv_heads"], layer.importance.shape[-1], meta["head_dim"]
+    keys = ((1, heads, m, dim), getattr(torch, meta["dtype"]))
+    expected = dict(keys=keys, values=keys, positions=((heads, m, 3), torch.int64),
+                    importance=((heads, m), torch.float32))
+    for name, (shape, dtype) in expected.items():
+        tensor = getattr(layer, name)
+        if (tuple(tensor.shape), tensor.dtype) != (shape, dtype):
+            raise ValueError(f"{path} is damaged: layers.{index}.{name} is {tuple(tensor.shape)} {tensor.dtype}, "
+                             f"its metadata says {shape} {dtype}; save it again")
+
+
+def load_memory(path, identity: dict | None, device="cpu", dtype=None) -> tuple[KVMemory, dict]:
+    """Read a snapshot; returns the memory on `device` (keys/values cast to `dtype` if given) and its metadata.
+
+    `identity` (from model_identity) must match the model that saved it; None skips that check.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no memory snapshot at {str(path)!r}; give the path save_memory wrote")
+    try:
+        with safe_open(path, framework="pt") as f:  # reads the header now, tensors only on request
+            meta = _read_meta(f.metadata() or {}, path)
+            if identity is not None:
+                _check_model(meta["model"], identity, path)
+            names = [[f"layers.{i}.{name}" for name in TENSOR_FIELDS] for i in range(meta["num_layers"])]
+            missing = sorted({name for layer in names for name in layer} - set(f.keys()))
+            if missing:
+                raise ValueError(f"{path} is damaged: tensors {', '.join(missing[:4])} are missing; save it again")
+            layers = [LayerMemory(*(f.get_tensor(name) for name in layer)) for layer in names]
+    except SafetensorError as exc:
+        raise ValueError(f"{path} is not a safetensors file ({exc}); give a file from save_memory") from None
+    for i, layer in enumerate(layers):
+        _check_layer(layer, i, meta, path)
+        layer.keys, layer.values = layer.keys.to(device, dtype), layer.values.to(device, dtype)
+        layer.positions, layer.importance = layer.positions.to(device), layer.importance.to(device)
+    stream = dict(meta["stream"])
+    if stream["grid_hw"] is not None:
+        stream["grid_hw"] = tuple(stream["grid_hw"])  # JSON has no tuples
+    return KVMemory(layers=layers, **stream), meta

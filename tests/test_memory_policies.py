@@ -1,0 +1,242 @@
+"""EMLoC and the baseline policies on the tiny model (float32), against full recomputations."""
+
+import copy
+import math
+
+import pytest
+import torch
+from conftest import random_frames
+from reference import one_shot_logits
+
+from memory.emloc import EmlocConfig, EmlocPolicy, layer_groups
+from memory.policies import FullPolicy, pyramid_ratios
+from memory.probe import ProbeConfig, js_divergence
+from memory.registry import POLICIES, make_policy
+from memory.store import MemoryView
+from streamer.positions import text_positions
+from streamer.prompt import question_suffix
+
+QUESTION = "What happens in the video?"
+PROBE = ProbeConfig(js_positions=4, answer_tokens=3)
+
+
+def stream(runner, frames, chunk_frames, policy, budget=None):
+    memory = runner.new_memory(budget=budget)
+    for start in range(0, len(frames), chunk_frames):
+        runner.ingest(memory, frames[start:start + chunk_frames], policy)
+    return memory
+
+
+def emloc(delta, ratios=(0.1, 0.5, 1.0), group_size=2, probe=PROBE):
+    return EmlocPolicy(EmlocConfig(delta=delta, ratios=list(ratios), group_size=group_size), probe)
+
+
+def kept_mask_reference(runner, memory, full_memory):
+    """key_mask for reference.one_shot_logits from the positions each layer and head kept."""
+    all_positions = full_memory.layers[0].positions[0]  # [N, 3]; unique per token in this stream
+    chunk_of = torch.cat([torch.full((report["tokens"],), c) for c, report in enumerate(memory.chunks)])
+
+    def kept(layer, head):
+        mine = memory.layers[layer].positions[head]
+        return (all_positions[:, None, :] == mine[None, :, :]).all(-1).any(1)
+
+    def key_mask(layer, seq):
+        heads, n = runner.kv_heads, len(chunk_of)
+        key_chunk = torch.cat([chunk_of, torch.full((seq - n,), -1)])
+        visible = torch.ones(heads, seq, dtype=torch.bool)
+        for head in range(heads):
+            visible[head, :n] = kept(layer, head)
+        same_chunk = key_chunk[:, None].eq(key_chunk[None, :]) & key_chunk[:, None].ge(0)
+        return visible[:, None, :] | same_chunk[None]
+
+    return key_mask
+
+
+def test_delta_zero_keeps_the_full_context(tiny_runner):
+    frames = random_frames(8, seed=4)
+    full = stream(tiny_runner, frames, 4, FullPolicy())
+    for policy in (emloc(0.0), emloc(0.5, ratios=[1.0])):
+        memory = stream(tiny_runner, frames, 4, policy)
+        assert memory.tokens_per_layer() == full.tokens_per_layer()
+        assert all(ratio == 1.0 for chunk in memory.chunks for ratio in chunk["ratios"])
+        torch.testing.assert_close(tiny_runner.question_logits(memory, QUESTION),
+                                   tiny_runner.question_logits(full, QUESTION), atol=1e-5, rtol=0)
+
+
+def test_delta_one_takes_the_smallest_ratio_everywhere(tiny_runner):
+    frames = random_frames(8, seed=5)
+    memory = stream(tiny_runner, frames, 4, emloc(1.0, ratios=[0.1, 0.5, 1.0]))
+    for chunk in memory.chunks:
+        assert chunk["ratios"] == [0.1] * 3
+        video_tokens = 2 * 8  # 2 frame pairs of 8 tokens
+        protected = chunk["tokens"] - video_tokens
+        assert chunk["kept"] == [math.ceil(0.1 * video_tokens) + protected] * tiny_runner.num_layers
+
+
+@pytest.mark.parametrize("group_size", [1, 2, 4, 6])
+def test_group_search_order_and_shared_ratios(tiny_runner, group_size):
+    frames = random_frames(8, seed=6)
+    policy = emloc(0.01, ratios=[0.05, 0.2, 0.6, 1.0], group_size=group_size)
+    memory = stream(tiny_runner, frames, 4, policy)
+    groups = layer_groups(tiny_runner.num_layers, group_size)
+    assert [len(g) for g in groups] == [group_size] * (6 // group_size) + ([6 % group_size] if 6 % group_size else [])
+    for chunk in memory.chunks:
+        assert len(chunk["ratios"]) == len(groups)
+        order = [g for g, _, _ in chunk["evaluations"]]
+        assert order == sorted(order, reverse=True), "groups are searched top-down"
+        for g, layers in enumerate(groups):
+            assert len({chunk["kept"][layer] for layer in layers}) == 1, "a group shares one ratio"
+            tried = [ratio for gg, ratio, _ in chunk["evaluations"] if gg == g]
+            assert tried == sorted(tried), "ratios are tried smallest first"
+        for js, ratio in zip(chunk["js"], chunk["ratios"]):
+            assert js <= 0.01
+        for g, ratio, js in chunk["evaluations"]:  # every rejected candidate exceeded delta
+            assert js > 0.01 or chunk["ratios"][g] == ratio
+
+
+def test_recorded_js_matches_a_recomputation_from_scratch(tiny_runner):
+    """The JS recorded for the lowest group is the JS of the final choice: recompute it with plain
+    forwards of the probe over the committed memory vs. over the unpruned memory."""
+    frames = random_frames(8, seed=7)
+    policy = emloc(0.05, ratios=[0.1, 0.3, 1.0], group_size=2)
+    before = stream(tiny_runner, frames[:4], 4, policy)
+    unpruned, pruned = copy.deepcopy(before), copy.deepcopy(before)
+    tiny_runner.ingest(unpruned, frames[4:], FullPolicy())
+    report = tiny_runner.ingest(pruned, frames[4:], policy)
+    assert any(r < 1.0 for r in report["ratios"]), "the test needs some pruning"
+
+    ids = tiny_runner.encode(question_suffix(PROBE.prompts[0]))
+    for _ in range(PROBE.answer_tokens):  # the probe's greedy continuation, on the unpruned memory
+        ids.append(int(probe_logits(tiny_runner, unpruned, ids, 1)[-1].argmax()))
+    reference = probe_logits(tiny_runner, unpruned, ids, PROBE.js_positions)
+    final = probe_logits(tiny_runner, pruned, ids, PROBE.js_positions)
+    assert js_divergence(reference, final) == pytest.approx(report["js"][0], abs=1e-5)
+    assert max(report["js"]) <= 0.05
+
+
+@torch.inference_mode()
+def probe_logits(runner, memory, ids, last):
+    view = MemoryView(memory, extra=len(ids))
+    hidden = runner.forward_layers(runner.embed_tokens(ids), text_positions(memory.next_position, len(ids)), view)
+    return runner.logits(hidden[:, -last:])[0]
+
+
+def test_pruned_memory_answers_exactly_like_a_masked_full_forward(tiny_runner):
+    """Kept tokens keep their positions and the question continues at next_position, not at the
+    cache length: the answer logits equal one full forward that hides exactly the pruned tokens."""
+    frames = random_frames(8, seed=8)
+    full = stream(tiny_runner, frames, 4, FullPolicy())
+    memory = stream(tiny_runner, frames, 4, emloc(0.05, ratios=[0.1, 0.3, 1.0], group_size=2))
+    assert memory.mean_tokens() < full.mean_tokens()
+    assert memory.next_position == full.next_position
+    for layer, full_layer in zip(memory.layers, full.layers):  # kept positions are a subset, in order
+        for head in range(tiny_runner.kv_heads):
+            mine = layer.positions[head]
+            assert torch.all(mine[1:, 0] >= mine[:-1, 0])
+            assert all((full_layer.positions[head] == p).all(-1).any() for p in mine)
+    reference = one_shot_logits(tiny_runner, frames, QUESTION, key_mask=kept_mask_reference(tiny_runner, memory, full))
+    torch.testing.assert_close(tiny_runner.question_logits(memory, QUESTION), reference, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", list(POLICIES))
+def test_every_policy_runs_and_keeps_prompt_text(tiny_runner, name):
+    frames = random_frames(8, seed=9)
+    options = {"ratio": 0.25} if name in ("uniform", "pyramid", "window", "random") else {}
+    if name == "emloc":
+        options = {"delta": 0.05, "ratios": [0.25, 1.0], "group_size": 3}
+    policy = make_policy(name, options, PROBE)
+    memory = stream(tiny_runner, frames, 4, policy)
+    prefix = len(tiny_runner.prefix_ids)
+    for layer in memory.layers:  # the prompt text (positions 0..prefix-1) is in every layer and head
+        for head_positions in layer.positions:
+            assert head_positions[:prefix, 0].tolist() == list(range(prefix))
+    answer = tiny_runner.answer(memory, QUESTION, max_new_tokens=3)
+    assert len(answer.token_ids) >= 1
+    if name == "full":
+        assert memory.mean_tokens() == memory.full_tokens
+    elif name != "emloc":
+        assert memory.mean_tokens() < 0.6 * memory.full_tokens
+
+
+def test_uniform_and_pyramid_spend_the_same_total(tiny_runner):
+    frames = random_frames(4, seed=10)
+    ratios = pyramid_ratios(0.3, 20.0, 6)
+    assert ratios == sorted(ratios, reverse=True) and sum(ratios) / 6 == pytest.approx(0.3)
+    totals = {}
+    for name in ("uniform", "pyramid"):
+        memory = stream(tiny_runner, frames, 4, make_policy(name, {"ratio": 0.3}, PROBE))
+        totals[name] = sum(memory.tokens_per_layer())
+    assert abs(totals["uniform"] - totals["pyramid"]) <= 6  # per-layer ceil rounding
+
+
+@pytest.mark.parametrize("name", ["full", "window", "emloc"])
+def test_budget_is_never_exceeded_over_a_long_stream(tiny_runner, name):
+    options = {"delta": 0.05, "ratios": [0.25, 1.0], "group_size": 3} if name == "emloc" else {}
+    policy = make_policy(name, options, ProbeConfig(js_positions=2, answer_tokens=1))
+    budget = 48
+    memory = tiny_runner.new_memory(budget=budget)
+    frames = random_frames(100, seed=11)
+    for chunk in range(50):
+        report = tiny_runner.ingest(memory, frames[2 * chunk:2 * chunk + 2], policy)
+        assert max(memory.tokens_per_layer()) <= budget
+        newest = memory.layers[0].positions[0][-report["kept"][0]:]
+        assert int(newest[-1, 0]) == memory.video_start + chunk, "the newest chunk is kept as chosen"
+    assert memory.evicted > 0 and sum(sum(c["evicted"]) for c in memory.chunks) == memory.evicted
+    prefix = len(tiny_runner.prefix_ids)
+    assert memory.layers[0].positions[0][:prefix, 0].tolist() == list(range(prefix))
+    assert len(tiny_runner.answer(memory, QUESTION, max_new_tokens=2).token_ids) >= 1
+
+
+def test_budget_smaller_than_a_chunk_is_refused_without_damage(tiny_runner):
+    memory = tiny_runner.new_memory(budget=10)
+    with pytest.raises(ValueError, match="raise the budget"):
+        tiny_runner.ingest(memory, random_frames(4), FullPolicy())
+    assert memory.tokens_per_layer() == [0] * tiny_runner.num_layers
+
+
+def test_generic_memory_serves_questions_while_it_grows(tiny_runner):
+    frames = random_frames(12, seed=12)
+    policy = emloc(0.05)
+    memory = tiny_runner.new_memory()
+    for start in (0, 4):
+        tiny_runner.ingest(memory, frames[start:start + 4], policy)
+    before = tiny_runner.question_logits(memory, QUESTION)
+    first = tiny_runner.answer(memory, QUESTION, max_new_tokens=3)
+    torch.testing.assert_close(tiny_runner.question_logits(memory, "Another question?")[:0], before[:0])
+    torch.testing.assert_close(tiny_runner.question_logits(memory, QUESTION), before, atol=0, rtol=0)
+    tiny_runner.ingest(memory, frames[8:], policy)  # more video after a question: memory extended, not rebuilt
+    assert len(memory.chunks) == 3
+    later = tiny_runner.answer(memory, QUESTION, max_new_tokens=3)
+    assert later.first_token_logprobs != first.first_token_logprobs
+
+
+def test_question_probe_mode_uses_the_question(tiny_runner):
+    from streamer.config import Config, override
+
+    config = override(Config(), "memory", policy="emloc")
+    override(config, "probe", mode="question", answer_tokens=2, js_positions=2)
+    policy = config.make_policy("How many dogs are there?")
+    assert policy.probe.prompts == ["How many dogs are there?"]
+    with pytest.raises(ValueError, match="needs the question"):
+        config.make_policy(None)
+
+
+def test_js_divergence_properties():
+    torch.manual_seed(0)
+    p, q = torch.randn(4, 50), torch.randn(4, 50)
+    assert js_divergence(p, p) == pytest.approx(0.0, abs=1e-7)
+    assert js_divergence(p, q) == pytest.approx(js_divergence(q, p), abs=1e-6)
+    disjoint_p = torch.full((1, 4), -1e4); disjoint_p[0, 0] = 0
+    disjoint_q = torch.full((1, 4), -1e4); disjoint_q[0, 1] = 0
+    assert js_divergence(disjoint_p, disjoint_q) == pytest.approx(math.log(2), abs=1e-6)
+    assert js_divergence(p.bfloat16() * 30, q.bfloat16() * 30) <= math.log(2) + 1e-6  # bf16 logits: no NaN
+    assert not math.isnan(js_divergence(p.bfloat16() * 30, q.bfloat16() * 30))
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"delta": -0.1}, "delta"), ({"ratios": []}, "ratios"), ({"ratios": [0.1, 1.5]}, "ratio"),
+    ({"group_size": 0}, "group_size"), ({"deltaa": 1}, "bad options"),
+])
+def test_bad_emloc_options(options, message):
+    with pytest.raises(ValueError, match=message):
+        make_policy("emloc", options)

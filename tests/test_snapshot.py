@@ -1,0 +1,173 @@
+"""Memory snapshots: a saved and reloaded memory answers and continues exactly; bad files are refused."""
+
+import json
+import struct
+
+import pytest
+import torch
+from conftest import random_frames
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import memory.snapshot as snapshot
+from memory.policies import ChunkContext, FullPolicy, MemoryPolicy, Selection
+from memory.snapshot import STREAM_FIELDS, TENSOR_FIELDS, load_memory, model_identity, save_memory
+from streamer.models import build_random_model, builtin_config, tiny_tokenizer
+
+QUESTION = "What happens in the video?"
+CONFIG = {"model": "tiny-random", "policy": "full", "chunk_frames": 2}
+
+
+class RaggedSubsetPolicy(MemoryPolicy):
+    """Keeps a random number of tokens per layer and a different random subset per head."""
+
+    name = "test-ragged"
+
+    def __init__(self, seed: int):
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def select(self, ctx: ChunkContext) -> Selection:
+        kept = []
+        for layer in range(len(ctx.memory.layers)):
+            k = int(torch.randint(1, ctx.chunk_len + 1, (1,), generator=self.generator))
+            heads = ctx.view.keys[layer].shape[1]
+            kept.append(torch.stack([torch.randperm(ctx.chunk_len, generator=self.generator)[:k].sort().values
+                                     for _ in range(heads)]))
+        return Selection(kept=kept)
+
+
+def stream(runner, frames, policy, memory=None, chunk_frames=2):
+    memory = memory if memory is not None else runner.new_memory()
+    for start in range(0, len(frames), chunk_frames):
+        runner.ingest(memory, frames[start:start + chunk_frames], policy)
+    return memory
+
+
+@pytest.fixture(scope="module")
+def identity(tiny_runner):
+    return model_identity(tiny_runner.model, "tiny-random")
+
+
+@pytest.fixture(scope="module")
+def saved(tiny_runner, identity, tmp_path_factory):
+    """A small full-policy snapshot, for the tests that only need a valid file."""
+    path = tmp_path_factory.mktemp("snapshot") / "memory.safetensors"
+    save_memory(stream(tiny_runner, random_frames(4), FullPolicy()), path, identity, CONFIG)
+    return path
+
+
+@pytest.mark.parametrize("policy", [FullPolicy(), RaggedSubsetPolicy(seed=0)], ids=["full", "ragged"])
+def test_round_trip_answers_identically(tiny_runner, identity, tmp_path, policy):
+    memory = stream(tiny_runner, random_frames(6, seed=1), policy)
+    if isinstance(policy, RaggedSubsetPolicy):
+        assert len(set(memory.tokens_per_layer())) > 1, "the test policy should leave layers with different lengths"
+    path = tmp_path / "memory.safetensors"
+    save_memory(memory, path, identity, CONFIG)
+    loaded, meta = load_memory(path, identity)
+
+    assert meta["config"] == CONFIG and meta["model"] == identity and meta["dtype"] == "float32"
+    for name in STREAM_FIELDS:
+        assert getattr(loaded, name) == getattr(memory, name), name
+    for original, restored in zip(memory.layers, loaded.layers, strict=True):
+        for name in TENSOR_FIELDS:
+            a, b = getattr(original, name), getattr(restored, name)
+            assert a.dtype == b.dtype and torch.equal(a, b), name  # torch.equal: inf == inf
+    assert torch.isinf(loaded.layers[0].importance).any(), "prompt text should stay protected"
+    assert torch.equal(tiny_runner.question_logits(loaded, QUESTION), tiny_runner.question_logits(memory, QUESTION))
+    assert (tiny_runner.answer(loaded, QUESTION, max_new_tokens=6).token_ids
+            == tiny_runner.answer(memory, QUESTION, max_new_tokens=6).token_ids)
+
+
+def test_loaded_memory_continues_the_stream(tiny_runner, identity, tmp_path):
+    frames = random_frames(8, seed=2)
+    path = tmp_path / "memory.safetensors"
+    save_memory(stream(tiny_runner, frames[:4], FullPolicy()), path, identity)
+    resumed = stream(tiny_runner, frames[4:], FullPolicy(), memory=load_memory(path, identity)[0])
+    continuous = stream(tiny_runner, frames, FullPolicy())
+    assert resumed.frames == continuous.frames and resumed.next_position == continuous.next_position
+    torch.testing.assert_close(tiny_runner.question_logits(resumed, QUESTION),
+                               tiny_runner.question_logits(continuous, QUESTION), atol=1e-6, rtol=0)
+
+
+def test_same_architecture_other_weights_is_refused(identity, saved):
+    def tiny_identity(seed, name):
+        model = build_random_model(builtin_config("tiny-random", tiny_tokenizer()), torch.device("cpu"),
+                                   torch.float32, seed=seed)
+        return model_identity(model, name)
+
+    assert tiny_identity(0, "tiny-random") == identity, "the identity should be reproducible"
+    other = tiny_identity(1, "tiny-random-seed1")
+    assert other["architecture"] == identity["architecture"] and other["weights"] != identity["weights"]
+    with pytest.raises(ValueError, match="another model") as error:
+        load_memory(saved, other)
+    assert "'tiny-random'" in str(error.value) and "'tiny-random-seed1'" in str(error.value)
+    assert "different weights" in str(error.value)
+    assert load_memory(saved, None)[0].frames == 4, "identity=None skips the model check"
+
+
+def test_other_architecture_is_refused(saved):
+    # Built on meta: no weights to hash, so the identity carries weights=None and is checked on architecture.
+    model = build_random_model(builtin_config("qwen2-vl-2b-random", tiny_tokenizer()), torch.device("meta"),
+                               torch.float32)
+    other = model_identity(model, "qwen2-vl-2b-random")
+    assert other["weights"] is None
+    with pytest.raises(ValueError, match="another model") as error:
+        load_memory(saved, other)
+    assert "'qwen2-vl-2b-random' (28 layers" in str(error.value) and "'tiny-random' (6 layers" in str(error.value)
+
+
+def rewrite(saved, path, version=None, drop=None):
+    """Copy a snapshot with its version replaced or one tensor dropped."""
+    with safe_open(saved, framework="pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(saved)
+    if version is not None:
+        metadata["version"] = version
+    tensors.pop(drop, None)
+    save_file(tensors, path, metadata=metadata)
+
+
+@pytest.mark.parametrize("kind, error, message", [
+    ("missing", FileNotFoundError, "no memory snapshot"),
+    ("text", ValueError, "not a safetensors file"),
+    ("plain", ValueError, "not a memory snapshot"),
+    ("future", ValueError, r"version 99, this build reads version\(s\) 1"),
+    ("truncated", ValueError, "damaged: tensors layers.1.importance are missing"),
+])
+def test_bad_files_are_refused(identity, saved, tmp_path, kind, error, message):
+    path = tmp_path / "bad.safetensors"
+    if kind == "text":
+        path.write_text("not a snapshot\n")
+    elif kind == "plain":
+        save_file({"weight": torch.zeros(2, 2)}, path)
+    elif kind == "future":
+        rewrite(saved, path, version="99")
+    elif kind == "truncated":
+        rewrite(saved, path, drop="layers.1.importance")
+    with pytest.raises(error, match=message):
+        load_memory(path, identity)
+
+
+def test_file_is_plain_safetensors(saved):
+    data = saved.read_bytes()
+    (header_len,) = struct.unpack("<Q", data[:8])  # safetensors: u64 header length, JSON header, raw tensors
+    header = json.loads(data[8:8 + header_len])
+    assert header["__metadata__"]["format"] == snapshot.SNAPSHOT_FORMAT
+    assert header["__metadata__"]["version"] == str(snapshot.SNAPSHOT_VERSION)
+    assert set(load_file(saved)) == set(header) - {"__metadata__"}
+
+
+def test_interrupted_save_keeps_the_old_file(identity, saved, tmp_path, monkeypatch):
+    path = tmp_path / "memory.safetensors"
+    path.write_bytes(saved.read_bytes())
+
+    def crash(tensors, filename, metadata):
+        open(filename, "wb").write(b"partial")
+        raise KeyboardInterrupt
+
+    memory = load_memory(saved, identity)[0]
+    monkeypatch.setattr(snapshot, "save_file", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_memory(memory, path, identity)
+    assert [p.name for p in tmp_path.iterdir()] == [path.name], "the temporary file should be removed"
+    assert load_memory(path, identity)[0].frames == 4
