@@ -130,6 +130,18 @@ def _check_layer(layer: LayerMemory, index: int, meta: dict, path: Path) -> None
                              f"its metadata says {shape} {dtype}; save it again")
 
 
+def read_snapshot_meta(path) -> dict:
+    """A snapshot's metadata (model identity, config, stream fields) without loading its tensors."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no memory snapshot at {str(path)!r}; give the path save_memory wrote")
+    try:
+        with safe_open(path, framework="pt") as f:
+            return _read_meta(f.metadata() or {}, path)
+    except SafetensorError as exc:
+        raise ValueError(f"{path} is not a safetensors file ({exc}); give a file from save_memory") from None
+
+
 def load_memory(path, identity: dict | None, device="cpu", dtype=None) -> tuple[KVMemory, dict]:
     """Read a snapshot; returns the memory on `device` (keys/values cast to `dtype` if given) and its metadata.
 

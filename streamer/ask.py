@@ -7,11 +7,12 @@ import time
 from typing import Callable, Iterator
 
 from memory.policies import ProbedPolicy
+from memory.store import KVMemory
 from streamer.config import Config
-from streamer.runner import Runner
+from streamer.runner import Answer, Runner
 from video_io.frames import Frame
-from video_io.sources import FileSource
 from video_io.sampling import Sampling
+from video_io.sources import FileSource
 
 
 def read_chunks(frames: Iterator[Frame], size: int) -> Iterator[tuple[list[Frame], float]]:
@@ -51,29 +52,32 @@ def ask_video(runner: Runner, video: str, question: str, config: Config,
                      f"{report['tokens']} tokens{chosen} -> memory {memory.mean_tokens():.0f} of "
                      f"{memory.full_tokens} tokens")
     answer = runner.answer(memory, question, config.generation.max_new_tokens)
-
     stage = {key: sum(chunk["timings"].get(key, 0.0) for chunk in memory.chunks)
              for key in ("preprocess", "vision", "prefill", "policy", "probe", "search")}
     timings = dict(read_frames=read_s, **stage, question_prefill=answer.timings["question_prefill"],
                    decode=answer.timings["decode"], total=time.perf_counter() - started)
     result = dict(
-        answer=answer.text,
-        question=question,
-        video=str(video),
-        model=config.model.name,
-        policy=policy.name,
-        frames=memory.frames,
-        frame_grid=list(memory.grid_hw),
+        answer=answer.text, question=question, video=str(video), model=config.model.name, policy=policy.name,
         probe=policy.probe.mode if isinstance(policy, ProbedPolicy) else None,
+        **memory_summary(memory), **answer_summary(answer), timings=timings,
+    )
+    return result, memory
+
+
+def memory_summary(memory: KVMemory) -> dict:
+    """The public fields that describe a memory."""
+    return dict(
+        frames=memory.frames,
+        frame_grid=list(memory.grid_hw) if memory.grid_hw else None,
         chunks=[chunk_summary(report) for report in memory.chunks],
         full_tokens=memory.full_tokens,
         memory_tokens=memory.mean_tokens(),
         memory_tokens_per_layer=memory.tokens_per_layer(),
         budget=memory.budget,
         evicted_tokens=memory.evicted,
-        answer_tokens=len(answer.token_ids),
-        first_token_logprobs=answer.first_token_logprobs,
-        decode_tokens_per_s=answer.timings["decode_tokens_per_s"],
-        timings=timings,
     )
-    return result, memory
+
+
+def answer_summary(answer: Answer) -> dict:
+    return dict(answer_tokens=len(answer.token_ids), first_token_logprobs=answer.first_token_logprobs,
+                decode_tokens_per_s=answer.timings["decode_tokens_per_s"])

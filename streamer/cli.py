@@ -1,4 +1,4 @@
-"""`streamer` command line: ask a question about a video, make a synthetic test video."""
+"""`streamer` command line: ask about a video, answer from a saved memory, make a test video."""
 
 from __future__ import annotations
 
@@ -42,6 +42,7 @@ def _add_ask(sub) -> None:
                         "is the probe (memory specific to it)")
     p.add_argument("--budget", type=int, help="most tokens each layer's memory may hold (0 = unbounded)")
     p.add_argument("--max-new-tokens", type=int, help="longest answer in tokens")
+    p.add_argument("--save-memory", metavar="PATH", help="save the video's memory (.safetensors) for `streamer answer`")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.set_defaults(run=_run_ask)
 
@@ -53,9 +54,35 @@ def _ratio_list(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 0.02,0.1,1.0, got {text!r}")
 
 
-def _run_ask(args) -> int:
+def _load(name: str, device: str | None, dtype: str | None, preset=None):
     from streamer.models import load_model
     from streamer.runner import Runner
+    from video_io.preprocess import VisionPreset
+
+    started = time.perf_counter()
+    log.info("loading model %s", name)
+    loaded = load_model(name, device=device, dtype=dtype)
+    seconds = time.perf_counter() - started
+    log.info("model on %s (%s), loaded in %.1f s", loaded.device, loaded.dtype, seconds)
+    return Runner(loaded, preset or VisionPreset()), seconds
+
+
+def _print_result(result: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    print(result["answer"])
+    t = result["timings"]
+    ingest = sum(t.get(key, 0.0) for key in ("vision", "prefill", "policy"))
+    print(f"\n[{result['frames']} frames, memory {result['memory_tokens']:.0f} of {result['full_tokens']} tokens"
+          f"{' (' + result['policy'] + ')' if 'policy' in result else ''}; ingest {ingest:.2f} s, "
+          f"first token {t['question_prefill'] * 1000:.0f} ms]", file=sys.stderr)
+
+
+def _run_ask(args) -> int:
+    from dataclasses import asdict
+
+    from memory.snapshot import model_identity, save_memory
     from streamer.ask import ask_video
     from video_io.preprocess import VisionPreset
 
@@ -75,23 +102,45 @@ def _run_ask(args) -> int:
     override(config, "generation", max_new_tokens=args.max_new_tokens)
     config.validate()
 
-    started = time.perf_counter()
-    log.info("loading model %s", config.model.name)
-    loaded = load_model(config.model.name, device=config.model.device, dtype=config.model.dtype)
-    load_s = time.perf_counter() - started
-    runner = Runner(loaded, VisionPreset(min_pixels=config.video.min_pixels, max_pixels=config.video.max_pixels))
-    log.info("model on %s (%s), loaded in %.1f s", loaded.device, loaded.dtype, load_s)
-    result, _ = ask_video(runner, args.video, args.question, config, progress=log.info)
+    preset = VisionPreset(min_pixels=config.video.min_pixels, max_pixels=config.video.max_pixels)
+    runner, load_s = _load(config.model.name, config.model.device, config.model.dtype, preset)
+    result, memory = ask_video(runner, args.video, args.question, config, progress=log.info)
     result["timings"] = {"load_model": load_s, **result["timings"]}
+    if args.save_memory:
+        save_memory(memory, args.save_memory, model_identity(runner.model, config.model.name), asdict(config))
+        log.info("memory saved to %s", args.save_memory)
+        result["memory_file"] = args.save_memory
+    _print_result(result, args.json)
+    return 0
 
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print(result["answer"])
-        t = result["timings"]
-        print(f"\n[{result['frames']} frames, memory {result['memory_tokens']:.0f} of {result['full_tokens']} tokens "
-              f"({result['policy']}); ingest {t['vision'] + t['prefill'] + t['policy']:.2f} s, "
-              f"first token {t['question_prefill'] * 1000:.0f} ms]", file=sys.stderr)
+
+def _add_answer(sub) -> None:
+    p = sub.add_parser("answer", help="answer a question from a saved memory, without the video",
+                       description="Load a memory saved by `streamer ask --save-memory` and answer a question.")
+    p.add_argument("memory", help="a .safetensors memory file")
+    p.add_argument("question")
+    p.add_argument("--model", help="the model that made the memory (default: the one recorded in the file)")
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--dtype", help="auto | float32 | bfloat16 | float16")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.set_defaults(run=_run_answer)
+
+
+def _run_answer(args) -> int:
+    from memory.snapshot import load_memory, model_identity, read_snapshot_meta
+    from streamer.ask import answer_summary, memory_summary
+
+    name = args.model or read_snapshot_meta(args.memory)["model"]["name"]
+    runner, load_s = _load(name, args.device, args.dtype)
+    memory, _ = load_memory(args.memory, model_identity(runner.model, name), device=runner.device,
+                            dtype=runner.model.dtype)
+    answer = runner.answer(memory, args.question, args.max_new_tokens)
+    timings = dict(load_model=load_s, question_prefill=answer.timings["question_prefill"],
+                   decode=answer.timings["decode"])
+    result = dict(answer=answer.text, question=args.question, memory_file=args.memory, model=name,
+                  **memory_summary(memory), **answer_summary(answer), timings=timings)
+    _print_result(result, args.json)
     return 0
 
 
@@ -124,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_ask(sub)
+    _add_answer(sub)
     _add_make_video(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,

@@ -74,3 +74,54 @@ def test_console_entry_point_text_output(video):
     assert result.returncode == 0, result.stderr
     assert "chunk 1/1" in result.stderr  # progress is shown
     assert "memory" in result.stderr and "tokens" in result.stderr
+
+
+def test_emloc_through_the_cli_reports_chunks(capsys, video):
+    result = ask_json(capsys, video, "--frames", "12", "--chunk-frames", "4", "--memory", "emloc", "--delta", "0.5",
+                      "--ratios", "0.1,1.0", "--group-size", "4", "--max-new-tokens", "2")
+    assert result["policy"] == "emloc" and result["probe"] == "generic"
+    assert result["memory_tokens"] < result["full_tokens"]
+    assert len(result["chunks"]) == 3
+    for chunk in result["chunks"]:
+        assert len(chunk["ratios"]) == len(chunk["js"]) == 2  # groups of 4 layers over 6: [0-3], [4-5]
+        assert len(chunk["kept"]) == 6
+        assert all(js <= 0.5 for js in chunk["js"])
+        assert {"prefill", "probe", "search"} <= set(chunk["timings"])
+
+
+@pytest.mark.parametrize("policy", ["uniform", "pyramid", "window", "random"])
+def test_baselines_through_the_cli(capsys, video, policy):
+    result = ask_json(capsys, video, "--frames", "8", "--chunk-frames", "4", "--memory", policy, "--ratio", "0.25",
+                      "--max-new-tokens", "1")
+    assert result["policy"] == policy and result["memory_tokens"] < result["full_tokens"]
+
+
+def test_budget_switch(capsys, video):
+    result = ask_json(capsys, video, "--frames", "16", "--chunk-frames", "2", "--budget", "40", "--max-new-tokens", "1")
+    assert max(result["memory_tokens_per_layer"]) <= 40 and result["evicted_tokens"] > 0
+
+
+def test_saved_memory_answers_without_the_video(capsys, video, tmp_path):
+    path = tmp_path / "memory.safetensors"
+    asked = ask_json(capsys, video, "--frames", "8", "--chunk-frames", "4", "--memory", "emloc", "--delta", "0.5",
+                     "--max-new-tokens", "4", "--save-memory", str(path))
+    assert asked["memory_file"] == str(path) and path.is_file()
+    code = main(["-q", "answer", str(path), "What happens in the video?", "--json", "--device", "cpu",
+                 "--max-new-tokens", "4"])
+    answered = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert answered["answer"] == asked["answer"]
+    assert answered["first_token_logprobs"] == asked["first_token_logprobs"]
+    assert answered["memory_tokens_per_layer"] == asked["memory_tokens_per_layer"]
+
+
+def test_answer_refuses_a_non_snapshot(capsys, tmp_path):
+    path = tmp_path / "notes.safetensors"
+    path.write_text("hello")
+    assert main(["-q", "answer", str(path), "Q?", "--device", "cpu"]) == 2
+    assert "not a safetensors file" in capsys.readouterr().err
+
+
+def test_ratio_switch_needs_a_baseline(capsys, video):
+    assert main(["-q", "ask", str(video), "Q?", *SMALL, "--memory", "emloc", "--ratio", "0.2"]) == 2
+    assert "--ratio applies to" in capsys.readouterr().err

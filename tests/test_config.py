@@ -45,3 +45,27 @@ def test_switches_override_only_what_is_given():
 def test_invalid_values(section, values, message):
     with pytest.raises(ValueError, match=message):
         override(Config(), section, **values).validate()
+
+
+def test_policy_sections_and_probe(tmp_path):
+    path = tmp_path / "emloc.toml"
+    path.write_text('[memory]\npolicy = "emloc"\n[emloc]\ndelta = 0.1\nratios = [0.05, 1.0]\n'
+                    '[probe]\nmode = "question"\njs_positions = 4\n')
+    config = load_config(str(path)).validate()
+    policy = config.make_policy("Why?")
+    assert policy.config.delta == 0.1 and policy.config.ratios == [0.05, 1.0]
+    assert policy.probe.prompts == ["Why?"] and policy.probe.js_positions == 4
+    path.write_text("[emloc]\ndelt = 0.1\n")
+    with pytest.raises(ValueError, match="delt"):
+        load_config(str(path))
+    path.write_text("[emloc]\ndelta = -1.0\n")
+    with pytest.raises(ValueError, match="delta"):
+        load_config(str(path))
+
+
+def test_presets_carry_the_paper_settings():
+    config = load_config("videomme_emloc").validate()
+    assert (config.video.frames, config.video.min_pixels, config.video.max_pixels) == (384, 144 * 784, 144 * 784)
+    assert config.policies["emloc"] == {"delta": 0.04, "ratios": [0.02, 0.1, 0.5, 1.0], "group_size": 14}
+    stream = load_config("stream_default").validate()
+    assert stream.memory.budget > 0 and stream.probe.mode == "generic"
