@@ -1,5 +1,5 @@
 # Two entry points for a fresh machine; both create .venv on first use.
-#   make demo   run `streamer ask` on the built-in tiny model and a generated video
+#   make demo   stream a generated video through an in-process server on the built-in model
 #   make test   run the test suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -16,9 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: $(VENV)/.installed
-	mkdir -p build
-	$(BIN)/streamer make-video build/demo.mp4 --frames 64 --fps 8
-	$(BIN)/streamer ask build/demo.mp4 "What happens in the video?" --frames 32 --chunk-frames 8 --json
+	$(BIN)/streamer demo
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest -q

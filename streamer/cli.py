@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 
 from memory.registry import POLICIES
+from streamer import client, demo
 from streamer.config import load_config, override
 from video_io.errors import VideoError
 
@@ -34,7 +36,7 @@ def _add_ask(sub) -> None:
     p.add_argument("--chunk-frames", type=int, help="frames per prefill chunk (a multiple of 2)")
     p.add_argument("--memory", choices=list(POLICIES), help="memory policy")
     p.add_argument("--delta", type=float, help="emloc: JS divergence bound per chunk (nats)")
-    p.add_argument("--ratios", type=_ratio_list, help="emloc: retention ratios to try, e.g. 0.02,0.1,0.5,1.0")
+    p.add_argument("--ratios", type=ratio_list, help="emloc: retention ratios to try, e.g. 0.02,0.1,0.5,1.0")
     p.add_argument("--group-size", type=int, help="emloc: layers per group (1 = layer-wise)")
     p.add_argument("--ratio", type=float, help="uniform/pyramid/window/random: fraction of each chunk kept")
     p.add_argument("--probe", choices=["generic", "question"],
@@ -47,7 +49,7 @@ def _add_ask(sub) -> None:
     p.set_defaults(run=_run_ask)
 
 
-def _ratio_list(text: str) -> list[float]:
+def ratio_list(text: str) -> list[float]:
     try:
         return [float(part) for part in text.split(",") if part.strip()]
     except ValueError:
@@ -144,6 +146,54 @@ def _run_answer(args) -> int:
     return 0
 
 
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="serve live video QA over websockets",
+                       description="Load the model once and serve sessions over websockets (protocol in README).")
+    p.add_argument("--config", default="stream_default", help="TOML config for sessions' defaults")
+    p.add_argument("--model", help="tiny-random | a built-in architecture | a local checkpoint directory")
+    p.add_argument("--device")
+    p.add_argument("--dtype")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--allow-root", action="append", default=[], metavar="DIR",
+                   help="directory whose videos/snapshots clients may name (repeatable); none by default")
+    p.add_argument("--allow-urls", action="store_true", help="let clients make the server open network streams")
+    p.add_argument("--token", default=os.environ.get("STREAMER_TOKEN"),
+                   help="bearer token clients must send (default: $STREAMER_TOKEN; none = open)")
+    p.add_argument("--max-sessions", type=int, default=16)
+    p.add_argument("--max-frames", type=int, default=100_000, help="frames per session")
+    p.add_argument("--max-message-mb", type=float, default=8.0)
+    p.add_argument("--idle-timeout", type=float, default=600.0, help="seconds before an idle session is closed")
+    p.add_argument("--overflow", choices=["subsample", "drop"], default="subsample",
+                   help="when frames arrive faster than they are ingested")
+    p.set_defaults(run=_run_serve)
+
+
+def _run_serve(args) -> int:
+    import asyncio
+    from pathlib import Path
+
+    from streamer.server import StreamServer
+    from streamer.session import ServerLimits
+    from video_io.preprocess import VisionPreset
+
+    config = load_config(args.config)
+    override(config, "model", name=args.model, device=args.device, dtype=args.dtype)
+    config.validate()
+    roots = [Path(root) for root in args.allow_root]
+    for root in roots:
+        if not root.is_dir():
+            raise FileNotFoundError(f"--allow-root {root}: no such directory")
+    limits = ServerLimits(max_sessions=args.max_sessions, max_frames_per_session=args.max_frames,
+                          max_message_bytes=int(args.max_message_mb * 2**20), idle_timeout=args.idle_timeout,
+                          overflow=args.overflow, allowed_roots=roots, allow_urls=args.allow_urls, token=args.token)
+    preset = VisionPreset(min_pixels=config.video.min_pixels, max_pixels=config.video.max_pixels)
+    runner, _ = _load(config.model.name, config.model.device, config.model.dtype, preset)
+    server = StreamServer(runner, config, limits, config.model.name)
+    asyncio.run(server.serve(args.host, args.port))
+    return 0
+
+
 def _add_make_video(sub) -> None:
     p = sub.add_parser("make-video", help="write a small synthetic test video (frame index coded in the pixels)")
     p.add_argument("output", help="path of the .mp4 to write")
@@ -174,10 +224,14 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_ask(sub)
     _add_answer(sub)
+    _add_serve(sub)
+    client.add_parser(sub)
+    demo.add_parser(sub)
     _add_make_video(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+    logging.getLogger("websockets").setLevel(logging.WARNING)  # one line per connection is noise here
     try:
         return args.run(args)
     except (VideoError, ValueError, FileNotFoundError) as exc:

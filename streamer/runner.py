@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -120,16 +120,18 @@ class Runner:
     # --- video in -------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def ingest(self, memory: KVMemory, frames: Sequence[np.ndarray], policy: MemoryPolicy) -> dict:
+    def ingest(self, memory: KVMemory, frames: Sequence[np.ndarray], policy: MemoryPolicy,
+               preset: VisionPreset | None = None) -> dict:
         """Prefill one chunk of frames against the memory, let the policy prune it, commit it.
 
         The first chunk of a stream also carries the prompt prefix (system turn and <|vision_start|>).
         An odd number of frames is padded with the last frame (Qwen2-VL encodes frame pairs).
-        Returns the chunk's report.
+        `preset` overrides the runner's frame resolution for this stream. Returns the chunk's report.
         """
+        preset = preset or self.preset
         timer = Timer(self.device)
         with timer:
-            patches = preprocess_frames(frames, self.preset)
+            patches = preprocess_frames(frames, preset)
         preprocess_s = timer.seconds
         grid_t, grid_h, grid_w = patches.grid_thw
         if memory.grid_hw is None:
@@ -143,7 +145,7 @@ class Runner:
             video = self.encode_video(patches).unsqueeze(0)
         vision_s = timer.seconds
 
-        merge = self.preset.merge_size
+        merge = preset.merge_size
         if memory.video_start is None:
             prefix = self.embed_tokens(self.prefix_ids)
             prefix_positions = text_positions(memory.next_position, len(self.prefix_ids))
@@ -197,8 +199,13 @@ class Runner:
         return self.logits(hidden)[0]
 
     @torch.inference_mode()
-    def answer(self, memory: KVMemory, question: str, max_new_tokens: int = 64) -> Answer:
-        """Greedy answer to `question` against the memory; the memory itself is left unchanged."""
+    def answer(self, memory: KVMemory, question: str, max_new_tokens: int = 64,
+               on_text: Callable[[str], None] | None = None) -> Answer:
+        """Greedy answer to `question` against the memory; the memory itself is left unchanged.
+
+        on_text, if given, receives the answer's text piece by piece as tokens are generated
+        (pieces are whole characters: a token ending inside a UTF-8 sequence waits for the next).
+        """
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         timer = Timer(self.device)
@@ -213,10 +220,16 @@ class Runner:
         tokens: list[int] = []
         position = memory.next_position + len(ids)
         steps = 0
+        sent = ""
         with timer:
             token = int(logits.argmax())
             while token not in self.stop_ids:
                 tokens.append(token)
+                if on_text is not None:
+                    text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+                    if not text.endswith("\ufffd") and len(text) > len(sent):
+                        on_text(text[len(sent):])
+                        sent = text
                 if len(tokens) == max_new_tokens:
                     break
                 hidden = self.forward_layers(self.embed_tokens([token]), text_positions(position + steps, 1), view)
@@ -226,4 +239,6 @@ class Runner:
         timings = dict(question_prefill=ttft, decode=decode_s,
                        decode_tokens_per_s=steps / decode_s if steps and decode_s > 0 else None)
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        if on_text is not None and len(text) > len(sent):
+            on_text(text[len(sent):])
         return Answer(text=text, token_ids=tokens, first_token_logprobs=first, timings=timings)

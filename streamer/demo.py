@@ -1,0 +1,101 @@
+"""`streamer demo`: the whole path on the built-in model, in one process.
+
+Writes a synthetic video, starts a server on a free loopback port, streams the video through
+the websocket client, asks while streaming and after, and prints the answers, the memory size
+against the full context, the ratios chosen per layer group and the timings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+
+from streamer.client import StreamerClient, ask_and_print, stream_frames
+from video_io.sampling import Sampling
+from video_io.sources import FileSource
+from video_io.synthetic import demo_frame, write_video
+
+log = logging.getLogger("streamer")
+QUESTIONS_DURING = ["What is happening so far?"]
+QUESTIONS_AFTER = ["What happens in the video?", "What colour is the moving disc at the end?"]
+
+
+async def run_demo(args) -> int:
+    from streamer.cli import _load
+    from streamer.config import load_config, override
+    from streamer.server import StreamServer
+    from streamer.session import ServerLimits
+
+    config = load_config("stream_default")
+    override(config, "model", name=args.model)
+    override(config, "memory", policy=args.memory, chunk_frames=args.chunk_frames)
+    override(config, "emloc", group_size=args.group_size)
+    config.validate()
+    runner, _ = _load(config.model.name, args.device, None)
+    with tempfile.TemporaryDirectory() as tmp:
+        video = Path(tmp) / "demo.mp4"
+        size = (224, 224)
+        write_video(video, args.frames, fps=8.0, size=size, content=partial(demo_frame, size=size))
+        print(f"video: {args.frames} synthetic frames ({size[0]}x{size[1]}, 8 fps); model {config.model.name}; "
+              f"memory policy {config.memory.policy}")
+        server = StreamServer(runner, config, ServerLimits(allowed_roots=[Path(tmp)]), config.model.name)
+        ready, stop = asyncio.get_running_loop().create_future(), asyncio.Event()
+        serving = asyncio.create_task(server.serve("127.0.0.1", 0, ready=ready, stop=stop))
+        port = await ready
+        try:
+            async with StreamerClient(f"ws://127.0.0.1:{port}") as client:
+                session = await client.start(policy=config.memory.policy, chunk_frames=config.memory.chunk_frames)
+                print(f"session {session['session']} on ws://127.0.0.1:{port}, {session['chunk_frames']} frames "
+                      "per chunk\n")
+                frames = list(FileSource(video, Sampling(fps=args.fps)))
+                started = time.perf_counter()
+                half = len(frames) // 2
+                await stream_frames(client, iter(frames[:half]), realtime=False)
+                await client.wait_ingested()
+                during = asyncio.create_task(ask_and_print(client, QUESTIONS_DURING[0], args.max_new_tokens))
+                await stream_frames(client, iter(frames[half:]), realtime=False)  # the question overtakes these
+                await during
+                await client.flush()
+                stats = await client.wait_ingested()
+                ingest_s = time.perf_counter() - started
+                for question in QUESTIONS_AFTER:
+                    await ask_and_print(client, question, args.max_new_tokens)
+                progress = []
+                while not client.events.empty():
+                    event = client.events.get_nowait()
+                    if event.get("type") == "progress":
+                        progress.append(event)
+            print_summary(stats, progress, ingest_s)
+        finally:
+            stop.set()
+            await serving
+    return 0
+
+
+def print_summary(stats: dict, progress: list[dict], ingest_s: float) -> None:
+    full, kept = stats["full_tokens"], stats["memory_tokens"]
+    print(f"\nmemory: {kept:.0f} tokens per layer vs {full} in the full context "
+          f"({100 * kept / max(full, 1):.1f}%), {stats['frames_ingested']} frames in {stats['chunks']} chunks, "
+          f"{ingest_s:.1f} s to stream and ingest")
+    print("chunk  frames so far  ratio per layer group (bottom to top)  JS per group          memory tokens")
+    for event in progress:
+        ratios = " ".join(f"{v:g}" for v in event.get("ratios") or [])
+        js = " ".join(f"{v:.3f}" for v in event.get("js") or [])
+        print(f"{event['chunks']:>5}  {event['frames']:>13}  {ratios:<37}  {js:<20}  {event['memory_tokens']:.0f}")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("demo", help="stream a synthetic video through an in-process server and ask questions")
+    p.add_argument("--model", help="default: the built-in tiny-random model")
+    p.add_argument("--device")
+    p.add_argument("--memory", default="emloc", help="memory policy (default emloc)")
+    p.add_argument("--frames", type=int, default=96, help="frames in the synthetic video (8 fps)")
+    p.add_argument("--fps", type=float, default=4.0, help="frames per second sent to the server")
+    p.add_argument("--chunk-frames", type=int, default=8)
+    p.add_argument("--group-size", type=int, default=2, help="emloc layers per group (tiny-random has 6 layers)")
+    p.add_argument("--max-new-tokens", type=int, default=24)
+    p.set_defaults(run=lambda args: asyncio.run(run_demo(args)))

@@ -1,0 +1,353 @@
+"""`streamer serve`: the websocket front end (protocol in README.md, "Websocket protocol").
+
+Plain asyncio on the `websockets` server: one connection is one session; JSON text messages
+carry commands, binary messages carry JPEG/PNG frames. Every refusal is a JSON error with a
+stable code, and the connection stays open wherever it can. Model work is serialised by the
+ModelScheduler; image decoding runs on worker threads; the event loop only routes messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import io
+import json
+import logging
+import signal
+import time
+from dataclasses import replace
+from http import HTTPStatus
+from pathlib import Path
+from urllib.parse import parse_qs, urlparse
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+
+from memory.snapshot import model_identity
+from streamer.config import Config, override
+from streamer.runner import Runner
+from streamer.scheduler import ModelScheduler
+from streamer.session import ProtocolError, ServerLimits, Shared, StreamSession
+from video_io.sampling import Sampling
+from video_io.sources import FileSource, StreamSource
+
+log = logging.getLogger("streamer")
+
+URL_SCHEMES = ("rtsp", "rtmp", "http", "https", "srt", "udp")
+IMAGE_FORMATS = ("JPEG", "PNG")
+START_OPTIONS = {  # option -> (config section, key, type check)
+    "policy": ("memory", "policy", str),
+    "chunk_frames": ("memory", "chunk_frames", int),
+    "budget": ("memory", "budget", int),
+    "min_pixels": ("video", "min_pixels", int),
+    "max_pixels": ("video", "max_pixels", int),
+    "probe": ("probe", "mode", str),
+    "delta": ("emloc", "delta", float),
+    "ratios": ("emloc", "ratios", list),
+    "group_size": ("emloc", "group_size", int),
+    "ratio": (None, "ratio", float),  # the chosen baseline's ratio
+}
+
+
+def error(code: str, message: str, **extra) -> dict:
+    return dict(type="error", code=code, message=message, **extra)
+
+
+def _typed(name: str, value, kind):
+    """Check a JSON option's type (bools are not numbers here)."""
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is list:
+        if not isinstance(value, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                  for v in value):
+            raise ProtocolError("bad_option", f"option {name!r} must be a list of numbers")
+        return [float(v) for v in value]
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise ProtocolError("bad_option", f"option {name!r} must be of type {kind.__name__}, got {value!r}")
+    return value
+
+
+def session_config(defaults: Config, options: dict, limits: ServerLimits) -> Config:
+    """The server's default config with a client's `start` options on top, within the limits."""
+    unknown = sorted(set(options) - set(START_OPTIONS) - {"type"})
+    if unknown:
+        raise ProtocolError("bad_option", f"unknown start option(s) {unknown}; known: {sorted(START_OPTIONS)}")
+    config = replace(defaults, memory=replace(defaults.memory), video=replace(defaults.video),
+                     probe=replace(defaults.probe), policies={k: dict(v) for k, v in defaults.policies.items()})
+    ratio = None
+    for name, value in options.items():
+        if name == "type":
+            continue
+        section, key, kind = START_OPTIONS[name]
+        value = _typed(name, value, kind)
+        if section is None:
+            ratio = value
+        else:
+            override(config, section, **{key: value})
+    if ratio is not None:
+        if config.memory.policy not in ("uniform", "pyramid", "window", "random"):
+            raise ProtocolError("bad_option", f"'ratio' applies to uniform, pyramid, window and random, "
+                                f"not {config.memory.policy}")
+        override(config, config.memory.policy, ratio=ratio)
+    if config.probe.mode != "generic":
+        raise ProtocolError("bad_option", "a live session needs the generic probe: its memory must serve "
+                            "questions that are not known yet")
+    if config.video.max_pixels > limits.max_pixels:
+        raise ProtocolError("bad_option", f"max_pixels {config.video.max_pixels} is over this server's limit "
+                            f"{limits.max_pixels}")
+    if not 0 < (config.memory.budget or limits.max_budget) <= limits.max_budget:
+        raise ProtocolError("bad_option", f"budget must be between 1 and {limits.max_budget} tokens per layer")
+    try:
+        return config.validate()
+    except (ValueError, TypeError) as exc:
+        raise ProtocolError("bad_option", str(exc)) from None
+
+
+def decode_image(data: bytes) -> np.ndarray:
+    """JPEG/PNG bytes -> (H, W, 3) uint8 RGB; anything else is a clear error."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            if image.format not in IMAGE_FORMATS:
+                raise ProtocolError("bad_image", f"image format {image.format} is not supported; send JPEG or PNG")
+            return np.asarray(image.convert("RGB"))
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise ProtocolError("bad_image", f"the binary message is not a readable JPEG/PNG image ({exc})") from None
+
+
+class StreamServer:
+    def __init__(self, runner: Runner, defaults: Config, limits: ServerLimits, model_name: str):
+        self.limits = limits
+        self.defaults = defaults
+        self.roots = [root.resolve() for root in limits.allowed_roots]
+        self.shared = Shared(runner=runner, scheduler=ModelScheduler(), limits=limits, defaults=defaults,
+                             model_name=model_name, identity=model_identity(runner.model, model_name))
+        self.sessions: dict[str, StreamSession] = {}
+        self.connections = 0
+
+    # --- HTTP side: health and the bearer token ---------------------------------------------
+
+    def process_request(self, connection: ServerConnection, request):
+        if request.path.split("?")[0] == "/health":
+            return connection.respond(HTTPStatus.OK, json.dumps(dict(
+                status="ok", model=self.shared.model_name, sessions=len(self.sessions),
+                queued_jobs=self.shared.scheduler.pending())) + "\n")
+        if self.limits.token is not None:
+            header = request.headers.get("Authorization", "")
+            given = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else None
+            given = given or parse_qs(urlparse(request.path).query).get("token", [None])[0]
+            if given is None or not hmac.compare_digest(given.encode(), self.limits.token.encode()):
+                body = error("unauthorized", "a valid bearer token is required: send 'Authorization: Bearer TOKEN'")
+                return connection.respond(HTTPStatus.UNAUTHORIZED, json.dumps(body) + "\n")
+        return None
+
+    # --- one connection ----------------------------------------------------------------------
+
+    async def handle(self, websocket: ServerConnection) -> None:
+        outbox: asyncio.Queue = asyncio.Queue()
+        writer = asyncio.create_task(self._write(websocket, outbox))
+        send = outbox.put_nowait
+        session: StreamSession | None = None
+        frame_ts: float | None = None
+        try:
+            while True:
+                try:
+                    message = await asyncio.wait_for(websocket.recv(), timeout=self.limits.idle_timeout)
+                except TimeoutError:
+                    send(error("idle_timeout", f"no message for {self.limits.idle_timeout:.0f} s; "
+                                               "the session is closed"))
+                    break
+                try:
+                    if len(message) > self.limits.max_message_bytes:
+                        raise ProtocolError("message_too_large", f"message of {len(message)} bytes is over the "
+                                            f"limit of {self.limits.max_message_bytes}")
+                    if isinstance(message, bytes):
+                        if session is None:
+                            raise ProtocolError("not_started", "send a start message before frames")
+                        image = await asyncio.to_thread(decode_image, message)
+                        await session.add_frame(image, frame_ts)
+                        frame_ts = None
+                        continue
+                    request = self._parse(message)
+                    kind = request["type"]
+                    if kind == "start":
+                        if session is not None:
+                            raise ProtocolError("already_started", f"this connection is session {session.id} already")
+                        session = self._start(request, send)
+                    elif kind == "ping":
+                        send(dict(type="pong", time=time.time()))
+                    elif session is None:
+                        raise ProtocolError("not_started", f"send a start message before {kind!r}")
+                    elif kind == "frame":
+                        frame_ts = self._number(request, "ts", minimum=0.0)
+                    else:
+                        await self._dispatch(session, kind, request, send)
+                except ProtocolError as exc:
+                    send(error(exc.code, str(exc), **({"id": request_id} if (request_id := _id_of(message)) is not None
+                                                      else {})))
+        except ConnectionClosed:
+            pass
+        finally:
+            if session is not None:
+                self.sessions.pop(session.id, None)
+                await session.close()
+                log.info("session %s closed (%d sessions open)", session.id, len(self.sessions))
+            outbox.put_nowait(None)
+            await writer
+
+    async def _write(self, websocket: ServerConnection, outbox: asyncio.Queue) -> None:
+        """The only sender of a connection: messages leave in the order they were queued."""
+        while (message := await outbox.get()) is not None:
+            try:
+                await websocket.send(json.dumps(message))
+            except ConnectionClosed:
+                return
+
+    def _parse(self, message: str) -> dict:
+        try:
+            request = json.loads(message)
+        except json.JSONDecodeError as exc:
+            raise ProtocolError("bad_json", f"message is not valid JSON ({exc.msg} at character {exc.pos})") from None
+        if not isinstance(request, dict) or not isinstance(request.get("type"), str):
+            raise ProtocolError("bad_message", 'a message must be a JSON object with a string "type"')
+        return request
+
+    @staticmethod
+    def _number(request: dict, key: str, minimum: float, maximum: float | None = None,
+                integer: bool = False, default=None):
+        value = request.get(key, default)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
+            raise ProtocolError("bad_option", f"{key!r} must be a{'n integer' if integer else ' number'}, got {value!r}")
+        if value < minimum or (maximum is not None and value > maximum):
+            bounds = f">= {minimum}" if maximum is None else f"between {minimum} and {maximum}"
+            raise ProtocolError("bad_option", f"{key!r} must be {bounds}, got {value}")
+        return value
+
+    def _start(self, request: dict, send) -> StreamSession:
+        if len(self.sessions) >= self.limits.max_sessions:
+            raise ProtocolError("too_many_sessions", f"the server is at its limit of {self.limits.max_sessions} "
+                                "sessions; try again later")
+        config = session_config(self.defaults, request, self.limits)
+        session = StreamSession(self.shared, config, send)
+        self.sessions[session.id] = session
+        log.info("session %s started (%s, %d sessions open)", session.id, config.memory.policy, len(self.sessions))
+        send(dict(type="ready", session=session.id, model=self.shared.model_name, policy=config.memory.policy,
+                  chunk_frames=config.memory.chunk_frames, budget=session.memory.budget,
+                  limits=dict(max_frames=self.limits.max_frames_per_session,
+                              max_message_bytes=self.limits.max_message_bytes,
+                              max_new_tokens=self.limits.max_new_tokens,
+                              max_pending_frames=session.max_pending)))
+        return session
+
+    async def _dispatch(self, session: StreamSession, kind: str, request: dict, send) -> None:
+        session.last_seen = time.monotonic()
+        if kind == "ask":
+            question = request.get("question")
+            if not isinstance(question, str) or not question.strip():
+                raise ProtocolError("bad_question", "'question' must be a non-empty string")
+            if len(question) > self.limits.max_question_chars:
+                raise ProtocolError("bad_question", f"question of {len(question)} characters is over the limit of "
+                                    f"{self.limits.max_question_chars}")
+            max_new = self._number(request, "max_new_tokens", 1, self.limits.max_new_tokens, integer=True,
+                                   default=self.defaults.generation.max_new_tokens)
+            await session.ask(request.get("id"), question, max_new)
+        elif kind == "ingest":
+            self._ingest(session, request)
+        elif kind == "flush":
+            session.flush()
+        elif kind == "stats":
+            send(session.stats())
+        elif kind in ("save", "load"):
+            path = self._allowed_path(request.get("path"), for_writing=kind == "save")
+            try:
+                send(await (session.save(path) if kind == "save" else session.load(path)))
+            except (ValueError, FileNotFoundError) as exc:
+                raise ProtocolError("bad_snapshot", str(exc)) from None
+        else:
+            raise ProtocolError("unknown_type", f"unknown message type {kind!r}; known: start, frame, ingest, "
+                                "flush, ask, stats, save, load, ping")
+
+    def _ingest(self, session: StreamSession, request: dict) -> None:
+        source = request.get("source")
+        if not isinstance(source, str) or not source:
+            raise ProtocolError("bad_option", "'source' must be a file path or a stream URL")
+        fps = self._number(request, "fps", minimum=1e-3)
+        frames = self._number(request, "frames", minimum=1, integer=True)
+        max_frames = self._number(request, "max_frames", minimum=1, integer=True)
+        if fps is not None and frames is not None:
+            raise ProtocolError("bad_option", "give 'fps' or 'frames', not both")
+        scheme = urlparse(source).scheme.lower()
+        if scheme in URL_SCHEMES:
+            if not self.limits.allow_urls:
+                raise ProtocolError("urls_disabled", "this server does not open network streams (start it with "
+                                    "--allow-urls); send frames instead")
+            session.start_reader(lambda: StreamSource(source, fps=fps, max_frames=max_frames), live=True,
+                                 label=source)
+            return
+        if scheme and len(scheme) > 1:  # file:, data:, ... (one letter is a Windows drive)
+            raise ProtocolError("forbidden_path", f"source scheme {scheme!r} is not allowed; give a path under the "
+                                "allowed roots or a stream URL")
+        path = self._allowed_path(source, for_writing=False)
+        if not path.is_file():
+            raise ProtocolError("not_found", f"no video file at {source!r} under the allowed roots")
+        sampling = Sampling(frames=frames, fps=None if frames else (fps or 1.0), max_frames=max_frames)
+        session.start_reader(lambda: iter(FileSource(path, sampling)), live=False, label=source)
+
+    def _allowed_path(self, value, for_writing: bool) -> Path:
+        """A path inside one of the allowed roots (after resolving links and '..'), or a refusal."""
+        if not isinstance(value, str) or not value:
+            raise ProtocolError("bad_option", "'path' must be a non-empty string")
+        if not self.roots:
+            raise ProtocolError("forbidden_path", "this server allows no server-side files (start it with "
+                                "--allow-root DIR)")
+        path = Path(value)
+        if path.is_absolute():
+            resolved = path.resolve()
+        else:  # relative to a root: the first where it exists, else the first root
+            options = [(root / path).resolve() for root in self.roots]
+            resolved = next((option for option in options if option.exists()), options[0])
+        target = resolved.parent if for_writing else resolved
+        if not any(target.is_relative_to(root) for root in self.roots):
+            raise ProtocolError("forbidden_path", f"{value!r} is outside the allowed roots")
+        return resolved
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    async def serve(self, host: str, port: int, ready: asyncio.Future | None = None,
+                    stop: asyncio.Event | None = None) -> None:
+        """Serve until `stop` is set (or SIGINT/SIGTERM when running in the main thread)."""
+        stop = stop or asyncio.Event()
+        loop = asyncio.get_running_loop()
+        try:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, stop.set)
+        except (RuntimeError, ValueError):  # not the main thread: the caller stops us
+            pass
+        self.shared.scheduler.start()
+        # the hard size cap is above the soft limit so that an oversized message gets a JSON error
+        async with serve(self.handle, host, port, process_request=self.process_request,
+                         max_size=2 * self.limits.max_message_bytes, ping_interval=20, ping_timeout=20) as server:
+            sockets = [s.getsockname() for s in server.sockets]
+            log.info("serving %s on %s", self.shared.model_name, ", ".join(f"ws://{h}:{p}" for h, p, *_ in sockets))
+            if ready is not None:
+                ready.set_result(sockets[0][1])
+            await stop.wait()
+            log.info("shutting down: closing %d sessions", len(self.sessions))
+            server.close(close_connections=True)
+            await server.wait_closed()
+        await self.shared.scheduler.close()
+
+
+def _id_of(message) -> object:
+    """The id of an ask message, so that a refused question can be matched by the client."""
+    if isinstance(message, str):
+        try:
+            request = json.loads(message)
+        except json.JSONDecodeError:
+            return None
+        if isinstance(request, dict):
+            return request.get("id")
+    return None

@@ -1,0 +1,292 @@
+"""One client's stream on the server: its memory, its pending frames, its questions.
+
+Frames arrive one by one (pushed images, or a server-side reader). Once `chunk_frames` are
+pending a chunk is queued for the model; a session keeps at most `max_queued_chunks` chunks
+queued so that it never floods the shared model. Frames beyond `max_pending_frames` are
+dropped or thinned (live sources) or make the reader wait (files). All model work goes through
+the shared ModelScheduler; everything else runs on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from memory.snapshot import load_memory, model_identity, save_memory
+from streamer.config import Config
+from streamer.runner import Runner
+from streamer.scheduler import ASK, INGEST, ModelScheduler
+from video_io.errors import VideoError
+from video_io.frames import Frame
+from video_io.preprocess import VisionPreset
+
+log = logging.getLogger("streamer")
+session_ids = itertools.count(1)
+
+
+class ProtocolError(Exception):
+    """A refusal sent to the client as {"type": "error", "code": ..., "message": ...}."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class ServerLimits:
+    max_sessions: int = 16
+    max_frames_per_session: int = 100_000
+    max_message_bytes: int = 8 * 2**20
+    max_pending_frames: int = 0  # 0: four chunks' worth
+    max_queued_chunks: int = 2
+    max_questions: int = 4  # outstanding per session
+    max_new_tokens: int = 512
+    max_question_chars: int = 4000
+    max_budget: int = 65536  # tokens per layer
+    max_pixels: int = 768 * 28 * 28  # per frame after resize
+    idle_timeout: float = 600.0  # seconds without a message before a session is closed
+    overflow: str = "subsample"  # what to do with frames beyond max_pending_frames: subsample | drop
+    allowed_roots: list[Path] = field(default_factory=list)  # server-side files are read/written only here
+    allow_urls: bool = False  # let clients make the server open network streams
+    token: str | None = None  # bearer token required at connect
+
+
+@dataclass
+class Shared:
+    """What all sessions share: the model, its scheduler, the limits, the model's identity."""
+
+    runner: Runner
+    scheduler: ModelScheduler
+    limits: ServerLimits
+    defaults: Config
+    model_name: str
+    identity: dict = field(default_factory=dict)
+
+
+class StreamSession:
+    def __init__(self, shared: Shared, config: Config, send: Callable[[dict], None]):
+        self.id = f"s{next(session_ids)}"
+        self.shared = shared
+        self.config = config
+        self.send = send
+        self.runner = shared.runner
+        self.policy = config.make_policy()
+        self.preset = VisionPreset(min_pixels=config.video.min_pixels, max_pixels=config.video.max_pixels)
+        self.memory = self.runner.new_memory(budget=config.memory.budget or None)
+        self.chunk_frames = config.memory.chunk_frames
+        limits = shared.limits
+        self.max_pending = limits.max_pending_frames or 4 * self.chunk_frames
+        self.pending: list[Frame] = []
+        self.frame_shape: tuple[int, ...] | None = None
+        self.received = self.dropped = self.queued_chunks = self.questions = self.answered = 0
+        self.flushing = False
+        self.closed = False
+        self.last_seen = time.monotonic()
+        self.tasks: set[asyncio.Task] = set()
+        self.room = asyncio.Condition()  # signalled when pending frames leave, for readers that wait
+        self.reader: threading.Thread | None = None
+        self.reader_stop = threading.Event()
+
+    # --- frames in --------------------------------------------------------------------------
+
+    async def add_frame(self, image: np.ndarray, ts: float | None, wait: bool = False) -> None:
+        """Take one decoded frame. wait=True (file readers) waits for room instead of dropping."""
+        if self.closed:
+            raise ProtocolError("session_closed", "the session is closed")
+        if self.received >= self.shared.limits.max_frames_per_session:
+            raise ProtocolError("frame_limit", f"this session reached its limit of "
+                                f"{self.shared.limits.max_frames_per_session} frames; start a new session")
+        if self.frame_shape is None:
+            self.frame_shape = image.shape
+        elif image.shape != self.frame_shape:
+            raise ProtocolError("frame_size_changed", f"frame of {image.shape[1]}x{image.shape[0]} after frames of "
+                                f"{self.frame_shape[1]}x{self.frame_shape[0]}; every frame of a stream must have "
+                                "the same size")
+        if wait:
+            async with self.room:
+                await self.room.wait_for(lambda: len(self.pending) < self.max_pending or self.closed)
+        elif len(self.pending) >= self.max_pending:
+            self._overflow()
+        ts = float(ts) if ts is not None else (self.pending[-1].ts + 1e-3 if self.pending else 0.0)
+        self.pending.append(Frame(image=image, ts=ts, index=self.received))
+        self.received += 1
+        self._schedule_chunks()
+
+    def _overflow(self) -> None:
+        """Ingestion is behind a live source: thin the pending frames or drop the oldest."""
+        before = len(self.pending)
+        if self.shared.limits.overflow == "subsample":
+            self.pending = self.pending[1::2]  # every other frame: the stream keeps its whole span
+        else:
+            self.pending = self.pending[before - self.max_pending + 1:]
+        dropped = before - len(self.pending)
+        self.dropped += dropped
+        self.send(dict(type="warning", code="frames_dropped", dropped=dropped, total_dropped=self.dropped,
+                       message=f"frames arrive faster than they are ingested: {self.shared.limits.overflow} "
+                               f"dropped {dropped} pending frames; send fewer frames per second"))
+
+    def flush(self) -> None:
+        """Ingest every pending frame now, even if that makes a short chunk."""
+        self.flushing = True
+        self._schedule_chunks()
+
+    def _schedule_chunks(self) -> None:
+        while self.queued_chunks < self.shared.limits.max_queued_chunks and (
+                len(self.pending) >= self.chunk_frames or (self.flushing and self.pending)):
+            frames, self.pending = self.pending[:self.chunk_frames], self.pending[self.chunk_frames:]
+            self.queued_chunks += 1
+            self._spawn(self._ingest(frames))
+        if not self.pending:
+            self.flushing = False
+
+    def _spawn(self, coroutine) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _ingest(self, frames: list[Frame]) -> None:
+        try:
+            async with self.room:
+                self.room.notify_all()
+            report = await self.shared.scheduler.submit(
+                INGEST, self.id, self.runner.ingest, self.memory, [f.image for f in frames], self.policy, self.preset)
+            self.send(dict(type="progress", frames=self.memory.frames, chunks=len(self.memory.chunks),
+                           chunk_frames=len(frames), until_ts=frames[-1].ts, pending=len(self.pending),
+                           memory_tokens=self.memory.mean_tokens(), full_tokens=self.memory.full_tokens,
+                           ratios=report.get("ratios"), js=report.get("js"), evicted=sum(report["evicted"]),
+                           seconds=sum(report["timings"].values())))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("session %s: ingest failed", self.id)
+            self.send(dict(type="error", code="ingest_failed", message=f"a chunk of {len(frames)} frames could not "
+                                                                         f"be ingested: {exc}"))
+        finally:
+            self.queued_chunks -= 1
+            if not self.closed:
+                self._schedule_chunks()
+
+    # --- server-side reading ---------------------------------------------------------------
+
+    def start_reader(self, open_source: Callable[[], Iterator[Frame]], live: bool, label: str) -> None:
+        """Read frames from a file or stream on a thread; files wait for room, live sources may drop."""
+        if self.reader is not None and self.reader.is_alive():
+            raise ProtocolError("ingest_running", "this session is already reading a source; wait for ingest_done")
+        loop = asyncio.get_running_loop()
+
+        def read() -> None:
+            count, error = 0, None
+            try:
+                for frame in open_source():
+                    if self.reader_stop.is_set():
+                        break
+                    asyncio.run_coroutine_threadsafe(self.add_frame(frame.image, frame.ts, wait=not live), loop).result()
+                    count += 1
+            except ProtocolError as exc:
+                error = (exc.code, str(exc))
+            except VideoError as exc:
+                error = ("bad_video", str(exc))
+            except Exception as exc:  # a reader must never take the server down
+                log.exception("session %s: reading %s failed", self.id, label)
+                error = ("bad_video", f"reading {label} failed: {exc}")
+            if not self.reader_stop.is_set():
+                loop.call_soon_threadsafe(self._reader_done, label, count, error)
+
+        self.reader_stop.clear()
+        self.reader = threading.Thread(target=read, name=f"reader-{self.id}", daemon=True)
+        self.reader.start()
+
+    def _reader_done(self, label: str, count: int, error: tuple[str, str] | None) -> None:
+        if error is not None:
+            self.send(dict(type="error", code=error[0], message=error[1], source=label))
+        if self.closed:
+            return
+        self.flush()
+        self.send(dict(type="ingest_done", source=label, frames_read=count, frames=self.received))
+
+    # --- questions out ---------------------------------------------------------------------
+
+    async def ask(self, question_id: Any, question: str, max_new_tokens: int) -> None:
+        if self.memory.video_start is None:
+            waiting = len(self.pending) + self.queued_chunks * self.chunk_frames
+            hint = (f"{waiting} frames are waiting to be ingested; send a flush message or more frames"
+                    if waiting else "send frames or an ingest message first")
+            raise ProtocolError("no_video", f"the memory holds no video yet: {hint}")
+        if self.questions >= self.shared.limits.max_questions:
+            raise ProtocolError("too_many_questions", f"{self.questions} questions are already waiting for answers "
+                                "in this session; wait for one to finish")
+        self.questions += 1
+        self._spawn(self._answer(question_id, question, max_new_tokens))
+
+    async def _answer(self, question_id: Any, question: str, max_new_tokens: int) -> None:
+        loop = asyncio.get_running_loop()
+
+        def on_text(text: str) -> None:  # called on the model thread
+            loop.call_soon_threadsafe(self.send, dict(type="token", id=question_id, text=text))
+
+        try:
+            answer = await self.shared.scheduler.submit(ASK, self.id, self.runner.answer, self.memory, question,
+                                                        max_new_tokens, on_text)
+            timings = answer.timings
+            decode_rate = timings["decode_tokens_per_s"]
+            self.send(dict(type="answer", id=question_id, text=answer.text, stats=dict(
+                tokens=len(answer.token_ids), ttft_s=timings["question_prefill"], decode_s=timings["decode"],
+                tokens_per_s=decode_rate, memory_tokens=self.memory.mean_tokens(),
+                full_tokens=self.memory.full_tokens, frames=self.memory.frames)))
+            self.answered += 1
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("session %s: answering failed", self.id)
+            self.send(dict(type="error", code="answer_failed", id=question_id, message=f"answering failed: {exc}"))
+        finally:
+            self.questions -= 1
+
+    # --- snapshots, stats, close ------------------------------------------------------------
+
+    async def save(self, path: Path) -> dict:
+        identity = self.shared.identity
+        await self.shared.scheduler.submit(ASK, f"{self.id}:save", save_memory, self.memory, path, identity)
+        return dict(type="saved", path=str(path), memory_tokens=self.memory.mean_tokens(), frames=self.memory.frames)
+
+    async def load(self, path: Path) -> dict:
+        if self.queued_chunks or self.pending or (self.reader is not None and self.reader.is_alive()):
+            raise ProtocolError("busy", "frames are still being ingested; load a memory into an idle session")
+        runner = self.runner
+        memory, _ = await self.shared.scheduler.submit(
+            ASK, f"{self.id}:load", load_memory, path, self.shared.identity, runner.device, runner.model.dtype)
+        memory.budget = self.memory.budget
+        self.memory = memory
+        self.frame_shape = None  # the saved stream's frames are not known; the next frame sets the size
+        return dict(type="loaded", path=str(path), frames=memory.frames, memory_tokens=memory.mean_tokens())
+
+    def stats(self) -> dict:
+        memory = self.memory
+        last = memory.chunks[-1] if memory.chunks else {}
+        return dict(type="stats", session=self.id, policy=self.policy.name, frames_received=self.received,
+                    frames_ingested=memory.frames, frames_pending=len(self.pending), frames_dropped=self.dropped,
+                    chunks=len(memory.chunks), chunks_queued=self.queued_chunks,
+                    memory_tokens=memory.mean_tokens(), full_tokens=memory.full_tokens,
+                    memory_tokens_per_layer=memory.tokens_per_layer(), budget=memory.budget,
+                    evicted_tokens=memory.evicted, last_ratios=last.get("ratios"), last_js=last.get("js"),
+                    questions_answered=self.answered, questions_waiting=self.questions)
+
+    async def close(self) -> None:
+        """Stop reading, drop queued work, free the memory."""
+        self.closed = True
+        self.reader_stop.set()
+        async with self.room:
+            self.room.notify_all()
+        for task in list(self.tasks):
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        self.pending = []
+        self.memory = None

@@ -1,0 +1,416 @@
+"""The websocket service over real loopback connections, on the tiny model."""
+
+import asyncio
+import concurrent.futures
+import gc
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+import weakref
+from contextlib import contextmanager
+
+import numpy as np
+import pytest
+from conftest import random_frames
+from PIL import Image
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
+
+from memory.registry import make_policy
+from streamer.ask import ask_video
+from streamer.client import ServerError, StreamerClient, encode_image
+from streamer.config import load_config, override
+from streamer.server import StreamServer
+from streamer.session import ServerLimits
+from video_io.sampling import Sampling
+from video_io.sources import FileSource
+from video_io.synthetic import write_video
+
+PIXELS = 56 * 112
+
+
+def server_config(policy="emloc"):
+    config = load_config("stream_default")
+    override(config, "video", min_pixels=PIXELS, max_pixels=PIXELS)
+    override(config, "memory", policy=policy, chunk_frames=4, budget=0)
+    override(config, "emloc", group_size=2, delta=0.05)
+    override(config, "probe", js_positions=3, answer_tokens=2)
+    override(config, "generation", max_new_tokens=6)
+    return config.validate()
+
+
+@contextmanager
+def running_server(runner, limits=None, config=None):
+    """A StreamServer on a free loopback port, served by its own event loop on a thread."""
+    server = StreamServer(runner, config or server_config(), limits or ServerLimits(), "tiny-random")
+    ready: concurrent.futures.Future = concurrent.futures.Future()
+    loop = asyncio.new_event_loop()
+    stop = asyncio.Event()
+
+    async def serve():
+        started = loop.create_future()
+        started.add_done_callback(lambda f: ready.set_result(f.result()))
+        await server.serve("127.0.0.1", 0, ready=started, stop=stop)
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(serve(),), daemon=True)
+    thread.start()
+    port = ready.result(timeout=30)
+    try:
+        yield server, f"ws://127.0.0.1:{port}"
+    finally:
+        loop.call_soon_threadsafe(stop.set)
+        thread.join(timeout=30)
+        assert not thread.is_alive(), "the server did not shut down"
+
+
+def wait_until(condition, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.02)
+
+
+def png(image: np.ndarray) -> bytes:
+    return encode_image(image, "PNG")
+
+
+async def push(client, frames, ts0=0.0):
+    for i, image in enumerate(frames):
+        await client.send_frame(png(image), ts=ts0 + i * 0.5)
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    root = tmp_path_factory.mktemp("videos")
+    write_video(root / "clip.mp4", 24, fps=8.0, size=(112, 56))
+    (root / "corrupt.mp4").write_bytes(os.urandom(4000))
+    return root
+
+
+def test_answer_through_the_server_equals_streamer_ask(tiny_runner, clip):
+    config = server_config()
+    config.video.frames, config.video.fps = 12, None
+    expected, memory = ask_video(tiny_runner, str(clip / "clip.mp4"), "What happens?", config)
+    frames = [f.image for f in FileSource(clip / "clip.mp4", Sampling(frames=12))]
+
+    async def scenario(url):
+        async with StreamerClient(url) as client:  # frames pushed as lossless PNG
+            await client.start()
+            await push(client, frames)
+            await client.flush()
+            pushed_stats = await client.wait_ingested()
+            pushed = await client.ask("What happens?")
+        async with StreamerClient(url) as client:  # the server reads the same file itself
+            await client.start()
+            await client.ingest("clip.mp4", frames=12)
+            done = await client.next_event("ingest_done", timeout=60)
+            read_stats = await client.wait_ingested()
+            read = await client.ask("What happens?")
+        return pushed, pushed_stats, read, read_stats, done
+
+    with running_server(tiny_runner, ServerLimits(allowed_roots=[clip]), config) as (_, url):
+        pushed, pushed_stats, read, read_stats, done = asyncio.run(scenario(url))
+    assert done["frames_read"] == 12
+    for answer, stats in ((pushed, pushed_stats), (read, read_stats)):
+        assert answer["text"] == expected["answer"]
+        assert stats["memory_tokens_per_layer"] == expected["memory_tokens_per_layer"]
+        assert stats["full_tokens"] == expected["full_tokens"]
+        assert answer["stats"]["tokens"] == expected["answer_tokens"]
+
+
+def test_eight_concurrent_sessions_get_their_own_answers(tiny_runner):
+    sessions = 8
+    videos = [random_frames(8, seed=100 + i) for i in range(sessions)]
+    questions = ["What happens?", "Describe the video."]
+    policy = server_config().make_policy()
+    expected = []
+    for frames in videos:
+        memory = tiny_runner.new_memory()
+        for start in range(0, 8, 4):
+            tiny_runner.ingest(memory, frames[start:start + 4], policy)
+        expected.append([tiny_runner.answer(memory, q, 6).text for q in questions])
+
+    async def one(url, frames):
+        async with StreamerClient(url) as client:
+            await client.start()
+            await push(client, frames)
+            await client.wait_ingested()
+            pieces = []
+            answers = await asyncio.gather(*[client.ask(q, on_text=pieces.append) for q in questions])
+            stats = await client.stats()
+            return [a["text"] for a in answers], stats, pieces
+
+    async def scenario(url):
+        return await asyncio.gather(*[one(url, frames) for frames in videos])
+
+    with running_server(tiny_runner) as (server, url):
+        results = asyncio.run(scenario(url))
+        wait_until(lambda: server.sessions == {})
+    for (answers, stats, pieces), want in zip(results, expected):
+        assert answers == want
+        assert stats["frames_ingested"] == 8 and stats["questions_answered"] == 2
+        assert "".join(pieces) in ("".join(want), "".join(reversed(want)))  # streamed pieces add up
+
+
+BAD_START = [
+    ({"colour": "red"}, "bad_option"), ({"delta": -0.1}, "bad_option"), ({"ratios": []}, "bad_option"),
+    ({"ratios": [0.1, 1.5]}, "bad_option"), ({"policy": "magic"}, "bad_option"), ({"chunk_frames": 3}, "bad_option"),
+    ({"probe": "question"}, "bad_option"), ({"delta": "abc"}, "bad_option"), ({"budget": 10**9}, "bad_option"),
+    ({"policy": "emloc", "ratio": 0.2}, "bad_option"), ({"max_pixels": 10**9}, "bad_option"),
+]
+
+
+def test_bad_inputs_are_refused_with_codes_and_the_session_goes_on(tiny_runner, clip):
+    limits = ServerLimits(allowed_roots=[clip], max_message_bytes=200_000, max_frames_per_session=40)
+    outside = clip.parent / "outside.mp4"
+    write_video(outside, 4, size=(112, 56))
+    gif = io.BytesIO()
+    Image.new("RGB", (112, 56)).save(gif, format="GIF")
+
+    async def expect(ws, payload, code):
+        await ws.send(payload)
+        while True:
+            reply = json.loads(await asyncio.wait_for(ws.recv(), 30))
+            if reply["type"] == "error":
+                assert reply["code"] == code, (payload if isinstance(payload, str) else "binary", reply)
+                assert reply["message"]
+                return reply
+            assert reply["type"] in ("progress", "warning", "ingest_done"), reply
+
+    async def scenario(url):
+        codes = []
+        async with connect(url, max_size=None) as ws:
+            for payload, code in [
+                ("{bad json", "bad_json"), ("[1, 2]", "bad_message"), ('{"no": "type"}', "bad_message"),
+                ('{"type": 5}', "bad_message"), (png(random_frames(1)[0]), "not_started"),
+                ('{"type": "ask", "id": 1, "question": "Hi?"}', "not_started"),
+            ] + [(json.dumps(dict(type="start", **opts)), code) for opts, code in BAD_START]:
+                codes.append((await expect(ws, payload, code))["code"])
+            await ws.send(json.dumps(dict(type="start")))
+            assert json.loads(await ws.recv())["type"] == "ready"
+            frame = random_frames(1)[0]
+            for payload, code in [
+                (json.dumps(dict(type="start")), "already_started"),
+                ('{"type": "dance"}', "unknown_type"),
+                (json.dumps(dict(type="ask", id="early", question="What?")), "no_video"),
+                (json.dumps(dict(type="load", path="clip.mp4")), "bad_snapshot"),
+                (os.urandom(500), "bad_image"),
+                (gif.getvalue(), "bad_image"),
+                (b"x" * 250_000, "message_too_large"),
+                (json.dumps(dict(type="frame", ts=-1)), "bad_option"),
+                (png(frame), None),
+                (png(random_frames(1, size=(56, 56))[0]), "frame_size_changed"),
+                (json.dumps(dict(type="ask", id=2, question="  ")), "bad_question"),
+                (json.dumps(dict(type="ask", id=3, question="Q?", max_new_tokens=0)), "bad_option"),
+                (json.dumps(dict(type="ask", id=4, question="Q?", max_new_tokens=10**6)), "bad_option"),
+                (json.dumps(dict(type="ingest", source="missing.mp4")), "not_found"),
+                (json.dumps(dict(type="ingest", source=str(outside))), "forbidden_path"),
+                (json.dumps(dict(type="ingest", source="../outside.mp4")), "forbidden_path"),
+                (json.dumps(dict(type="ingest", source="file:///etc/passwd")), "forbidden_path"),
+                (json.dumps(dict(type="ingest", source="rtsp://127.0.0.1:9/x")), "urls_disabled"),
+                (json.dumps(dict(type="ingest", source="clip.mp4", fps=1, frames=3)), "bad_option"),
+                (json.dumps(dict(type="save", path="/tmp/elsewhere.safetensors")), "forbidden_path"),
+                (json.dumps(dict(type="load", path="clip.mp4")), "busy"),  # a frame is pending
+                (json.dumps(dict(type="ingest", source="corrupt.mp4")), "bad_video"),
+            ]:
+                if code is None:
+                    await ws.send(payload)
+                    continue
+                reply = await expect(ws, payload, code)
+                codes.append(reply["code"])
+                if '"id": "early"' in str(payload):
+                    assert reply["id"] == "early"
+            for _ in range(39):  # the frame limit (40 per session)
+                await ws.send(png(frame))
+            codes.append((await expect(ws, png(frame), "frame_limit"))["code"])
+            await ws.send(json.dumps(dict(type="flush")))
+            # the connection still works after all of that
+            await ws.send(json.dumps(dict(type="ask", id="ok", question="What happens?", max_new_tokens=3)))
+            while (reply := json.loads(await asyncio.wait_for(ws.recv(), 60)))["type"] != "answer":
+                assert reply["type"] in ("token", "progress", "warning", "ingest_done"), reply
+            assert reply["id"] == "ok"
+        return codes
+
+    with running_server(tiny_runner, limits) as (server, url):
+        codes = asyncio.run(scenario(url))
+        health = json.loads(urllib.request.urlopen(url.replace("ws://", "http://") + "/health", timeout=10).read())
+        assert health["status"] == "ok"
+    assert len(codes) >= 20
+
+
+def test_session_limit_token_and_health(tiny_runner):
+    async def scenario(url):
+        async with StreamerClient(url, token="secret") as first:
+            await first.start()
+            async with StreamerClient(url, token="secret") as second:
+                with pytest.raises(ServerError) as refused:
+                    await second.start()
+                assert refused.value.code == "too_many_sessions"
+                assert (await second.ping())["type"] == "pong"  # the refused connection stays usable
+        with pytest.raises(InvalidStatus) as wrong:
+            async with StreamerClient(url, token="guess"):
+                pass
+        return wrong.value.response
+
+    with running_server(tiny_runner, ServerLimits(max_sessions=1, token="secret")) as (_, url):
+        response = asyncio.run(scenario(url))
+        health = urllib.request.urlopen(url.replace("ws://", "http://") + "/health", timeout=10)
+        assert health.status == 200 and json.loads(health.read())["model"] == "tiny-random"
+    assert response.status_code == 401
+    assert json.loads(response.body)["code"] == "unauthorized"
+
+
+def slowed(runner, seconds):
+    """The runner with ingest slowed down, so that work queues up."""
+    original = runner.ingest
+
+    def ingest(*args, **kwargs):
+        time.sleep(seconds)
+        return original(*args, **kwargs)
+
+    return ingest
+
+
+def test_questions_overtake_queued_ingestion(tiny_runner, monkeypatch):
+    monkeypatch.setattr(tiny_runner, "ingest", slowed(tiny_runner, 0.3))
+    limits = ServerLimits(max_queued_chunks=8, max_pending_frames=64)
+
+    async def scenario(url, server):
+        async with StreamerClient(url) as client:
+            await client.start()
+            await push(client, random_frames(4))
+            await client.wait_ingested()
+            await push(client, random_frames(16, seed=1))  # four more chunks queue up
+            await client.ask("What now?", max_new_tokens=2)
+            history = list(server.shared.scheduler.history)
+            await client.wait_ingested()
+        return history
+
+    with running_server(tiny_runner, limits) as (server, url):
+        history = asyncio.run(scenario(url, server))
+    kinds = [kind for kind, _ in history]
+    # 1 chunk before, at most 1 running when the question came (+1 for frame-decoding slack), 4 queued
+    assert kinds.index("ask") <= 3, f"the question waited for the queued chunks: {kinds}"
+
+
+def test_disconnect_mid_ingest_frees_the_session(tiny_runner, monkeypatch):
+    monkeypatch.setattr(tiny_runner, "ingest", slowed(tiny_runner, 0.2))
+    limits = ServerLimits(max_queued_chunks=8, max_pending_frames=64)
+
+    async def scenario(url, server):
+        client = await StreamerClient(url).__aenter__()
+        await client.start()
+        await push(client, random_frames(32))
+        await asyncio.sleep(0.1)
+        session = next(iter(server.sessions.values()))
+        memory = weakref.ref(session.memory)
+        queued = session.queued_chunks
+        await client.close()
+        for _ in range(100):
+            if not server.sessions:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)  # any chunk already running on the model thread finishes
+        return memory, queued, len(server.shared.scheduler.history)
+
+    with running_server(tiny_runner, limits) as (server, url):
+        memory, queued, jobs_run = asyncio.run(scenario(url, server))
+        assert server.sessions == {}
+        gc.collect()
+        assert memory() is None, "the closed session's memory is still referenced"
+        assert jobs_run < queued, "queued chunks of a closed session were still run"
+
+
+def test_backpressure_thins_frames_with_a_warning(tiny_runner, monkeypatch):
+    monkeypatch.setattr(tiny_runner, "ingest", slowed(tiny_runner, 0.3))
+    limits = ServerLimits(max_pending_frames=8, max_queued_chunks=1)
+
+    async def scenario(url):
+        async with StreamerClient(url) as client:
+            await client.start()
+            await push(client, random_frames(40))
+            warning = await client.next_event("warning", timeout=30)
+            stats = await client.stats()
+            return warning, stats
+
+    with running_server(tiny_runner, limits) as (_, url):
+        warning, stats = asyncio.run(scenario(url))
+    assert warning["code"] == "frames_dropped" and warning["dropped"] > 0
+    assert stats["frames_pending"] <= 8 and stats["frames_dropped"] > 0
+
+
+def test_snapshot_save_and_load_over_the_protocol(tiny_runner, tmp_path):
+    async def scenario(url):
+        async with StreamerClient(url) as client:
+            await client.start()
+            await push(client, random_frames(8, seed=7))
+            await client.wait_ingested()
+            before = await client.ask("What happens?")
+            saved = await client.save("memory.safetensors")
+        async with StreamerClient(url) as client:
+            await client.start()
+            loaded = await client.load("memory.safetensors")
+            after = await client.ask("What happens?")
+        return before, saved, loaded, after
+
+    with running_server(tiny_runner, ServerLimits(allowed_roots=[tmp_path])) as (_, url):
+        before, saved, loaded, after = asyncio.run(scenario(url))
+    assert (tmp_path / "memory.safetensors").is_file()
+    assert loaded["frames"] == saved["frames"] == 8
+    assert after["text"] == before["text"]
+
+
+def test_idle_sessions_are_closed(tiny_runner):
+    async def scenario(url):
+        async with connect(url) as ws:
+            await ws.send(json.dumps(dict(type="start")))
+            await ws.recv()
+            reply = json.loads(await asyncio.wait_for(ws.recv(), 10))
+            return reply
+
+    with running_server(tiny_runner, ServerLimits(idle_timeout=0.5)) as (server, url):
+        reply = asyncio.run(scenario(url))
+        wait_until(lambda: server.sessions == {})
+    assert reply["code"] == "idle_timeout"
+
+
+def test_serve_command_shuts_down_cleanly_on_sigterm(tmp_path):
+    port = 20000 + os.getpid() % 20000
+    process = subprocess.Popen(
+        [sys.executable, "-m", "streamer", "serve", "--port", str(port), "--device", "cpu"],
+        stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                health = urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except (urllib.error.URLError, ConnectionError):
+                assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
+                time.sleep(0.2)
+        assert health.status == 200
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+        assert "shutting down" in process.stderr.read()
+    finally:
+        process.kill()
+
+
+def test_client_command_streams_and_answers(tiny_runner, clip, capsys):
+    from streamer.cli import main
+
+    with running_server(tiny_runner) as (_, url):
+        code = main(["-q", "client", str(clip / "clip.mp4"), "--url", url, "--fast", "--frames", "8",
+                     "--ask", "What happens?", "--json-stats"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "Q: What happens?" in out and "A: " in out
+    stats = json.loads(out[out.index("{"):])
+    assert stats["frames_ingested"] == 8 and stats["questions_answered"] == 1
