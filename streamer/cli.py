@@ -11,7 +11,7 @@ import time
 
 from memory.registry import POLICIES
 from streamer import client, demo
-from streamer.config import load_config, override
+from streamer.config import Config, load_config, override
 from video_io.errors import VideoError
 
 log = logging.getLogger("streamer")
@@ -22,7 +22,16 @@ def _add_ask(sub) -> None:
                        description="Read a video, build its memory chunk by chunk, answer one question.")
     p.add_argument("video", help="path of a local video file")
     p.add_argument("question")
-    p.add_argument("--config", help="TOML config (a path or a name in configs/); switches override it")
+    add_run_switches(p)
+    p.add_argument("--save-memory", metavar="PATH", help="save the video's memory (.safetensors) for `streamer answer`")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.set_defaults(run=_run_ask)
+
+
+def add_run_switches(p: argparse.ArgumentParser, config_default: str | None = None) -> None:
+    """Switches shared by the commands that read videos into a memory (`ask`, `eval ...`)."""
+    p.add_argument("--config", default=config_default,
+                   help="TOML config (a path or a name in configs/); switches override it")
     p.add_argument("--model", help="tiny-random | qwen2-vl-{2b,7b,72b}-random | a local checkpoint directory")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--dtype", help="auto | float32 | bfloat16 | float16")
@@ -44,9 +53,33 @@ def _add_ask(sub) -> None:
                         "is the probe (memory specific to it)")
     p.add_argument("--budget", type=int, help="most tokens each layer's memory may hold (0 = unbounded)")
     p.add_argument("--max-new-tokens", type=int, help="longest answer in tokens")
-    p.add_argument("--save-memory", metavar="PATH", help="save the video's memory (.safetensors) for `streamer answer`")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    p.set_defaults(run=_run_ask)
+
+
+def config_from_args(args) -> Config:
+    """The config file named by --config with the run switches on top, validated."""
+    config = load_config(args.config)
+    override(config, "model", name=args.model, device=args.device, dtype=args.dtype)
+    if args.fps is not None:
+        config.video.frames = None
+    override(config, "video", frames=args.frames, fps=args.fps, max_frames=args.max_frames, backend=args.backend,
+             min_pixels=args.min_pixels, max_pixels=args.max_pixels)
+    override(config, "memory", policy=args.memory, chunk_frames=args.chunk_frames, budget=args.budget)
+    override(config, "emloc", delta=args.delta, ratios=args.ratios, group_size=args.group_size)
+    if args.ratio is not None:
+        if config.memory.policy not in ("uniform", "pyramid", "window", "random"):
+            raise ValueError(f"--ratio applies to uniform, pyramid, window and random, not {config.memory.policy}")
+        override(config, config.memory.policy, ratio=args.ratio)
+    override(config, "probe", mode=args.probe)
+    override(config, "generation", max_new_tokens=args.max_new_tokens)
+    return config.validate()
+
+
+def load_runner(config: Config):
+    """The configured model and a runner at the configured frame resolution; returns (runner, load seconds)."""
+    from video_io.preprocess import VisionPreset
+
+    preset = VisionPreset(min_pixels=config.video.min_pixels, max_pixels=config.video.max_pixels)
+    return _load(config.model.name, config.model.device, config.model.dtype, preset)
 
 
 def ratio_list(text: str) -> list[float]:
@@ -86,26 +119,9 @@ def _run_ask(args) -> int:
 
     from memory.snapshot import model_identity, save_memory
     from streamer.ask import ask_video
-    from video_io.preprocess import VisionPreset
 
-    config = load_config(args.config)
-    override(config, "model", name=args.model, device=args.device, dtype=args.dtype)
-    if args.fps is not None:
-        config.video.frames = None
-    override(config, "video", frames=args.frames, fps=args.fps, max_frames=args.max_frames, backend=args.backend,
-             min_pixels=args.min_pixels, max_pixels=args.max_pixels)
-    override(config, "memory", policy=args.memory, chunk_frames=args.chunk_frames, budget=args.budget)
-    override(config, "emloc", delta=args.delta, ratios=args.ratios, group_size=args.group_size)
-    if args.ratio is not None:
-        if config.memory.policy not in ("uniform", "pyramid", "window", "random"):
-            raise ValueError(f"--ratio applies to uniform, pyramid, window and random, not {config.memory.policy}")
-        override(config, config.memory.policy, ratio=args.ratio)
-    override(config, "probe", mode=args.probe)
-    override(config, "generation", max_new_tokens=args.max_new_tokens)
-    config.validate()
-
-    preset = VisionPreset(min_pixels=config.video.min_pixels, max_pixels=config.video.max_pixels)
-    runner, load_s = _load(config.model.name, config.model.device, config.model.dtype, preset)
+    config = config_from_args(args)
+    runner, load_s = load_runner(config)
     result, memory = ask_video(runner, args.video, args.question, config, progress=log.info)
     result["timings"] = {"load_model": load_s, **result["timings"]}
     if args.save_memory:
@@ -175,7 +191,6 @@ def _run_serve(args) -> int:
 
     from streamer.server import StreamServer
     from streamer.session import ServerLimits
-    from video_io.preprocess import VisionPreset
 
     config = load_config(args.config)
     override(config, "model", name=args.model, device=args.device, dtype=args.dtype)
@@ -187,8 +202,7 @@ def _run_serve(args) -> int:
     limits = ServerLimits(max_sessions=args.max_sessions, max_frames_per_session=args.max_frames,
                           max_message_bytes=int(args.max_message_mb * 2**20), idle_timeout=args.idle_timeout,
                           overflow=args.overflow, allowed_roots=roots, allow_urls=args.allow_urls, token=args.token)
-    preset = VisionPreset(min_pixels=config.video.min_pixels, max_pixels=config.video.max_pixels)
-    runner, _ = _load(config.model.name, config.model.device, config.model.dtype, preset)
+    runner, _ = load_runner(config)
     server = StreamServer(runner, config, limits, config.model.name)
     asyncio.run(server.serve(args.host, args.port))
     return 0
