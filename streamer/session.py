@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from memory.snapshot import load_memory, model_identity, save_memory
+from memory.snapshot import load_memory, save_memory
 from streamer.config import Config
 from streamer.runner import Runner
 from streamer.scheduler import ASK, INGEST, ModelScheduler

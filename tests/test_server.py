@@ -23,7 +23,6 @@ from PIL import Image
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-from memory.registry import make_policy
 from streamer.ask import ask_video
 from streamer.client import ServerError, StreamerClient, encode_image
 from streamer.config import load_config, override

@@ -7,7 +7,6 @@ import math
 import sys
 import threading
 import time
-from fractions import Fraction
 from pathlib import Path
 
 import av

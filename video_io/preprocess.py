@@ -85,6 +85,39 @@ class VideoPatches:
         return grid_t * grid_h * grid_w // self.merge_size**2
 
 
+def _model_size(height: int, width: int, preset: VisionPreset) -> tuple[int, int]:
+    factor = preset.patch_size * preset.merge_size
+    return smart_resize(height, width, factor=factor, min_pixels=preset.min_pixels, max_pixels=preset.max_pixels)
+
+
+def _resize_uint8(video: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(T, C, H, W) uint8 -> (T, C, *size) uint8, bicubic with antialias.
+
+    torch resizes uint8 natively (rounding and saturating after each pass), as torchvision does
+    on CPU; a float resize + round + clamp differs by several levels on sharp edges.
+    """
+    return F.interpolate(video, size=size, mode="bicubic", align_corners=False, antialias=True)
+
+
+def resize_frames(frames: Sequence[np.ndarray], preset: VisionPreset = VisionPreset()) -> list[np.ndarray]:
+    """(H, W, 3) uint8 frames of one size, resized now as preprocess_frames would resize them.
+
+    For holding many frames before the model needs them (a prefetched video) at model resolution
+    rather than source resolution. preprocess_frames(resize_frames(f)) equals preprocess_frames(f)
+    exactly: it leaves frames already at their target size alone. When smart_resize is not
+    idempotent for a size (its upscale branch can overshoot max_pixels, and then the resized size
+    would be resized again), the frames are returned as they are.
+    """
+    if len(frames) == 0:
+        return []
+    height, width = frames[0].shape[:2]
+    size = _model_size(height, width, preset)
+    if size == (height, width) or _model_size(*size, preset) != size:
+        return list(frames)
+    video = torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).contiguous()
+    return list(_resize_uint8(video, size).permute(0, 2, 3, 1).contiguous().numpy())
+
+
 def preprocess_frames(frames: Sequence[np.ndarray], preset: VisionPreset = VisionPreset()) -> VideoPatches:
     """(H, W, 3) uint8 RGB frames of one size -> Qwen2-VL video patches and grid."""
     if len(frames) == 0:
@@ -97,17 +130,11 @@ def preprocess_frames(frames: Sequence[np.ndarray], preset: VisionPreset = Visio
         raise ValueError(f"frames must be (H, W, 3) uint8 RGB, got {first.dtype} of shape {first.shape}")
     height, width = frames[0].shape[:2]
     patch, merge, temporal = preset.patch_size, preset.merge_size, preset.temporal_patch_size
-    resized_height, resized_width = smart_resize(
-        height, width, factor=patch * merge, min_pixels=preset.min_pixels, max_pixels=preset.max_pixels
-    )
+    resized_height, resized_width = _model_size(height, width, preset)
 
     video = torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).contiguous()  # (T, C, H, W) uint8
     if (resized_height, resized_width) != (height, width):
-        # torch resizes uint8 natively (rounding and saturating after each pass), as torchvision
-        # does on CPU; a float resize + round + clamp differs by several levels on sharp edges
-        video = F.interpolate(
-            video, size=(resized_height, resized_width), mode="bicubic", align_corners=False, antialias=True
-        )
+        video = _resize_uint8(video, (resized_height, resized_width))
     # fused rescale + normalise as the processor does: (x - 255 * mean) / (255 * std)
     mean = (torch.tensor(CLIP_MEAN) * 255.0).view(1, 3, 1, 1)
     std = (torch.tensor(CLIP_STD) * 255.0).view(1, 3, 1, 1)

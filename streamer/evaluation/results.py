@@ -1,0 +1,162 @@
+"""Result lines: one JSON object per question, written durably, resumed, sharded, merged and summed up."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+DURATIONS = ("short", "medium", "long")
+
+
+class ResultWriter:
+    """Appends result lines; each is flushed and fsynced, so a kill loses at most the line being written."""
+
+    def __init__(self, path: Path):
+        _drop_partial_tail(path)
+        self.file = path.open("a", encoding="utf-8")
+
+    def write(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        os.fsync(self.file.fileno())
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _drop_partial_tail(path: Path) -> None:
+    """Cut an unfinished last line (a process killed mid-write) so that appending starts on a new line."""
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with path.open("r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
+
+
+def read_results(path: Path) -> list[dict]:
+    """The complete lines of a result file; an unfinished last line (no newline yet) is left out."""
+    if not path.exists():
+        return []
+    lines = path.read_text(encoding="utf-8").split("\n")[:-1]  # what follows the last newline is unfinished
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}, line {number}: not a result line ({exc}); delete that line (its question "
+                             "will be evaluated again) or pass another --out") from None
+        if not isinstance(record, dict) or "question_id" not in record:
+            raise ValueError(f"{path}, line {number}: not a result line (no question_id); pass another --out")
+        records.append(record)
+    return records
+
+
+def rank_path(out: Path, rank: int) -> Path:
+    """Where rank `rank` of a multi-process run writes: results.jsonl -> results.rank3.jsonl."""
+    stem = out.stem if out.suffix == ".jsonl" else out.name
+    return out.with_name(f"{stem}.rank{rank}.jsonl")
+
+
+def rank_paths(out: Path) -> list[Path]:
+    """The rank files of `out` left by a multi-process run (merged or not yet)."""
+    stem = out.stem if out.suffix == ".jsonl" else out.name
+    return sorted(out.parent.glob(f"{stem}.rank*.jsonl"))
+
+
+def load_done(out: Path, config_id: str) -> dict[str, dict]:
+    """question_id -> result, from OUT and any rank files; refuses results made with another configuration."""
+    done: dict[str, dict] = {}
+    for path in [out, *rank_paths(out)]:
+        for record in read_results(path):
+            other = record.get("config_id", config_id)
+            if other != config_id:
+                raise ValueError(
+                    f"{path} holds results of another configuration (config_id {other}, this run {config_id}); "
+                    "pass another --out, or delete the file to start over")
+            done.setdefault(record["question_id"], record)
+    return done
+
+
+def shard(video_ids: Sequence[str], rank: int, world: int) -> list[str]:
+    """The videos rank `rank` of `world` evaluates: every world-th one, so each rank gets a mix of lengths."""
+    if not 0 <= rank < world:
+        raise ValueError(f"rank must be in [0, {world}), got {rank}")
+    return list(video_ids[rank::world])
+
+
+def merge_results(out: Path, parts: Iterable[Path], order: Sequence[str]) -> None:
+    """Rewrite OUT as OUT plus the rank files, one line per question (the first seen wins), then delete them.
+
+    Lines follow `order` (question ids); lines of questions not in it come last. The new OUT is
+    written beside it and renamed over it, so a kill leaves either the old or the new file.
+    """
+    parts = list(parts)
+    merged: dict[str, dict] = {}
+    for path in [out, *parts]:
+        for record in read_results(path):
+            merged.setdefault(record["question_id"], record)
+    position = {question_id: i for i, question_id in enumerate(order)}
+    lines = sorted(merged.values(), key=lambda r: position.get(r["question_id"], len(position)))
+    temporary = out.with_name(out.name + ".tmp")
+    with temporary.open("w", encoding="utf-8") as f:
+        f.writelines(json.dumps(record) + "\n" for record in lines)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, out)
+    for path in parts:
+        path.unlink()
+
+
+def summarize(records: Sequence[dict]) -> dict:
+    """Accuracy (percent; failed questions count as wrong) overall, per duration and per task type; the
+    mean memory, retention and seconds per video over the questions answered."""
+    answered = [r for r in records if r.get("error") is None]
+    seconds_per_video: dict[str, float] = defaultdict(float)
+    for record in answered:
+        seconds_per_video[record["video"]] += record["timings"]["total"]
+    durations = sorted({r["duration"] for r in records},
+                       key=lambda d: (DURATIONS.index(d) if d in DURATIONS else len(DURATIONS), d))
+    return dict(
+        **_score(records),
+        errors=len(records) - len(answered),
+        videos=len({r["video"] for r in records}),
+        by_duration={d: _score([r for r in records if r["duration"] == d]) for d in durations},
+        by_task_type={t: _score([r for r in records if r["task_type"] == t])
+                      for t in sorted({r["task_type"] for r in records})},
+        mean_memory_tokens=_mean([r["memory_tokens"] for r in answered]),
+        mean_full_tokens=_mean([r["full_tokens"] for r in answered]),
+        mean_retention=_mean([r["memory_tokens"] / r["full_tokens"] for r in answered]),
+        mean_seconds_per_video=_mean(list(seconds_per_video.values())),
+    )
+
+
+def _score(records: Sequence[dict]) -> dict:
+    correct = sum(bool(r["correct"]) for r in records)
+    return dict(questions=len(records), correct=correct,
+                accuracy=100 * correct / len(records) if records else None)
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def format_table(summary: dict) -> str:
+    rows = [("overall", summary), *((f"duration {d}", s) for d, s in summary["by_duration"].items()),
+            *((f"task {t}", s) for t, s in summary["by_task_type"].items())]
+    width = max(len(name) for name, _ in rows)
+    lines = [f"{'':{width}}  questions  correct  accuracy"]
+    for name, score in rows:
+        accuracy = f"{score['accuracy']:7.1f}%" if score["accuracy"] is not None else "       -"
+        lines.append(f"{name:{width}}  {score['questions']:9d}  {score['correct']:7d}  {accuracy}")
+    lines.append(f"{summary['videos']} videos, {summary['errors']} failed questions (counted wrong)")
+    if summary["mean_memory_tokens"] is not None:
+        lines.append(f"memory: mean {summary['mean_memory_tokens']:.0f} of {summary['mean_full_tokens']:.0f} tokens, "
+                     f"retention {100 * summary['mean_retention']:.1f}%; {summary['mean_seconds_per_video']:.2f} s "
+                     "per video")
+    return "\n".join(lines)
