@@ -10,7 +10,7 @@ import sys
 import time
 
 from memory.registry import POLICIES
-from streamer import client, demo, evaluation
+from streamer import bench, client, demo, evaluation
 from streamer.config import Config, load_config, override
 from video_io.errors import VideoError
 
@@ -241,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_serve(sub)
     client.add_parser(sub)
     demo.add_parser(sub)
+    bench.add_parser(sub)
     benchmarks = sub.add_parser("eval", help="evaluate on a benchmark", description="Evaluate on a benchmark.")
     evaluation.add_parser(benchmarks.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK"))
     _add_make_video(sub)

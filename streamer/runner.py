@@ -200,11 +200,12 @@ class Runner:
 
     @torch.inference_mode()
     def answer(self, memory: KVMemory, question: str, max_new_tokens: int = 64,
-               on_text: Callable[[str], None] | None = None) -> Answer:
+               on_text: Callable[[str], None] | None = None, stop_at_end: bool = True) -> Answer:
         """Greedy answer to `question` against the memory; the memory itself is left unchanged.
 
         on_text, if given, receives the answer's text piece by piece as tokens are generated
         (pieces are whole characters: a token ending inside a UTF-8 sequence waits for the next).
+        stop_at_end=False generates exactly max_new_tokens (for timing decode steps).
         """
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -223,7 +224,7 @@ class Runner:
         sent = ""
         with timer:
             token = int(logits.argmax())
-            while token not in self.stop_ids:
+            while not (stop_at_end and token in self.stop_ids):
                 tokens.append(token)
                 if on_text is not None:
                     text = self.tokenizer.decode(tokens, skip_special_tokens=True)

@@ -1,0 +1,252 @@
+"""`streamer bench`: what ingesting a long video and answering costs, per memory policy.
+
+On a synthetic video at a fixed number of tokens per frame pair (VideoMME: 384 frames at
+144 tokens = 27,648 video tokens) it measures, in one run and side by side: the vision tower
+over all frames at once; ingest per policy (`full` = the whole video as one chunk, i.e. the
+full-context prefill; `emloc` chunked with its search; `uniform` at the memory size emloc
+reached); the time in prefill / probe / search; memory tokens kept; peak accelerator memory
+above the weights; time to first token of a question and decode tokens/s against each memory;
+and the achieved TFLOP/s from the explicit FLOP counts below. Each figure is the median of
+`--repeats` runs after `--warmup` runs, with the GPU synchronised around every timed block.
+With tiny-random on a CPU it is a smoke test that runs in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from functools import partial
+from typing import Callable
+
+import torch
+
+from memory.registry import make_policy
+from streamer.models import load_model
+from streamer.runner import Runner, Timer
+from video_io.preprocess import VisionPreset, pixels_for_tokens, preprocess_frames
+from video_io.synthetic import demo_frame
+
+log = logging.getLogger("streamer")
+QUESTION = "Describe in detail what happens in the video, from the beginning to the end, and who is involved?"
+
+
+@dataclass
+class BenchOptions:
+    model: str = "qwen2-vl-7b-random"
+    device: str | None = None
+    dtype: str | None = None
+    frames: int = 384
+    tokens_per_pair: int = 144
+    chunk_frames: int = 64
+    policies: list[str] = field(default_factory=lambda: ["full", "emloc", "uniform"])
+    fixed_ratio: float | None = None  # time emloc's search-free path: every group takes this ratio
+    decode_tokens: int = 64
+    repeats: int = 3
+    warmup: int = 1
+
+
+# --- FLOP counts (multiply-adds count 2) ------------------------------------------------------
+
+def llm_prefill_flops(text_config, new: int, context: int) -> float:
+    """Decoder layers for `new` tokens after `context` cached ones (causal inside the new ones)."""
+    hidden, inter = text_config.hidden_size, text_config.intermediate_size
+    kv = hidden // text_config.num_attention_heads * text_config.num_key_value_heads
+    linear = 2 * new * (hidden * hidden * 2 + hidden * kv * 2 + 3 * hidden * inter)  # q, o, k, v, mlp
+    attention = 4 * new * (context + (new + 1) / 2) * hidden  # scores and weighted sum, all query heads
+    return text_config.num_hidden_layers * (linear + attention)
+
+
+def vision_flops(vision_config, grid_t: int, grid_h: int, grid_w: int) -> float:
+    """Patch embedding, blocks (attention within each frame pair) and the 2x2 merger."""
+    patches, group = grid_t * grid_h * grid_w, grid_h * grid_w
+    dim, mlp = vision_config.embed_dim, vision_config.embed_dim * vision_config.mlp_ratio
+    patch_dim = vision_config.in_channels * vision_config.temporal_patch_size * vision_config.patch_size ** 2
+    block = 2 * patches * (4 * dim * dim + 2 * dim * mlp) + 4 * patches * group * dim
+    merged, wide = patches // vision_config.spatial_merge_size ** 2, dim * vision_config.spatial_merge_size ** 2
+    merger = 2 * merged * (wide * wide + wide * vision_config.hidden_size)
+    return 2 * patches * patch_dim * dim + vision_config.depth * block + merger
+
+
+# --- measurement ----------------------------------------------------------------------------
+
+def frame_size(tokens_per_pair: int) -> tuple[int, int]:
+    """(height, width) in pixels giving exactly that many tokens, closest to 16:9."""
+    rows = min((r for r in range(1, tokens_per_pair + 1) if tokens_per_pair % r == 0),
+               key=lambda r: abs(math.log((tokens_per_pair / r) / r / (16 / 9))))
+    return 28 * rows, 28 * (tokens_per_pair // rows)
+
+
+def median_run(fn: Callable, device: torch.device, repeats: int, warmup: int):
+    """Median wall seconds of fn() (GPU synchronised) and the last result."""
+    timer, seconds, result = Timer(device), [], None
+    for i in range(warmup + repeats):
+        with timer:
+            result = fn()
+        if i >= warmup:
+            seconds.append(timer.seconds)
+    return statistics.median(seconds), result
+
+
+class PeakMemory:
+    """Peak accelerator memory of a block above what was allocated before it (the weights)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.gib = None
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.gib = (torch.cuda.max_memory_allocated(self.device) - self.base) / 2**30
+
+
+def ingest_video(runner: Runner, frames, chunk_frames: int, policy_factory: Callable, preset: VisionPreset):
+    memory = runner.new_memory()
+    policy = policy_factory()
+    for start in range(0, len(frames), chunk_frames):
+        runner.ingest(memory, frames[start:start + chunk_frames], policy, preset)
+    return memory
+
+
+def bench_policy(runner: Runner, frames, chunk_frames: int, policy_factory, preset, opts: BenchOptions) -> dict:
+    ingest = partial(ingest_video, runner, frames, chunk_frames, policy_factory, preset)
+    with PeakMemory(runner.device) as peak:
+        seconds, memory = median_run(ingest, runner.device, opts.repeats, opts.warmup)
+    stages = {key: sum(chunk["timings"].get(key, 0.0) for chunk in memory.chunks)
+              for key in ("preprocess", "vision", "prefill", "probe", "search", "policy")}
+    replies = [runner.answer(memory, QUESTION, opts.decode_tokens, stop_at_end=False)
+               for _ in range(opts.warmup + opts.repeats)][opts.warmup:]
+    ttft = statistics.median(reply.timings["question_prefill"] for reply in replies)
+    decode = [reply.timings["decode_tokens_per_s"] for reply in replies if reply.timings["decode_tokens_per_s"]]
+    ingest_s = seconds - stages["preprocess"]  # frame preprocessing is CPU work a reader thread can overlap
+    flops, context = 0.0, 0.0
+    for chunk in memory.chunks:  # each chunk attends to the memory left by the chunks before it
+        flops += llm_prefill_flops(runner.model.config.text_config, chunk["tokens"], context)
+        context = chunk["memory_tokens"]
+    protected = len(runner.prefix_ids)
+    return dict(ingest_s=ingest_s, stages_s=stages, chunks=len(memory.chunks), memory_tokens=memory.mean_tokens(),
+                full_tokens=memory.full_tokens, retention=memory.mean_tokens() / memory.full_tokens,
+                video_retention=(memory.mean_tokens() - protected) / (memory.full_tokens - protected),
+                prefill_tflops=flops / 1e12,
+                prefill_tflop_per_s=flops / 1e12 / stages["prefill"] if stages["prefill"] else None,
+                ratios=[chunk.get("ratios") for chunk in memory.chunks], peak_gib_above_weights=peak.gib,
+                ttft_s=ttft, decode_tokens_per_s=statistics.median(decode) if decode else None)
+
+
+def run_bench(opts: BenchOptions) -> dict:
+    loaded = load_model(opts.model, device=opts.device, dtype=opts.dtype)
+    pixels = pixels_for_tokens(opts.tokens_per_pair)
+    preset = VisionPreset(min_pixels=pixels, max_pixels=pixels)
+    runner = Runner(loaded, preset)
+    height, width = frame_size(opts.tokens_per_pair)
+    frames = [demo_frame(i, (width, height)) for i in range(opts.frames)]
+    config = loaded.model.config
+    log.info("bench: %s on %s (%s), %d frames of %dx%d, %d tokens per frame pair", opts.model, loaded.device,
+             loaded.dtype, opts.frames, width, height, opts.tokens_per_pair)
+
+    patches = preprocess_frames(frames, preset)
+    with torch.inference_mode():
+        vision_s, _ = median_run(partial(runner.encode_video, patches), runner.device, opts.repeats, opts.warmup)
+    results = dict(vision=dict(seconds=vision_s, tflops=vision_flops(config.vision_config, *patches.grid_thw) / 1e12))
+    results["vision"]["tflop_per_s"] = results["vision"]["tflops"] / vision_s
+
+    emloc_options = {}
+    if opts.fixed_ratio is not None:  # every candidate passes: one re-forward per group, no search
+        emloc_options = dict(ratios=[opts.fixed_ratio, 1.0], delta=1.0)
+    factories = dict(
+        full=(lambda: make_policy("full"), len(frames)),  # one chunk: the full-context prefill
+        emloc=(lambda: make_policy("emloc", {**_preset_emloc(), **emloc_options}), opts.chunk_frames),
+    )
+    policies = {}
+    for name in opts.policies:
+        if name == "uniform":
+            ratio = policies["emloc"]["video_retention"] if "emloc" in policies else 0.1
+            factories["uniform"] = (lambda r=ratio: make_policy("uniform", {"ratio": r}), opts.chunk_frames)
+        if name not in factories:
+            raise ValueError(f"bench measures full, emloc and uniform; got {name!r}")
+        factory, chunk_frames = factories[name]
+        log.info("bench: %s ingest (%d frames per chunk)", name, chunk_frames)
+        policies[name] = bench_policy(runner, frames, chunk_frames, factory, preset, opts)
+    video_tokens = patches.num_tokens
+    return dict(
+        date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        device=torch.cuda.get_device_name(runner.device) if runner.device.type == "cuda" else platform.processor()
+        or "cpu", torch=torch.__version__, options=asdict(opts), frame_size=[width, height],
+        video_tokens=video_tokens, vision=results["vision"], policies=policies,
+    )
+
+
+def _preset_emloc() -> dict:
+    from streamer.config import load_config
+
+    return dict(load_config("videomme_emloc").policies["emloc"])
+
+
+def format_table(report: dict) -> str:
+    vision = report["vision"]
+    lines = [f"{report['options']['model']} on {report['device']}, {report['options']['frames']} frames x "
+             f"{report['options']['tokens_per_pair']} tokens per pair = {report['video_tokens']} video tokens",
+             f"vision tower, all frames: {vision['seconds']:.3f} s ({vision['tflops']:.3g} TFLOP, "
+             f"{vision['tflop_per_s']:.3g} TFLOP/s)",
+             "policy   ingest s  prefill s  probe s  search s  memory tokens (%)   peak GiB>weights  TTFT ms  "
+             "decode tok/s  prefill TFLOP/s"]
+    for name, r in report["policies"].items():
+        stages = r["stages_s"]
+        peak = f"{r['peak_gib_above_weights']:.2f}" if r["peak_gib_above_weights"] is not None else "-"
+        rate = f"{r['prefill_tflop_per_s']:.3g}" if r["prefill_tflop_per_s"] else "-"
+        decode = f"{r['decode_tokens_per_s']:.0f}" if r["decode_tokens_per_s"] else "-"
+        lines.append(f"{name:<8} {r['ingest_s']:>8.3f}  {stages['prefill']:>9.3f}  {stages['probe']:>7.3f}  "
+                     f"{stages['search']:>8.3f}  {r['memory_tokens']:>8.0f} ({100 * r['retention']:>5.1f}%)  "
+                     f"{peak:>16}  {1000 * r['ttft_s']:>7.1f}  {decode:>12}  {rate:>15}")
+    return "\n".join(lines)
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("bench", help="measure ingest, memory and answer speed per memory policy",
+                       description=__doc__.split("\n\n")[0])
+    defaults = BenchOptions()
+    p.add_argument("--model", default=defaults.model,
+                   help="qwen2-vl-7b-random | qwen2-vl-2b-random | tiny-random | a local checkpoint")
+    p.add_argument("--device")
+    p.add_argument("--dtype")
+    p.add_argument("--frames", type=int, default=defaults.frames)
+    p.add_argument("--tokens-per-pair", type=int, default=defaults.tokens_per_pair)
+    p.add_argument("--chunk-frames", type=int, default=defaults.chunk_frames)
+    p.add_argument("--policies", default=",".join(defaults.policies), help="comma-separated: full,emloc,uniform")
+    p.add_argument("--fixed-ratios", type=float, dest="fixed_ratio",
+                   help="time emloc's search-free path: every layer group keeps this ratio")
+    p.add_argument("--decode-tokens", type=int, default=defaults.decode_tokens)
+    p.add_argument("--repeats", type=int, default=defaults.repeats)
+    p.add_argument("--warmup", type=int, default=defaults.warmup)
+    p.add_argument("--out", default="bench.json", help="where the JSON report goes")
+    p.set_defaults(run=_run)
+
+
+def _run(args) -> int:
+    opts = BenchOptions(model=args.model, device=args.device, dtype=args.dtype, frames=args.frames,
+                        tokens_per_pair=args.tokens_per_pair, chunk_frames=args.chunk_frames,
+                        policies=[p for p in args.policies.split(",") if p], fixed_ratio=args.fixed_ratio,
+                        decode_tokens=args.decode_tokens, repeats=args.repeats, warmup=args.warmup)
+    if opts.repeats < 1 or opts.warmup < 0 or opts.frames < 2 or opts.tokens_per_pair < 1:
+        raise ValueError("need --repeats >= 1, --warmup >= 0, --frames >= 2 and --tokens-per-pair >= 1")
+    started = time.perf_counter()
+    report = run_bench(opts)
+    report["wall_s"] = time.perf_counter() - started
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=2)
+    print(format_table(report))
+    print(f"(JSON in {args.out})")
+    return 0

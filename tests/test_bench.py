@@ -1,0 +1,56 @@
+"""`streamer bench` smoke run on the tiny model (the real figures come from a GPU run)."""
+
+import json
+
+import pytest
+from transformers import Qwen2VLConfig
+
+from streamer.bench import frame_size, llm_prefill_flops, vision_flops
+from streamer.cli import main
+from streamer.models import builtin_config, tiny_tokenizer
+
+
+def test_bench_smoke(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["-q", "bench", "--model", "tiny-random", "--device", "cpu", "--frames", "16", "--tokens-per-pair",
+                 "4", "--chunk-frames", "4", "--repeats", "1", "--warmup", "1", "--decode-tokens", "4",
+                 "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["video_tokens"] == 16 // 2 * 4
+    policies = report["policies"]
+    assert set(policies) == {"full", "emloc", "uniform"}
+    assert policies["full"]["chunks"] == 1 and policies["emloc"]["chunks"] == 4
+    assert policies["full"]["retention"] == 1.0
+    assert policies["emloc"]["memory_tokens"] <= policies["full"]["memory_tokens"]
+    for result in policies.values():
+        assert result["ingest_s"] > 0 and result["ttft_s"] > 0 and result["decode_tokens_per_s"] > 0
+        assert result["prefill_tflops"] > 0
+    assert "ingest s" in capsys.readouterr().out
+
+
+def test_fixed_ratio_takes_that_ratio_everywhere(tmp_path):
+    out = tmp_path / "bench.json"
+    assert main(["-q", "bench", "--model", "tiny-random", "--device", "cpu", "--frames", "8", "--tokens-per-pair",
+                 "4", "--chunk-frames", "4", "--repeats", "1", "--warmup", "0", "--decode-tokens", "2",
+                 "--policies", "emloc", "--fixed-ratios", "0.25", "--out", str(out)]) == 0
+    ratios = json.loads(out.read_text())["policies"]["emloc"]["ratios"]
+    assert all(r == 0.25 for chunk in ratios for r in chunk)
+
+
+def test_frame_size_gives_exact_token_counts():
+    assert frame_size(144) == (252, 448)  # 9 x 16 blocks of 28 pixels: VideoMME's 144 tokens per pair
+    for tokens in (1, 4, 7, 64, 100):
+        height, width = frame_size(tokens)
+        assert (height // 28) * (width // 28) == tokens
+
+
+def test_flop_counts_of_the_7b_architecture():
+    config = builtin_config("qwen2-vl-7b-random", tiny_tokenizer())
+    assert isinstance(config, Qwen2VLConfig)
+    # 27,648 video tokens at once: ~2 x 7.07e9 parameters x tokens for the linear layers, plus attention
+    prefill = llm_prefill_flops(config.text_config, 27648, 0)
+    linear_params = 28 * (2 * 3584 ** 2 + 2 * 3584 * 512 + 3 * 3584 * 18944)
+    assert prefill == pytest.approx(2 * 27648 * linear_params + 28 * 4 * 27648 * 27649 / 2 * 3584)
+    assert 500e12 < prefill < 560e12  # DESIGN.md quotes ~560 TFLOP/s for this prefill at 0.97 s
+    vision = vision_flops(config.vision_config, 192, 18, 32)  # 384 frames of 252x448
+    assert 100e12 < vision < 400e12
