@@ -243,7 +243,6 @@ class StreamServer:
         return session
 
     async def _dispatch(self, session: StreamSession, kind: str, request: dict, send) -> None:
-        session.last_seen = time.monotonic()
         if kind == "ask":
             question = request.get("question")
             if not isinstance(question, str) or not question.strip():

@@ -13,7 +13,6 @@ import asyncio
 import itertools
 import logging
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -83,13 +82,13 @@ class StreamSession:
         self.memory = self.runner.new_memory(budget=config.memory.budget or None)
         self.chunk_frames = config.memory.chunk_frames
         limits = shared.limits
-        self.max_pending = limits.max_pending_frames or 4 * self.chunk_frames
+        # room for at least one chunk, or a waiting file reader could never complete one
+        self.max_pending = max(limits.max_pending_frames or 4 * self.chunk_frames, self.chunk_frames)
         self.pending: list[Frame] = []
         self.frame_shape: tuple[int, ...] | None = None
         self.received = self.dropped = self.queued_chunks = self.questions = self.answered = 0
         self.flushing = False
         self.closed = False
-        self.last_seen = time.monotonic()
         self.tasks: set[asyncio.Task] = set()
         self.room = asyncio.Condition()  # signalled when pending frames leave, for readers that wait
         self.reader: threading.Thread | None = None
