@@ -10,7 +10,7 @@ import sys
 import time
 
 from memory.registry import POLICIES
-from streamer import bench, client, demo, evaluation
+from streamer import bench, client, demo, eval_synthetic, evaluation
 from streamer.config import Config, load_config, override
 from video_io.errors import VideoError
 
@@ -32,7 +32,7 @@ def add_run_switches(p: argparse.ArgumentParser, config_default: str | None = No
     """Switches shared by the commands that read videos into a memory (`ask`, `eval ...`)."""
     p.add_argument("--config", default=config_default,
                    help="TOML config (a path or a name in configs/); switches override it")
-    p.add_argument("--model", help="tiny-random | qwen2-vl-{2b,7b,72b}-random | a local checkpoint directory")
+    p.add_argument("--model", help="builtin (default) | tiny-random | qwen2-vl-{2b,7b,72b}-random | a local checkpoint directory")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--dtype", help="auto | float32 | bfloat16 | float16")
     sampling = p.add_mutually_exclusive_group()
@@ -76,10 +76,7 @@ def config_from_args(args) -> Config:
 
 def load_runner(config: Config):
     """The configured model and a runner at the configured frame resolution; returns (runner, load seconds)."""
-    from video_io.preprocess import VisionPreset
-
-    preset = VisionPreset(min_pixels=config.video.min_pixels, max_pixels=config.video.max_pixels)
-    return _load(config.model.name, config.model.device, config.model.dtype, preset)
+    return _load(config.model.name, config.model.device, config.model.dtype, config)
 
 
 def ratio_list(text: str) -> list[float]:
@@ -89,17 +86,18 @@ def ratio_list(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 0.02,0.1,1.0, got {text!r}")
 
 
-def _load(name: str, device: str | None, dtype: str | None, preset=None):
+def _load(name: str, device: str | None, dtype: str | None, config: Config | None = None):
+    """Load a model and its runner, at the config's frame resolution if it sets one."""
     from streamer.models import load_model
     from streamer.runner import Runner
-    from video_io.preprocess import VisionPreset
 
     started = time.perf_counter()
     log.info("loading model %s", name)
     loaded = load_model(name, device=device, dtype=dtype)
     seconds = time.perf_counter() - started
     log.info("model on %s (%s), loaded in %.1f s", loaded.device, loaded.dtype, seconds)
-    return Runner(loaded, preset or VisionPreset()), seconds
+    preset = config.vision_preset(loaded.preset) if config is not None else None
+    return Runner(loaded, preset), seconds
 
 
 def _print_result(result: dict, as_json: bool) -> None:
@@ -166,7 +164,7 @@ def _add_serve(sub) -> None:
     p = sub.add_parser("serve", help="serve live video QA over websockets",
                        description="Load the model once and serve sessions over websockets (protocol in README).")
     p.add_argument("--config", default="stream_default", help="TOML config for sessions' defaults")
-    p.add_argument("--model", help="tiny-random | a built-in architecture | a local checkpoint directory")
+    p.add_argument("--model", help="builtin | tiny-random | a built-in architecture | a local checkpoint directory")
     p.add_argument("--device")
     p.add_argument("--dtype")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
@@ -243,7 +241,9 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_parser(sub)
     bench.add_parser(sub)
     benchmarks = sub.add_parser("eval", help="evaluate on a benchmark", description="Evaluate on a benchmark.")
-    evaluation.add_parser(benchmarks.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK"))
+    benchmark_parsers = benchmarks.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
+    evaluation.add_parser(benchmark_parsers)
+    eval_synthetic.add_parser(benchmark_parsers)
     _add_make_video(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,

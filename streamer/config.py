@@ -12,13 +12,14 @@ from pathlib import Path
 
 from memory.probe import ProbeConfig
 from memory.registry import POLICIES, make_policy
+from video_io.preprocess import VisionPreset
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
 @dataclass
 class ModelOptions:
-    name: str = "tiny-random"  # a built-in model or a local checkpoint directory
+    name: str = "builtin"  # a built-in model (builtin, tiny-random, ...) or a local checkpoint directory
     device: str = "auto"  # auto: cuda if available, else cpu
     dtype: str = "auto"  # auto: bfloat16 on cuda, float32 on cpu
 
@@ -29,8 +30,8 @@ class VideoOptions:
     fps: float | None = None  # ... or frames per second of video time (then leave frames out)
     max_frames: int | None = None  # cap for fps sampling
     backend: str = "pyav"  # pyav | decord
-    min_pixels: int = 128 * 28 * 28  # per frame, after smart resize
-    max_pixels: int = 768 * 28 * 28
+    min_pixels: int | None = None  # per frame after smart resize; None: the model's own preset
+    max_pixels: int | None = None  # (builtin), else Qwen2-VL's processor defaults 128*28*28 .. 768*28*28
 
 
 @dataclass
@@ -63,6 +64,16 @@ class Config:
             probe = replace(probe, prompts=[question])
         return make_policy(self.memory.policy, self.policies.get(self.memory.policy), probe)
 
+    def vision_preset(self, model_preset: VisionPreset | None) -> VisionPreset:
+        """The frame resolution: the configured pixel range over the model's own (or the processor's)."""
+        preset = model_preset or VisionPreset()
+        given = {k: v for k, v in (("min_pixels", self.video.min_pixels), ("max_pixels", self.video.max_pixels))
+                 if v is not None}
+        preset = replace(preset, **given)
+        if preset.min_pixels > preset.max_pixels:
+            raise ValueError(f"min_pixels {preset.min_pixels} is above max_pixels {preset.max_pixels}; set both")
+        return preset
+
     def validate(self) -> "Config":
         video, mem = self.video, self.memory
         if (video.frames is None) == (video.fps is None):
@@ -73,7 +84,8 @@ class Config:
             raise ValueError(f"video.fps must be > 0, got {video.fps}")
         if video.backend not in ("pyav", "decord"):
             raise ValueError(f"video.backend must be pyav or decord, got {video.backend!r}")
-        if not 0 < video.min_pixels <= video.max_pixels:
+        if any(p is not None and p <= 0 for p in (video.min_pixels, video.max_pixels)) or (
+                None not in (video.min_pixels, video.max_pixels) and video.min_pixels > video.max_pixels):
             raise ValueError(f"need 0 < video.min_pixels <= video.max_pixels, got {video.min_pixels}, {video.max_pixels}")
         if mem.chunk_frames < 2 or mem.chunk_frames % 2:
             raise ValueError(

@@ -1,9 +1,12 @@
 """Model loading: local Qwen2-VL checkpoints and built-in offline models.
 
 Nothing here downloads anything. A real checkpoint is a local directory; the built-in
-models are built from a config with seeded random weights:
+models ship with the package or are built from a config with seeded random weights:
 
-- ``tiny-random``: a few-layer Qwen2-VL with the project's small tokenizer, for tests and the demo.
+- ``builtin``: a small Qwen2-VL trained here on procedural videos (streamer.train), shipped in
+  streamer/assets/builtin with the vision preset it was trained at; it really answers questions
+  about streamer.synthetic_qa videos, so the memory's effect on answers can be measured offline.
+- ``tiny-random``: a few-layer Qwen2-VL with the project's small tokenizer, for exactness tests.
 - ``qwen2-vl-{2b,7b,72b}-random``: the real architectures (configs/models/*.json) with random
   weights, for speed measurement.
 """
@@ -18,13 +21,17 @@ import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
 from streamer.attention import MEMORY_ATTENTION, register_memory_attention
+from video_io.preprocess import VisionPreset
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 TINY_TOKENIZER = ASSETS / "tiny-tokenizer"
 MODEL_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "models"
+BUILTIN = "builtin"
+BUILTIN_DIR = ASSETS / "builtin"  # a checkpoint directory like any other, trained by streamer.train
+PRESET_FILE = "preset.json"  # optional in a checkpoint: VisionPreset fields
 TINY_RANDOM = "tiny-random"
 RANDOM_ARCHITECTURES = {f"qwen2-vl-{size}-random": f"qwen2-vl-{size}.json" for size in ("2b", "7b", "72b")}
-BUILTIN_MODELS = (TINY_RANDOM, *RANDOM_ARCHITECTURES)
+BUILTIN_MODELS = (BUILTIN, TINY_RANDOM, *RANDOM_ARCHITECTURES)
 RANDOM_SEED = 0
 
 # Small enough for 2 CPU cores, but with the features that matter: grouped KV heads
@@ -48,6 +55,7 @@ class LoadedModel:
     model: Qwen2VLForConditionalGeneration
     tokenizer: PreTrainedTokenizerBase
     name: str  # what was asked for: a built-in name or the checkpoint path
+    preset: VisionPreset | None = None  # the frame resolution the model was trained at, when it has one
 
     @property
     def device(self) -> torch.device:
@@ -119,11 +127,12 @@ def load_model(name_or_path: str, device: str | None = None, dtype: str | None =
     register_memory_attention()
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
-    if name_or_path in BUILTIN_MODELS:
+    preset = None
+    if name_or_path in BUILTIN_MODELS and name_or_path != BUILTIN:
         tokenizer = tiny_tokenizer()
         model = build_random_model(builtin_config(name_or_path, tokenizer), torch_device, torch_dtype)
     else:
-        path = Path(name_or_path).expanduser()
+        path = BUILTIN_DIR if name_or_path == BUILTIN else Path(name_or_path).expanduser()
         if not (path / "config.json").is_file():
             raise FileNotFoundError(
                 f"no Qwen2-VL checkpoint at {str(path)!r} (expected a directory with config.json and "
@@ -132,6 +141,8 @@ def load_model(name_or_path: str, device: str | None = None, dtype: str | None =
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         model = Qwen2VLForConditionalGeneration.from_pretrained(path, dtype=torch_dtype, local_files_only=True)
         model = model.to(torch_device).eval()
+        if (path / PRESET_FILE).is_file():  # the frame resolution the checkpoint was trained at
+            preset = VisionPreset(**json.loads((path / PRESET_FILE).read_text()))
     # Only the language model uses the memory-aware attention; the vision tower keeps its default.
     model.set_attn_implementation({"text_config": MEMORY_ATTENTION})
-    return LoadedModel(model=model, tokenizer=tokenizer, name=name_or_path)
+    return LoadedModel(model=model, tokenizer=tokenizer, name=name_or_path, preset=preset)

@@ -54,10 +54,11 @@ class Timer:
 
 
 class Runner:
-    def __init__(self, loaded: LoadedModel, preset: VisionPreset = VisionPreset(), system_prompt: str = SYSTEM_PROMPT):
+    def __init__(self, loaded: LoadedModel, preset: VisionPreset | None = None, system_prompt: str = SYSTEM_PROMPT):
+        """preset: frame resolution; default the model's own (builtin), else the processor's defaults."""
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
-        self.preset = preset
+        self.preset = preset or loaded.preset or VisionPreset()
         self.language_model = self.model.model.language_model
         self.visual = self.model.model.visual
         text = self.model.config.text_config
@@ -66,7 +67,7 @@ class Runner:
         self.head_dim = text.hidden_size // text.num_attention_heads
         vision = self.model.config.vision_config
         if (vision.patch_size, vision.temporal_patch_size, vision.spatial_merge_size) != (
-                preset.patch_size, preset.temporal_patch_size, preset.merge_size):
+                self.preset.patch_size, self.preset.temporal_patch_size, self.preset.merge_size):
             raise ValueError("the vision preset's patch sizes do not match the model's vision config")
         self.prefix_ids = self.encode(video_prefix(system_prompt))
         self.stop_ids = {self.tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")}

@@ -94,7 +94,7 @@ def session_config(defaults: Config, options: dict, limits: ServerLimits) -> Con
     if config.probe.mode != "generic":
         raise ProtocolError("bad_option", "a live session needs the generic probe: its memory must serve "
                             "questions that are not known yet")
-    if config.video.max_pixels > limits.max_pixels:
+    if (config.video.max_pixels or 0) > limits.max_pixels:
         raise ProtocolError("bad_option", f"max_pixels {config.video.max_pixels} is over this server's limit "
                             f"{limits.max_pixels}")
     if not 0 < (config.memory.budget or limits.max_budget) <= limits.max_budget:

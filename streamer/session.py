@@ -25,7 +25,6 @@ from streamer.runner import Runner
 from streamer.scheduler import ASK, INGEST, ModelScheduler
 from video_io.errors import VideoError
 from video_io.frames import Frame
-from video_io.preprocess import VisionPreset
 
 log = logging.getLogger("streamer")
 session_ids = itertools.count(1)
@@ -78,7 +77,7 @@ class StreamSession:
         self.send = send
         self.runner = shared.runner
         self.policy = config.make_policy()
-        self.preset = VisionPreset(min_pixels=config.video.min_pixels, max_pixels=config.video.max_pixels)
+        self.preset = config.vision_preset(shared.runner.preset)
         self.memory = self.runner.new_memory(budget=config.memory.budget or None)
         self.chunk_frames = config.memory.chunk_frames
         limits = shared.limits

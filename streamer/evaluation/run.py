@@ -154,7 +154,7 @@ def load_runner(config: Config, device: str) -> Runner:
     loaded = load_model(config.model.name, device=device, dtype=config.model.dtype)
     log.info("model %s on %s (%s), loaded in %.1f s", config.model.name, loaded.device, loaded.dtype,
              time.perf_counter() - started)
-    return Runner(loaded, VisionPreset(min_pixels=config.video.min_pixels, max_pixels=config.video.max_pixels))
+    return Runner(loaded, config.vision_preset(loaded.preset))
 
 
 def evaluate(runner: Runner, config: Config, questions: Sequence[Question], videos_dir: str | Path,
