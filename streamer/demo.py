@@ -1,8 +1,10 @@
 """`streamer demo`: the whole path on the built-in model, in one process.
 
-Writes a synthetic video, starts a server on a free loopback port, streams the video through
-the websocket client, asks while streaming and after, and prints the answers, the memory size
-against the full context, the ratios chosen per layer group and the timings.
+Writes a procedural video (streamer.synthetic_qa: coloured shapes appearing one at a time),
+starts a server on a free loopback port, streams the video through the websocket client, asks
+while streaming and after -- the video's own questions, whose right answers are known -- and
+prints the answers against them, the memory size against the full context, the ratios chosen
+per layer group and the timings.
 """
 
 from __future__ import annotations
@@ -11,17 +13,16 @@ import asyncio
 import logging
 import tempfile
 import time
-from functools import partial
 from pathlib import Path
 
+from memory.probe import GENERIC_PROMPTS
 from streamer.client import StreamerClient, ask_and_print, stream_frames
+from streamer.synthetic_qa import FRAME, make_video
 from video_io.sampling import Sampling
 from video_io.sources import FileSource
-from video_io.synthetic import demo_frame, write_video
+from video_io.synthetic import write_video
 
 log = logging.getLogger("streamer")
-QUESTIONS_DURING = ["What is happening so far?"]
-QUESTIONS_AFTER = ["What happens in the video?", "What colour is the moving disc at the end?"]
 
 
 async def run_demo(args) -> int:
@@ -33,15 +34,17 @@ async def run_demo(args) -> int:
     config = load_config("stream_default")
     override(config, "model", name=args.model)
     override(config, "memory", policy=args.memory, chunk_frames=args.chunk_frames)
-    override(config, "emloc", group_size=args.group_size)
+    override(config, "emloc", group_size=args.group_size, delta=args.delta)
     config.validate()
     runner, _ = _load(config.model.name, args.device, None)
+    synthetic = make_video(args.seed, args.frames)
+    images = synthetic.frames()
     with tempfile.TemporaryDirectory() as tmp:
         video = Path(tmp) / "demo.mp4"
-        size = (224, 224)
-        write_video(video, args.frames, fps=8.0, size=size, content=partial(demo_frame, size=size))
-        print(f"video: {args.frames} synthetic frames ({size[0]}x{size[1]}, 8 fps); model {config.model.name}; "
-              f"memory policy {config.memory.policy}")
+        write_video(video, args.frames, fps=8.0, size=(FRAME, FRAME), content=images.__getitem__)
+        events = ", ".join(f"{e.name} at {e.start / 8:.1f} s" for e in synthetic.events)
+        print(f"video: {args.frames} frames of {FRAME}x{FRAME} at 8 fps ({args.frames / 8:.0f} s): {events}\n"
+              f"model {config.model.name}, memory policy {config.memory.policy}")
         server = StreamServer(runner, config, ServerLimits(allowed_roots=[Path(tmp)]), config.model.name)
         ready, stop = asyncio.get_running_loop().create_future(), asyncio.Event()
         serving = asyncio.create_task(server.serve("127.0.0.1", 0, ready=ready, stop=stop))
@@ -51,19 +54,27 @@ async def run_demo(args) -> int:
                 session = await client.start(policy=config.memory.policy, chunk_frames=config.memory.chunk_frames)
                 print(f"session {session['session']} on ws://127.0.0.1:{port}, {session['chunk_frames']} frames "
                       "per chunk\n")
-                frames = list(FileSource(video, Sampling(fps=args.fps)))
+                frames = list(FileSource(video, Sampling(frames=args.frames)))
                 started = time.perf_counter()
                 half = len(frames) // 2
                 await stream_frames(client, iter(frames[:half]), realtime=False)
                 await client.wait_ingested()
-                during = asyncio.create_task(ask_and_print(client, QUESTIONS_DURING[0], args.max_new_tokens))
+                print("halfway through the stream:")
+                during = asyncio.create_task(ask_and_print(client, GENERIC_PROMPTS[0], args.max_new_tokens))
                 await stream_frames(client, iter(frames[half:]), realtime=False)  # the question overtakes these
                 await during
                 await client.flush()
                 stats = await client.wait_ingested()
                 ingest_s = time.perf_counter() - started
-                for question in QUESTIONS_AFTER:
-                    await ask_and_print(client, question, args.max_new_tokens)
+                print("\nafter the stream:")
+                right = 0
+                for qa in synthetic.questions():
+                    answer = await ask_and_print(client, qa.question, args.max_new_tokens)
+                    correct = answer["text"].strip().lower().startswith(qa.answer.lower())
+                    right += correct
+                    print(f"   expected {qa.answer!r}: {'right' if correct else 'wrong'} "
+                          f"({qa.family}; chance 1 in {qa.choices})")
+                print(f"{right} of {len(synthetic.questions())} right")
                 progress = []
                 while not client.events.empty():
                     event = client.events.get_nowait()
@@ -90,12 +101,13 @@ def print_summary(stats: dict, progress: list[dict], ingest_s: float) -> None:
 
 def add_parser(sub) -> None:
     p = sub.add_parser("demo", help="stream a synthetic video through an in-process server and ask questions")
-    p.add_argument("--model", help="default: the built-in tiny-random model")
+    p.add_argument("--model", help="default: the built-in trained model (builtin)")
     p.add_argument("--device")
     p.add_argument("--memory", default="emloc", help="memory policy (default emloc)")
-    p.add_argument("--frames", type=int, default=96, help="frames in the synthetic video (8 fps)")
-    p.add_argument("--fps", type=float, default=4.0, help="frames per second sent to the server")
-    p.add_argument("--chunk-frames", type=int, default=8)
-    p.add_argument("--group-size", type=int, default=2, help="emloc layers per group (tiny-random has 6 layers)")
+    p.add_argument("--frames", type=int, default=192, help="frames in the synthetic video (8 fps, all sent)")
+    p.add_argument("--seed", type=int, default=7, help="which synthetic video")
+    p.add_argument("--chunk-frames", type=int, default=32)
+    p.add_argument("--group-size", type=int, default=2, help="emloc layers per group (builtin has 4 layers)")
+    p.add_argument("--delta", type=float, help="emloc JS bound (default: configs/stream_default.toml's)")
     p.add_argument("--max-new-tokens", type=int, default=24)
     p.set_defaults(run=lambda args: asyncio.run(run_demo(args)))

@@ -8,7 +8,7 @@ import pytest
 
 from streamer.cli import main
 
-SMALL = ["--min-pixels", str(56 * 112), "--max-pixels", str(56 * 112), "--device", "cpu"]
+SMALL = ["--model", "tiny-random", "--min-pixels", str(56 * 112), "--max-pixels", str(56 * 112), "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")
