@@ -1,4 +1,4 @@
-"""Full recomputation references for the exactness tests.
+"""Full recomputation references for the exactness tests, and a test policy they share.
 
 Each reference runs the stock transformers forward over the whole token sequence at once
 (prefix + all video tokens + question), with the video encoded in one vision-tower call,
@@ -13,6 +13,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from memory.policies import ChunkContext, MemoryPolicy, Selection
 from streamer.attention import MEMORY_ATTENTION
 from streamer.positions import as_position_ids, text_positions, video_positions
 from streamer.prompt import question_suffix
@@ -81,3 +82,24 @@ def one_shot_greedy(runner: Runner, frames, question: str, steps: int) -> list[i
             break
         tokens.append(token)
     return tokens
+
+
+class RaggedSubsetPolicy(MemoryPolicy):
+    """Keeps a random, different number of tokens in every layer and a different subset per head
+    (recorded in kept_by_chunk), so that layers end up holding caches of different lengths."""
+
+    name = "test-ragged"
+
+    def __init__(self, seed: int):
+        self.generator = torch.Generator().manual_seed(seed)
+        self.kept_by_chunk: list[list[torch.Tensor]] = []
+
+    def select(self, ctx: ChunkContext) -> Selection:
+        kept = []
+        for layer in range(len(ctx.memory.layers)):
+            k = int(torch.randint(1, ctx.chunk_len + 1, (1,), generator=self.generator))
+            heads = ctx.view.keys[layer].shape[1]
+            kept.append(torch.stack([torch.randperm(ctx.chunk_len, generator=self.generator)[:k].sort().values
+                                     for _ in range(heads)]))
+        self.kept_by_chunk.append(kept)
+        return Selection(kept=kept)

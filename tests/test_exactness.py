@@ -3,9 +3,9 @@
 import pytest
 import torch
 from conftest import random_frames
-from reference import one_shot_greedy, one_shot_logits, one_video_inputs
+from reference import RaggedSubsetPolicy, one_shot_greedy, one_shot_logits, one_video_inputs
 
-from memory.policies import ChunkContext, FullPolicy, MemoryPolicy, Selection
+from memory.policies import FullPolicy
 
 QUESTION = "What happens in the video?"
 
@@ -47,26 +47,6 @@ def test_stream_positions_equal_one_video(tiny_runner):
             for head_positions in layer.positions:
                 assert torch.equal(head_positions, positions[:-suffix_len])
         assert memory.next_position == int(positions[:-suffix_len].max()) + 1
-
-
-class RaggedSubsetPolicy(MemoryPolicy):
-    """Keeps a random, different number of tokens in every layer and a different subset per head."""
-
-    name = "test-ragged"
-
-    def __init__(self, seed: int):
-        self.generator = torch.Generator().manual_seed(seed)
-        self.kept_by_chunk: list[list[torch.Tensor]] = []
-
-    def select(self, ctx: ChunkContext) -> Selection:
-        kept = []
-        for layer in range(len(ctx.memory.layers)):
-            k = int(torch.randint(1, ctx.chunk_len + 1, (1,), generator=self.generator))
-            heads = ctx.view.keys[layer].shape[1]
-            kept.append(torch.stack([torch.randperm(ctx.chunk_len, generator=self.generator)[:k].sort().values
-                                     for _ in range(heads)]))
-        self.kept_by_chunk.append(kept)
-        return Selection(kept=kept)
 
 
 def test_ragged_per_layer_memory_equals_masked_recomputation(tiny_runner):

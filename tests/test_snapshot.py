@@ -6,34 +6,17 @@ import struct
 import pytest
 import torch
 from conftest import random_frames
+from reference import RaggedSubsetPolicy
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import memory.snapshot as snapshot
-from memory.policies import ChunkContext, FullPolicy, MemoryPolicy, Selection
+from memory.policies import FullPolicy
 from memory.snapshot import STREAM_FIELDS, TENSOR_FIELDS, load_memory, model_identity, save_memory
 from streamer.models import build_random_model, builtin_config, tiny_tokenizer
 
 QUESTION = "What happens in the video?"
 CONFIG = {"model": "tiny-random", "policy": "full", "chunk_frames": 2}
-
-
-class RaggedSubsetPolicy(MemoryPolicy):
-    """Keeps a random number of tokens per layer and a different random subset per head."""
-
-    name = "test-ragged"
-
-    def __init__(self, seed: int):
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def select(self, ctx: ChunkContext) -> Selection:
-        kept = []
-        for layer in range(len(ctx.memory.layers)):
-            k = int(torch.randint(1, ctx.chunk_len + 1, (1,), generator=self.generator))
-            heads = ctx.view.keys[layer].shape[1]
-            kept.append(torch.stack([torch.randperm(ctx.chunk_len, generator=self.generator)[:k].sort().values
-                                     for _ in range(heads)]))
-        return Selection(kept=kept)
 
 
 def stream(runner, frames, policy, memory=None, chunk_frames=2):
