@@ -155,6 +155,8 @@ class StreamServer:
                 try:
                     message = await asyncio.wait_for(websocket.recv(), timeout=self.limits.idle_timeout)
                 except TimeoutError:
+                    if session is not None and session.busy():  # e.g. a long server-side ingest
+                        continue
                     send(error("idle_timeout", f"no message for {self.limits.idle_timeout:.0f} s; "
                                                "the session is closed"))
                     break

@@ -256,7 +256,7 @@ class StreamSession:
         return dict(type="saved", path=str(path), memory_tokens=self.memory.mean_tokens(), frames=self.memory.frames)
 
     async def load(self, path: Path) -> dict:
-        if self.queued_chunks or self.pending or (self.reader is not None and self.reader.is_alive()):
+        if self.busy() or self.pending:
             raise ProtocolError("busy", "frames are still being ingested; load a memory into an idle session")
         runner = self.runner
         memory, _ = await self.shared.scheduler.submit(
@@ -265,6 +265,11 @@ class StreamSession:
         self.memory = memory
         self.frame_shape = None  # the saved stream's frames are not known; the next frame sets the size
         return dict(type="loaded", path=str(path), frames=memory.frames, memory_tokens=memory.mean_tokens())
+
+    def busy(self) -> bool:
+        """Work in progress for this session: a reader, queued chunks or questions being answered."""
+        reading = self.reader is not None and self.reader.is_alive()
+        return reading or self.queued_chunks > 0 or self.questions > 0
 
     def stats(self) -> dict:
         memory = self.memory

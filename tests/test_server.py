@@ -380,6 +380,22 @@ def test_idle_sessions_are_closed(tiny_runner):
     assert reply["code"] == "idle_timeout"
 
 
+def test_a_long_server_side_ingest_is_not_idle(tiny_runner, clip, monkeypatch):
+    monkeypatch.setattr(tiny_runner, "ingest", slowed(tiny_runner, 0.3))
+
+    async def scenario(url):
+        async with StreamerClient(url) as client:
+            await client.start()
+            await client.ingest("clip.mp4", frames=16)  # 4 chunks of 0.3 s: longer than the idle timeout
+            done = await client.next_event("ingest_done", timeout=30)
+            stats = await client.wait_ingested()
+        return done, stats
+
+    with running_server(tiny_runner, ServerLimits(allowed_roots=[clip], idle_timeout=0.4)) as (_, url):
+        done, stats = asyncio.run(scenario(url))
+    assert done["frames_read"] == 16 and stats["frames_ingested"] == 16
+
+
 def test_serve_command_shuts_down_cleanly_on_sigterm(tmp_path):
     port = 20000 + os.getpid() % 20000
     process = subprocess.Popen(
