@@ -388,6 +388,7 @@ def test_a_long_server_side_ingest_is_not_idle(tiny_runner, clip, monkeypatch):
             await client.start()
             await client.ingest("clip.mp4", frames=16)  # 4 chunks of 0.3 s: longer than the idle timeout
             done = await client.next_event("ingest_done", timeout=30)
+            await asyncio.sleep(1.0)  # silent, while the chunks are still being ingested
             stats = await client.wait_ingested()
         return done, stats
 
