@@ -74,9 +74,10 @@ def config_from_args(args) -> Config:
     return config.validate()
 
 
-def load_runner(config: Config):
-    """The configured model and a runner at the configured frame resolution; returns (runner, load seconds)."""
-    return _load(config.model.name, config.model.device, config.model.dtype, config)
+def load_runner(config: Config, device: str | None = None):
+    """The configured model (on `device` if given) and a runner at the configured frame resolution;
+    returns (runner, load seconds)."""
+    return _load(config.model.name, device or config.model.device, config.model.dtype, config)
 
 
 def ratio_list(text: str) -> list[float]:

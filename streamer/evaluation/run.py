@@ -130,7 +130,9 @@ def run(config: Config, questions_path: str | Path, videos_dir: str | Path, out:
              f" on rank {dist.rank} of {dist.world}" if dist.world > 1 else "")
     with process_group(dist):
         if todo:
-            runner = load_runner(config, dist.device(config.model.device))
+            from streamer.cli import load_runner  # the CLI's loader: same logs and frame resolution
+
+            runner, _ = load_runner(config, dist.device(config.model.device))
             writer = ResultWriter(out if dist.world == 1 else rank_path(out, dist.rank))
             try:
                 evaluate(runner, config, todo, videos_dir, lambda record: writer.write({**record, "config_id": key}),
@@ -145,16 +147,6 @@ def run(config: Config, questions_path: str | Path, videos_dir: str | Path, out:
             merge_results(out, parts, [q.question_id for q in questions])
     results = {record["question_id"]: record for record in read_results(out)}
     return summarize([results[q.question_id] for q in questions if q.question_id in results])
-
-
-def load_runner(config: Config, device: str) -> Runner:
-    from streamer.models import load_model
-
-    started = time.perf_counter()
-    loaded = load_model(config.model.name, device=device, dtype=config.model.dtype)
-    log.info("model %s on %s (%s), loaded in %.1f s", config.model.name, loaded.device, loaded.dtype,
-             time.perf_counter() - started)
-    return Runner(loaded, config.vision_preset(loaded.preset))
 
 
 def evaluate(runner: Runner, config: Config, questions: Sequence[Question], videos_dir: str | Path,
