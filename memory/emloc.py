@@ -37,7 +37,7 @@ class EmlocPolicy(ProbedPolicy):
     name = "emloc"
 
     def __init__(self, config: EmlocConfig | None = None, probe: ProbeConfig | None = None):
-        super().__init__(probe or ProbeConfig())
+        super().__init__(probe)
         self.config = config or EmlocConfig()
         if self.config.delta < 0:
             raise ValueError(f"emloc delta must be >= 0, got {self.config.delta}")

@@ -68,8 +68,8 @@ class MemoryPolicy(ABC):
 class ProbedPolicy(MemoryPolicy):
     """A policy that scores chunk tokens with the probe (memory.probe)."""
 
-    def __init__(self, probe: ProbeConfig):
-        self.probe = probe.validate()
+    def __init__(self, probe: ProbeConfig | None):
+        self.probe = (probe or ProbeConfig()).validate()
 
     def probe_capacity(self, runner) -> int:
         return probe_capacity(runner, self.probe)
@@ -113,7 +113,7 @@ class UniformPolicy(ProbedPolicy):
     name = "uniform"
 
     def __init__(self, config: UniformConfig | None = None, probe: ProbeConfig | None = None):
-        super().__init__(probe or ProbeConfig())
+        super().__init__(probe)
         self.config = config or UniformConfig()
         check_ratio("uniform ratio", self.config.ratio)
 
@@ -142,7 +142,7 @@ class PyramidPolicy(ProbedPolicy):
     name = "pyramid"
 
     def __init__(self, config: PyramidConfig | None = None, probe: ProbeConfig | None = None):
-        super().__init__(probe or ProbeConfig())
+        super().__init__(probe)
         self.config = config or PyramidConfig()
         check_ratio("pyramid ratio", self.config.ratio)
         if self.config.beta < 1:
