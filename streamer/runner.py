@@ -20,6 +20,7 @@ from memory.store import KVMemory, MemoryView, commit_chunk
 from streamer.models import LoadedModel
 from streamer.positions import as_position_ids, text_positions, video_positions
 from streamer.prompt import SYSTEM_PROMPT, question_suffix, video_prefix
+from streamer.vision import encode_pairs
 from video_io.preprocess import VideoPatches, VisionPreset, preprocess_frames
 
 TOP_LOGPROBS = 5
@@ -90,11 +91,9 @@ class Runner:
 
     def encode_video(self, patches: VideoPatches) -> torch.Tensor:
         """Vision tower on one chunk of frames -> [tokens, hidden] (exact per chunk: its attention
-        never crosses frame pairs)."""
+        never crosses frame pairs), the pairs batched into one attention call per layer."""
         pixels = patches.pixel_values.to(self.device, self.visual.dtype)
-        grid = torch.tensor([patches.grid_thw], device=self.device)
-        out = self.visual(pixels, grid_thw=grid)
-        return out.pooler_output if hasattr(out, "pooler_output") else out
+        return encode_pairs(self.visual, pixels, patches.grid_thw)
 
     def forward_layers(self, hidden: torch.Tensor, positions: torch.Tensor, view: MemoryView,
                        layers: range | None = None, layer_inputs: list | None = None,

@@ -17,6 +17,7 @@ def test_bench_smoke(tmp_path, capsys):
                  "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["video_tokens"] == 16 // 2 * 4
+    assert report["vision"]["seconds"] > 0 and report["vision"]["stock_seconds"] > 0
     policies = report["policies"]
     assert set(policies) == {"full", "emloc", "uniform"}
     assert policies["full"]["chunks"] == 1 and policies["emloc"]["chunks"] == 4

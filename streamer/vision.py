@@ -1,0 +1,70 @@
+"""Qwen2-VL's vision tower on one video chunk, its frame pairs batched into one attention call.
+
+The stock tower attends within each frame pair (temporal patch) separately, and without a flash
+attention build it does so in a Python loop: one attention call per frame pair and layer, 6,144
+calls for a 384-frame video on the 7B model. In a video chunk every frame pair has the same
+h x w patches, so the pairs are a batch: [pairs, heads, h*w, head_dim] goes through one
+scaled_dot_product_attention. The model's own modules do the rest (patch embedding, norms, qkv
+and output projections, MLPs, merger); only the orchestration and the 2-D rotary angles, which
+are the same for every pair, are computed here. tests/test_vision.py checks the result against
+the stock tower.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# Without a fused kernel (CPU) attention materialises pairs x heads x (h*w)^2 scores: cap them.
+MAX_SCORES = 2**27
+
+
+def patch_rotary(inv_freq: torch.Tensor, grid_h: int, grid_w: int, merge: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [h*w, head_dim] of the 2-D rotary of one frame pair's patches, in the processor's
+    order (merge x merge blocks, row-major within and across blocks): the first half of the angles
+    follows the patch row, the second half its column, and each half is repeated for rotate_half."""
+    rows = torch.arange(grid_h, device=inv_freq.device)[:, None].expand(grid_h, grid_w)
+    cols = torch.arange(grid_w, device=inv_freq.device)[None, :].expand(grid_h, grid_w)
+
+    def in_patch_order(index: torch.Tensor) -> torch.Tensor:
+        blocks = index.reshape(grid_h // merge, merge, grid_w // merge, merge).permute(0, 2, 1, 3)
+        return blocks.flatten().float()
+
+    angles = torch.cat([torch.outer(in_patch_order(rows), inv_freq), torch.outer(in_patch_order(cols), inv_freq)], -1)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary on x [..., h*w, heads, head_dim] in float32, as the stock tower does."""
+    half = x.shape[-1] // 2
+    x32 = x.float()
+    rotated = torch.cat([-x32[..., half:], x32[..., :half]], dim=-1)
+    return (x32 * cos[:, None] + rotated * sin[:, None]).to(x.dtype)
+
+
+def batched_attention(attn: torch.nn.Module, hidden: torch.Tensor, pairs: int, cos: torch.Tensor,
+                      sin: torch.Tensor) -> torch.Tensor:
+    """One VisionAttention module over hidden [pairs * h*w, dim], each pair attending to itself."""
+    heads = attn.num_heads
+    q, k, v = attn.qkv(hidden).reshape(pairs, -1, 3, heads, attn.head_dim).unbind(2)  # [pairs, h*w, heads, d]
+    q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [pairs, heads, h*w, d]
+    step = pairs if hidden.is_cuda else max(1, MAX_SCORES // (heads * q.shape[2] ** 2))
+    out = torch.cat([F.scaled_dot_product_attention(q[i:i + step], k[i:i + step], v[i:i + step],
+                                                    scale=attn.scaling)
+                     for i in range(0, pairs, step)])
+    return attn.proj(out.transpose(1, 2).reshape(hidden.shape))
+
+
+def encode_pairs(visual: torch.nn.Module, pixels: torch.Tensor, grid_thw: tuple[int, int, int]) -> torch.Tensor:
+    """Vision tower on one chunk's patches (pixels [t*h*w, channels*patch volume]) -> the merged
+    video tokens [t*h*w / merge^2, hidden], equal to the stock tower's pooler output."""
+    pairs, grid_h, grid_w = grid_thw
+    merge = visual.spatial_merge_size
+    cos, sin = patch_rotary(visual.rotary_pos_emb.inv_freq.float(), grid_h, grid_w, merge)
+    hidden = visual.patch_embed(pixels)
+    for block in visual.blocks:
+        hidden = hidden + batched_attention(block.attn, block.norm1(hidden), pairs, cos, sin)
+        hidden = hidden + block.mlp(block.norm2(hidden))
+    return visual.merger(hidden)
