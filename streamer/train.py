@@ -50,6 +50,7 @@ class ModelConfig:
     heads: int = 4
     kv_heads: int = 2
     mrope_section: list[int] = field(default_factory=lambda: [4, 6, 6])  # sums to head_dim / 2
+    rope_theta: float = 10000.0
     vision_depth: int = 2
     vision_dim: int = 64
     vision_heads: int = 2
@@ -96,7 +97,7 @@ def build_model(config: ModelConfig, tokenizer: PreTrainedTokenizerBase, seed: i
         hidden_size=config.hidden, intermediate_size=config.intermediate, num_hidden_layers=config.layers,
         num_attention_heads=config.heads, num_key_value_heads=config.kv_heads, hidden_act="silu",
         max_position_embeddings=4096, rms_norm_eps=1e-6, vocab_size=len(tokenizer),
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": config.mrope_section},
+        rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta, "mrope_section": config.mrope_section},
         eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
         bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
     )
@@ -124,6 +125,7 @@ class Batch:
     weights: torch.Tensor  # [B, L] loss weight (1 / answer length of the question)
     family: torch.Tensor  # [B, L] index in TRAIN_FAMILIES of the answer predicted there, -1 elsewhere
     labels: torch.Tensor  # [video tokens, 4] targets of the training probes (token_labels)
+    mentions: torch.Tensor  # [B, L, 3] targets of the question-side probes (mention_labels), -100 elsewhere
 
     def to(self, device: torch.device) -> "Batch":
         return Batch(*(getattr(self, f.name).to(device) for f in fields(self)))
@@ -138,6 +140,7 @@ class Packer:
         self.video_token = tokenizer.convert_tokens_to_ids("<|video_pad|>")
         self.end = tokenizer.convert_tokens_to_ids("<|im_end|>")
         self.pad = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+        self.words = {self.encode(f" {word}")[0]: word for word in (*COLOURS, *SHAPES, "shape")}
 
     def sample(self, video: SyntheticVideo, families: tuple[str, ...] = TRAIN_FAMILIES) -> dict:
         patches = preprocess_frames(video.frames(), BUILTIN_PRESET)
@@ -150,6 +153,7 @@ class Packer:
         targets, weights = [-100] * len(ids), [0.0] * len(ids)
         after = int(tokens.max()) + 1
         family = [-1] * len(ids)
+        mentions = [(-100, -100, -100)] * len(ids)
         for k, qa in enumerate(video.questions(families), start=1):
             question, answer = self.encode(question_suffix(qa.question)), self.encode(qa.answer) + [self.end]
             block = question + answer
@@ -160,12 +164,14 @@ class Packer:
             targets += [-100] * len(block)
             weights += [0.0] * len(block)
             family += [-1] * len(block)
+            mentions += mention_labels(video, [self.words.get(token) for token in block])
             for j, token in enumerate(answer):  # the token before each answer token predicts it
                 targets[start + len(question) - 1 + j] = token
                 weights[start + len(question) - 1 + j] = 1.0 / len(answer)
                 family[start + len(question) - 1 + j] = TRAIN_FAMILIES.index(qa.family)
         return dict(ids=ids, positions=torch.cat(positions), segment=segment, targets=targets, weights=weights,
-                    family=family, pixels=patches.pixel_values, grid=patches.grid_thw, labels=token_labels(video))
+                    family=family, pixels=patches.pixel_values, grid=patches.grid_thw, labels=token_labels(video),
+                    mentions=mentions)
 
     def batch(self, samples: list[dict]) -> Batch:
         length = max(len(s["ids"]) for s in samples)
@@ -176,6 +182,7 @@ class Packer:
         targets = torch.full((n, length), -100)
         weights = torch.zeros(n, length)
         family = torch.full((n, length), -1)
+        mentions = torch.full((n, length, 3), -100)
         for b, s in enumerate(samples):
             size = len(s["ids"])
             ids[b, :size] = torch.tensor(s["ids"])
@@ -184,12 +191,13 @@ class Packer:
             targets[b, :size] = torch.tensor(s["targets"])
             weights[b, :size] = torch.tensor(s["weights"])
             family[b, :size] = torch.tensor(s["family"])
+            mentions[b, :size] = torch.tensor(s["mentions"])
         causal = torch.ones(length, length, dtype=torch.bool).tril()
         # a query sees the shared context (segment 0) and its own block; padding (-1) sees padding
         visible = (segment[:, None, :] == 0) | (segment[:, None, :] == segment[:, :, None])
         return Batch(ids, positions, (visible & causal)[:, None], torch.cat([s["pixels"] for s in samples]),
                      torch.tensor([s["grid"] for s in samples]), targets, weights, family,
-                     torch.cat([s["labels"] for s in samples]))
+                     torch.cat([s["labels"] for s in samples]), mentions)
 
 
 def make_batch(packer: Packer, seed: int, step: int, stage: Stage,
@@ -215,11 +223,35 @@ def token_labels(video: SyntheticVideo) -> torch.Tensor:
     return labels.repeat_interleave(tokens_per_pair, dim=0)
 
 
+def mention_labels(video: SyntheticVideo, words: list[str | None]) -> list[tuple[int, int, int]]:
+    """Per question token: (the number of the event a "{colour} {shape}" ending here names, 0 if none in
+    the video; at the colour of a "{colour} shape", how many events have that colour; the colour of a
+    "{colour} {shape}" ending here), -100 elsewhere."""
+    labels = [(-100, -100, -100)] * len(words)
+    for i in range(1, len(words)):
+        colour, second = words[i - 1], words[i]
+        if colour not in COLOURS or second is None:
+            continue
+        if second == "shape":  # on the colour word itself: one hop from the question into the video
+            labels[i - 1] = (-100, sum(e.colour == colour for e in video.events), -100)
+        elif second in SHAPES:
+            number = [k for k, e in enumerate(video.events, start=1) if (e.colour, e.shape) == (colour, second)]
+            labels[i] = (number[0] if number else 0, -100, list(COLOURS).index(colour))
+    return labels
+
+
+PROBE_HEADS = ("colour", "shape", "events", "repeats", "named_event", "named_count", "named_colour")
+
+
 class Probes(torch.nn.Module):
     """Training-only linear heads, dropped when the model is saved. On the video tokens entering the
     LLM they read colour and shape (the vision tower learns to see long before the answers alone would
-    teach it); on the hidden state of a middle layer, how many events, and how many of the token's
-    colour, have started so far (features that counting and ordering questions are built from)."""
+    teach it); after layer 2, how many events, and how many of the token's colour, have started so far
+    (features that counting and ordering questions are built from). On the question's words, the
+    lookups into the video, one hop each: after layer 1 the colour of a "{colour} {shape}" (copied
+    from the word before), after layer 2 the count of a colour named, after layer 3 the event number
+    of an object named. Without them `count` and `order` stayed at chance: the answers alone teach
+    the lookups too slowly."""
 
     def __init__(self, hidden: int):
         super().__init__()
@@ -227,15 +259,27 @@ class Probes(torch.nn.Module):
         self.shape = torch.nn.Linear(hidden, 1 + len(SHAPES))
         self.events = torch.nn.Linear(hidden, 1 + MAX_EVENTS)
         self.repeats = torch.nn.Linear(hidden, 1 + MAX_REPEATS)
+        self.named_event = torch.nn.Linear(hidden, 1 + MAX_EVENTS)
+        self.named_count = torch.nn.Linear(hidden, 1 + MAX_REPEATS)
+        self.named_colour = torch.nn.Linear(hidden, len(COLOURS))
 
-    def forward(self, vision: torch.Tensor, middle: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        heads = [(self.colour, vision), (self.shape, vision), (self.events, middle), (self.repeats, middle)]
-        return sum(F.cross_entropy(head(tokens), labels[:, k]) for k, (head, tokens) in enumerate(heads))
+    def forward(self, vision: torch.Tensor, middle: torch.Tensor, labels: torch.Tensor, question_first: torch.Tensor,
+                question_middle: torch.Tensor, question_lookup: torch.Tensor, mentions: torch.Tensor) -> torch.Tensor:
+        """The loss of each head, in PROBE_HEADS order (0 for a question head with no target here)."""
+        video = [(self.colour, vision), (self.shape, vision), (self.events, middle), (self.repeats, middle)]
+        losses = [F.cross_entropy(head(tokens), labels[:, k]) for k, (head, tokens) in enumerate(video)]
+        question = [(self.named_event, question_lookup), (self.named_count, question_middle),
+                    (self.named_colour, question_first)]
+        for k, (head, tokens) in enumerate(question):
+            targets = mentions[:, k]
+            losses.append(F.cross_entropy(head(tokens), targets, ignore_index=-100) if (targets != -100).any()
+                          else tokens.new_zeros(()))
+        return torch.stack(losses)
 
 
 def batch_loss(model: Qwen2VLForConditionalGeneration, batch: Batch, probes: Probes | None = None):
     """(answer loss: mean over questions of the mean cross-entropy of their answer tokens,
-    probe loss or 0, per-family answer loss [len(TRAIN_FAMILIES)] for the log)."""
+    probe losses [len(PROBE_HEADS)] (zeros without probes), per-family answer loss [len(TRAIN_FAMILIES)])."""
     video = model.model.get_video_features(batch.pixels, batch.grids)
     out = model.model(input_ids=batch.ids, attention_mask=batch.mask, position_ids=batch.positions,
                       mm_encoder_outputs={"video": video}, output_hidden_states=probes is not None)
@@ -248,9 +292,15 @@ def batch_loss(model: Qwen2VLForConditionalGeneration, batch: Batch, probes: Pro
     per_family = zeros.index_add(0, family, losses.detach()) / weight
     answer = losses.sum() / batch.weights.sum()
     if probes is None:
-        return answer, answer.new_zeros(()), per_family
-    middle = out.hidden_states[len(out.hidden_states) // 2][batch.ids == model.config.video_token_id]
-    return answer, probes(torch.cat(video.pooler_output), middle, batch.labels), per_family
+        return answer, answer.new_zeros(len(PROBE_HEADS)), per_family
+    # hidden_states[k] is the output of layer k: the question's words are read one layer after the
+    # video tokens' event features, which that layer's attention can then look up
+    states = out.hidden_states
+    middle, lookup = states[min(2, len(states) - 1)], states[min(3, len(states) - 1)]
+    named = (batch.mentions != -100).any(dim=-1)
+    aux = probes(torch.cat(video.pooler_output), middle[batch.ids == model.config.video_token_id], batch.labels,
+                 states[1][named], middle[named], lookup[named], batch.mentions[named])
+    return answer, aux, per_family
 
 
 def learning_rate(config: TrainConfig, step: int, total: int) -> float:
@@ -281,20 +331,21 @@ def train(config: TrainConfig, out: Path | None, log=print) -> tuple[Qwen2VLForC
             batch = make_batch(packer, config.seed, step, stage, tuple(config.questions)).to(device)
             answer, aux, per_family = batch_loss(model, batch, probes)
             optimizer.zero_grad(set_to_none=True)
-            (answer + config.probe_weight * aux).backward()
+            (answer + config.probe_weight * aux.sum()).backward()
             torch.nn.utils.clip_grad_norm_(trained, config.grad_clip)
             optimizer.step()
-            running.append(torch.cat([torch.stack([answer.detach(), aux.detach()]).cpu(), per_family.cpu()]))
+            running.append(torch.cat([answer.detach()[None], per_family, aux.detach()]).cpu())
             step += 1
             if step % config.log_every == 0 or step == total:
                 mean = torch.stack(running).mean(dim=0).tolist()
+                families = dict(zip(TRAIN_FAMILIES, mean[1:]))
+                heads = dict(zip(PROBE_HEADS, mean[1 + len(TRAIN_FAMILIES):]))
                 entry = dict(step=step, stage=number, frames=[stage.min_frames, stage.max_frames], loss=mean[0],
-                             probes=mean[1], families=dict(zip(TRAIN_FAMILIES, mean[2:])),
-                             seconds=time.perf_counter() - started)
+                             families=families, probes=heads, seconds=time.perf_counter() - started)
                 history.append(entry)
-                families = " ".join(f"{k} {v:.2f}" for k, v in entry["families"].items())
                 log(f"step {step}/{total} ({stage.min_frames}-{stage.max_frames} frames): loss {mean[0]:.3f} "
-                    f"[{families}] probes {mean[1]:.3f}, {entry['seconds']:.0f} s")
+                    f"[{' '.join(f'{k} {v:.2f}' for k, v in families.items())}] "
+                    f"probes [{' '.join(f'{k} {v:.2f}' for k, v in heads.items())}], {entry['seconds']:.0f} s")
                 running = []
     record = dict(config=asdict(config), parameters=params, seconds=time.perf_counter() - started, history=history,
                   torch=torch.__version__, transformers=transformers.__version__)

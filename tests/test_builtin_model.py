@@ -11,7 +11,7 @@ from memory.policies import FullPolicy
 from streamer.attention import MEMORY_ATTENTION
 from streamer.models import BUILTIN_DIR, load_model
 from streamer.runner import Runner
-from streamer.synthetic_qa import BUILTIN_PRESET, FAMILIES, make_video
+from streamer.synthetic_qa import BUILTIN_PRESET, COLOURS, FAMILIES, make_video
 from streamer.train import (DEFAULT_CONFIG, ModelConfig, Packer, Stage, TrainConfig, batch_loss, build_model, main,
                             make_batch)
 
@@ -42,10 +42,10 @@ def test_builtin_answers_held_out_videos(builtin):
             builtin.ingest(memory, frames[start:start + 32], FullPolicy())
         for qa in video.questions(FAMILIES):
             correct[qa.family] += builtin.answer(memory, qa.question, max_new_tokens=4).text == qa.answer
-    # measured: first 8, last 8, after 3, count 2, order 3 of 8 each (after, count and order are weak, see
-    # docs/SYNTHETIC.md); over the 40 questions uniform guessing gets about 9, the most frequent answers 17
-    assert correct["first"] + correct["last"] >= 14, correct
-    assert correct.total() >= 20, correct
+    # measured: 8 of 8 in every family; over the 40 questions uniform guessing gets about 9, the most
+    # frequent answers 17. A floor rather than 40, so that float differences across machines can flip one.
+    assert all(correct[family] >= 7 for family in FAMILIES), correct
+    assert correct.total() >= 38, correct
 
 
 def test_training_layout_is_what_the_runner_computes(builtin):
@@ -109,3 +109,22 @@ def test_training_overfits_one_batch():
         optimizer.step()
         losses.append(answer.item())
     assert losses[-1] < 0.35 * losses[0], losses
+
+
+def test_mention_labels_name_the_event_the_count_and_the_colour():
+    video = make_video(5, 96)
+    packer = Packer(load_model("tiny-random", device="cpu").tokenizer)
+    sample = packer.sample(video, FAMILIES)
+    word = {token: w for token, w in packer.words.items()}
+    named = [(i, label) for i, label in enumerate(sample["mentions"]) if label != (-100, -100, -100)]
+    numbers = {(e.colour, e.shape): k for k, e in enumerate(video.events, start=1)}
+    for i, (event, count, colour) in named:
+        if word.get(sample["ids"][i + 1]) == "shape":  # "How many times did a {colour} shape appear?"
+            assert (event, colour) == (-100, -100)
+            assert count == sum(e.colour == word[sample["ids"][i]] for e in video.events)
+        else:  # "... {colour} {shape} ...": labelled on the shape
+            named_colour, named_shape = word[sample["ids"][i - 1]], word[sample["ids"][i]]
+            assert count == -100 and event == numbers[(named_colour, named_shape)]
+            assert colour == list(COLOURS).index(named_colour)
+    options = next(qa for qa in video.questions(FAMILIES) if qa.family == "order").question.count(".")
+    assert len(named) == 1 + 1 + options  # after: its object; count: its colour; order: each option
