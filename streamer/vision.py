@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
 
 # Without a fused kernel (CPU) attention materialises pairs x heads x (h*w)^2 scores: cap them.
 MAX_SCORES = 2**27
@@ -35,20 +36,12 @@ def patch_rotary(inv_freq: torch.Tensor, grid_h: int, grid_w: int, merge: int) -
     return angles.cos(), angles.sin()
 
 
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary on x [..., h*w, heads, head_dim] in float32, as the stock tower does."""
-    half = x.shape[-1] // 2
-    x32 = x.float()
-    rotated = torch.cat([-x32[..., half:], x32[..., :half]], dim=-1)
-    return (x32 * cos[:, None] + rotated * sin[:, None]).to(x.dtype)
-
-
 def batched_attention(attn: torch.nn.Module, hidden: torch.Tensor, pairs: int, cos: torch.Tensor,
                       sin: torch.Tensor) -> torch.Tensor:
     """One VisionAttention module over hidden [pairs * h*w, dim], each pair attending to itself."""
     heads = attn.num_heads
     q, k, v = attn.qkv(hidden).reshape(pairs, -1, 3, heads, attn.head_dim).unbind(2)  # [pairs, h*w, heads, d]
-    q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+    q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)  # in float32, as the stock tower
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [pairs, heads, h*w, d]
     step = pairs if hidden.is_cuda else max(1, MAX_SCORES // (heads * q.shape[2] ** 2))
     out = torch.cat([F.scaled_dot_product_attention(q[i:i + step], k[i:i + step], v[i:i + step],

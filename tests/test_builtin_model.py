@@ -115,7 +115,7 @@ def test_mention_labels_name_the_event_the_count_and_the_colour():
     video = make_video(5, 96)
     packer = Packer(load_model("tiny-random", device="cpu").tokenizer)
     sample = packer.sample(video, FAMILIES)
-    word = {token: w for token, w in packer.words.items()}
+    word = packer.words
     named = [(i, label) for i, label in enumerate(sample["mentions"]) if label != (-100, -100, -100)]
     numbers = {(e.colour, e.shape): k for k, e in enumerate(video.events, start=1)}
     for i, (event, count, colour) in named:
