@@ -65,15 +65,13 @@ def run_probe(runner, ctx, prompt: str, config: ProbeConfig) -> ProbeRun:
     view, chunk_len = ctx.view, ctx.chunk_len
     ids = runner.encode(question_suffix(prompt))
     view.rewind(chunk_len)
-    if config.answer_tokens:
-        hidden = runner.forward_layers(runner.embed_tokens(ids), text_positions(ctx.next_position, len(ids)), view)
-        prompt_len = len(ids)
+    if config.answer_tokens:  # the runner's answer decoder (CUDA graphs on a GPU) over the memory and the chunk
+        decoder = runner.decoder(len(ids))
+        logits = decoder.start(view.context(chunk_len), ctx.next_position, ids, config.answer_tokens)
         for step in range(config.answer_tokens):
-            ids.append(int(runner.logits(hidden[:, -1])[0].argmax()))
+            ids = [*ids, int(logits.argmax())]
             if step + 1 < config.answer_tokens:
-                position = text_positions(ctx.next_position + prompt_len + step, 1)
-                hidden = runner.forward_layers(runner.embed_tokens(ids[-1:]), position, view)
-        view.rewind(chunk_len)
+                logits = decoder.step(ids[-1])
 
     importance: list[torch.Tensor | None] = [None] * runner.num_layers
 

@@ -49,6 +49,10 @@ class KVMemory:
 
         return cls(layers=[layer() for _ in range(num_layers)], budget=budget)
 
+    def context(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer (keys, values): what a forward after this memory attends to."""
+        return [(layer.keys, layer.values) for layer in self.layers]
+
     def tokens_per_layer(self) -> list[int]:
         return [len(layer) for layer in self.layers]
 
@@ -58,7 +62,8 @@ class KVMemory:
 
 
 class MemoryView:
-    """The memory plus room for `extra` new tokens per layer, for one forward or one answer.
+    """A context (a memory's per-layer keys and values) plus room for `extra` new tokens per
+    layer, for one forward or one answer.
 
     Attention modules call `update(keys, values, layer)` as on a transformers Cache; the new
     keys are written after the memory in a buffer allocated once, so decoding appends in place
@@ -66,16 +71,16 @@ class MemoryView:
     so probe forwards can be re-run over the same chunk without copying anything.
     """
 
-    def __init__(self, memory: KVMemory, extra: int):
-        self.memory_lengths = memory.tokens_per_layer()
+    def __init__(self, context: list[tuple[torch.Tensor, torch.Tensor]], extra: int):
+        self.memory_lengths = [keys.shape[2] for keys, _ in context]
         self.lengths = list(self.memory_lengths)
         self.keys, self.values = [], []
-        for layer in memory.layers:
-            b, h, m, d = layer.keys.shape
-            keys = layer.keys.new_empty(b, h, m + extra, d)
-            values = layer.values.new_empty(b, h, m + extra, d)
-            keys[:, :, :m] = layer.keys
-            values[:, :, :m] = layer.values
+        for layer_keys, layer_values in context:
+            b, h, m, d = layer_keys.shape
+            keys = layer_keys.new_empty(b, h, m + extra, d)
+            values = layer_values.new_empty(b, h, m + extra, d)
+            keys[:, :, :m] = layer_keys
+            values[:, :, :m] = layer_values
             self.keys.append(keys)
             self.values.append(values)
 
@@ -93,6 +98,11 @@ class MemoryView:
         """Keep only the first `new_tokens` tokens written after the memory (in `layers`, default all)."""
         for idx in layers if layers is not None else range(len(self.lengths)):
             self.lengths[idx] = self.memory_lengths[idx] + new_tokens
+
+    def context(self, new_tokens: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer (keys, values) of the memory and the first `new_tokens` written after it."""
+        ends = [start + new_tokens for start in self.memory_lengths]
+        return [(k[:, :, :end], v[:, :, :end]) for k, v, end in zip(self.keys, self.values, ends)]
 
     def new_tokens(self, layer_idx: int, count: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values written into this view after the memory (the first `count` of them)."""

@@ -2,10 +2,11 @@
 
 After pruning, layer l's cache holds M_l memory tokens, and M_l differs between layers, so
 the causal mask transformers builds from layer 0's length is wrong for every other layer.
-This function receives no prebuilt mask and derives causality from the shapes it is given:
-the queries are the last `q` positions of the keys (memory first, then the new tokens), so
-query i may see every key up to `kv - q + i` -- a lower-right causal mask. Using the
-`causal_lower_right` bias instead of a materialised mask keeps SDPA's fused kernels.
+This function derives causality from the shapes it is given: the queries are the last `q`
+positions of the keys (memory first, then the new tokens), so query i may see every key up to
+`kv - q + i` -- a lower-right causal mask. Using the `causal_lower_right` bias instead of a
+materialised mask keeps SDPA's fused kernels. The one exception is streamer.decode's static
+buffers, whose keys are not in that order: their caller passes a bool [q, kv] mask itself.
 
 Two optional keyword arguments serve the memory policies' short probe forwards, which reach
 this function through the decoder layers' **kwargs:
@@ -29,7 +30,9 @@ def memory_attention(module, query, key, value, attention_mask=None, scaling=Non
                      key_masks=None, attention_recorder=None, **kwargs):
     """query [B, Hq, q, D]; key/value [B, Hkv, kv, D] with the q new tokens last. Returns [B, q, Hq, D]."""
     if attention_mask is not None:
-        raise ValueError("memory attention derives its own mask; the model must not pass one")
+        if key_masks or attention_recorder is not None:
+            raise ValueError("an explicit attention mask cannot be combined with key_masks or a recorder")
+        return _masked_attention(query, key, value, attention_mask, scaling)
     q_len, kv_len = query.shape[2], key.shape[2]
     heads, kv_heads = query.shape[1], key.shape[1]
     groups = heads // kv_heads
@@ -57,6 +60,20 @@ def memory_attention(module, query, key, value, attention_mask=None, scaling=Non
         query, key, value, attn_mask=mask, is_causal=is_causal, scale=scaling, enable_gqa=groups > 1,
     )
     return out.transpose(1, 2).contiguous(), None
+
+
+def _masked_attention(query, key, value, visible, scaling):
+    """SDPA under a bool [q, kv] mask, the query heads folded onto the KV head they share.
+
+    [1, Hq, q, D] becomes [1, Hkv, groups * q, D], so no backend needs grouped-query support
+    with a mask and the keys are never repeated per query head.
+    """
+    _, heads, q_len, dim = query.shape
+    kv_heads = key.shape[1]
+    groups = heads // kv_heads
+    folded = query.reshape(1, kv_heads, groups * q_len, dim)
+    out = F.scaled_dot_product_attention(folded, key, value, attn_mask=visible.repeat(groups, 1), scale=scaling)
+    return out.view(1, heads, q_len, dim).transpose(1, 2).contiguous(), None
 
 
 def register_memory_attention() -> None:

@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import platform
+import shlex
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -25,6 +26,7 @@ from functools import partial
 from typing import Callable
 
 import torch
+import transformers
 
 from memory.registry import make_policy
 from streamer.models import load_model
@@ -127,10 +129,14 @@ def bench_policy(runner: Runner, frames, chunk_frames: int, policy_factory, pres
         seconds, memory = median_run(ingest, runner.device, opts.repeats, opts.warmup)
     stages = {key: sum(chunk["timings"].get(key, 0.0) for chunk in memory.chunks)
               for key in ("preprocess", "vision", "prefill", "probe", "search", "policy")}
-    replies = [runner.answer(memory, QUESTION, opts.decode_tokens, stop_at_end=False)
-               for _ in range(opts.warmup + opts.repeats)][opts.warmup:]
-    ttft = statistics.median(reply.timings["question_prefill"] for reply in replies)
-    decode = [reply.timings["decode_tokens_per_s"] for reply in replies if reply.timings["decode_tokens_per_s"]]
+    ttft, decode = answer_speed(runner, memory, opts)
+    eager = {}
+    if runner.static_decoder is not None:  # the same answers without CUDA graphs, to show what they save
+        graphs, runner.static_decoder = runner.static_decoder, None
+        try:
+            eager = dict(zip(("ttft_eager_s", "decode_eager_tokens_per_s"), answer_speed(runner, memory, opts)))
+        finally:
+            runner.static_decoder = graphs
     ingest_s = seconds - stages["preprocess"]  # frame preprocessing is CPU work a reader thread can overlap
     flops, context = 0.0, 0.0
     for chunk in memory.chunks:  # each chunk attends to the memory left by the chunks before it
@@ -143,7 +149,16 @@ def bench_policy(runner: Runner, frames, chunk_frames: int, policy_factory, pres
                 prefill_tflops=flops / 1e12,
                 prefill_tflop_per_s=flops / 1e12 / stages["prefill"] if stages["prefill"] else None,
                 ratios=[chunk.get("ratios") for chunk in memory.chunks], peak_gib_above_weights=peak.gib,
-                ttft_s=ttft, decode_tokens_per_s=statistics.median(decode) if decode else None)
+                ttft_s=ttft, decode_tokens_per_s=decode, **eager)
+
+
+def answer_speed(runner: Runner, memory, opts: BenchOptions) -> tuple[float, float | None]:
+    """Median time to first token and decode tokens/s of a fixed-length answer."""
+    replies = [runner.answer(memory, QUESTION, opts.decode_tokens, stop_at_end=False)
+               for _ in range(opts.warmup + opts.repeats)][opts.warmup:]
+    ttft = statistics.median(reply.timings["question_prefill"] for reply in replies)
+    decode = [reply.timings["decode_tokens_per_s"] for reply in replies if reply.timings["decode_tokens_per_s"]]
+    return ttft, statistics.median(decode) if decode else None
 
 
 def run_bench(opts: BenchOptions) -> dict:
@@ -189,7 +204,7 @@ def run_bench(opts: BenchOptions) -> dict:
     return dict(
         date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         device=torch.cuda.get_device_name(runner.device) if runner.device.type == "cuda" else platform.processor()
-        or "cpu", torch=torch.__version__, options=asdict(opts), frame_size=[width, height],
+        or "cpu", torch=torch.__version__, transformers=transformers.__version__, options=asdict(opts), frame_size=[width, height],
         video_tokens=video_tokens, vision=results["vision"], policies=policies,
     )
 
@@ -200,23 +215,80 @@ def _preset_emloc() -> dict:
     return dict(load_config("videomme_emloc").policies["emloc"])
 
 
-def format_table(report: dict) -> str:
-    vision = report["vision"]
-    lines = [f"{report['options']['model']} on {report['device']}, {report['options']['frames']} frames x "
-             f"{report['options']['tokens_per_pair']} tokens per pair = {report['video_tokens']} video tokens",
-             f"vision tower, all frames: {vision['seconds']:.3f} s ({vision['tflops']:.3g} TFLOP, "
-             f"{vision['tflop_per_s']:.3g} TFLOP/s); stock transformers tower {vision['stock_seconds']:.3f} s",
-             "policy   ingest s  prefill s  probe s  search s  memory tokens (%)   peak GiB>weights  TTFT ms  "
-             "decode tok/s  prefill TFLOP/s"]
+COLUMNS = ("policy", "ingest s", "prefill s", "probe s", "search s", "memory tokens (%)", "peak GiB > weights",
+           "TTFT ms", "decode tok/s", "prefill TFLOP/s")
+
+
+def policy_rows(report: dict) -> list[list[str]]:
+    rows = []
     for name, r in report["policies"].items():
         stages = r["stages_s"]
         peak = f"{r['peak_gib_above_weights']:.2f}" if r["peak_gib_above_weights"] is not None else "-"
-        rate = f"{r['prefill_tflop_per_s']:.3g}" if r["prefill_tflop_per_s"] else "-"
-        decode = f"{r['decode_tokens_per_s']:.0f}" if r["decode_tokens_per_s"] else "-"
-        lines.append(f"{name:<8} {r['ingest_s']:>8.3f}  {stages['prefill']:>9.3f}  {stages['probe']:>7.3f}  "
-                     f"{stages['search']:>8.3f}  {r['memory_tokens']:>8.0f} ({100 * r['retention']:>5.1f}%)  "
-                     f"{peak:>16}  {1000 * r['ttft_s']:>7.1f}  {decode:>12}  {rate:>15}")
-    return "\n".join(lines)
+        rows.append([name, f"{r['ingest_s']:.3f}", f"{stages['prefill']:.3f}", f"{stages['probe']:.3f}",
+                     f"{stages['search']:.3f}", f"{r['memory_tokens']:.0f} ({100 * r['retention']:.1f}%)", peak,
+                     f"{1000 * r['ttft_s']:.1f}", _number(r["decode_tokens_per_s"], ".0f"),
+                     _number(r["prefill_tflop_per_s"], ".3g")])
+    return rows
+
+
+def _number(value, spec: str) -> str:
+    return format(value, spec) if value else "-"
+
+
+def headline(report: dict) -> list[str]:
+    vision, options = report["vision"], report["options"]
+    lines = [f"{options['model']} on {report['device']}, {options['frames']} frames x {options['tokens_per_pair']} "
+             f"tokens per pair = {report['video_tokens']} video tokens",
+             f"vision tower, all frames: {vision['seconds']:.3f} s ({vision['tflops']:.3g} TFLOP, "
+             f"{vision['tflop_per_s']:.3g} TFLOP/s); stock transformers tower {vision['stock_seconds']:.3f} s"]
+    eager = [f"{name} TTFT {1000 * r['ttft_eager_s']:.1f} ms, decode {_number(r['decode_eager_tokens_per_s'], '.0f')} "
+             "tok/s" for name, r in report["policies"].items() if "ttft_eager_s" in r]
+    if eager:
+        lines.append("answers without CUDA graphs: " + "; ".join(eager))
+    return lines
+
+
+def format_table(report: dict) -> str:
+    rows = [list(COLUMNS), *policy_rows(report)]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
+    table = ["  ".join(cell.rjust(width) if i else cell.ljust(width) for i, (cell, width) in enumerate(zip(row, widths)))
+             for row in rows]
+    return "\n".join([*headline(report), *table])
+
+
+def targets(report: dict) -> list[tuple[str, float, str, bool]]:
+    """Issue 7's H100 targets for the 7B architecture at 384 frames: (what, measured, target, met)."""
+    policies, rows = report["policies"], []
+    vision = report["vision"]["seconds"]
+    rows.append(("vision tower s", vision, "<= 0.30", vision <= 0.30))
+    if "emloc" in policies:
+        emloc = policies["emloc"]
+        rows.append(("emloc ingest s, search included", emloc["ingest_s"], "<= 1.0", emloc["ingest_s"] <= 1.0))
+        if "full" in policies:
+            ratio = emloc["ingest_s"] / policies["full"]["ingest_s"]
+            rows.append(("emloc ingest / full ingest", ratio, "<= 0.6", ratio <= 0.6))
+        if emloc["peak_gib_above_weights"] is not None:
+            peak = emloc["peak_gib_above_weights"]
+            rows.append(("emloc peak GiB above weights", peak, "<= 1.5", peak <= 1.5))
+        rows.append(("TTFT ms against the emloc memory", 1000 * emloc["ttft_s"], "<= 25", emloc["ttft_s"] <= 0.025))
+        decode = emloc["decode_tokens_per_s"] or 0.0
+        rows.append(("decode tok/s against the emloc memory", decode, ">= 150", decode >= 150))
+    return rows
+
+
+def format_markdown(report: dict, command: str) -> str:
+    """The report as a section of docs/PERFORMANCE.md: what ran, the table, the targets."""
+    lines = [f"## {report['options']['model']} on {report['device']}, {report['date']}", "",
+             f"`{command}`", "",
+             f"torch {report['torch']}, transformers {report['transformers']}; median of "
+             f"{report['options']['repeats']} runs after {report['options']['warmup']} warm-up.", ""]
+    lines += [f"- {line}" for line in headline(report)] + [""]
+    lines += ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(row) + " |" for row in policy_rows(report)] + [""]
+    lines += ["| target | measured | goal | met |", "|---|---:|---|---|"]
+    lines += [f"| {what} | {value:.3g} | {goal} | {'yes' if met else 'MISSED'} |"
+              for what, value, goal, met in targets(report)]
+    return "\n".join(lines) + "\n"
 
 
 def add_parser(sub) -> None:
@@ -237,7 +309,18 @@ def add_parser(sub) -> None:
     p.add_argument("--repeats", type=int, default=defaults.repeats)
     p.add_argument("--warmup", type=int, default=defaults.warmup)
     p.add_argument("--out", default="bench.json", help="where the JSON report goes")
+    p.add_argument("--markdown", metavar="PATH", help="also write the report, its command and the targets as markdown")
     p.set_defaults(run=_run)
+
+
+def bench_command(opts: BenchOptions) -> str:
+    """The command line that reproduces `opts` (options left at their defaults are left out)."""
+    defaults, words = asdict(BenchOptions()), ["streamer", "bench"]
+    for name, value in asdict(opts).items():
+        if value != defaults[name] and value is not None:
+            flag = "--fixed-ratios" if name == "fixed_ratio" else "--" + name.replace("_", "-")
+            words += [flag, ",".join(value) if isinstance(value, list) else str(value)]
+    return " ".join(shlex.quote(word) for word in words)
 
 
 def _run(args) -> int:
@@ -253,5 +336,8 @@ def _run(args) -> int:
     with open(args.out, "w") as f:
         json.dump(report, f, indent=2)
     print(format_table(report))
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(format_markdown(report, bench_command(opts)))
     print(f"(JSON in {args.out})")
     return 0

@@ -18,6 +18,7 @@ import torch
 from memory.policies import ChunkContext, MemoryPolicy
 from memory.store import KVMemory, MemoryView, commit_chunk
 from streamer.models import LoadedModel
+from streamer.decode import EagerDecoder, StaticDecoder
 from streamer.positions import as_position_ids, text_positions, video_positions
 from streamer.prompt import SYSTEM_PROMPT, question_suffix, video_prefix
 from streamer.vision import encode_pairs
@@ -55,8 +56,10 @@ class Timer:
 
 
 class Runner:
-    def __init__(self, loaded: LoadedModel, preset: VisionPreset | None = None, system_prompt: str = SYSTEM_PROMPT):
-        """preset: frame resolution; default the model's own (builtin), else the processor's defaults."""
+    def __init__(self, loaded: LoadedModel, preset: VisionPreset | None = None, system_prompt: str = SYSTEM_PROMPT,
+                 cuda_graphs: bool = True):
+        """preset: frame resolution; default the model's own (builtin), else the processor's defaults.
+        cuda_graphs: on a GPU, answer from static buffers replayed as CUDA graphs (streamer.decode)."""
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.preset = preset or loaded.preset or VisionPreset()
@@ -71,6 +74,7 @@ class Runner:
                 self.preset.patch_size, self.preset.temporal_patch_size, self.preset.merge_size):
             raise ValueError("the vision preset's patch sizes do not match the model's vision config")
         self.prefix_ids = self.encode(video_prefix(system_prompt))
+        self.static_decoder = StaticDecoder(self) if cuda_graphs and self.device.type == "cuda" else None
         self.stop_ids = {self.tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")}
 
     @property
@@ -159,7 +163,7 @@ class Runner:
         protected = torch.zeros(positions.shape[0], dtype=torch.bool)
         protected[:prefix.shape[1]] = True
 
-        view = MemoryView(memory, extra=positions.shape[0] + policy.probe_capacity(self))
+        view = MemoryView(memory.context(), extra=positions.shape[0] + policy.probe_capacity(self))
         with timer:
             self.forward_layers(hidden, positions, view)
         prefill_s = timer.seconds
@@ -184,19 +188,24 @@ class Runner:
 
     # --- questions out ----------------------------------------------------------------------
 
-    def _question_forward(self, memory: KVMemory, question: str, extra: int):
-        if memory.video_start is None:
-            raise ValueError("the memory holds no video yet: ingest at least one chunk of frames first")
-        ids = self.encode(question_suffix(question))
-        view = MemoryView(memory, extra=len(ids) + extra)
-        hidden = self.forward_layers(self.embed_tokens(ids), text_positions(memory.next_position, len(ids)), view)
-        return ids, view, hidden
-
     @torch.inference_mode()
     def question_logits(self, memory: KVMemory, question: str) -> torch.Tensor:
         """Float32 logits at every position of the question suffix: [suffix_len, vocab]."""
-        _, _, hidden = self._question_forward(memory, question, extra=0)
+        ids = self._question_ids(memory, question)
+        view = MemoryView(memory.context(), extra=len(ids))
+        hidden = self.forward_layers(self.embed_tokens(ids), text_positions(memory.next_position, len(ids)), view)
         return self.logits(hidden)[0]
+
+    def decoder(self, question_tokens: int) -> EagerDecoder | StaticDecoder:
+        """The CUDA-graph decoder where there is one and the question fits its buckets, else eager forwards."""
+        if self.static_decoder is not None and self.static_decoder.fits(question_tokens):
+            return self.static_decoder
+        return EagerDecoder(self)
+
+    def _question_ids(self, memory: KVMemory, question: str) -> list[int]:
+        if memory.video_start is None:
+            raise ValueError("the memory holds no video yet: ingest at least one chunk of frames first")
+        return self.encode(question_suffix(question))
 
     @torch.inference_mode()
     def answer(self, memory: KVMemory, question: str, max_new_tokens: int = 64,
@@ -211,15 +220,15 @@ class Runner:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         timer = Timer(self.device)
         with timer:
-            ids, view, hidden = self._question_forward(memory, question, extra=max_new_tokens)
-            logits = self.logits(hidden[:, -1])[0]
+            ids = self._question_ids(memory, question)
+            decoder = self.decoder(len(ids))
+            logits = decoder.start(memory.context(), memory.next_position, ids, max_new_tokens)
         ttft = timer.seconds
         logprobs = torch.log_softmax(logits, dim=-1).topk(TOP_LOGPROBS)
         first = [dict(token=self.tokenizer.decode([i]), id=i, logprob=lp)
                  for lp, i in zip(logprobs.values.tolist(), logprobs.indices.tolist())]
 
         tokens: list[int] = []
-        position = memory.next_position + len(ids)
         steps = 0
         sent = ""
         with timer:
@@ -233,9 +242,8 @@ class Runner:
                         sent = text
                 if len(tokens) == max_new_tokens:
                     break
-                hidden = self.forward_layers(self.embed_tokens([token]), text_positions(position + steps, 1), view)
                 steps += 1
-                token = int(self.logits(hidden[:, -1])[0].argmax())
+                token = int(decoder.step(token).argmax())
         decode_s = timer.seconds
         timings = dict(question_prefill=ttft, decode=decode_s,
                        decode_tokens_per_s=steps / decode_s if steps and decode_s > 0 else None)

@@ -14,7 +14,7 @@ def test_bench_smoke(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert main(["-q", "bench", "--model", "tiny-random", "--device", "cpu", "--frames", "16", "--tokens-per-pair",
                  "4", "--chunk-frames", "4", "--repeats", "1", "--warmup", "1", "--decode-tokens", "4",
-                 "--out", str(out)]) == 0
+                 "--out", str(out), "--markdown", str(tmp_path / "bench.md")]) == 0
     report = json.loads(out.read_text())
     assert report["video_tokens"] == 16 // 2 * 4
     assert report["vision"]["seconds"] > 0 and report["vision"]["stock_seconds"] > 0
@@ -27,6 +27,10 @@ def test_bench_smoke(tmp_path, capsys):
         assert result["ingest_s"] > 0 and result["ttft_s"] > 0 and result["decode_tokens_per_s"] > 0
         assert result["prefill_tflops"] > 0
     assert "ingest s" in capsys.readouterr().out
+    markdown = (tmp_path / "bench.md").read_text()
+    assert ("`streamer bench --model tiny-random --device cpu --frames 16 --tokens-per-pair 4 --chunk-frames 4 "
+            "--decode-tokens 4 --repeats 1`") in markdown
+    assert "| emloc ingest / full ingest |" in markdown and "| full |" in markdown
 
 
 def test_fixed_ratio_takes_that_ratio_everywhere(tmp_path):

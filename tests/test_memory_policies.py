@@ -116,7 +116,7 @@ def test_recorded_js_matches_a_recomputation_from_scratch(tiny_runner):
 
 @torch.inference_mode()
 def probe_logits(runner, memory, ids, last):
-    view = MemoryView(memory, extra=len(ids))
+    view = MemoryView(memory.context(), extra=len(ids))
     hidden = runner.forward_layers(runner.embed_tokens(ids), text_positions(memory.next_position, len(ids)), view)
     return runner.logits(hidden[:, -last:])[0]
 

@@ -1,0 +1,141 @@
+"""The static-buffer decoder (the CUDA-graph path) answers exactly as the variable-length one."""
+
+import pytest
+import torch
+from conftest import random_frames
+from reference import RaggedSubsetPolicy, one_shot_greedy
+
+from memory.emloc import EmlocConfig, EmlocPolicy
+from memory.policies import FullPolicy
+from streamer.decode import QUESTION_BUCKETS, EagerDecoder, StaticDecoder
+
+QUESTION = "What happens in the video?"
+
+
+def stream(runner, frames, chunk_frames, policy=None):
+    memory = runner.new_memory()
+    policy = policy or FullPolicy()
+    for start in range(0, len(frames), chunk_frames):
+        runner.ingest(memory, frames[start:start + chunk_frames], policy)
+    return memory
+
+
+@torch.inference_mode()
+def step_logits(decoder, runner, memory, question, tokens, max_new_tokens=None):
+    """Logits after the question and after each of `tokens` (teacher-forced): [len(tokens) + 1, vocab]."""
+    ids = runner.encode(question)
+    rows = [decoder.start(memory.context(), memory.next_position, ids, max_new_tokens or len(tokens) + 1).clone()]
+    rows += [decoder.step(token).clone() for token in tokens]
+    return torch.stack(rows)
+
+
+def assert_same_steps(runner, memory, static, question=QUESTION, steps=5, max_new_tokens=None):
+    eager = step_logits(EagerDecoder(runner), runner, memory, question, [])
+    tokens = [int(eager[0].argmax())]
+    for _ in range(steps - 1):  # the eager path's own greedy tokens, then both decoders follow them
+        tokens.append(int(step_logits(EagerDecoder(runner), runner, memory, question, tokens)[-1].argmax()))
+    expected = step_logits(EagerDecoder(runner), runner, memory, question, tokens)
+    got = step_logits(static, runner, memory, question, tokens, max_new_tokens)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+@pytest.fixture
+def static_runner(tiny_runner):
+    """The tiny runner answering through a StaticDecoder (eager forwards on CPU), restored afterwards."""
+    saved = tiny_runner.static_decoder
+    tiny_runner.static_decoder = StaticDecoder(tiny_runner)
+    yield tiny_runner
+    tiny_runner.static_decoder = saved
+
+
+def test_static_answer_equals_one_shot_greedy(static_runner):
+    frames = random_frames(8, seed=1)
+    memory = stream(static_runner, frames, 2)
+    answer = static_runner.answer(memory, QUESTION, max_new_tokens=6, stop_at_end=False)
+    assert answer.token_ids == one_shot_greedy(static_runner, frames, QUESTION, steps=6)
+    assert static_runner.static_decoder.buffers is not None, "the answer should have gone through the buffers"
+
+
+def test_static_steps_equal_eager_on_ragged_memory(tiny_runner):
+    """Layers of different lengths: each layer's mask must show exactly its own memory slots."""
+    memory = stream(tiny_runner, random_frames(8, seed=3), 2, RaggedSubsetPolicy(seed=0))
+    assert len(set(memory.tokens_per_layer())) > 1
+    assert_same_steps(tiny_runner, memory, StaticDecoder(tiny_runner))
+
+
+def test_buffers_grow_and_stay_exact_for_smaller_memories(tiny_runner):
+    decoder = StaticDecoder(tiny_runner)
+    small = stream(tiny_runner, random_frames(4, seed=4), 2)
+    large = stream(tiny_runner, random_frames(80, seed=5), 40)
+    assert_same_steps(tiny_runner, small, decoder)
+    first = decoder.buffers
+    assert max(large.tokens_per_layer()) > first.memory_slots, "the test needs a memory that outgrows the buffers"
+    assert_same_steps(tiny_runner, large, decoder)
+    grown = decoder.buffers
+    assert grown is not first and grown.memory_slots >= max(large.tokens_per_layer())
+    # back to the small memory: the large one's keys still sit in the slots past it, masked out
+    assert_same_steps(tiny_runner, small, decoder)
+    assert decoder.buffers is grown
+    # a longer answer than reserved grows the answer slots
+    assert_same_steps(tiny_runner, small, decoder, max_new_tokens=grown.capacity)
+    assert decoder.buffers.capacity - decoder.buffers.memory_slots >= grown.capacity
+
+
+def test_question_lengths_across_buckets(tiny_runner):
+    memory = stream(tiny_runner, random_frames(6, seed=6), 6)
+    decoder = StaticDecoder(tiny_runner)
+    for words in (1, 20, 70):  # pads of different lengths after the question
+        assert_same_steps(tiny_runner, memory, decoder, question=" ".join(["what"] * words), steps=2)
+    assert len(decoder.buffers.ids) >= 3
+
+
+def test_question_past_the_largest_bucket_takes_the_eager_path(static_runner):
+    memory = stream(static_runner, random_frames(4, seed=7), 4)
+    question = " ".join(["colour"] * (QUESTION_BUCKETS[-1] + 10))
+    assert not StaticDecoder.fits(len(static_runner.encode(question)))
+    with pytest.raises(ValueError, match="largest bucket"):
+        static_runner.static_decoder.start(memory.context(), memory.next_position, static_runner.encode(question), 4)
+    got = static_runner.answer(memory, question, max_new_tokens=4, stop_at_end=False)
+    static_runner.static_decoder = None
+    assert got.token_ids == static_runner.answer(memory, question, max_new_tokens=4, stop_at_end=False).token_ids
+
+
+def test_static_decoder_refuses_more_steps_than_reserved(tiny_runner):
+    memory = stream(tiny_runner, random_frames(2, seed=8), 2)
+    decoder = StaticDecoder(tiny_runner)
+    decoder.start(memory.context(), memory.next_position, tiny_runner.encode(QUESTION), max_new_tokens=2)
+    decoder.step(1)
+    with pytest.raises(RuntimeError, match="max_new_tokens"):
+        decoder.step(1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_replays_equal_eager_forwards():
+    from conftest import TEST_PRESET
+
+    from streamer.models import load_model
+    from streamer.runner import Runner
+
+    runner = Runner(load_model("tiny-random", device="cuda", dtype="float32"), preset=TEST_PRESET)
+    memory = stream(runner, random_frames(8, seed=3), 2, RaggedSubsetPolicy(seed=0))
+    decoder = StaticDecoder(runner)
+    assert decoder.cuda_graphs
+    for _ in range(2):  # the second round replays the graphs recorded in the first
+        assert_same_steps(runner, memory, decoder, steps=4)
+    assert decoder.cuda_graphs and decoder.buffers.graphs, "graphs should have been recorded, not skipped"
+
+
+def test_probe_answers_through_the_static_decoder_choose_the_same_memory(tiny_runner):
+    frames = random_frames(8, seed=9)
+    policy = EmlocPolicy(EmlocConfig(delta=0.02, ratios=[0.1, 0.5, 1.0], group_size=2))
+    eager = stream(tiny_runner, frames, 4, policy)
+    saved, tiny_runner.static_decoder = tiny_runner.static_decoder, StaticDecoder(tiny_runner)
+    try:
+        static = stream(tiny_runner, frames, 4, policy)
+        assert tiny_runner.static_decoder.buffers is not None, "the probe should have used the static decoder"
+    finally:
+        tiny_runner.static_decoder = saved
+    assert [c["ratios"] for c in static.chunks] == [c["ratios"] for c in eager.chunks]
+    for a, b in zip(static.layers, eager.layers):
+        assert torch.equal(a.positions, b.positions)
+        torch.testing.assert_close(a.keys, b.keys, atol=1e-5, rtol=0)
