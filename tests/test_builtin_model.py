@@ -31,19 +31,35 @@ def test_builtin_is_small_and_offline(builtin):
     assert builtin.model.config.text_config.vocab_size == len(builtin.tokenizer)
 
 
-def test_builtin_answers_held_out_videos(builtin):
-    """Deterministic videos (held-out seeds) through the streaming path, chunk by chunk, full memory."""
+def held_out_correct(runner: Runner) -> Counter:
+    """Right answers per family on deterministic videos (held-out seeds), streamed chunk by chunk, full memory."""
     correct = Counter()
     for seed in range(8):
         video = make_video(seed, 96)
-        memory = builtin.new_memory()
+        memory = runner.new_memory()
         frames = video.frames()
         for start in range(0, len(frames), 32):
-            builtin.ingest(memory, frames[start:start + 32], FullPolicy())
+            runner.ingest(memory, frames[start:start + 32], FullPolicy())
         for qa in video.questions(FAMILIES):
-            correct[qa.family] += builtin.answer(memory, qa.question, max_new_tokens=4).text == qa.answer
+            correct[qa.family] += runner.answer(memory, qa.question, max_new_tokens=4).text == qa.answer
+    return correct
+
+
+def test_builtin_answers_held_out_videos(builtin):
+    correct = held_out_correct(builtin)
     # measured: 8 of 8 in every family; over the 40 questions uniform guessing gets about 9, the most
     # frequent answers 17. A floor rather than 40, so that float differences across machines can flip one.
+    assert all(correct[family] >= 7 for family in FAMILIES), correct
+    assert correct.total() >= 38, correct
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_builtin_answers_in_bfloat16_through_cuda_graphs():
+    loaded = load_model("builtin", device="cuda", dtype="bfloat16")
+    runner = Runner(loaded, preset=loaded.preset)
+    assert runner.static_decoder is not None
+    correct = held_out_correct(runner)
+    assert runner.static_decoder.cuda_graphs and runner.static_decoder.buffers.graphs
     assert all(correct[family] >= 7 for family in FAMILIES), correct
     assert correct.total() >= 38, correct
 

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The GPU session's checks and figures, in one device call (tool library: device):
+#   run(command="bash tools/gpu_check.sh", carry=[".whl"], timeout_s=600)
+# .whl holds the wheels the GPU image lacks (av, decord, websockets, qwen-vl-utils for cp312; see
+# the device README for the pip download line). Writes logs, bench JSON and markdown to $OUT.
+set -uo pipefail
+OUT=${OUT:-/tmp/gpu_check}
+mkdir -p "$OUT"
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        || { echo "installing the carried wheels failed"; exit 1; }
+    export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
+python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())"
+nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,memory.used --format=csv
+
+# GPU and torchvision tests first: CUDA graphs, bf16 builtin answers, the batched vision tower on this
+# transformers, the torchvision video-processor comparisons, and the bench smoke run.
+timeout 240 python3 -m pytest -q -x -p no:cacheprovider tests/test_decode.py tests/test_vision.py tests/test_video_io.py \
+    tests/test_bench.py tests/test_builtin_model.py -k "not training" 2>&1 | tee "$OUT/tests.log"
+
+# The 7B figures: the paper's EMLoC preset, then the search-free path at 10% retention.
+timeout 200 python3 -m streamer bench --model qwen2-vl-7b-random --out "$OUT/bench_7b.json" \
+    --markdown "$OUT/bench_7b.md" 2>&1 | tee "$OUT/bench_7b.log"
+timeout 120 python3 -m streamer bench --model qwen2-vl-7b-random --fixed-ratios 0.1 --policies emloc \
+    --out "$OUT/bench_7b_fixed.json" --markdown "$OUT/bench_7b_fixed.md" 2>&1 | tee "$OUT/bench_7b_fixed.log"
