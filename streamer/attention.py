@@ -28,52 +28,63 @@ MEMORY_ATTENTION = "streamer_memory"
 
 def memory_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0,
                      key_masks=None, attention_recorder=None, **kwargs):
-    """query [B, Hq, q, D]; key/value [B, Hkv, kv, D] with the q new tokens last. Returns [B, q, Hq, D]."""
-    if attention_mask is not None:
-        if key_masks or attention_recorder is not None:
-            raise ValueError("an explicit attention mask cannot be combined with key_masks or a recorder")
-        return _masked_attention(query, key, value, attention_mask, scaling)
+    """query [1, Hq, q, D]; key/value [1, Hkv, kv, D]. Returns [1, q, Hq, D].
+
+    attention_mask, if given, is the caller's bool visibility, [q, kv] or per KV head
+    [Hkv, q, kv] (streamer.decode's static buffers); otherwise the q new tokens are the last
+    q keys and the mask is lower-right causal.
+    """
     q_len, kv_len = query.shape[2], key.shape[2]
     heads, kv_heads = query.shape[1], key.shape[1]
     groups = heads // kv_heads
     key_mask = key_masks.get(module.layer_idx) if key_masks else None
-    mask, is_causal = None, False
-    if key_mask is not None or attention_recorder is not None:
+    visible = attention_mask
+    if visible is None and (key_mask is not None or attention_recorder is not None):
         # probe forwards (few queries): an explicit mask is cheap and can hide keys per head
-        mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - q_len)
-        mask = mask.expand(heads, q_len, kv_len)
-        if key_mask is not None:
-            mask = mask & key_mask.repeat_interleave(groups, dim=0)[:, None, :]
-        mask = mask.unsqueeze(0)
-    elif q_len > 1 and kv_len == q_len:
-        is_causal = True
-    elif q_len > 1:
-        mask = causal_lower_right(q_len, kv_len)
+        visible = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - q_len)
+    if visible is not None and key_mask is not None:
+        visible = visible & key_mask[:, None, :]
     if attention_recorder is not None:
-        # queries grouped by KV head: [1, Hkv, groups * q, D] @ [1, Hkv, D, kv], no key copies
-        grouped = query.float().reshape(1, kv_heads, groups * q_len, -1)
-        scores = (grouped @ key.float().transpose(2, 3)) * (scaling or query.shape[-1] ** -0.5)
-        scores = scores.view(kv_heads, groups, q_len, kv_len)
-        scores = scores.masked_fill(~mask[0].reshape(kv_heads, groups, q_len, kv_len), float("-inf"))
-        attention_recorder(module.layer_idx, scores.softmax(dim=-1))
+        attention_recorder(module.layer_idx, _probabilities(query, key, visible, scaling))
+    if visible is not None:
+        return _masked_attention(query, key, value, visible, scaling), None
+    mask = causal_lower_right(q_len, kv_len) if 1 < q_len < kv_len else None
     out = F.scaled_dot_product_attention(
-        query, key, value, attn_mask=mask, is_causal=is_causal, scale=scaling, enable_gqa=groups > 1,
+        query, key, value, attn_mask=mask, is_causal=q_len > 1 and q_len == kv_len, scale=scaling,
+        enable_gqa=groups > 1,
     )
     return out.transpose(1, 2).contiguous(), None
 
 
-def _masked_attention(query, key, value, visible, scaling):
-    """SDPA under a bool [q, kv] mask, the query heads folded onto the KV head they share.
+def _fold(query: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """[1, Hq, q, D] -> [1, Hkv, groups * q, D]: the query heads that share a KV head become its rows,
+    so attention under a mask needs no grouped-query support and never repeats the keys."""
+    return query.reshape(1, kv_heads, -1, query.shape[-1])
 
-    [1, Hq, q, D] becomes [1, Hkv, groups * q, D], so no backend needs grouped-query support
-    with a mask and the keys are never repeated per query head.
-    """
+
+def _folded_mask(visible: torch.Tensor, kv_heads: int, groups: int) -> torch.Tensor:
+    """bool [q, kv] or [Hkv, q, kv] -> [1, Hkv or 1, groups * q, kv], rows in _fold's order."""
+    if visible.dim() == 2:
+        return visible.repeat(groups, 1)[None, None]
+    return visible.repeat(1, groups, 1)[None]
+
+
+def _masked_attention(query, key, value, visible, scaling):
     _, heads, q_len, dim = query.shape
     kv_heads = key.shape[1]
+    mask = _folded_mask(visible, kv_heads, heads // kv_heads)
+    out = F.scaled_dot_product_attention(_fold(query, kv_heads), key, value, attn_mask=mask, scale=scaling)
+    return out.view(1, heads, q_len, dim).transpose(1, 2).contiguous()
+
+
+def _probabilities(query, key, visible, scaling) -> torch.Tensor:
+    """Float32 attention probabilities of every query row, [Hkv, groups, q, kv]."""
+    _, heads, q_len, dim = query.shape
+    kv_heads, kv_len = key.shape[1], key.shape[2]
     groups = heads // kv_heads
-    folded = query.reshape(1, kv_heads, groups * q_len, dim)
-    out = F.scaled_dot_product_attention(folded, key, value, attn_mask=visible.repeat(groups, 1), scale=scaling)
-    return out.view(1, heads, q_len, dim).transpose(1, 2).contiguous(), None
+    scores = (_fold(query.float(), kv_heads) @ key.float().transpose(2, 3)) * (scaling or dim ** -0.5)
+    scores = scores.masked_fill(~_folded_mask(visible, kv_heads, groups), float("-inf"))
+    return scores.softmax(dim=-1).view(kv_heads, groups, q_len, kv_len)
 
 
 def register_memory_attention() -> None:
