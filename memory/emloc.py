@@ -53,7 +53,7 @@ class EmlocPolicy(ProbedPolicy):
         runner = ctx.runner
         start = time.perf_counter()
         runs = self.run_probes(ctx)
-        scores = chunk_importance(runs, self.probe.smoothing)
+        scores = chunk_importance(ctx, runs, self.probe.smoothing)
         probe_s = time.perf_counter() - start
 
         groups = layer_groups(runner.num_layers, self.config.group_size)
@@ -66,7 +66,7 @@ class EmlocPolicy(ProbedPolicy):
             for ratio in self.candidates:
                 candidate = {layer: keep_top(scores[layer], ctx.protected, ratio) for layer in layers}
                 keep = {**accepted, **candidate}
-                js = sum(js_divergence(run.reference, rerun_probe(runner, ctx, run, layers.start, keep))
+                js = sum(js_divergence(run.reference, rerun_probe(ctx, run, layers.start, keep))
                          for run in runs) / len(runs)
                 evaluations.append([g, ratio, js])
                 if js <= self.config.delta:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from memory.probe import ProbeConfig, chunk_importance, keep_top, kept_indices, probe_capacity, run_probe
+from memory.probe import ProbeConfig, chunk_importance, keep_top, kept_indices, run_probe
 
 if TYPE_CHECKING:
     from memory.store import KVMemory, MemoryView
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 @dataclass
 class ChunkContext:
     memory: "KVMemory"  # the memory before this chunk is committed
-    view: "MemoryView"  # memory + the chunk's new keys/values (+ room for probes), per layer
+    view: "MemoryView"  # memory + the chunk's new keys/values, per layer
     positions: torch.Tensor  # [chunk_len, 3] absolute positions of the chunk's tokens
     protected: torch.Tensor  # [chunk_len] bool: prompt text that every policy keeps
     next_position: int  # where text after this chunk starts (probe positions)
@@ -57,10 +57,6 @@ def check_ratio(name: str, ratio: float) -> None:
 class MemoryPolicy(ABC):
     name: ClassVar[str]
 
-    def probe_capacity(self, runner) -> int:
-        """Tokens of room the memory view needs after the chunk for this policy's probes."""
-        return 0
-
     def select(self, ctx: ChunkContext) -> Selection:
         raise NotImplementedError
 
@@ -71,16 +67,13 @@ class ProbedPolicy(MemoryPolicy):
     def __init__(self, probe: ProbeConfig | None):
         self.probe = (probe or ProbeConfig()).validate()
 
-    def probe_capacity(self, runner) -> int:
-        return probe_capacity(runner, self.probe)
-
     def run_probes(self, ctx: ChunkContext):
         return [run_probe(ctx.runner, ctx, prompt, self.probe) for prompt in self.probe.prompts]
 
     def select_ratios(self, ctx: ChunkContext, ratios: list[float]) -> Selection:
         """Keep ratios[l] of the chunk's video tokens in layer l, by probe importance."""
         start = time.perf_counter()
-        scores = chunk_importance(self.run_probes(ctx), self.probe.smoothing)
+        scores = chunk_importance(ctx, self.run_probes(ctx), self.probe.smoothing)
         kept = [kept_indices(keep_top(s, ctx.protected, r)) for s, r in zip(scores, ratios)]
         return Selection(kept, scores, report=dict(ratios=ratios), timings=dict(probe=time.perf_counter() - start))
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from streamer.positions import text_positions
+from streamer.decode import ProbeForward
 from streamer.prompt import question_suffix
 
 GENERIC_PROMPTS = ("Describe what happens in the video.",)
@@ -48,76 +48,42 @@ class ProbeConfig:
         return self
 
 
-@dataclass
-class ProbeRun:
-    positions: torch.Tensor  # [p, 3]
-    layer_inputs: list[torch.Tensor]  # hidden state entering each layer, [1, p, hidden]
-    importance: list[torch.Tensor]  # per layer [kv_heads, chunk_len] float32, unsmoothed
-    reference: torch.Tensor  # [K, vocab] float32 logits with the chunk unpruned
-
-
-def probe_capacity(runner, config: ProbeConfig) -> int:
-    """Most tokens one probe writes into the memory view after the chunk."""
-    return max(len(runner.encode(question_suffix(p))) for p in config.prompts) + config.answer_tokens
-
-
-def run_probe(runner, ctx, prompt: str, config: ProbeConfig) -> ProbeRun:
-    view, chunk_len = ctx.view, ctx.chunk_len
+def run_probe(runner, ctx, prompt: str, config: ProbeConfig) -> ProbeForward:
+    """The probe after the memory and the full chunk: greedy answer tokens, then one recorded forward."""
     ids = runner.encode(question_suffix(prompt))
-    view.rewind(chunk_len)
-    if config.answer_tokens:  # the runner's answer decoder (CUDA graphs on a GPU) over the memory and the chunk
-        decoder = runner.decoder(len(ids))
-        logits = decoder.start(view.context(chunk_len), ctx.next_position, ids, config.answer_tokens)
+    decoder = runner.decoder(len(ids) + config.answer_tokens)
+    context = ctx.view.context(ctx.chunk_len)
+    if config.answer_tokens:
+        logits = decoder.start(context, ctx.next_position, ids, config.answer_tokens)
         for step in range(config.answer_tokens):
             ids = [*ids, int(logits.argmax())]
             if step + 1 < config.answer_tokens:
                 logits = decoder.step(ids[-1])
-
-    importance: list[torch.Tensor | None] = [None] * runner.num_layers
-
-    def record(layer: int, probs: torch.Tensor) -> None:  # probs [kv_heads, groups, p, kv]
-        start = view.memory_lengths[layer]
-        importance[layer] = probs[..., start:start + chunk_len].mean(dim=1).sum(dim=1)
-
-    positions = text_positions(ctx.next_position, len(ids))
-    layer_inputs: list[torch.Tensor] = []
-    hidden = runner.forward_layers(runner.embed_tokens(ids), positions, view, layer_inputs=layer_inputs,
-                                   attention_recorder=record)
-    reference = runner.logits(hidden[:, -min(config.js_positions, len(ids)):])[0]
-    view.rewind(chunk_len)
-    return ProbeRun(positions, layer_inputs, importance, reference)
+    return decoder.probe(context, ctx.next_position, ids, rows=min(config.js_positions, len(ids)))
 
 
-def chunk_importance(runs: list[ProbeRun], smoothing: int) -> list[torch.Tensor]:
-    """Per layer [kv_heads, chunk_len]: summed over probes, average-pooled along token order."""
+def chunk_importance(ctx, runs: list[ProbeForward], smoothing: int) -> list[torch.Tensor]:
+    """Per layer [kv_heads, chunk_len]: the probes' attention to the chunk's tokens, summed over
+    probes, average-pooled along token order."""
     scores = []
-    for layer_scores in zip(*(run.importance for run in runs)):
-        total = torch.stack(layer_scores).sum(dim=0)
+    for layer, layer_attention in enumerate(zip(*(run.attention for run in runs))):
+        start = ctx.view.memory_lengths[layer]
+        total = torch.stack(layer_attention).sum(dim=0)[:, start:start + ctx.chunk_len]
         if smoothing > 1:
             total = F.avg_pool1d(total[None], smoothing, stride=1, padding=smoothing // 2, count_include_pad=False)[0]
         scores.append(total)
     return scores
 
 
-def rerun_probe(runner, ctx, run: ProbeRun, from_layer: int, keep: dict[int, torch.Tensor]) -> torch.Tensor:
+def rerun_probe(ctx, run: ProbeForward, from_layer: int, keep: dict[int, torch.Tensor]) -> torch.Tensor:
     """Probe logits [K, vocab] with chunk tokens hidden per layer and head by keep[l] (bool
     [kv_heads, chunk_len]); layers from `from_layer` up are re-run from the stored hidden state,
     which is exact as long as no layer below `from_layer` is pruned."""
-    view, chunk_len = ctx.view, ctx.chunk_len
-    layers = range(from_layer, runner.num_layers)
-    probe_len = run.positions.shape[0]
-    key_masks = {}
+    visible = {}
     for layer, kept in keep.items():
-        if layer in layers:
-            start = view.memory_lengths[layer]
-            mask = kept.new_ones(kept.shape[0], start + chunk_len + probe_len)
-            mask[:, start:start + chunk_len] = kept
-            key_masks[layer] = mask
-    view.rewind(chunk_len, layers)
-    hidden = runner.forward_layers(run.layer_inputs[from_layer], run.positions, view, layers=layers,
-                                   key_masks=key_masks)
-    view.rewind(chunk_len)
-    return runner.logits(hidden[:, -run.reference.shape[0]:])[0]
+        start = ctx.view.memory_lengths[layer]
+        visible[layer] = torch.cat([kept.new_ones(kept.shape[0], start), kept], dim=1)
+    return run.rerun(from_layer, visible)
 
 
 def js_divergence(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:

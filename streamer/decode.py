@@ -1,28 +1,33 @@
-"""Question prefill and greedy decode steps against a memory: eager, or over static buffers.
+"""Short forwards after a context: answers, and the probe forwards of the memory policies.
 
-Both decoders have the same two calls: `start(context, next_position, ids, max_new_tokens)`
-runs the question (text positions from `next_position` on) after a context -- per layer the
-keys and values of a memory, or of a memory and the chunk being ingested (the probe) -- and
-returns the float32 logits of its last token; `step(token)` appends one answer token and
-returns the logits after it. The context itself is never modified.
+A context is, per layer, the keys and values a forward attends to: a memory, or a memory
+plus the chunk being ingested. It is never modified. Both decoders offer the same calls:
+- `start(context, next_position, ids, max_new_tokens)` runs a question (text positions from
+  `next_position` on) and returns the float32 logits of its last token; `step(token)` appends
+  one answer token and returns the logits after it;
+- `probe(context, next_position, ids, rows)` runs a probe, recording its attention over the
+  context, the hidden state entering every layer and the logits of its last `rows` tokens;
+  `rerun(probe, from_layer, visible)` re-runs it from a layer's stored input with context keys
+  hidden per layer and KV head -- the pruning candidates of memory.emloc.
 
-EagerDecoder runs each forward at its exact length (streamer.runner.Runner.forward_layers).
+EagerDecoder runs each forward at its exact length (Runner.forward_layers).
 
-StaticDecoder exists for CUDA graphs. Eager decoding of a 7B model spends most of each step
-launching kernels from Python (DESIGN.md section 6: ~29 of 34 ms); a CUDA graph replays a
-recorded forward with one launch, but every tensor it touches must keep its address and shape.
-So it runs over fixed buffers:
-- each layer has `capacity` key/value slots: the memory's M_l tokens in slots [0, M_l), unused
-  slots up to `memory_slots`, then the question and its answer from slot `memory_slots` on;
+StaticDecoder exists for CUDA graphs. Eager forwards of a few tokens on a 7B model spend most of
+their time launching kernels from Python (DESIGN.md section 6: ~29 of 34 ms per decode step); a
+CUDA graph replays a recorded forward with one launch, but every tensor it touches must keep its
+address and shape. So it runs over fixed buffers:
+- each layer has `capacity` key/value slots: the context's M_l tokens in slots [0, M_l), unused
+  slots up to `context_slots`, then the question (or probe) and its answer from there on;
 - a forward writes its keys at slots held in a tensor (index_copy_) and attends to the whole
-  buffer under a boolean mask: the query in slot s sees memory slot j if j < M_l, and answer
-  slot j if memory_slots <= j <= s. Slots never written hold zeros, not garbage that could be
-  NaN (a masked NaN still poisons the softmax);
-- a question is padded to a bucket length: the pads come after it, so the causal mask hides
-  them from it, and the answer's tokens overwrite their slots.
-Per buffer size, one graph per question bucket and one for a decode step are recorded on first
-use and replayed for every later question of every session (the memory is copied in first).
-Without graphs (CPU) the same forwards run eagerly: that is how the tests check this path.
+  buffer under a boolean mask: the query in slot s sees context slot j if the KV head's row of
+  `visible_keys` says so (j < M_l, minus any hidden keys), and slot j >= context_slots if j <= s.
+  Slots never written hold zeros, not garbage that could be NaN (a masked NaN still poisons the
+  softmax);
+- inputs are padded to a bucket length: the pads come after the real tokens, so the causal mask
+  hides them from those, and an answer's tokens overwrite their slots.
+Per buffer size, graphs (one per kind of forward and bucket) are recorded on first use and
+replayed for every later forward of every session (the context is copied in first). Without
+graphs (CPU) the same forwards run eagerly: that is how the tests check this path.
 """
 
 from __future__ import annotations
@@ -38,11 +43,27 @@ from streamer.positions import text_positions
 
 log = logging.getLogger("streamer")
 
-QUESTION_BUCKETS = (16, 32, 64, 128, 256, 512)  # longer questions take the eager path
+BUCKETS = (16, 32, 64, 128, 256, 512)  # padded input lengths; longer inputs take the eager path
 SLOT_ROUND = 256  # buffer sizes are multiples of this (aligned masks, few distinct shapes)
-MEMORY_GROWTH = 1.25  # headroom when a memory outgrows the buffers: regrowth re-records the graphs
+CONTEXT_GROWTH = 1.25  # headroom when a context outgrows the buffers: regrowth re-records the graphs
 
 Context = list[tuple[torch.Tensor, torch.Tensor]]  # per layer (keys, values), [1, kv_heads, M_l, head_dim]
+
+
+@dataclass
+class ProbeForward:
+    """What a recorded probe forward leaves for the policy and for re-runs."""
+
+    next_position: int
+    count: int  # probe tokens
+    layer_inputs: torch.Tensor  # [layers, 1, n, hidden]: the hidden state entering each layer (n >= count)
+    attention: list[torch.Tensor]  # per layer [kv_heads, M_l] float32: probe attention to each context key,
+    #                                mean over the query heads of a KV head, summed over probe tokens
+    reference: torch.Tensor  # [rows, vocab] float32 logits of the last `rows` probe tokens
+    decoder: "EagerDecoder | StaticDecoder"  # holds the context until the next forward after another one
+
+    def rerun(self, from_layer: int, visible: dict[int, torch.Tensor]) -> torch.Tensor:
+        return self.decoder.rerun(self, from_layer, visible)
 
 
 class EagerDecoder:
@@ -64,22 +85,55 @@ class EagerDecoder:
         hidden = runner.forward_layers(runner.embed_tokens(ids), positions, self.view)
         return runner.logits(hidden[:, -1])[0]
 
+    def probe(self, context: Context, next_position: int, ids: list[int], rows: int) -> ProbeForward:
+        runner = self.runner
+        self.view = MemoryView(context, extra=len(ids))
+        self.context = context  # a re-run of a longer probe than the last needs a larger view
+        lengths = self.view.memory_lengths
+        attention: list[torch.Tensor | None] = [None] * runner.num_layers
+
+        def record(layer: int, probs: torch.Tensor) -> None:  # probs [kv_heads, groups, p, kv]
+            attention[layer] = probs[..., :lengths[layer]].mean(dim=1).sum(dim=1)
+
+        layer_inputs: list[torch.Tensor] = []
+        hidden = runner.forward_layers(runner.embed_tokens(ids), text_positions(next_position, len(ids)), self.view,
+                                       layer_inputs=layer_inputs, attention_recorder=record)
+        self.view.rewind(0)
+        return ProbeForward(next_position, len(ids), torch.stack(layer_inputs), attention,
+                            runner.logits(hidden[:, -rows:])[0], self)
+
+    def rerun(self, probe: ProbeForward, from_layer: int, visible: dict[int, torch.Tensor]) -> torch.Tensor:
+        """Logits [rows, vocab] with the context keys of layer l limited to visible[l] (bool [kv_heads, M_l])."""
+        runner = self.runner
+        if self.view.keys[0].shape[2] - self.view.memory_lengths[0] < probe.count:
+            self.view = MemoryView(self.context, extra=probe.count)
+        layers = range(from_layer, runner.num_layers)
+        key_masks = {layer: torch.cat([mask, mask.new_ones(mask.shape[0], probe.count)], dim=1)
+                     for layer, mask in visible.items() if layer in layers}
+        hidden = runner.forward_layers(probe.layer_inputs[from_layer], text_positions(probe.next_position, probe.count),
+                                       self.view, layers=layers, key_masks=key_masks)
+        self.view.rewind(0)
+        return runner.logits(hidden[:, -probe.reference.shape[0]:])[0]
+
 
 @dataclass
 class Buffers:
-    """The fixed tensors one set of graphs reads and writes."""
+    """The fixed tensors the graphs read and write."""
 
-    memory_slots: int
+    context_slots: int
     capacity: int
     keys: list[torch.Tensor]  # per layer [1, kv_heads, capacity, head_dim]
     values: list[torch.Tensor]
-    memory_visible: torch.Tensor  # [layers, capacity] bool: slot j < M_l
+    context_visible: torch.Tensor  # [layers, kv_heads, capacity] bool: slot j < M_l
+    visible_keys: torch.Tensor  # the same, minus keys a probe re-run hides
+    attention: torch.Tensor  # [layers, kv_heads, capacity] float32: a probe's recorded attention
     columns: torch.Tensor  # arange(capacity)
     first_slot: torch.Tensor  # [1] int64: slot of the forward's first token
     first_position: torch.Tensor  # [1] int64: its text position
-    last_row: torch.Tensor  # [1] int64: the row whose logits are returned
-    ids: dict[int, torch.Tensor] = field(default_factory=dict)  # per forward length, [1, n]
-    graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = field(default_factory=dict)
+    last_row: torch.Tensor  # [1] int64: the last real (unpadded) row
+    ids: dict[int, torch.Tensor] = field(default_factory=dict)  # per padded length n, [1, n]
+    layer_inputs: dict[int, torch.Tensor] = field(default_factory=dict)  # per n, [layers, 1, n, hidden]
+    graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = field(default_factory=dict)
 
 
 class SlotWriter:
@@ -102,60 +156,91 @@ class StaticDecoder:
         self.buffers: Buffers | None = None
 
     @staticmethod
-    def fits(question_tokens: int) -> bool:
-        return question_tokens <= QUESTION_BUCKETS[-1]
+    def fits(tokens: int) -> bool:
+        return tokens <= BUCKETS[-1]
 
     def start(self, context: Context, next_position: int, ids: list[int], max_new_tokens: int) -> torch.Tensor:
-        if not self.fits(len(ids)):
-            raise ValueError(f"question of {len(ids)} tokens is longer than the largest bucket {QUESTION_BUCKETS[-1]}")
-        lengths = [keys.shape[2] for keys, _ in context]
-        self._reserve(max(lengths), max_new_tokens)
-        b = self.buffers
-        for idx, (keys, values) in enumerate(context):
-            b.keys[idx][:, :, :lengths[idx]].copy_(keys)
-            b.values[idx][:, :, :lengths[idx]].copy_(values)
-        b.memory_visible.copy_(b.columns < torch.tensor(lengths, device=b.columns.device)[:, None])
-        bucket = next(n for n in QUESTION_BUCKETS if n >= len(ids))
-        padded = ids + [ids[-1]] * (bucket - len(ids))
-        self._input(bucket).copy_(torch.tensor([padded]))
-        self.slot, self.position = b.memory_slots, next_position
-        self.end = b.memory_slots + len(ids) + max_new_tokens - 1  # the first answer token needs no step
-        return self._run(bucket, len(ids))
+        n = self._load(context, ids, max_new_tokens)
+        self.slot, self.position = self.buffers.context_slots, next_position
+        self.end = self.slot + len(ids) + max_new_tokens - 1  # the first answer token needs no step
+        return self._run(("forward", n), len(ids))[0]
 
     def step(self, token: int) -> torch.Tensor:
         if self.slot >= self.end:
             raise RuntimeError("more decode steps than the max_new_tokens given to start()")
         self._input(1).fill_(token)
-        return self._run(1, 1)
+        return self._run(("forward", 1), 1)[0]
+
+    def probe(self, context: Context, next_position: int, ids: list[int], rows: int) -> ProbeForward:
+        n = self._load(context, ids, 0)
+        b = self.buffers
+        if n not in b.layer_inputs:
+            b.layer_inputs[n] = b.keys[0].new_zeros(self.runner.num_layers, 1, n, self.runner.hidden_size)
+        self.slot, self.position = b.context_slots, next_position
+        reference = self._run(("probe", n, rows), len(ids)).clone()
+        lengths = [keys.shape[2] for keys, _ in context]
+        attention = [b.attention[layer, :, :length].clone() for layer, length in enumerate(lengths)]
+        return ProbeForward(next_position, len(ids), b.layer_inputs[n].clone(), attention, reference, self)
+
+    def rerun(self, probe: ProbeForward, from_layer: int, visible: dict[int, torch.Tensor]) -> torch.Tensor:
+        b = self.buffers
+        n = probe.layer_inputs.shape[2]
+        b.layer_inputs[n][from_layer].copy_(probe.layer_inputs[from_layer])
+        b.visible_keys.copy_(b.context_visible)
+        for layer, mask in visible.items():
+            if layer >= from_layer:
+                b.visible_keys[layer, :, :mask.shape[1]] = mask
+        self.slot, self.position = b.context_slots, probe.next_position
+        logits = self._run(("rerun", n, probe.reference.shape[0], from_layer), probe.count)
+        b.visible_keys.copy_(b.context_visible)
+        return logits
 
     # --- buffers and graphs ---------------------------------------------------------------
 
-    def _reserve(self, memory_tokens: int, max_new_tokens: int) -> None:
-        """Buffers holding `memory_tokens` per layer, a largest-bucket question and the answer."""
-        answer_slots = QUESTION_BUCKETS[-1] + max_new_tokens
+    def _load(self, context: Context, ids: list[int], max_new_tokens: int) -> int:
+        """Copy the context and the padded ids into the buffers; returns the padded length."""
+        if not self.fits(len(ids)):
+            raise ValueError(f"{len(ids)} tokens is longer than the largest bucket {BUCKETS[-1]}")
+        lengths = [keys.shape[2] for keys, _ in context]
+        self._reserve(max(lengths), BUCKETS[-1] + max_new_tokens)
         b = self.buffers
-        if b is not None and memory_tokens <= b.memory_slots and answer_slots <= b.capacity - b.memory_slots:
+        for layer, (keys, values) in enumerate(context):
+            b.keys[layer][:, :, :lengths[layer]].copy_(keys)
+            b.values[layer][:, :, :lengths[layer]].copy_(values)
+        limits = torch.tensor(lengths, device=b.columns.device)[:, None, None]
+        b.context_visible.copy_((b.columns < limits).expand_as(b.context_visible))
+        b.visible_keys.copy_(b.context_visible)
+        n = next(n for n in BUCKETS if n >= len(ids))
+        self._input(n).copy_(torch.tensor([ids + [ids[-1]] * (n - len(ids))]))
+        return n
+
+    def _reserve(self, context_tokens: int, answer_slots: int) -> None:
+        """Buffers with room for `context_tokens` per layer and `answer_slots` after them."""
+        b = self.buffers
+        if b is not None and context_tokens <= b.context_slots and answer_slots <= b.capacity - b.context_slots:
             return
-        memory_slots = _round_up(memory_tokens if b is None else max(memory_tokens, MEMORY_GROWTH * b.memory_slots))
+        context_slots = _round_up(context_tokens if b is None else max(context_tokens, CONTEXT_GROWTH * b.context_slots))
         if b is not None:
-            answer_slots = max(answer_slots, b.capacity - b.memory_slots)
+            answer_slots = max(answer_slots, b.capacity - b.context_slots)
         self.buffers = None  # free the old buffers and graph pools before allocating the new ones
-        capacity = memory_slots + _round_up(answer_slots)
+        capacity = context_slots + _round_up(answer_slots)
         runner = self.runner
-        device, dtype = runner.device, runner.model.dtype
-        log.info("answer buffers: %d memory + %d answer slots per layer%s", memory_slots, capacity - memory_slots,
-                 " (CUDA graphs are recorded on first use)" if self.cuda_graphs else "")
+        device, dtype, layers, heads = runner.device, runner.model.dtype, runner.num_layers, runner.kv_heads
+        log.info("static decoder buffers: %d context + %d answer slots per layer%s", context_slots,
+                 capacity - context_slots, " (CUDA graphs are recorded on first use)" if self.cuda_graphs else "")
 
         def slots():
-            return torch.zeros(1, runner.kv_heads, capacity, runner.head_dim, device=device, dtype=dtype)
+            return torch.zeros(1, heads, capacity, runner.head_dim, device=device, dtype=dtype)
 
         def scalar():
             return torch.zeros(1, dtype=torch.long, device=device)
 
         self.buffers = Buffers(
-            memory_slots=memory_slots, capacity=capacity,
-            keys=[slots() for _ in range(runner.num_layers)], values=[slots() for _ in range(runner.num_layers)],
-            memory_visible=torch.zeros(runner.num_layers, capacity, dtype=torch.bool, device=device),
+            context_slots=context_slots, capacity=capacity,
+            keys=[slots() for _ in range(layers)], values=[slots() for _ in range(layers)],
+            context_visible=torch.zeros(layers, heads, capacity, dtype=torch.bool, device=device),
+            visible_keys=torch.zeros(layers, heads, capacity, dtype=torch.bool, device=device),
+            attention=torch.zeros(layers, heads, capacity, device=device),
             columns=torch.arange(capacity, device=device), first_slot=scalar(), first_position=scalar(),
             last_row=scalar(),
         )
@@ -166,8 +251,8 @@ class StaticDecoder:
             b.ids[n] = torch.zeros(1, n, dtype=torch.long, device=b.columns.device)
         return b.ids[n]
 
-    def _run(self, n: int, count: int) -> torch.Tensor:
-        """Forward the n tokens in the input buffer, of which the first `count` are real."""
+    def _run(self, key: tuple, count: int) -> torch.Tensor:
+        """The forward `key` (kind, padded length, ...) of which the first `count` rows are real."""
         b = self.buffers
         b.first_slot.fill_(self.slot)
         b.first_position.fill_(self.position)
@@ -175,43 +260,61 @@ class StaticDecoder:
         self.slot += count
         self.position += count
         if not self.cuda_graphs:
-            return self._forward(n)
-        if n not in b.graphs:
+            return self._forward(*key)
+        if key not in b.graphs:
             try:
-                b.graphs[n] = self._record(n)
-            except RuntimeError as exc:  # an op that cannot be captured: answer correctly, only slower
-                log.warning("recording a CUDA graph failed (%s); answering with eager forwards", exc)
+                b.graphs[key] = self._record(key)
+            except RuntimeError as exc:  # an op that cannot be captured: stay correct, only slower
+                log.warning("recording a CUDA graph failed (%s); using eager forwards from now on", exc)
                 self.cuda_graphs = False
-                return self._forward(n)
-        graph, logits = b.graphs[n]
+                return self._forward(*key)
+        graph, logits = b.graphs[key]
         graph.replay()
         return logits
 
-    def _record(self, n: int):
-        """Capture the forward of n tokens, after one eager run (lazy initialisations, kernel choices)."""
-        stream = torch.cuda.Stream(self.runner.device)
-        stream.wait_stream(torch.cuda.current_stream(self.runner.device))
-        with torch.cuda.stream(stream):  # the warm-up writes the same slots the replay will
-            self._forward(n)
-        torch.cuda.current_stream(self.runner.device).wait_stream(stream)
+    def _record(self, key: tuple):
+        """Capture a forward, after one eager run (lazy initialisations, kernel choices)."""
+        device = self.runner.device
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):  # the warm-up writes what the replay will write
+            self._forward(*key)
+        torch.cuda.current_stream(device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            logits = self._forward(n)
+            logits = self._forward(*key)
         return graph, logits
 
-    def _forward(self, n: int) -> torch.Tensor:
+    def _forward(self, kind: str, n: int, rows: int = 1, from_layer: int = 0) -> torch.Tensor:
+        """Float32 logits [rows, vocab] of the last `rows` real tokens.
+
+        kind "forward": the n ids; "probe": the same, also recording attention and layer inputs;
+        "rerun": layers from `from_layer` up, on the stored layer input, under visible_keys."""
         runner, b = self.runner, self.buffers
+        language_model = runner.language_model
         offsets = b.columns[:n]
         slots = b.first_slot + offsets
         position_ids = (b.first_position + offsets).view(1, 1, n).expand(3, 1, n)
-        hidden = runner.language_model.embed_tokens(b.ids[n])
-        rotary = runner.language_model.rotary_emb(hidden, position_ids)
-        answer_visible = (b.columns >= b.memory_slots) & (b.columns <= slots[:, None])  # [n, capacity]
+        hidden = b.layer_inputs[n][from_layer] if kind == "rerun" else language_model.embed_tokens(b.ids[n])
+        rotary = language_model.rotary_emb(hidden, position_ids)
+        later = (b.columns >= b.context_slots) & (b.columns <= slots[:, None])  # [n, capacity]
         writer = SlotWriter(b, slots)
-        for idx, layer in enumerate(runner.language_model.layers):
-            hidden = layer(hidden, attention_mask=answer_visible | b.memory_visible[idx], past_key_values=writer,
-                           use_cache=True, position_embeddings=rotary)
-        return runner.logits(hidden.index_select(1, b.last_row))[0, 0]
+        extra = {}
+        if kind == "probe":
+            real_rows = (offsets <= b.last_row).float()[None, :, None]  # pads must not add attention
+
+            def record(layer: int, probs: torch.Tensor) -> None:  # probs [kv_heads, groups, n, capacity]
+                b.attention[layer].copy_((probs.mean(dim=1) * real_rows).sum(dim=1))
+
+            extra = dict(attention_recorder=record)
+        for layer in range(from_layer, runner.num_layers):
+            if kind == "probe":
+                b.layer_inputs[n][layer].copy_(hidden)
+            visible = b.visible_keys[layer][:, None, :] | later  # [kv_heads, n, capacity]
+            hidden = language_model.layers[layer](hidden, attention_mask=visible, past_key_values=writer,
+                                                  use_cache=True, position_embeddings=rotary, **extra)
+        last = b.last_row - (rows - 1) + offsets[:rows]
+        return runner.logits(hidden.index_select(1, last))[0]
 
 
 def _round_up(tokens: float) -> int:

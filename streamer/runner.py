@@ -68,6 +68,7 @@ class Runner:
         text = self.model.config.text_config
         self.num_layers = text.num_hidden_layers
         self.kv_heads = text.num_key_value_heads
+        self.hidden_size = text.hidden_size
         self.head_dim = text.hidden_size // text.num_attention_heads
         vision = self.model.config.vision_config
         if (vision.patch_size, vision.temporal_patch_size, vision.spatial_merge_size) != (
@@ -163,7 +164,7 @@ class Runner:
         protected = torch.zeros(positions.shape[0], dtype=torch.bool)
         protected[:prefix.shape[1]] = True
 
-        view = MemoryView(memory.context(), extra=positions.shape[0] + policy.probe_capacity(self))
+        view = MemoryView(memory.context(), extra=positions.shape[0])
         with timer:
             self.forward_layers(hidden, positions, view)
         prefill_s = timer.seconds

@@ -7,7 +7,7 @@ from reference import RaggedSubsetPolicy, one_shot_greedy
 
 from memory.emloc import EmlocConfig, EmlocPolicy
 from memory.policies import FullPolicy
-from streamer.decode import QUESTION_BUCKETS, EagerDecoder, StaticDecoder
+from streamer.decode import BUCKETS, EagerDecoder, StaticDecoder
 
 QUESTION = "What happens in the video?"
 
@@ -69,16 +69,16 @@ def test_buffers_grow_and_stay_exact_for_smaller_memories(tiny_runner):
     large = stream(tiny_runner, random_frames(80, seed=5), 40)
     assert_same_steps(tiny_runner, small, decoder)
     first = decoder.buffers
-    assert max(large.tokens_per_layer()) > first.memory_slots, "the test needs a memory that outgrows the buffers"
+    assert max(large.tokens_per_layer()) > first.context_slots, "the test needs a memory that outgrows the buffers"
     assert_same_steps(tiny_runner, large, decoder)
     grown = decoder.buffers
-    assert grown is not first and grown.memory_slots >= max(large.tokens_per_layer())
+    assert grown is not first and grown.context_slots >= max(large.tokens_per_layer())
     # back to the small memory: the large one's keys still sit in the slots past it, masked out
     assert_same_steps(tiny_runner, small, decoder)
     assert decoder.buffers is grown
     # a longer answer than reserved grows the answer slots
     assert_same_steps(tiny_runner, small, decoder, max_new_tokens=grown.capacity)
-    assert decoder.buffers.capacity - decoder.buffers.memory_slots >= grown.capacity
+    assert decoder.buffers.capacity - decoder.buffers.context_slots >= grown.capacity
 
 
 def test_question_lengths_across_buckets(tiny_runner):
@@ -91,7 +91,7 @@ def test_question_lengths_across_buckets(tiny_runner):
 
 def test_question_past_the_largest_bucket_takes_the_eager_path(static_runner):
     memory = stream(static_runner, random_frames(4, seed=7), 4)
-    question = " ".join(["colour"] * (QUESTION_BUCKETS[-1] + 10))
+    question = " ".join(["colour"] * (BUCKETS[-1] + 10))
     assert not StaticDecoder.fits(len(static_runner.encode(question)))
     with pytest.raises(ValueError, match="largest bucket"):
         static_runner.static_decoder.start(memory.context(), memory.next_position, static_runner.encode(question), 4)
@@ -122,6 +122,7 @@ def test_cuda_graph_replays_equal_eager_forwards():
     assert decoder.cuda_graphs
     for _ in range(2):  # the second round replays the graphs recorded in the first
         assert_same_steps(runner, memory, decoder, steps=4)
+        assert_same_probes(runner, memory, decoder)
     assert decoder.cuda_graphs and decoder.buffers.graphs, "graphs should have been recorded, not skipped"
 
 
@@ -135,7 +136,37 @@ def test_probe_answers_through_the_static_decoder_choose_the_same_memory(tiny_ru
         assert tiny_runner.static_decoder.buffers is not None, "the probe should have used the static decoder"
     finally:
         tiny_runner.static_decoder = saved
-    assert [c["ratios"] for c in static.chunks] == [c["ratios"] for c in eager.chunks]
+    assert [c["ratios"] for c in static.chunks] == [c["ratios"] for c in eager.chunks] == [[0.5, 0.1, 0.1]] * 2
+    for a, b in zip(static.chunks, eager.chunks):  # every candidate's re-run, accepted (0.1) or not (0.1 in layers 0-1)
+        assert [e[:2] for e in a["evaluations"]] == [e[:2] for e in b["evaluations"]]
+        assert [e[2] for e in a["evaluations"]] == pytest.approx([e[2] for e in b["evaluations"]], abs=1e-5)
     for a, b in zip(static.layers, eager.layers):
         assert torch.equal(a.positions, b.positions)
         torch.testing.assert_close(a.keys, b.keys, atol=1e-5, rtol=0)
+
+
+@torch.inference_mode()
+def assert_same_probes(runner, memory, static):
+    """Two probes of different lengths, then re-runs alternating between them with keys hidden per KV head."""
+    context, lengths = memory.context(), memory.tokens_per_layer()
+    prompts = [runner.encode(text) for text in ("Describe the video.", "Which colour is the last square, and why?")]
+    runs = {name: [decoder.probe(context, memory.next_position, ids, rows=4) for ids in prompts]
+            for name, decoder in (("eager", EagerDecoder(runner)), ("static", static))}
+    for eager, static_run in zip(runs["eager"], runs["static"]):
+        torch.testing.assert_close(static_run.reference, eager.reference, atol=1e-5, rtol=0)
+        torch.testing.assert_close(static_run.layer_inputs[:, :, :eager.count], eager.layer_inputs, atol=1e-5, rtol=0)
+        for layer, length in enumerate(lengths):
+            assert static_run.attention[layer].shape == (runner.kv_heads, length)
+            torch.testing.assert_close(static_run.attention[layer], eager.attention[layer], atol=1e-5, rtol=0)
+    generator = torch.Generator().manual_seed(0)
+    for index, from_layer in ((0, 3), (1, 3), (0, 0), (1, 5), (0, 3)):
+        visible = {layer: (torch.rand(runner.kv_heads, length, generator=generator) > 0.5).to(runner.device)
+                   for layer, length in enumerate(lengths) if layer >= from_layer}
+        expected = runs["eager"][index].rerun(from_layer, visible)
+        torch.testing.assert_close(runs["static"][index].rerun(from_layer, visible), expected, atol=1e-5, rtol=0)
+        assert (expected - runs["eager"][index].reference).abs().max() > 1e-4, "hiding keys should change the logits"
+
+
+def test_static_probes_and_reruns_equal_eager_on_ragged_context(tiny_runner):
+    memory = stream(tiny_runner, random_frames(8, seed=3), 2, RaggedSubsetPolicy(seed=0))
+    assert_same_probes(tiny_runner, memory, StaticDecoder(tiny_runner))
