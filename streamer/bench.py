@@ -28,6 +28,7 @@ from typing import Callable
 import torch
 import transformers
 
+from memory.probe import ProbeConfig
 from memory.registry import make_policy
 from streamer.models import load_model
 from streamer.runner import Runner, Timer
@@ -48,6 +49,7 @@ class BenchOptions:
     chunk_frames: int = 64
     policies: list[str] = field(default_factory=lambda: ["full", "emloc", "uniform"])
     fixed_ratio: float | None = None  # time emloc's search-free path: every group takes this ratio
+    answer_tokens: int | None = None  # greedy tokens each probe generates (None: the probe's default, 15)
     decode_tokens: int = 64
     repeats: int = 3
     warmup: int = 1
@@ -183,18 +185,19 @@ def run_bench(opts: BenchOptions) -> dict:
                                tflops=vision_flops(config.vision_config, *patches.grid_thw) / 1e12))
     results["vision"]["tflop_per_s"] = results["vision"]["tflops"] / vision_s
 
+    probe = ProbeConfig() if opts.answer_tokens is None else ProbeConfig(answer_tokens=opts.answer_tokens)
     emloc_options = {}
     if opts.fixed_ratio is not None:  # every candidate passes: one re-forward per group, no search
         emloc_options = dict(ratios=[opts.fixed_ratio, 1.0], delta=1.0)
     factories = dict(
         full=(lambda: make_policy("full"), len(frames)),  # one chunk: the full-context prefill
-        emloc=(lambda: make_policy("emloc", {**_preset_emloc(), **emloc_options}), opts.chunk_frames),
+        emloc=(lambda: make_policy("emloc", {**_preset_emloc(), **emloc_options}, probe), opts.chunk_frames),
     )
     policies = {}
     for name in opts.policies:
         if name == "uniform":
             ratio = policies["emloc"]["video_retention"] if "emloc" in policies else 0.1
-            factories["uniform"] = (lambda r=ratio: make_policy("uniform", {"ratio": r}), opts.chunk_frames)
+            factories["uniform"] = (lambda r=ratio: make_policy("uniform", {"ratio": r}, probe), opts.chunk_frames)
         if name not in factories:
             raise ValueError(f"bench measures full, emloc and uniform; got {name!r}")
         factory, chunk_frames = factories[name]
@@ -305,6 +308,8 @@ def add_parser(sub) -> None:
     p.add_argument("--policies", default=",".join(defaults.policies), help="comma-separated: full,emloc,uniform")
     p.add_argument("--fixed-ratios", type=float, dest="fixed_ratio",
                    help="time emloc's search-free path: every layer group keeps this ratio")
+    p.add_argument("--answer-tokens", type=int,
+                   help="greedy tokens each probe generates before its recorded forward (default 15)")
     p.add_argument("--decode-tokens", type=int, default=defaults.decode_tokens)
     p.add_argument("--repeats", type=int, default=defaults.repeats)
     p.add_argument("--warmup", type=int, default=defaults.warmup)
@@ -327,6 +332,7 @@ def _run(args) -> int:
     opts = BenchOptions(model=args.model, device=args.device, dtype=args.dtype, frames=args.frames,
                         tokens_per_pair=args.tokens_per_pair, chunk_frames=args.chunk_frames,
                         policies=[p for p in args.policies.split(",") if p], fixed_ratio=args.fixed_ratio,
+                        answer_tokens=args.answer_tokens,
                         decode_tokens=args.decode_tokens, repeats=args.repeats, warmup=args.warmup)
     if opts.repeats < 1 or opts.warmup < 0 or opts.frames < 2 or opts.tokens_per_pair < 1:
         raise ValueError("need --repeats >= 1, --warmup >= 0, --frames >= 2 and --tokens-per-pair >= 1")

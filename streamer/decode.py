@@ -45,7 +45,7 @@ log = logging.getLogger("streamer")
 
 BUCKETS = (16, 32, 64, 128, 256, 512)  # padded input lengths; longer inputs take the eager path
 SLOT_ROUND = 256  # buffer sizes are multiples of this (aligned masks, few distinct shapes)
-CONTEXT_GROWTH = 1.25  # headroom when a context outgrows the buffers: regrowth re-records the graphs
+CONTEXT_GROWTH = 1.25  # headroom for a growing context: each regrowth re-records the graphs
 
 Context = list[tuple[torch.Tensor, torch.Tensor]]  # per layer (keys, values), [1, kv_heads, M_l, head_dim]
 
@@ -219,7 +219,7 @@ class StaticDecoder:
         b = self.buffers
         if b is not None and context_tokens <= b.context_slots and answer_slots <= b.capacity - b.context_slots:
             return
-        context_slots = _round_up(context_tokens if b is None else max(context_tokens, CONTEXT_GROWTH * b.context_slots))
+        context_slots = _round_up(CONTEXT_GROWTH * max(context_tokens, b.context_slots if b else 0))
         if b is not None:
             answer_slots = max(answer_slots, b.capacity - b.context_slots)
         self.buffers = None  # free the old buffers and graph pools before allocating the new ones

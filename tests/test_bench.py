@@ -37,9 +37,10 @@ def test_fixed_ratio_takes_that_ratio_everywhere(tmp_path):
     out = tmp_path / "bench.json"
     assert main(["-q", "bench", "--model", "tiny-random", "--device", "cpu", "--frames", "8", "--tokens-per-pair",
                  "4", "--chunk-frames", "4", "--repeats", "1", "--warmup", "0", "--decode-tokens", "2",
-                 "--policies", "emloc", "--fixed-ratios", "0.25", "--out", str(out)]) == 0
-    ratios = json.loads(out.read_text())["policies"]["emloc"]["ratios"]
-    assert all(r == 0.25 for chunk in ratios for r in chunk)
+                 "--policies", "emloc", "--fixed-ratios", "0.25", "--answer-tokens", "0", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert all(r == 0.25 for chunk in report["policies"]["emloc"]["ratios"] for r in chunk)
+    assert report["options"]["answer_tokens"] == 0
 
 
 def test_frame_size_gives_exact_token_counts():

@@ -17,11 +17,14 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,memory.used --format=csv
 
 # GPU and torchvision tests first: CUDA graphs, bf16 builtin answers, the batched vision tower on this
 # transformers, the torchvision video-processor comparisons, and the bench smoke run.
-timeout 240 python3 -m pytest -q -x -p no:cacheprovider tests/test_decode.py tests/test_vision.py tests/test_video_io.py \
+timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_decode.py tests/test_vision.py tests/test_video_io.py \
     tests/test_bench.py tests/test_builtin_model.py -k "not training" 2>&1 | tee "$OUT/tests.log"
 
 # The 7B figures: the paper's EMLoC preset, then the search-free path at 10% retention.
 timeout 200 python3 -m streamer bench --model qwen2-vl-7b-random --out "$OUT/bench_7b.json" \
     --markdown "$OUT/bench_7b.md" 2>&1 | tee "$OUT/bench_7b.log"
-timeout 120 python3 -m streamer bench --model qwen2-vl-7b-random --fixed-ratios 0.1 --policies emloc \
+timeout 100 python3 -m streamer bench --model qwen2-vl-7b-random --fixed-ratios 0.1 --policies emloc \
     --out "$OUT/bench_7b_fixed.json" --markdown "$OUT/bench_7b_fixed.md" 2>&1 | tee "$OUT/bench_7b_fixed.log"
+# The probe without generated answer tokens (each costs a weight-bound decode step per chunk).
+timeout 100 python3 -m streamer bench --model qwen2-vl-7b-random --policies emloc --answer-tokens 0 \
+    --out "$OUT/bench_7b_probe0.json" --markdown "$OUT/bench_7b_probe0.md" 2>&1 | tee "$OUT/bench_7b_probe0.log"
