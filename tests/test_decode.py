@@ -2,22 +2,13 @@
 
 import pytest
 import torch
-from conftest import random_frames
+from conftest import random_frames, stream
 from reference import RaggedSubsetPolicy, one_shot_greedy
 
 from memory.emloc import EmlocConfig, EmlocPolicy
-from memory.policies import FullPolicy
 from streamer.decode import BUCKETS, EagerDecoder, StaticDecoder
 
 QUESTION = "What happens in the video?"
-
-
-def stream(runner, frames, chunk_frames, policy=None):
-    memory = runner.new_memory()
-    policy = policy or FullPolicy()
-    for start in range(0, len(frames), chunk_frames):
-        runner.ingest(memory, frames[start:start + chunk_frames], policy)
-    return memory
 
 
 @torch.inference_mode()

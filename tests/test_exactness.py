@@ -2,20 +2,10 @@
 
 import pytest
 import torch
-from conftest import random_frames
+from conftest import random_frames, stream
 from reference import RaggedSubsetPolicy, one_shot_greedy, one_shot_logits, one_video_inputs
 
-from memory.policies import FullPolicy
-
 QUESTION = "What happens in the video?"
-
-
-def stream(runner, frames, chunk_frames, policy=None):
-    memory = runner.new_memory()
-    policy = policy or FullPolicy()
-    for start in range(0, len(frames), chunk_frames):
-        runner.ingest(memory, frames[start:start + chunk_frames], policy)
-    return memory
 
 
 @pytest.mark.parametrize("frame_count, chunk_frames", [(12, 2), (12, 4), (12, 6), (12, 12), (12, 10000), (11, 4)])
