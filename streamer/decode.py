@@ -186,14 +186,12 @@ class StaticDecoder:
         b = self.buffers
         n = probe.layer_inputs.shape[2]
         b.layer_inputs[n][from_layer].copy_(probe.layer_inputs[from_layer])
-        b.visible_keys.copy_(b.context_visible)
+        b.visible_keys.copy_(b.context_visible)  # undo the last re-run's hidden keys (every _load does too)
         for layer, mask in visible.items():
             if layer >= from_layer:
                 b.visible_keys[layer, :, :mask.shape[1]] = mask
         self.slot, self.position = b.context_slots, probe.next_position
-        logits = self._run(("rerun", n, probe.reference.shape[0], from_layer), probe.count)
-        b.visible_keys.copy_(b.context_visible)
-        return logits
+        return self._run(("rerun", n, probe.reference.shape[0], from_layer), probe.count)
 
     # --- buffers and graphs ---------------------------------------------------------------
 
