@@ -1,9 +1,12 @@
-"""Key/value memory of a video stream and the policies that decide what it keeps."""
+"""Key/value memory of a video stream and the policies that decide what it keeps.
 
-from memory.policies import ChunkContext, MemoryPolicy, Selection
+Nothing here imports the engine: policies reach the model through memory.policy.ChunkModel.
+"""
+
+from memory.policy import ChunkContext, ChunkModel, ChunkProbe, MemoryPolicy, Selection
 from memory.probe import ProbeConfig
 from memory.registry import POLICIES, make_policy
-from memory.store import KVMemory, LayerMemory, MemoryView
+from memory.store import KVMemory, LayerMemory
 
-__all__ = ["POLICIES", "ChunkContext", "KVMemory", "LayerMemory", "MemoryPolicy", "MemoryView", "ProbeConfig",
-           "Selection", "make_policy"]
+__all__ = ["POLICIES", "ChunkContext", "ChunkModel", "ChunkProbe", "KVMemory", "LayerMemory", "MemoryPolicy",
+           "ProbeConfig", "Selection", "make_policy"]

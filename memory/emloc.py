@@ -18,58 +18,53 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from memory.policies import ChunkContext, ProbedPolicy, Selection, check_ratio
-from memory.probe import ProbeConfig, chunk_importance, js_divergence, keep_top, kept_indices, rerun_probe
-
-
-@dataclass
-class EmlocConfig:
-    delta: float = 0.04  # JS bound (nats) per chunk
-    ratios: list[float] = field(default_factory=lambda: [0.02, 0.1, 0.5, 1.0])  # tried smallest first
-    group_size: int = 14  # layers per group (1 = layer-wise); the last group may be smaller
+from memory.policy import ChunkContext, ProbedPolicy, Selection, check_ratio
+from memory.probe import chunk_importance, js_divergence, keep_top, kept_indices
 
 
 def layer_groups(num_layers: int, group_size: int) -> list[range]:
     return [range(start, min(start + group_size, num_layers)) for start in range(0, num_layers, group_size)]
 
 
+@dataclass(kw_only=True)
 class EmlocPolicy(ProbedPolicy):
     name = "emloc"
+    delta: float = 0.04  # JS bound (nats) per chunk
+    ratios: list[float] = field(default_factory=lambda: [0.02, 0.1, 0.5, 1.0])  # tried smallest first
+    group_size: int = 14  # layers per group (1 = layer-wise); the last group may be smaller
 
-    def __init__(self, config: EmlocConfig | None = None, probe: ProbeConfig | None = None):
-        super().__init__(probe)
-        self.config = config or EmlocConfig()
-        if self.config.delta < 0:
-            raise ValueError(f"emloc delta must be >= 0, got {self.config.delta}")
-        if not self.config.ratios:
+    def __post_init__(self):
+        super().__post_init__()
+        if self.delta < 0:
+            raise ValueError(f"emloc delta must be >= 0, got {self.delta}")
+        if not self.ratios:
             raise ValueError("emloc ratios must not be empty")
-        for ratio in self.config.ratios:
+        for ratio in self.ratios:
             check_ratio("every emloc ratio", ratio)
-        if self.config.group_size < 1:
-            raise ValueError(f"emloc group_size must be >= 1, got {self.config.group_size}")
-        self.candidates = sorted(r for r in set(self.config.ratios) if r < 1.0)
+        if self.group_size < 1:
+            raise ValueError(f"emloc group_size must be >= 1, got {self.group_size}")
 
     def select(self, ctx: ChunkContext) -> Selection:
-        runner = ctx.runner
+        num_layers = ctx.model.num_layers
         start = time.perf_counter()
         runs = self.run_probes(ctx)
-        scores = chunk_importance(ctx, runs, self.probe.smoothing)
+        scores = chunk_importance(runs, self.probe.smoothing)
         probe_s = time.perf_counter() - start
 
-        groups = layer_groups(runner.num_layers, self.config.group_size)
+        groups = layer_groups(num_layers, self.group_size)
+        candidates = sorted(r for r in set(self.ratios) if r < 1.0)
         accepted = {}  # layer -> bool [kv_heads, chunk_len], pruned layers only
         ratios, js_values, evaluations = [1.0] * len(groups), [0.0] * len(groups), []
         js_above = 0.0
         for g in reversed(range(len(groups))):
             layers = groups[g]
             chosen, chosen_js = 1.0, js_above
-            for ratio in self.candidates:
+            for ratio in candidates:
                 candidate = {layer: keep_top(scores[layer], ctx.protected, ratio) for layer in layers}
                 keep = {**accepted, **candidate}
-                js = sum(js_divergence(run.reference, rerun_probe(ctx, run, layers.start, keep))
-                         for run in runs) / len(runs)
+                js = sum(js_divergence(run.reference, run.rerun(layers.start, keep)) for run in runs) / len(runs)
                 evaluations.append([g, ratio, js])
-                if js <= self.config.delta:
+                if js <= self.delta:
                     chosen, chosen_js = ratio, js
                     accepted.update(candidate)
                     break
@@ -77,12 +72,12 @@ class EmlocPolicy(ProbedPolicy):
             js_above = chosen_js
         search_s = time.perf_counter() - start - probe_s
 
-        kept = [kept_indices(accepted[layer]) if layer in accepted else None for layer in range(runner.num_layers)]
+        kept = [kept_indices(accepted[layer]) if layer in accepted else None for layer in range(num_layers)]
         if all(k is None for k in kept):
             kept = None
         else:
-            all_tokens = keep_top(scores[0], ctx.protected, 1.0)
-            kept = [k if k is not None else kept_indices(all_tokens) for k in kept]
+            all_tokens = kept_indices(keep_top(scores[0], ctx.protected, 1.0))
+            kept = [k if k is not None else all_tokens for k in kept]
         report = dict(ratios=ratios, js=js_values, groups=[[r.start, r.stop] for r in groups],
                       evaluations=evaluations)
         return Selection(kept, scores, report=report, timings=dict(probe=probe_s, search=search_s))

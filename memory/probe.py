@@ -10,19 +10,21 @@ It tells a policy two things about the chunk it just prefilled (DESIGN.md sectio
 A probe is a prompt (the instruction of a question turn, "<|vision_end|>...assistant\\n") plus
 `answer_tokens` tokens the model generates greedily after it, so that the JS positions are
 the model's own answer about the video rather than template text. Its positions continue
-after the chunk, as if the video ended there.
+after the chunk, as if the video ended there. The engine runs it (`ChunkModel.probe`,
+memory/policy.py); this module holds its options and the maths on what it returns.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-from streamer.decode import ProbeForward
-from streamer.prompt import question_suffix
+if TYPE_CHECKING:
+    from memory.policy import ChunkProbe
 
 GENERIC_PROMPTS = ("Describe what happens in the video.",)
 
@@ -48,42 +50,16 @@ class ProbeConfig:
         return self
 
 
-def run_probe(runner, ctx, prompt: str, config: ProbeConfig) -> ProbeForward:
-    """The probe after the memory and the full chunk: greedy answer tokens, then one recorded forward."""
-    ids = runner.encode(question_suffix(prompt))
-    decoder = runner.decoder(len(ids) + config.answer_tokens)
-    context = ctx.view.context(ctx.chunk_len)
-    if config.answer_tokens:
-        logits = decoder.start(context, ctx.next_position, ids, config.answer_tokens)
-        for step in range(config.answer_tokens):
-            ids = [*ids, int(logits.argmax())]
-            if step + 1 < config.answer_tokens:
-                logits = decoder.step(ids[-1])
-    return decoder.probe(context, ctx.next_position, ids, rows=min(config.js_positions, len(ids)))
-
-
-def chunk_importance(ctx, runs: list[ProbeForward], smoothing: int) -> list[torch.Tensor]:
+def chunk_importance(runs: list["ChunkProbe"], smoothing: int) -> list[torch.Tensor]:
     """Per layer [kv_heads, chunk_len]: the probes' attention to the chunk's tokens, summed over
     probes, average-pooled along token order."""
     scores = []
-    for layer, layer_attention in enumerate(zip(*(run.attention for run in runs))):
-        start = ctx.view.memory_lengths[layer]
-        total = torch.stack(layer_attention).sum(dim=0)[:, start:start + ctx.chunk_len]
+    for layer_attention in zip(*(run.attention for run in runs)):
+        total = torch.stack(layer_attention).sum(dim=0)
         if smoothing > 1:
             total = F.avg_pool1d(total[None], smoothing, stride=1, padding=smoothing // 2, count_include_pad=False)[0]
         scores.append(total)
     return scores
-
-
-def rerun_probe(ctx, run: ProbeForward, from_layer: int, keep: dict[int, torch.Tensor]) -> torch.Tensor:
-    """Probe logits [K, vocab] with chunk tokens hidden per layer and head by keep[l] (bool
-    [kv_heads, chunk_len]); layers from `from_layer` up are re-run from the stored hidden state,
-    which is exact as long as no layer below `from_layer` is pruned."""
-    visible = {}
-    for layer, kept in keep.items():
-        start = ctx.view.memory_lengths[layer]
-        visible[layer] = torch.cat([kept.new_ones(kept.shape[0], start), kept], dim=1)
-    return run.rerun(from_layer, visible)
 
 
 def js_divergence(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:

@@ -1,4 +1,4 @@
-"""Per-layer key/value memory with absolute positions, and a transient view for forwards.
+"""Per-layer key/value memory with absolute positions: what a stream keeps, and how it grows.
 
 Keys are stored after RoPE, so a kept token needs no re-rotation and its position never
 changes; `positions` records the (t, h, w) position each kept token was given, per KV head,
@@ -9,8 +9,12 @@ the same number of tokens, so a layer's cache is one dense tensor, but layers ma
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from memory.policy import Selection
 
 
 @dataclass
@@ -60,55 +64,54 @@ class KVMemory:
         counts = self.tokens_per_layer()
         return sum(counts) / len(counts)
 
+    def check_grid(self, grid_hw: tuple[int, int]) -> None:
+        """Refuse frames of another size than the stream's (before any work is spent on them)."""
+        if self.grid_hw is not None and self.grid_hw != tuple(grid_hw):
+            raise ValueError(f"frame size changed mid-stream: patch grid {tuple(grid_hw)} after {self.grid_hw}; "
+                             "every frame of a stream must have the same size")
 
-class MemoryView:
-    """A context (a memory's per-layer keys and values) plus room for `extra` new tokens per
-    layer, for one forward or one answer.
+    def position_after(self, positions: torch.Tensor) -> int:
+        """Where text after tokens at `positions` [n, 3] starts: 1 + the largest position used."""
+        return max(self.next_position, int(positions.max()) + 1)
 
-    Attention modules call `update(keys, values, layer)` as on a transformers Cache; the new
-    keys are written after the memory in a buffer allocated once, so decoding appends in place
-    and the memory itself is never modified. `rewind` drops what was written after a point,
-    so probe forwards can be re-run over the same chunk without copying anything.
-    """
+    def commit(self, new_kv: list[tuple[torch.Tensor, torch.Tensor]], positions: torch.Tensor,
+               protected: torch.Tensor, selection: "Selection", *, frames: int, grid_thw: tuple[int, int, int],
+               video_start: int, report: dict) -> dict:
+        """Append a chunk's kept tokens to every layer, in position order, and advance the stream.
 
-    def __init__(self, context: list[tuple[torch.Tensor, torch.Tensor]], extra: int):
-        self.memory_lengths = [keys.shape[2] for keys, _ in context]
-        self.lengths = list(self.memory_lengths)
-        self.keys, self.values = [], []
-        for layer_keys, layer_values in context:
-            b, h, m, d = layer_keys.shape
-            keys = layer_keys.new_empty(b, h, m + extra, d)
-            values = layer_values.new_empty(b, h, m + extra, d)
-            keys[:, :, :m] = layer_keys
-            values[:, :, :m] = layer_values
-            self.keys.append(keys)
-            self.values.append(values)
-
-    def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *args, **kwargs):
-        start, n = self.lengths[layer_idx], keys.shape[2]
-        if start + n > self.keys[layer_idx].shape[2]:
-            raise RuntimeError(f"memory view of layer {layer_idx} is full: {start} + {n} tokens")
-        end = start + n
-        self.keys[layer_idx][:, :, start:end] = keys
-        self.values[layer_idx][:, :, start:end] = values
-        self.lengths[layer_idx] = end
-        return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]
-
-    def rewind(self, new_tokens: int, layers: range | None = None) -> None:
-        """Keep only the first `new_tokens` tokens written after the memory (in `layers`, default all)."""
-        for idx in layers if layers is not None else range(len(self.lengths)):
-            self.lengths[idx] = self.memory_lengths[idx] + new_tokens
-
-    def context(self, new_tokens: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per layer (keys, values) of the memory and the first `new_tokens` written after it."""
-        ends = [start + new_tokens for start in self.memory_lengths]
-        return [(k[:, :, :end], v[:, :, :end]) for k, v, end in zip(self.keys, self.values, ends)]
-
-    def new_tokens(self, layer_idx: int, count: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values written into this view after the memory (the first `count` of them)."""
-        start = self.memory_lengths[layer_idx]
-        end = self.lengths[layer_idx] if count is None else start + count
-        return self.keys[layer_idx][:, :, start:end], self.values[layer_idx][:, :, start:end]
+        new_kv[l]: the chunk's keys and values in layer l, [1, kv_heads, chunk_len, head_dim];
+        positions: [chunk_len, 3]; protected: [chunk_len] bool (stored with infinite importance);
+        selection: the policy's choice (memory.policy); grid_thw: the chunk's patch grid; video_start:
+        where the stream's vision block starts. Evicts old tokens first when a budget is set. All or
+        nothing: a chunk refused (frame size, budget) leaves the memory as it was. Returns the chunk's
+        record -- `report` plus kept, evicted and memory_tokens -- which is also kept in `chunks`.
+        """
+        self.check_grid(grid_thw[1:])
+        chunk_len = positions.shape[0]
+        heads = self.layers[0].keys.shape[1]
+        kept, scores = selection.kept, selection.scores
+        incoming = [chunk_len] * len(self.layers) if kept is None else [k.shape[1] for k in kept]
+        evicted = make_room(self, incoming)
+        for idx, (layer, (keys, values)) in enumerate(zip(self.layers, new_kv)):
+            device = layer.positions.device
+            importance = torch.zeros(heads, chunk_len, device=device) if scores is None else scores[idx].float().to(device)
+            importance = importance.masked_fill(protected.to(device), float("inf"))
+            new = LayerMemory(keys, values, positions.to(device).unsqueeze(0).expand(heads, -1, -1), importance)
+            if kept is not None:
+                _keep_columns(new, kept[idx].to(device))
+            layer.keys = torch.cat([layer.keys, new.keys], dim=2)
+            layer.values = torch.cat([layer.values, new.values], dim=2)
+            layer.positions = torch.cat([layer.positions, new.positions], dim=1)
+            layer.importance = torch.cat([layer.importance, new.importance], dim=1)
+        self.next_position = self.position_after(positions)
+        self.video_start = video_start
+        self.grid_hw = tuple(grid_thw[1:])
+        self.temporal_groups += grid_thw[0]
+        self.frames += frames
+        self.full_tokens += chunk_len
+        record = dict(report, kept=incoming, evicted=evicted, memory_tokens=self.mean_tokens())
+        self.chunks.append(record)
+        return record
 
 
 def _keep_columns(layer: LayerMemory, keep: torch.Tensor) -> None:
@@ -148,28 +151,3 @@ def make_room(memory: KVMemory, incoming: list[int]) -> list[int]:
     return excesses
 
 
-def commit_chunk(memory: KVMemory, view: MemoryView, positions: torch.Tensor, protected: torch.Tensor,
-                 kept: list[torch.Tensor] | None, scores: list[torch.Tensor] | None) -> list[int]:
-    """Append the chunk's kept tokens (all if `kept` is None) to every layer, in position order.
-
-    positions: [chunk_len, 3]; protected: [chunk_len] bool (stored with infinite importance);
-    kept[l]: [kv_heads, k] sorted chunk indices; scores[l]: [kv_heads, chunk_len] importance.
-    Evicts old tokens first when a budget is set. Returns the tokens evicted per layer.
-    """
-    chunk_len = positions.shape[0]
-    heads = memory.layers[0].keys.shape[1]
-    incoming = [chunk_len] * len(memory.layers) if kept is None else [k.shape[1] for k in kept]
-    evicted = make_room(memory, incoming)
-    for idx, layer in enumerate(memory.layers):
-        keys, values = view.new_tokens(idx, chunk_len)
-        device = layer.positions.device
-        importance = torch.zeros(heads, chunk_len, device=device) if scores is None else scores[idx].float().to(device)
-        importance = importance.masked_fill(protected.to(device), float("inf"))
-        new = LayerMemory(keys, values, positions.to(device).unsqueeze(0).expand(heads, -1, -1), importance)
-        if kept is not None:
-            _keep_columns(new, kept[idx].to(device))
-        layer.keys = torch.cat([layer.keys, new.keys], dim=2)
-        layer.values = torch.cat([layer.values, new.values], dim=2)
-        layer.positions = torch.cat([layer.positions, new.positions], dim=1)
-        layer.importance = torch.cat([layer.importance, new.importance], dim=1)
-    return evicted

@@ -1,9 +1,14 @@
 import numpy as np
 import pytest
+import torch
 
-from memory.policies import FullPolicy
-from streamer.models import load_model
-from streamer.runner import Runner
+from memory.baselines import FullPolicy
+from streamer.engine.models import load_model
+from streamer.engine.positions import text_positions
+from streamer.engine.prompt import question_suffix
+from streamer.engine.runner import Runner
+from streamer.engine.stream import ingest_video
+from streamer.engine.view import MemoryView
 from video_io.preprocess import VisionPreset
 
 # 56 x 112 frames at exactly that many pixels: a 4 x 8 patch grid, 8 tokens per frame pair.
@@ -20,10 +25,15 @@ def random_frames(count: int, seed: int = 0, size=(56, 112)) -> list[np.ndarray]
     return [rng.integers(0, 256, (*size, 3), dtype=np.uint8) for _ in range(count)]
 
 
-def stream(runner: Runner, frames: list[np.ndarray], chunk_frames: int, policy=None):
+def stream(runner: Runner, frames: list[np.ndarray], chunk_frames: int, policy=None, budget=None):
     """A memory of `frames` ingested `chunk_frames` at a time (default policy: keep everything)."""
-    memory = runner.new_memory()
-    policy = policy or FullPolicy()
-    for start in range(0, len(frames), chunk_frames):
-        runner.ingest(memory, frames[start:start + chunk_frames], policy)
-    return memory
+    return ingest_video(runner, frames, policy or FullPolicy(), chunk_frames, runner.new_memory(budget=budget))
+
+
+@torch.inference_mode()
+def question_logits(runner: Runner, memory, question: str) -> torch.Tensor:
+    """Float32 logits at every position of the question suffix after the memory: [suffix_len, vocab]."""
+    ids = runner.encode(question_suffix(question))
+    view = MemoryView(memory.context(), extra=len(ids))
+    hidden = runner.forward_layers(runner.embed_tokens(ids), text_positions(memory.next_position, len(ids)), view)
+    return runner.logits(hidden)[0]

@@ -13,11 +13,11 @@ import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from memory.policies import ChunkContext, MemoryPolicy, Selection
-from streamer.attention import MEMORY_ATTENTION
-from streamer.positions import as_position_ids, text_positions, video_positions
-from streamer.prompt import question_suffix
-from streamer.runner import Runner
+from memory.policy import ChunkContext, MemoryPolicy, Selection
+from streamer.engine.attention import MEMORY_ATTENTION
+from streamer.engine.positions import as_position_ids, text_positions, video_positions
+from streamer.engine.prompt import question_suffix
+from streamer.engine.runner import Runner
 from video_io.preprocess import preprocess_frames
 
 REFERENCE_ATTENTION = "test_reference_masked"
@@ -96,10 +96,9 @@ class RaggedSubsetPolicy(MemoryPolicy):
 
     def select(self, ctx: ChunkContext) -> Selection:
         kept = []
-        for layer in range(len(ctx.memory.layers)):
+        for _ in range(ctx.model.num_layers):
             k = int(torch.randint(1, ctx.chunk_len + 1, (1,), generator=self.generator))
-            heads = ctx.view.keys[layer].shape[1]
             kept.append(torch.stack([torch.randperm(ctx.chunk_len, generator=self.generator)[:k].sort().values
-                                     for _ in range(heads)]))
+                                     for _ in range(ctx.model.kv_heads)]))
         self.kept_by_chunk.append(kept)
         return Selection(kept=kept)

@@ -5,9 +5,9 @@ import json
 import pytest
 from transformers import Qwen2VLConfig
 
-from streamer.bench import frame_size, llm_prefill_flops, vision_flops
+from streamer.cli.bench import frame_size, llm_prefill_flops, vision_flops
 from streamer.cli import main
-from streamer.models import builtin_config, tiny_tokenizer
+from streamer.engine.models import builtin_config, tiny_tokenizer
 
 
 def test_bench_smoke(tmp_path, capsys):

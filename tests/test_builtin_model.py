@@ -6,14 +6,15 @@ from dataclasses import asdict
 
 import pytest
 import torch
+from conftest import question_logits, stream
 
-from memory.policies import FullPolicy
-from streamer.attention import MEMORY_ATTENTION
-from streamer.models import BUILTIN_DIR, load_model
-from streamer.runner import Runner
-from streamer.synthetic_qa import BUILTIN_PRESET, COLOURS, FAMILIES, make_video
-from streamer.train import (DEFAULT_CONFIG, ModelConfig, Packer, Stage, TrainConfig, batch_loss, build_model, main,
-                            make_batch)
+from memory.baselines import FullPolicy
+from streamer.builtin.train import (DEFAULT_CONFIG, ModelConfig, Packer, Stage, TrainConfig, batch_loss, build_model,
+                                    main, make_batch)
+from streamer.builtin.videos import BUILTIN_PRESET, COLOURS, FAMILIES, make_video
+from streamer.engine.attention import MEMORY_ATTENTION
+from streamer.engine.models import BUILTIN_DIR, load_model
+from streamer.engine.runner import Runner
 
 TINY = ModelConfig(hidden=32, intermediate=64, layers=2, heads=2, kv_heads=1, mrope_section=[2, 3, 3],
                    vision_dim=32, vision_heads=2)
@@ -36,10 +37,7 @@ def held_out_correct(runner: Runner) -> Counter:
     correct = Counter()
     for seed in range(8):
         video = make_video(seed, 96)
-        memory = runner.new_memory()
-        frames = video.frames()
-        for start in range(0, len(frames), 32):
-            runner.ingest(memory, frames[start:start + 32], FullPolicy())
+        memory = stream(runner, video.frames(), 32)
         for qa in video.questions(FAMILIES):
             correct[qa.family] += runner.answer(memory, qa.question, max_new_tokens=4).text == qa.answer
     return correct
@@ -83,7 +81,7 @@ def test_training_layout_is_what_the_runner_computes(builtin):
     memory = builtin.new_memory()
     builtin.ingest(memory, video.frames(), FullPolicy())
     for row, qa in zip(first_answer_rows, video.questions(FAMILIES), strict=True):
-        expected = builtin.question_logits(memory, qa.question)[-1]
+        expected = question_logits(builtin, memory, qa.question)[-1]
         with torch.no_grad():
             logits = model.lm_head(hidden[0, row])  # hidden is already normed
         torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)

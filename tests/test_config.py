@@ -53,7 +53,7 @@ def test_policy_sections_and_probe(tmp_path):
                     '[probe]\nmode = "question"\njs_positions = 4\n')
     config = load_config(str(path)).validate()
     policy = config.make_policy("Why?")
-    assert policy.config.delta == 0.1 and policy.config.ratios == [0.05, 1.0]
+    assert policy.delta == 0.1 and policy.ratios == [0.05, 1.0]
     assert policy.probe.prompts == ["Why?"] and policy.probe.js_positions == 4
     path.write_text("[emloc]\ndelt = 0.1\n")
     with pytest.raises(ValueError, match="delt"):

@@ -5,8 +5,8 @@ import torch
 from conftest import random_frames, stream
 from reference import RaggedSubsetPolicy, one_shot_greedy
 
-from memory.emloc import EmlocConfig, EmlocPolicy
-from streamer.decode import BUCKETS, EagerDecoder, StaticDecoder
+from memory.emloc import EmlocPolicy
+from streamer.engine.decode import BUCKETS, EagerDecoder, StaticDecoder
 
 QUESTION = "What happens in the video?"
 
@@ -104,8 +104,8 @@ def test_static_decoder_refuses_more_steps_than_reserved(tiny_runner):
 def test_cuda_graph_replays_equal_eager_forwards():
     from conftest import TEST_PRESET
 
-    from streamer.models import load_model
-    from streamer.runner import Runner
+    from streamer.engine.models import load_model
+    from streamer.engine.runner import Runner
 
     runner = Runner(load_model("tiny-random", device="cuda", dtype="float32"), preset=TEST_PRESET)
     memory = stream(runner, random_frames(8, seed=3), 2, RaggedSubsetPolicy(seed=0))
@@ -119,7 +119,7 @@ def test_cuda_graph_replays_equal_eager_forwards():
 
 def test_probe_answers_through_the_static_decoder_choose_the_same_memory(tiny_runner):
     frames = random_frames(8, seed=9)
-    policy = EmlocPolicy(EmlocConfig(delta=0.02, ratios=[0.1, 0.5, 1.0], group_size=2))
+    policy = EmlocPolicy(delta=0.02, ratios=[0.1, 0.5, 1.0], group_size=2)
     eager = stream(tiny_runner, frames, 4, policy)
     saved, tiny_runner.static_decoder = tiny_runner.static_decoder, StaticDecoder(tiny_runner)
     try:

@@ -15,7 +15,7 @@ from streamer.evaluation.prefetch import prefetch
 from streamer.evaluation.results import merge_results, rank_path, rank_paths, read_results, shard, summarize
 from streamer.evaluation.run import Distributed
 from streamer.evaluation.videomme import Question, build_prompt, extract_answer_letter, load_questions
-from streamer.runner import Answer, Runner
+from streamer.engine.runner import Answer, Runner
 from video_io.errors import VideoError
 from video_io.preprocess import VisionPreset, preprocess_frames, resize_frames
 from video_io.synthetic import write_video

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import random_frames, stream
+from conftest import question_logits, random_frames, stream
 from reference import RaggedSubsetPolicy, one_shot_greedy, one_shot_logits, one_video_inputs
 
 QUESTION = "What happens in the video?"
@@ -12,7 +12,7 @@ QUESTION = "What happens in the video?"
 def test_chunked_logits_equal_one_shot(tiny_runner, frame_count, chunk_frames):
     frames = random_frames(frame_count)
     memory = stream(tiny_runner, frames, chunk_frames)
-    chunked = tiny_runner.question_logits(memory, QUESTION)
+    chunked = question_logits(tiny_runner, memory, QUESTION)
     reference = one_shot_logits(tiny_runner, frames, QUESTION)
     assert chunked.shape == reference.shape
     torch.testing.assert_close(chunked, reference, atol=1e-5, rtol=0)
@@ -66,7 +66,7 @@ def test_ragged_per_layer_memory_equals_masked_recomputation(tiny_runner):
         same_chunk = key_chunk[:, None].eq(key_chunk[None, :]) & key_chunk[:, None].ge(0)  # [query, key]
         return kept[:, None, :] | same_chunk[None]
 
-    chunked = tiny_runner.question_logits(memory, QUESTION)
+    chunked = question_logits(tiny_runner, memory, QUESTION)
     reference = one_shot_logits(tiny_runner, frames, QUESTION, key_mask=key_mask)
     torch.testing.assert_close(chunked, reference, atol=1e-5, rtol=0)
     full = one_shot_logits(tiny_runner, frames, QUESTION)

@@ -5,30 +5,23 @@ import math
 
 import pytest
 import torch
-from conftest import random_frames
+from conftest import question_logits, random_frames, stream
 from reference import one_shot_logits
 
-from memory.emloc import EmlocConfig, EmlocPolicy, layer_groups
-from memory.policies import FullPolicy, pyramid_ratios
+from memory.baselines import FullPolicy, pyramid_ratios
+from memory.emloc import EmlocPolicy, layer_groups
 from memory.probe import ProbeConfig, js_divergence
-from memory.registry import POLICIES, make_policy
-from memory.store import MemoryView
-from streamer.positions import text_positions
-from streamer.prompt import question_suffix
+from memory.registry import POLICIES, make_policy, policies_with
+from streamer.engine.positions import text_positions
+from streamer.engine.prompt import question_suffix
+from streamer.engine.view import MemoryView
 
 QUESTION = "What happens in the video?"
 PROBE = ProbeConfig(js_positions=4, answer_tokens=3)
 
 
-def stream(runner, frames, chunk_frames, policy, budget=None):
-    memory = runner.new_memory(budget=budget)
-    for start in range(0, len(frames), chunk_frames):
-        runner.ingest(memory, frames[start:start + chunk_frames], policy)
-    return memory
-
-
 def emloc(delta, ratios=(0.1, 0.5, 1.0), group_size=2, probe=PROBE):
-    return EmlocPolicy(EmlocConfig(delta=delta, ratios=list(ratios), group_size=group_size), probe)
+    return EmlocPolicy(delta=delta, ratios=list(ratios), group_size=group_size, probe=probe)
 
 
 def kept_mask_reference(runner, memory, full_memory):
@@ -59,8 +52,8 @@ def test_delta_zero_keeps_the_full_context(tiny_runner):
         memory = stream(tiny_runner, frames, 4, policy)
         assert memory.tokens_per_layer() == full.tokens_per_layer()
         assert all(ratio == 1.0 for chunk in memory.chunks for ratio in chunk["ratios"])
-        torch.testing.assert_close(tiny_runner.question_logits(memory, QUESTION),
-                                   tiny_runner.question_logits(full, QUESTION), atol=1e-5, rtol=0)
+        torch.testing.assert_close(question_logits(tiny_runner, memory, QUESTION),
+                                   question_logits(tiny_runner, full, QUESTION), atol=1e-5, rtol=0)
 
 
 def test_delta_one_takes_the_smallest_ratio_everywhere(tiny_runner):
@@ -135,13 +128,13 @@ def test_pruned_memory_answers_exactly_like_a_masked_full_forward(tiny_runner):
             assert torch.all(mine[1:, 0] >= mine[:-1, 0])
             assert all((full_layer.positions[head] == p).all(-1).any() for p in mine)
     reference = one_shot_logits(tiny_runner, frames, QUESTION, key_mask=kept_mask_reference(tiny_runner, memory, full))
-    torch.testing.assert_close(tiny_runner.question_logits(memory, QUESTION), reference, atol=1e-5, rtol=0)
+    torch.testing.assert_close(question_logits(tiny_runner, memory, QUESTION), reference, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("name", list(POLICIES))
 def test_every_policy_runs_and_keeps_prompt_text(tiny_runner, name):
     frames = random_frames(8, seed=9)
-    options = {"ratio": 0.25} if name in ("uniform", "pyramid", "window", "random") else {}
+    options = {"ratio": 0.25} if name in policies_with("ratio") else {}
     if name == "emloc":
         options = {"delta": 0.05, "ratios": [0.25, 1.0], "group_size": 3}
     policy = make_policy(name, options, PROBE)
@@ -200,10 +193,10 @@ def test_generic_memory_serves_questions_while_it_grows(tiny_runner):
     memory = tiny_runner.new_memory()
     for start in (0, 4):
         tiny_runner.ingest(memory, frames[start:start + 4], policy)
-    before = tiny_runner.question_logits(memory, QUESTION)
+    before = question_logits(tiny_runner, memory, QUESTION)
     first = tiny_runner.answer(memory, QUESTION, max_new_tokens=3)
-    torch.testing.assert_close(tiny_runner.question_logits(memory, "Another question?")[:0], before[:0])
-    torch.testing.assert_close(tiny_runner.question_logits(memory, QUESTION), before, atol=0, rtol=0)
+    torch.testing.assert_close(question_logits(tiny_runner, memory, "Another question?")[:0], before[:0])
+    torch.testing.assert_close(question_logits(tiny_runner, memory, QUESTION), before, atol=0, rtol=0)
     tiny_runner.ingest(memory, frames[8:], policy)  # more video after a question: memory extended, not rebuilt
     assert len(memory.chunks) == 3
     later = tiny_runner.answer(memory, QUESTION, max_new_tokens=3)

@@ -1,10 +1,10 @@
 import pytest
 import torch
-from conftest import TEST_PRESET, random_frames
+from conftest import TEST_PRESET, question_logits, random_frames
 
-from memory.policies import FullPolicy
-from streamer.models import BUILTIN_MODELS, build_random_model, builtin_config, load_model, tiny_tokenizer
-from streamer.runner import Runner
+from memory.baselines import FullPolicy
+from streamer.engine.models import BUILTIN_MODELS, build_random_model, builtin_config, load_model, tiny_tokenizer
+from streamer.engine.runner import Runner
 
 
 def test_tiny_random_is_deterministic():
@@ -32,7 +32,7 @@ def test_save_and_load_round_trip(tmp_path):
         runner = Runner(model, preset=TEST_PRESET)
         memory = runner.new_memory()
         runner.ingest(memory, frames, FullPolicy())
-        logits.append(runner.question_logits(memory, "What is it?"))
+        logits.append(question_logits(runner, memory, "What is it?"))
     torch.testing.assert_close(logits[0], logits[1], atol=0, rtol=0)
 
 

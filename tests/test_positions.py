@@ -2,7 +2,7 @@
 
 import torch
 
-from streamer.positions import as_position_ids, text_positions, video_positions
+from streamer.engine.positions import as_position_ids, text_positions, video_positions
 
 
 def test_text_positions_are_equal_on_all_axes():

@@ -18,18 +18,19 @@ from contextlib import contextmanager
 
 import numpy as np
 import pytest
-from conftest import random_frames
+from conftest import random_frames, stream
 from PIL import Image
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-from streamer.ask import ask_video
-from streamer.client import ServerError, StreamerClient, encode_image
+from streamer.cli.ask import ask_video
+from streamer.service.client import ServerError, StreamerClient
 from streamer.config import load_config, override
-from streamer.server import StreamServer
-from streamer.session import ServerLimits
+from streamer.service.server import StreamServer
+from streamer.service.protocol import ServerLimits
 from video_io.sampling import Sampling
 from video_io.sources import FileSource
+from video_io.images import encode_image
 from video_io.synthetic import write_video
 
 PIXELS = 56 * 112
@@ -131,9 +132,7 @@ def test_eight_concurrent_sessions_get_their_own_answers(tiny_runner):
     policy = server_config().make_policy()
     expected = []
     for frames in videos:
-        memory = tiny_runner.new_memory()
-        for start in range(0, 8, 4):
-            tiny_runner.ingest(memory, frames[start:start + 4], policy)
+        memory = stream(tiny_runner, frames, 4, policy)
         expected.append([tiny_runner.answer(memory, q, 6).text for q in questions])
 
     async def one(url, frames):
@@ -266,19 +265,34 @@ def test_session_limit_token_and_health(tiny_runner):
     assert json.loads(response.body)["code"] == "unauthorized"
 
 
-def slowed(runner, seconds):
-    """The runner with ingest slowed down, so that work queues up."""
+def slowed(runner, seconds, jobs=None):
+    """The runner's ingest slowed down, so that work queues up; each call is noted in `jobs` as it starts."""
     original = runner.ingest
 
     def ingest(*args, **kwargs):
+        if jobs is not None:
+            jobs.append("ingest")
         time.sleep(seconds)
         return original(*args, **kwargs)
 
     return ingest
 
 
+def noted(runner, jobs):
+    """The runner's answer, noting each call in `jobs` as it starts."""
+    original = runner.answer
+
+    def answer(*args, **kwargs):
+        jobs.append("ask")
+        return original(*args, **kwargs)
+
+    return answer
+
+
 def test_questions_overtake_queued_ingestion(tiny_runner, monkeypatch):
-    monkeypatch.setattr(tiny_runner, "ingest", slowed(tiny_runner, 0.3))
+    jobs = []  # model jobs in the order they ran
+    monkeypatch.setattr(tiny_runner, "ingest", slowed(tiny_runner, 0.3, jobs))
+    monkeypatch.setattr(tiny_runner, "answer", noted(tiny_runner, jobs))
     limits = ServerLimits(max_queued_chunks=8, max_pending_frames=64)
 
     async def scenario(url, server):
@@ -288,19 +302,19 @@ def test_questions_overtake_queued_ingestion(tiny_runner, monkeypatch):
             await client.wait_ingested()
             await push(client, random_frames(16, seed=1))  # four more chunks queue up
             await client.ask("What now?", max_new_tokens=2)
-            history = list(server.shared.scheduler.history)
+            kinds = list(jobs)
             await client.wait_ingested()
-        return history
+        return kinds
 
     with running_server(tiny_runner, limits) as (server, url):
-        history = asyncio.run(scenario(url, server))
-    kinds = [kind for kind, _ in history]
+        kinds = asyncio.run(scenario(url, server))
     # 1 chunk before, at most 1 running when the question came (+1 for frame-decoding slack), 4 queued
     assert kinds.index("ask") <= 3, f"the question waited for the queued chunks: {kinds}"
 
 
 def test_disconnect_mid_ingest_frees_the_session(tiny_runner, monkeypatch):
-    monkeypatch.setattr(tiny_runner, "ingest", slowed(tiny_runner, 0.2))
+    jobs = []
+    monkeypatch.setattr(tiny_runner, "ingest", slowed(tiny_runner, 0.2, jobs))
     limits = ServerLimits(max_queued_chunks=8, max_pending_frames=64)
 
     async def scenario(url, server):
@@ -317,7 +331,7 @@ def test_disconnect_mid_ingest_frees_the_session(tiny_runner, monkeypatch):
                 break
             await asyncio.sleep(0.05)
         await asyncio.sleep(0.5)  # any chunk already running on the model thread finishes
-        return memory, queued, len(server.shared.scheduler.history)
+        return memory, queued, len(jobs)
 
     with running_server(tiny_runner, limits) as (server, url):
         memory, queued, jobs_run = asyncio.run(scenario(url, server))

@@ -5,25 +5,23 @@ import struct
 
 import pytest
 import torch
-from conftest import random_frames
+from conftest import question_logits, random_frames
 from reference import RaggedSubsetPolicy
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import memory.snapshot as snapshot
-from memory.policies import FullPolicy
+from memory.baselines import FullPolicy
 from memory.snapshot import STREAM_FIELDS, TENSOR_FIELDS, load_memory, model_identity, save_memory
-from streamer.models import build_random_model, builtin_config, tiny_tokenizer
+from streamer.engine.models import build_random_model, builtin_config, tiny_tokenizer
+from streamer.engine.stream import ingest_video
 
 QUESTION = "What happens in the video?"
 CONFIG = {"model": "tiny-random", "policy": "full", "chunk_frames": 2}
 
 
 def stream(runner, frames, policy, memory=None, chunk_frames=2):
-    memory = memory if memory is not None else runner.new_memory()
-    for start in range(0, len(frames), chunk_frames):
-        runner.ingest(memory, frames[start:start + chunk_frames], policy)
-    return memory
+    return ingest_video(runner, frames, policy, chunk_frames, memory)
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +54,7 @@ def test_round_trip_answers_identically(tiny_runner, identity, tmp_path, policy)
             a, b = getattr(original, name), getattr(restored, name)
             assert a.dtype == b.dtype and torch.equal(a, b), name  # torch.equal: inf == inf
     assert torch.isinf(loaded.layers[0].importance).any(), "prompt text should stay protected"
-    assert torch.equal(tiny_runner.question_logits(loaded, QUESTION), tiny_runner.question_logits(memory, QUESTION))
+    assert torch.equal(question_logits(tiny_runner, loaded, QUESTION), question_logits(tiny_runner, memory, QUESTION))
     assert (tiny_runner.answer(loaded, QUESTION, max_new_tokens=6).token_ids
             == tiny_runner.answer(memory, QUESTION, max_new_tokens=6).token_ids)
 
@@ -68,8 +66,8 @@ def test_loaded_memory_continues_the_stream(tiny_runner, identity, tmp_path):
     resumed = stream(tiny_runner, frames[4:], FullPolicy(), memory=load_memory(path, identity)[0])
     continuous = stream(tiny_runner, frames, FullPolicy())
     assert resumed.frames == continuous.frames and resumed.next_position == continuous.next_position
-    torch.testing.assert_close(tiny_runner.question_logits(resumed, QUESTION),
-                               tiny_runner.question_logits(continuous, QUESTION), atol=1e-6, rtol=0)
+    torch.testing.assert_close(question_logits(tiny_runner, resumed, QUESTION),
+                               question_logits(tiny_runner, continuous, QUESTION), atol=1e-6, rtol=0)
 
 
 def test_same_architecture_other_weights_is_refused(identity, saved):

@@ -3,8 +3,8 @@ import re
 import numpy as np
 import pytest
 
-from streamer.models import tiny_tokenizer
-from streamer.synthetic_qa import (ASK, COLOURS, EVENT_FRAMES, FAMILIES, FRAME, MAX_EVENTS, MIN_EVENTS, SHAPES,
+from streamer.engine.models import tiny_tokenizer
+from streamer.builtin.videos import (ASK, COLOURS, EVENT_FRAMES, FAMILIES, FRAME, MAX_EVENTS, MIN_EVENTS, SHAPES,
                                    TRAIN_FAMILIES, Event, SyntheticVideo, make_video, min_frames, shape_mask)
 
 

@@ -21,16 +21,16 @@ from video_io import (
     NoFramesError,
     NotAVideoError,
     NoVideoStreamError,
-    PushSource,
-    QueueFullError,
     Sampling,
     StreamSource,
     UnreadableStreamError,
     VideoError,
     VideoNotFoundError,
     VisionPreset,
+    decode_image,
     decode_index,
     demo_frame,
+    encode_image,
     fps_indices,
     index_frame,
     iter_frames,
@@ -226,7 +226,7 @@ def test_zero_frame_video(zero_frames):
 
 def test_errors_share_a_base():
     errors = [VideoNotFoundError, NotAVideoError, NoVideoStreamError, NoFramesError, UnreadableStreamError]
-    assert all(issubclass(error, VideoError) for error in [*errors, QueueFullError])
+    assert all(issubclass(error, VideoError) for error in errors)
 
 
 # ---------------------------------------------------------------- sampling
@@ -341,59 +341,11 @@ def test_stream_source_audio_only(audio_only):
         StreamSource(audio_only)
 
 
-# ---------------------------------------------------------------- push source
+# ---------------------------------------------------------------- encoded images
 
 
 def rgb(value: int, h: int = 8, w: int = 12) -> np.ndarray:
     return np.full((h, w, 3), value, np.uint8)
-
-
-def test_push_source_push_iterate_close():
-    source = PushSource()
-    for i in range(3):
-        source.push(rgb(10 * i), ts=0.5 * i)
-    assert source.qsize() == 3
-    source.close()
-    frames = list(source)
-    assert [f.index for f in frames] == [0, 1, 2]
-    assert [f.ts for f in frames] == [0.0, 0.5, 1.0]
-    assert [int(f.image[0, 0, 0]) for f in frames] == [0, 10, 20]
-    with pytest.raises(VideoError, match="closed"):
-        source.push(rgb(0))
-
-
-def test_push_source_copies_and_timestamps_arrivals():
-    source = PushSource()
-    image = rgb(7)
-    source.push(image)
-    image[:] = 99  # the caller reusing its buffer must not change the queued frame
-    time.sleep(0.05)
-    source.push(rgb(8))
-    first, second = source.get(timeout=0), source.get(timeout=0)
-    assert int(first.image[0, 0, 0]) == 7
-    assert first.ts == 0.0 and 0.04 < second.ts < 1.0
-    assert source.get(timeout=0.01) is None
-
-
-def test_push_source_full_queue():
-    source = PushSource(max_queue=2)
-    source.push(rgb(1))
-    source.push(rgb(2))
-    with pytest.raises(QueueFullError, match="full"):
-        source.push(rgb(3))
-    assert source.get().index == 0
-    source.push(rgb(3))  # room again
-    assert source.qsize() == 2
-
-
-@pytest.mark.parametrize(
-    "image",
-    [np.zeros((8, 8), np.uint8), np.zeros((8, 8, 4), np.uint8), np.zeros((8, 8, 3), np.float32), [[0, 0, 0]]],
-    ids=["gray", "rgba", "float", "list"],
-)
-def test_push_source_rejects_bad_frames(image):
-    with pytest.raises(ValueError, match=r"\(H, W, 3\) uint8"):
-        PushSource().push(image)
 
 
 def encode(image: np.ndarray | Image.Image, fmt: str, **kwargs) -> bytes:
@@ -402,16 +354,15 @@ def encode(image: np.ndarray | Image.Image, fmt: str, **kwargs) -> bytes:
     return buffer.getvalue()
 
 
-def test_push_encoded_png_and_jpeg():
+def test_decode_image_png_and_jpeg():
     image = demo_frame(3, (64, 48))  # smooth content, so JPEG's loss stays small
-    source = PushSource()
-    source.push_encoded(encode(image, "PNG"), ts=1.0)
-    source.push_encoded(encode(image, "JPEG", quality=95))
-    source.push_encoded(encode(Image.fromarray(image).convert("L"), "PNG"))  # greyscale -> RGB
-    png, jpeg, grey = source.get(0), source.get(0), source.get(0)
-    assert np.array_equal(png.image, image) and png.ts == 1.0
-    assert jpeg.image.shape == image.shape and np.abs(jpeg.image.astype(int) - image).mean() < 3
-    assert grey.image.shape == image.shape and np.array_equal(grey.image[..., 0], grey.image[..., 2])
+    png = decode_image(encode(image, "PNG"))
+    jpeg = decode_image(encode(image, "JPEG", quality=95))
+    grey = decode_image(encode(Image.fromarray(image).convert("L"), "PNG"))  # greyscale -> RGB
+    assert np.array_equal(png, image) and png.dtype == np.uint8
+    assert jpeg.shape == image.shape and np.abs(jpeg.astype(int) - image).mean() < 3
+    assert grey.shape == image.shape and np.array_equal(grey[..., 0], grey[..., 2])
+    assert np.array_equal(decode_image(encode_image(image, "PNG")), image)
 
 
 @pytest.mark.parametrize(
@@ -424,32 +375,9 @@ def test_push_encoded_png_and_jpeg():
     ],
     ids=["garbage", "gif", "truncated_png", "truncated_jpeg"],
 )
-def test_push_encoded_rejects_bad_bytes(data, message):
-    source = PushSource()
+def test_decode_image_rejects_bad_bytes(data, message):
     with pytest.raises(ValueError, match=message):
-        source.push_encoded(data)
-    assert source.qsize() == 0
-
-
-def test_push_source_threads():
-    source = PushSource(max_queue=4)
-    count = 200
-
-    def produce():
-        for i in range(count):
-            while True:
-                try:
-                    source.push(rgb(i % 256), ts=float(i))
-                    break
-                except QueueFullError:
-                    time.sleep(0.001)
-        source.close()
-
-    producer = threading.Thread(target=produce)
-    producer.start()
-    received = [(f.index, f.ts, int(f.image[0, 0, 0])) for f in source]
-    producer.join(timeout=5)
-    assert received == [(i, float(i), i % 256) for i in range(count)]
+        decode_image(data)
 
 
 # ---------------------------------------------------------------- preprocessing

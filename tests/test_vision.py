@@ -1,11 +1,11 @@
-"""The batched vision tower (streamer.vision) against the stock transformers tower."""
+"""The batched vision tower (streamer.engine.vision) against the stock transformers tower."""
 
 import pytest
 import torch
 
 from conftest import random_frames
-from streamer import vision
-from streamer.models import load_model
+from streamer.engine import vision
+from streamer.engine.models import load_model
 from video_io.preprocess import VisionPreset, preprocess_frames
 
 

@@ -4,7 +4,6 @@ from .errors import (
     NoFramesError,
     NotAVideoError,
     NoVideoStreamError,
-    QueueFullError,
     UnreadableStreamError,
     VideoError,
     VideoNotFoundError,
@@ -20,7 +19,8 @@ from .preprocess import (
 )
 from .readers import VideoInfo, iter_frames, probe, read_frames
 from .sampling import Sampling, fps_indices, uniform_indices
-from .sources import FileSource, PushSource, StreamSource
+from .images import decode_image, encode_image
+from .sources import FileSource, StreamSource
 from .synthetic import decode_index, demo_frame, index_frame, write_video
 
 __all__ = [
@@ -30,8 +30,6 @@ __all__ = [
     "NoFramesError",
     "NoVideoStreamError",
     "NotAVideoError",
-    "PushSource",
-    "QueueFullError",
     "Sampling",
     "StreamSource",
     "UnreadableStreamError",
@@ -40,8 +38,10 @@ __all__ = [
     "VideoNotFoundError",
     "VideoPatches",
     "VisionPreset",
+    "decode_image",
     "decode_index",
     "demo_frame",
+    "encode_image",
     "fps_indices",
     "index_frame",
     "iter_frames",

@@ -23,7 +23,3 @@ class NoFramesError(VideoError):
 
 class UnreadableStreamError(VideoError):
     """A URL or live stream cannot be opened, or broke off while being read."""
-
-
-class QueueFullError(VideoError):
-    """A pushed frame was refused because the consumer has fallen behind."""

@@ -1,23 +1,18 @@
 """Frame sources for streaming: each is an iterator of Frame.
 
 FileSource reads sampled frames of a local file; StreamSource follows anything FFmpeg can open
-(rtsp, http, file URLs) at the source's pace; PushSource is a queue fed by a client connection.
+(rtsp, http, file URLs) at the source's pace.
 """
 
-import io
 import math
 import os
-import threading
 import time
-from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 
 import av
-import numpy as np
-from PIL import Image
 
-from .errors import NoVideoStreamError, QueueFullError, UnreadableStreamError, VideoError
+from .errors import NoVideoStreamError, UnreadableStreamError
 from .frames import Frame
 from .readers import BACKENDS, iter_frames, probe
 from .sampling import Sampling
@@ -111,81 +106,3 @@ class StreamSource:
             ) from e
         finally:
             self.close()
-
-
-class PushSource:
-    """A bounded, thread-safe frame queue: a producer pushes, a consumer iterates until close().
-
-    push never blocks: when `max_queue` frames are waiting it raises QueueFullError, so the
-    producer (e.g. a websocket handler) decides what to drop. Frames get arrival-order indices.
-    """
-
-    def __init__(self, max_queue: int = 256):
-        if max_queue < 1:
-            raise ValueError(f"max_queue must be >= 1, got {max_queue}")
-        self.max_queue = max_queue
-        self._frames: deque[Frame] = deque()
-        self._changed = threading.Condition()
-        self._closed = False
-        self._first_arrival: float | None = None
-        self._pushed = 0
-
-    def push(self, image: np.ndarray, ts: float | None = None) -> None:
-        """Queue an (H, W, 3) uint8 RGB frame (copied); ts defaults to seconds since the first push."""
-        is_array = isinstance(image, np.ndarray)
-        if not (is_array and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3):
-            got = f"{image.dtype} array of shape {image.shape}" if is_array else type(image).__name__
-            raise ValueError(f"a pushed frame must be an (H, W, 3) uint8 RGB array, got {got}")
-        if image.shape[0] == 0 or image.shape[1] == 0:
-            raise ValueError(f"a pushed frame must not be empty, got shape {image.shape}")
-        self._put(image.copy(), ts)
-
-    def push_encoded(self, data: bytes, ts: float | None = None) -> None:
-        """Decode JPEG or PNG bytes (any mode: grey, RGBA, palette are converted to RGB) and queue them."""
-        try:
-            with Image.open(io.BytesIO(data), formats=("JPEG", "PNG")) as encoded:
-                image = np.asarray(encoded.convert("RGB"))
-        except Image.UnidentifiedImageError:
-            raise ValueError(
-                f"pushed bytes are not a JPEG or PNG image (first bytes {bytes(data[:8])!r}); "
-                "send JPEG or PNG"
-            ) from None
-        except (OSError, SyntaxError, Image.DecompressionBombError) as e:
-            raise ValueError(f"pushed image is corrupt, truncated or too large: {e}") from e
-        self._put(image, ts)
-
-    def _put(self, image: np.ndarray, ts: float | None) -> None:
-        with self._changed:
-            if self._closed:
-                raise VideoError("this PushSource is closed; open a new session to send more frames")
-            if len(self._frames) >= self.max_queue:
-                raise QueueFullError(
-                    f"frame queue full ({self.max_queue} frames waiting); send frames slower or drop some"
-                )
-            now = time.monotonic()
-            if self._first_arrival is None:
-                self._first_arrival = now
-            ts = now - self._first_arrival if ts is None else float(ts)
-            self._frames.append(Frame(image=image, ts=ts, index=self._pushed))
-            self._pushed += 1
-            self._changed.notify_all()
-
-    def get(self, timeout: float | None = None) -> Frame | None:
-        """The next frame; None after `timeout` seconds without one, or once closed and drained."""
-        with self._changed:
-            self._changed.wait_for(lambda: self._frames or self._closed, timeout)
-            return self._frames.popleft() if self._frames else None
-
-    def qsize(self) -> int:
-        with self._changed:
-            return len(self._frames)
-
-    def close(self) -> None:
-        """No more frames: iteration ends once the queued ones are consumed."""
-        with self._changed:
-            self._closed = True
-            self._changed.notify_all()
-
-    def __iter__(self) -> Iterator[Frame]:
-        while (frame := self.get()) is not None:
-            yield frame

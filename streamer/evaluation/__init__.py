@@ -1,5 +1,3 @@
-"""Benchmark evaluation: `streamer eval videomme` (Video-MME, lmms-eval's prompt and scoring)."""
-
-from streamer.evaluation.cli import add_parser
-
-__all__ = ["add_parser"]
+"""Benchmark evaluation: Video-MME (lmms-eval's prompt and scoring; videomme.py, run.py, results.py,
+prefetch.py) and the synthetic benchmark of the built-in model (synthetic.py). The command lines are
+in streamer/cli/evaluate.py."""

@@ -23,16 +23,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from memory.policies import ProbedPolicy
+from memory.policy import ProbedPolicy
 from memory.registry import POLICIES
-from streamer.ask import read_chunks
 from streamer.config import Config
+from streamer.engine.runner import Runner, load_runner
+from streamer.engine.stream import batched, ingest_video
 from streamer.evaluation.prefetch import prefetch
 from streamer.evaluation.results import (ResultWriter, load_done, merge_results, rank_path, rank_paths,
                                          read_results, shard, summarize)
 from streamer.evaluation.videomme import (Question, build_prompt, extract_answer_letter, index_videos,
                                           load_questions, missing_video_message)
-from streamer.runner import Runner
 from video_io.errors import VideoError, VideoNotFoundError
 from video_io.preprocess import VisionPreset, resize_frames
 from video_io.sampling import Sampling
@@ -130,8 +130,6 @@ def run(config: Config, questions_path: str | Path, videos_dir: str | Path, out:
              f" on rank {dist.rank} of {dist.world}" if dist.world > 1 else "")
     with process_group(dist):
         if todo:
-            from streamer.cli import load_runner  # the CLI's loader: same logs and frame resolution
-
             runner, _ = load_runner(config, dist.device(config.model.device))
             writer = ResultWriter(out if dist.world == 1 else rank_path(out, dist.rank))
             try:
@@ -197,7 +195,7 @@ def read_video(path: Path, config: Config, preset: VisionPreset) -> list[np.ndar
     sampling = Sampling(frames=config.video.frames, fps=config.video.fps, max_frames=config.video.max_frames)
     source = FileSource(path, sampling, backend=config.video.backend)
     frames: list[np.ndarray] = []
-    for chunk, _ in read_chunks(source, config.memory.chunk_frames):  # resized chunk by chunk: bounded peak
+    for chunk in batched(source, config.memory.chunk_frames):  # resized chunk by chunk: bounded peak
         frames.extend(resize_frames([frame.image for frame in chunk], preset))
     return frames
 
@@ -210,7 +208,7 @@ def answer_video(runner: Runner, config: Config, frames: list[np.ndarray], quest
     for it), ingest (building the memory the answer used), question_prefill, decode, and total:
     this question's share of the video's time (shared waits and memories split evenly).
     """
-    per_question = config.probe.mode == "question" and issubclass(POLICIES[config.memory.policy][0], ProbedPolicy)
+    per_question = config.probe.mode == "question" and issubclass(POLICIES[config.memory.policy], ProbedPolicy)
     memory = None
     for question in questions:
         prompt = build_prompt(question)
@@ -233,10 +231,8 @@ def build_memory(runner: Runner, config: Config, frames: list[np.ndarray], promp
     """The video's memory, chunk by chunk; `prompt` is the probe in question mode. Returns (memory, seconds)."""
     started = time.perf_counter()
     policy = config.make_policy(prompt)
-    memory = runner.new_memory(budget=config.memory.budget or None)
-    size = config.memory.chunk_frames
-    for start in range(0, len(frames), size):
-        runner.ingest(memory, frames[start:start + size], policy)
+    memory = ingest_video(runner, frames, policy, config.memory.chunk_frames,
+                          runner.new_memory(budget=config.memory.budget or None))
     return memory, time.perf_counter() - started
 
 

@@ -3,9 +3,9 @@
 Nothing here downloads anything. A real checkpoint is a local directory; the built-in
 models ship with the package or are built from a config with seeded random weights:
 
-- ``builtin``: a small Qwen2-VL trained here on procedural videos (streamer.train), shipped in
+- ``builtin``: a small Qwen2-VL trained here on procedural videos (streamer.builtin.train), shipped in
   streamer/assets/builtin with the vision preset it was trained at; it really answers questions
-  about streamer.synthetic_qa videos, so the memory's effect on answers can be measured offline.
+  about streamer.builtin.videos videos, so the memory's effect on answers can be measured offline.
 - ``tiny-random``: a few-layer Qwen2-VL with the project's small tokenizer, for exactness tests.
 - ``qwen2-vl-{2b,7b,72b}-random``: the real architectures (configs/models/*.json) with random
   weights, for speed measurement.
@@ -20,14 +20,14 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
-from streamer.attention import MEMORY_ATTENTION, register_memory_attention
+from streamer.engine.attention import MEMORY_ATTENTION, register_memory_attention
 from video_io.preprocess import VisionPreset
 
-ASSETS = Path(__file__).resolve().parent / "assets"
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
 TINY_TOKENIZER = ASSETS / "tiny-tokenizer"
-MODEL_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "models"
+MODEL_CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "models"
 BUILTIN = "builtin"
-BUILTIN_DIR = ASSETS / "builtin"  # a checkpoint directory like any other, trained by streamer.train
+BUILTIN_DIR = ASSETS / "builtin"  # a checkpoint directory like any other, trained by streamer.builtin.train
 PRESET_FILE = "preset.json"  # optional in a checkpoint: VisionPreset fields
 TINY_RANDOM = "tiny-random"
 RANDOM_ARCHITECTURES = {f"qwen2-vl-{size}-random": f"qwen2-vl-{size}.json" for size in ("2b", "7b", "72b")}
@@ -88,7 +88,7 @@ def tiny_tokenizer() -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(TINY_TOKENIZER)
 
 
-def _special_token_ids(tokenizer: PreTrainedTokenizerBase) -> dict:
+def special_token_ids(tokenizer: PreTrainedTokenizerBase) -> dict:
     ids = tokenizer.convert_tokens_to_ids
     return dict(
         image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
@@ -98,7 +98,7 @@ def _special_token_ids(tokenizer: PreTrainedTokenizerBase) -> dict:
 
 def builtin_config(name: str, tokenizer: PreTrainedTokenizerBase) -> Qwen2VLConfig:
     """Config of a built-in model, with special-token ids taken from `tokenizer`."""
-    specials = _special_token_ids(tokenizer)
+    specials = special_token_ids(tokenizer)
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     bos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     if name == TINY_RANDOM:

@@ -1,6 +1,6 @@
 """Train the built-in model: a small Qwen2VLForConditionalGeneration on procedural videos.
 
-    python -m streamer.train --config configs/train/builtin.toml --out streamer/assets/builtin
+    python -m streamer.builtin.train --config configs/train/builtin.toml --out streamer/assets/builtin
 
 The forward is the stock transformers one over the layout the runner serves, with the
 project's absolute M-RoPE positions (as tests/reference.py builds them for one video):
@@ -31,15 +31,15 @@ import torch.nn.functional as F
 import transformers
 from transformers import PreTrainedTokenizerBase, Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
-from streamer.models import PRESET_FILE, _special_token_ids, resolve_device, tiny_tokenizer
-from streamer.positions import text_positions, video_positions
-from streamer.prompt import SYSTEM_PROMPT, question_suffix, video_prefix
-from streamer.synthetic_qa import (BUILTIN_PRESET, COLOURS, FRAME, MAX_EVENTS, MAX_REPEATS, SHAPES, TRAIN_FAMILIES,
+from streamer.engine.models import PRESET_FILE, special_token_ids, resolve_device, tiny_tokenizer
+from streamer.engine.positions import text_positions, video_positions
+from streamer.engine.prompt import SYSTEM_PROMPT, question_suffix, video_prefix
+from streamer.builtin.videos import (BUILTIN_PRESET, COLOURS, FRAME, MAX_EVENTS, MAX_REPEATS, SHAPES, TRAIN_FAMILIES,
                                    SyntheticVideo, make_video)
 from video_io.preprocess import preprocess_frames
 
 TRAIN_SEEDS = 10**6  # training videos use seeds from here up; evaluation uses seeds below it
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "train" / "builtin.toml"
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "train" / "builtin.toml"
 
 
 @dataclass
@@ -107,7 +107,7 @@ def build_model(config: ModelConfig, tokenizer: PreTrainedTokenizerBase, seed: i
         temporal_patch_size=BUILTIN_PRESET.temporal_patch_size, hidden_act="quick_gelu", hidden_size=config.hidden,
     )
     qwen = Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False,
-                         **_special_token_ids(tokenizer))
+                         **special_token_ids(tokenizer))
     torch.manual_seed(seed)
     model = Qwen2VLForConditionalGeneration._from_config(qwen, dtype=torch.float32)
     model.set_attn_implementation("sdpa")
@@ -368,7 +368,7 @@ def save(model: Qwen2VLForConditionalGeneration, record: dict, out: Path) -> Non
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m streamer.train", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m streamer.builtin.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
                         help="TOML training config (default: configs/train/builtin.toml)")
     parser.add_argument("--out", type=Path, help="directory for the weights (default: none, nothing saved)")

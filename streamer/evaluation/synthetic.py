@@ -1,6 +1,6 @@
-"""`streamer eval synthetic`: accuracy of memory policies on held-out procedural videos.
+"""Accuracy of memory policies on held-out procedural videos (`streamer eval synthetic`).
 
-Every video (seeds below streamer.train.TRAIN_SEEDS: never trained on) is streamed through the
+Every video (seeds below streamer.builtin.train.TRAIN_SEEDS: never trained on) is streamed through the
 Runner chunk by chunk under each policy, and the memory built once per video and policy answers
 one question of every family (the generic probe makes the memory question-agnostic). EMLoC runs
 first; its mean memory, as a fraction of the video tokens, becomes the ratio of the baselines
@@ -10,12 +10,9 @@ stdout and, with --write, to a Markdown file with the command that produced it.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
-import shlex
-import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -26,10 +23,11 @@ import torch
 
 from memory.probe import ProbeConfig
 from memory.registry import make_policy
-from streamer.models import BUILTIN, BUILTIN_DIR, load_model, resolve_device
-from streamer.runner import Runner
-from streamer.synthetic_qa import BUILTIN_PRESET, FAMILIES, QA, make_video
-from streamer.train import TRAIN_SEEDS
+from streamer.engine.models import BUILTIN, BUILTIN_DIR, load_model, resolve_device
+from streamer.engine.runner import Runner
+from streamer.engine.stream import ingest_video
+from streamer.builtin.videos import BUILTIN_PRESET, FAMILIES, QA, make_video
+from streamer.builtin.train import TRAIN_SEEDS
 
 MATCHED = ("uniform", "pyramid", "window")  # baselines given EMLoC's memory ratio
 
@@ -69,9 +67,7 @@ class Tally:
 
 def run_policy(runner: Runner, frames, questions: list[QA], policy, chunk_frames: int, tally: Tally) -> None:
     started = time.perf_counter()
-    memory = runner.new_memory()
-    for start in range(0, len(frames), chunk_frames):
-        runner.ingest(memory, frames[start:start + chunk_frames], policy)
+    memory = ingest_video(runner, frames, policy, chunk_frames)
     for qa in questions:
         answer = runner.answer(memory, qa.question, max_new_tokens=4)
         tally.correct[qa.family] += answer.text.strip() == qa.answer
@@ -174,23 +170,23 @@ def machine(config: EvalConfig) -> str:
 
 
 def model_note(name: str) -> str:
-    """How the model was trained, from the training record a streamer.train checkpoint carries."""
+    """How the model was trained, from the training record a streamer.builtin.train checkpoint carries."""
     path = BUILTIN_DIR if name == BUILTIN else Path(name)
     if not (path / "training.json").is_file():
         return ""
     record = json.loads((path / "training.json").read_text())
     stages = ", ".join(f"{s['steps']} steps of {s['batch']} videos of {s['min_frames']}-{s['max_frames']} frames"
                        for s in record["config"]["stages"])
-    return (f" The model ({record['parameters'] / 1e6:.2f} M parameters) was trained by `python -m streamer.train` "
+    return (f" The model ({record['parameters'] / 1e6:.2f} M parameters) was trained by `python -m streamer.builtin.train` "
             f"in {record['seconds'] / 60:.0f} min: {stages}.")
 
 
 TASK = """\
-Videos from `streamer.synthetic_qa`: 56x56 frames (4 LLM tokens per frame pair at the model's preset), a dark
+Videos from `streamer.builtin.videos`: 56x56 frames (4 LLM tokens per frame pair at the model's preset), a dark
 background with pixel noise, and 3-6 events in which one object (6 colours x 4 shapes, each pair at most once
 per video) is shown for 4 frames (8 tokens), at random times with empty frames between. One question of
 every family per video, answered from a memory built once per video and policy by streaming it through
-`Runner.ingest` chunk by chunk:
+the runner chunk by chunk:
 
 | family | question | answer |
 |---|---|---|
@@ -216,58 +212,3 @@ def write_markdown(path: Path, summary: dict, config: EvalConfig, command: str) 
     ]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(text))
-
-
-def _numbers(kind):
-    return lambda text: [kind(part) for part in text.split(",") if part.strip()]
-
-
-def add_parser(benchmarks) -> None:
-    """Register `synthetic` on the subparsers of `streamer eval`."""
-    p = benchmarks.add_parser(
-        "synthetic", help="held-out procedural videos: full context vs memory policies",
-        description="Accuracy per question family on generated videos, for full context, EMLoC and the baselines "
-                    "at EMLoC's memory size.")
-    defaults = EvalConfig()
-    p.add_argument("--model", default=defaults.model, help="built-in name or checkpoint (default: %(default)s)")
-    p.add_argument("--lengths", type=_numbers(int), default=defaults.lengths, help="frames per video, e.g. 96,192,384")
-    p.add_argument("--videos", type=int, default=defaults.videos, help="videos per length (default: %(default)s)")
-    p.add_argument("--first-seed", type=int, default=defaults.first_seed)
-    p.add_argument("--chunk-frames", type=int, default=defaults.chunk_frames)
-    p.add_argument("--policies", type=lambda s: s.split(","), default=defaults.policies,
-                   help="comma-separated; emloc before uniform/pyramid/window (default: %(default)s)")
-    p.add_argument("--delta", type=float, default=defaults.delta, help="emloc JS bound (default: %(default)s)")
-    p.add_argument("--ratios", type=_numbers(float), default=defaults.ratios, help="emloc ratios")
-    p.add_argument("--group-size", type=int, default=defaults.group_size, help="emloc layers per group")
-    p.add_argument("--probe", choices=["generic", "question"], default=defaults.probe)
-    p.add_argument("--device", default=defaults.device)
-    p.add_argument("--threads", type=int, default=defaults.threads, help="CPU threads (default: %(default)s)")
-    p.add_argument("--write", type=Path, help="also write the tables to this Markdown file (e.g. docs/SYNTHETIC.md)")
-    p.set_defaults(run=run)
-
-
-def run(args) -> int:
-    config = EvalConfig(model=args.model, lengths=args.lengths, videos=args.videos, first_seed=args.first_seed,
-                        chunk_frames=args.chunk_frames, policies=args.policies, delta=args.delta,
-                        ratios=args.ratios, group_size=args.group_size, probe=args.probe, device=args.device,
-                        threads=args.threads)
-    summary = evaluate(config, log=lambda line: print(line, file=sys.stderr))
-    print(format_tables(summary))
-    if args.write:
-        argv = getattr(args, "argv", None) or sys.argv[sys.argv.index("synthetic") + 1:]
-        write_markdown(args.write, summary, config, "streamer eval synthetic " + shlex.join(argv))
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m streamer.eval_synthetic ...`: the same command without streamer.cli."""
-    parser = argparse.ArgumentParser(prog="python -m streamer.eval_synthetic")
-    add_parser(parser.add_subparsers(dest="benchmark", required=True))
-    argv = sys.argv[1:] if argv is None else argv
-    args = parser.parse_args(argv)
-    args.argv = argv[1:]
-    return args.run(args)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

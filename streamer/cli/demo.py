@@ -1,6 +1,6 @@
 """`streamer demo`: the whole path on the built-in model, in one process.
 
-Writes a procedural video (streamer.synthetic_qa: coloured shapes appearing one at a time),
+Writes a procedural video (streamer.builtin.videos: coloured shapes appearing one at a time),
 starts a server on a free loopback port, streams the video through the websocket client, asks
 while streaming and after -- the video's own questions, whose right answers are known -- and
 prints the answers against them, the memory size against the full context, the ratios chosen
@@ -16,8 +16,13 @@ import time
 from pathlib import Path
 
 from memory.probe import GENERIC_PROMPTS
-from streamer.client import StreamerClient, ask_and_print, stream_frames
-from streamer.synthetic_qa import FRAME, make_video
+from streamer.builtin.videos import FRAME, make_video
+from streamer.cli.client import ask_and_print
+from streamer.config import load_config, override
+from streamer.engine.runner import load_runner
+from streamer.service.client import StreamerClient, stream_frames
+from streamer.service.protocol import ServerLimits
+from streamer.service.server import StreamServer
 from video_io.sampling import Sampling
 from video_io.sources import FileSource
 from video_io.synthetic import write_video
@@ -26,17 +31,12 @@ log = logging.getLogger("streamer")
 
 
 async def run_demo(args) -> int:
-    from streamer.cli import _load
-    from streamer.config import load_config, override
-    from streamer.server import StreamServer
-    from streamer.session import ServerLimits
-
     config = load_config("stream_default")
-    override(config, "model", name=args.model)
+    override(config, "model", name=args.model, device=args.device)
     override(config, "memory", policy=args.memory, chunk_frames=args.chunk_frames)
     override(config, "emloc", group_size=args.group_size, delta=args.delta)
     config.validate()
-    runner, _ = _load(config.model.name, args.device, None)
+    runner, _ = load_runner(config)
     synthetic = make_video(args.seed, args.frames)
     images = synthetic.frames()
     with tempfile.TemporaryDirectory() as tmp:

@@ -38,8 +38,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from memory.store import MemoryView
-from streamer.positions import text_positions
+from streamer.engine.positions import text_positions
+from streamer.engine.view import MemoryView
 
 log = logging.getLogger("streamer")
 

@@ -5,7 +5,7 @@ the causal mask transformers builds from layer 0's length is wrong for every oth
 This function derives causality from the shapes it is given: the queries are the last `q`
 positions of the keys (memory first, then the new tokens), so query i may see every key up to
 `kv - q + i` -- a lower-right causal mask. Using the `causal_lower_right` bias instead of a
-materialised mask keeps SDPA's fused kernels. The one exception is streamer.decode's static
+materialised mask keeps SDPA's fused kernels. The one exception is streamer.engine.decode's static
 buffers, whose keys are not in that order: their caller passes a bool [q, kv] mask itself.
 
 Two optional keyword arguments serve the memory policies' short probe forwards, which reach
@@ -31,7 +31,7 @@ def memory_attention(module, query, key, value, attention_mask=None, scaling=Non
     """query [1, Hq, q, D]; key/value [1, Hkv, kv, D]. Returns [1, q, Hq, D].
 
     attention_mask, if given, is the caller's bool visibility, [q, kv] or per KV head
-    [Hkv, q, kv] (streamer.decode's static buffers); otherwise the q new tokens are the last
+    [Hkv, q, kv] (streamer.engine.decode's static buffers); otherwise the q new tokens are the last
     q keys and the mask is lower-right causal.
     """
     q_len, kv_len = query.shape[2], key.shape[2]

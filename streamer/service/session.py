@@ -21,40 +21,14 @@ import numpy as np
 
 from memory.snapshot import load_memory, save_memory
 from streamer.config import Config
-from streamer.runner import Runner
-from streamer.scheduler import ASK, INGEST, ModelScheduler
+from streamer.engine.runner import Runner
+from streamer.service.protocol import ProtocolError, ServerLimits
+from streamer.service.scheduler import ASK, INGEST, ModelScheduler
 from video_io.errors import VideoError
 from video_io.frames import Frame
 
 log = logging.getLogger("streamer")
 session_ids = itertools.count(1)
-
-
-class ProtocolError(Exception):
-    """A refusal sent to the client as {"type": "error", "code": ..., "message": ...}."""
-
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
-
-
-@dataclass
-class ServerLimits:
-    max_sessions: int = 16
-    max_frames_per_session: int = 100_000
-    max_message_bytes: int = 8 * 2**20
-    max_pending_frames: int = 0  # 0: four chunks' worth
-    max_queued_chunks: int = 2
-    max_questions: int = 4  # outstanding per session
-    max_new_tokens: int = 512
-    max_question_chars: int = 4000
-    max_budget: int = 65536  # tokens per layer
-    max_pixels: int = 768 * 28 * 28  # per frame after resize
-    idle_timeout: float = 600.0  # seconds without a message before a session is closed
-    overflow: str = "subsample"  # what to do with frames beyond max_pending_frames: subsample | drop
-    allowed_roots: list[Path] = field(default_factory=list)  # server-side files are read/written only here
-    allow_urls: bool = False  # let clients make the server open network streams
-    token: str | None = None  # bearer token required at connect
 
 
 @dataclass
@@ -155,7 +129,7 @@ class StreamSession:
             async with self.room:
                 self.room.notify_all()
             report = await self.shared.scheduler.submit(
-                INGEST, self.id, self.runner.ingest, self.memory, [f.image for f in frames], self.policy, self.preset)
+                INGEST, self.runner.ingest, self.memory, [f.image for f in frames], self.policy, self.preset)
             self.send(dict(type="progress", frames=self.memory.frames, chunks=len(self.memory.chunks),
                            chunk_frames=len(frames), until_ts=frames[-1].ts, pending=len(self.pending),
                            memory_tokens=self.memory.mean_tokens(), full_tokens=self.memory.full_tokens,
@@ -231,7 +205,7 @@ class StreamSession:
             loop.call_soon_threadsafe(self.send, dict(type="token", id=question_id, text=text))
 
         try:
-            answer = await self.shared.scheduler.submit(ASK, self.id, self.runner.answer, self.memory, question,
+            answer = await self.shared.scheduler.submit(ASK, self.runner.answer, self.memory, question,
                                                         max_new_tokens, on_text)
             timings = answer.timings
             decode_rate = timings["decode_tokens_per_s"]
@@ -252,7 +226,7 @@ class StreamSession:
 
     async def save(self, path: Path) -> dict:
         identity = self.shared.identity
-        await self.shared.scheduler.submit(ASK, f"{self.id}:save", save_memory, self.memory, path, identity)
+        await self.shared.scheduler.submit(ASK, save_memory, self.memory, path, identity)
         return dict(type="saved", path=str(path), memory_tokens=self.memory.mean_tokens(), frames=self.memory.frames)
 
     async def load(self, path: Path) -> dict:
@@ -260,7 +234,7 @@ class StreamSession:
             raise ProtocolError("busy", "frames are still being ingested; load a memory into an idle session")
         runner = self.runner
         memory, _ = await self.shared.scheduler.submit(
-            ASK, f"{self.id}:load", load_memory, path, self.shared.identity, runner.device, runner.model.dtype)
+            ASK, load_memory, path, self.shared.identity, runner.device, runner.model.dtype)
         memory.budget = self.memory.budget
         self.memory = memory
         self.frame_shape = None  # the saved stream's frames are not known; the next frame sets the size

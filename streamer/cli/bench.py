@@ -30,8 +30,10 @@ import transformers
 
 from memory.probe import ProbeConfig
 from memory.registry import make_policy
-from streamer.models import load_model
-from streamer.runner import Runner, Timer
+from streamer.config import load_config
+from streamer.engine.models import load_model
+from streamer.engine.runner import Runner, Timer
+from streamer.engine.stream import ingest_video
 from video_io.preprocess import VisionPreset, pixels_for_tokens, preprocess_frames
 from video_io.synthetic import demo_frame
 
@@ -117,16 +119,10 @@ class PeakMemory:
             self.gib = (torch.cuda.max_memory_allocated(self.device) - self.base) / 2**30
 
 
-def ingest_video(runner: Runner, frames, chunk_frames: int, policy_factory: Callable, preset: VisionPreset):
-    memory = runner.new_memory()
-    policy = policy_factory()
-    for start in range(0, len(frames), chunk_frames):
-        runner.ingest(memory, frames[start:start + chunk_frames], policy, preset)
-    return memory
+def bench_policy(runner: Runner, frames, chunk_frames: int, policy_factory: Callable, opts: BenchOptions) -> dict:
+    def ingest():
+        return ingest_video(runner, frames, policy_factory(), chunk_frames)
 
-
-def bench_policy(runner: Runner, frames, chunk_frames: int, policy_factory, preset, opts: BenchOptions) -> dict:
-    ingest = partial(ingest_video, runner, frames, chunk_frames, policy_factory, preset)
     with PeakMemory(runner.device) as peak:
         seconds, memory = median_run(ingest, runner.device, opts.repeats, opts.warmup)
     stages = {key: sum(chunk["timings"].get(key, 0.0) for chunk in memory.chunks)
@@ -202,7 +198,7 @@ def run_bench(opts: BenchOptions) -> dict:
             raise ValueError(f"bench measures full, emloc and uniform; got {name!r}")
         factory, chunk_frames = factories[name]
         log.info("bench: %s ingest (%d frames per chunk)", name, chunk_frames)
-        policies[name] = bench_policy(runner, frames, chunk_frames, factory, preset, opts)
+        policies[name] = bench_policy(runner, frames, chunk_frames, factory, opts)
     video_tokens = patches.num_tokens
     return dict(
         date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -213,8 +209,6 @@ def run_bench(opts: BenchOptions) -> dict:
 
 
 def _preset_emloc() -> dict:
-    from streamer.config import load_config
-
     return dict(load_config("videomme_emloc").policies["emloc"])
 
 

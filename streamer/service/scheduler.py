@@ -22,16 +22,15 @@ class ModelScheduler:
         self.queue: asyncio.PriorityQueue = asyncio.PriorityQueue()
         self.order = itertools.count()
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
-        self.history: list[tuple[str, str]] = []  # (kind, label) of every job run, in order: for stats and tests
         self.task: asyncio.Task | None = None
 
     def start(self) -> None:
         self.task = asyncio.get_running_loop().create_task(self._run())
 
-    async def submit(self, priority: int, label: str, fn: Callable[..., Any], *args) -> Any:
+    async def submit(self, priority: int, fn: Callable[..., Any], *args) -> Any:
         """Run fn(*args) on the model thread when its turn comes; cancelling the await drops the job."""
         future = asyncio.get_running_loop().create_future()
-        self.queue.put_nowait((priority, next(self.order), label, fn, args, future))
+        self.queue.put_nowait((priority, next(self.order), fn, args, future))
         return await future
 
     def pending(self) -> int:
@@ -41,10 +40,9 @@ class ModelScheduler:
         while True:
             await self._execute(*await self.queue.get())  # no job's arguments outlive it in this frame
 
-    async def _execute(self, priority, _order, label, fn, args, future) -> None:
+    async def _execute(self, _priority, _order, fn, args, future) -> None:
         if future.done():  # cancelled while queued: its session is gone
             return
-        self.history.append(("ask" if priority == ASK else "ingest", label))
         try:
             result = await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
         except Exception as exc:  # reported to the session that submitted the job

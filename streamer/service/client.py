@@ -1,4 +1,4 @@
-"""`streamer client` and its async Python API: stream a video to a server, ask, print answers.
+"""The websocket client as an async Python API (`streamer client` is its command line, streamer/cli/client.py).
 
     async with StreamerClient("ws://127.0.0.1:8765") as client:
         await client.start(policy="emloc")
@@ -15,7 +15,6 @@ progress, warnings and other errors go to `events`.
 from __future__ import annotations
 
 import asyncio
-import io
 import itertools
 import json
 import logging
@@ -24,10 +23,10 @@ from collections import defaultdict, deque
 from typing import Callable, Iterator
 
 import numpy as np
-from PIL import Image
 from websockets.asyncio.client import ClientConnection, connect
 
 from video_io.frames import Frame
+from video_io.images import encode_image
 
 log = logging.getLogger("streamer")
 REPLIES = {"ready": "start", "stats": "stats", "saved": "save", "loaded": "load", "pong": "ping"}
@@ -38,13 +37,6 @@ class ServerError(Exception):
         super().__init__(f"{message.get('code')}: {message.get('message')}")
         self.code = message.get("code")
         self.message = message
-
-
-def encode_image(image: np.ndarray, image_format: str = "JPEG", quality: int = 90) -> bytes:
-    buffer = io.BytesIO()
-    options = {"quality": quality} if image_format == "JPEG" else {}
-    Image.fromarray(image).save(buffer, format=image_format, **options)
-    return buffer.getvalue()
 
 
 class StreamerClient:
@@ -196,100 +188,3 @@ async def stream_frames(client: StreamerClient, frames: Iterator[Frame], realtim
         if on_frame is not None:
             on_frame(count)
     return count
-
-
-async def log_events(client: StreamerClient) -> None:
-    while True:
-        log_event(await client.events.get())
-
-
-async def ask_and_print(client: StreamerClient, question: str, max_new_tokens: int | None = None) -> dict:
-    print(f"Q: {question}\nA: ", end="", flush=True)
-    answer = await client.ask(question, max_new_tokens, on_text=lambda text: print(text, end="", flush=True))
-    stats = answer["stats"]
-    rate = f", {stats['tokens_per_s']:.0f} tokens/s" if stats.get("tokens_per_s") else ""
-    print(f"\n   [{stats['frames']} frames, memory {stats['memory_tokens']:.0f} of {stats['full_tokens']} tokens; "
-          f"first token {stats['ttft_s'] * 1000:.0f} ms{rate}]", flush=True)
-    return answer
-
-
-async def run_client(args) -> int:
-    from video_io.sampling import Sampling
-    from video_io.sources import FileSource, StreamSource
-
-    options = {key: value for key, value in dict(
-        policy=args.memory, delta=args.delta, ratios=args.ratios, group_size=args.group_size, ratio=args.ratio,
-        budget=args.budget, chunk_frames=args.chunk_frames).items() if value is not None}
-    async with StreamerClient(args.url, token=args.token) as client:
-        ready = await client.start(**options)
-        logger = asyncio.create_task(log_events(client))
-        log.info("session %s on %s (%s, %d frames per chunk)", ready["session"], ready["model"], ready["policy"],
-                 ready["chunk_frames"])
-        if "://" in args.video:
-            frames = StreamSource(args.video, fps=args.fps, max_frames=args.max_frames)
-        else:
-            sampling = Sampling(frames=args.frames, fps=None if args.frames else args.fps, max_frames=args.max_frames)
-            frames = FileSource(args.video, sampling)
-        halfway = len(frames) // 2 if hasattr(frames, "__len__") else None
-        asked_during = []
-
-        def on_frame(count: int) -> None:
-            if count == halfway:
-                asked_during.extend(asyncio.create_task(ask_and_print(client, q, args.max_new_tokens))
-                                    for q in args.ask_during)
-
-        sent = await stream_frames(client, iter(frames), realtime=args.realtime, on_frame=on_frame)
-        await asyncio.gather(*asked_during)
-        await client.flush()
-        stats = await client.wait_ingested()
-        log.info("sent %d frames; memory %.0f of %d tokens", sent, stats["memory_tokens"], stats["full_tokens"])
-        for question in args.ask:
-            await ask_and_print(client, question, args.max_new_tokens)
-        if args.interactive:
-            loop = asyncio.get_running_loop()
-            while question := (await loop.run_in_executor(None, _prompt)).strip():
-                await ask_and_print(client, question, args.max_new_tokens)
-        if args.json_stats:
-            print(json.dumps(await client.stats(), indent=2))
-        logger.cancel()
-    return 0
-
-
-def _prompt() -> str:
-    try:
-        return input("question> ")
-    except EOFError:
-        return ""
-
-
-def add_parser(sub) -> None:
-    from streamer.cli import ratio_list
-
-    p = sub.add_parser("client", help="stream a video to a `streamer serve` server and ask questions",
-                       description="Stream a local video file (or a URL/device PyAV can open) to a server, ask "
-                                   "questions during and after, print the streamed answers.")
-    p.add_argument("video", help="a local video file, or a stream URL")
-    p.add_argument("--url", default="ws://127.0.0.1:8765", help="the server's websocket URL")
-    p.add_argument("--token", help="bearer token, if the server wants one")
-    sampling = p.add_mutually_exclusive_group()
-    sampling.add_argument("--fps", type=float, default=1.0, help="frames per second of video to send (default 1)")
-    sampling.add_argument("--frames", type=int, help="send N frames spread uniformly instead")
-    p.add_argument("--max-frames", type=int, help="at most this many frames")
-    pace = p.add_mutually_exclusive_group()
-    pace.add_argument("--realtime", dest="realtime", action="store_true", default=True,
-                      help="send frames at the video's own pace (default)")
-    pace.add_argument("--fast", dest="realtime", action="store_false", help="send frames as fast as possible")
-    p.add_argument("--ask", action="append", default=[], metavar="QUESTION", help="ask after streaming (repeatable)")
-    p.add_argument("--ask-during", action="append", default=[], metavar="QUESTION",
-                   help="ask when half of the frames are sent (repeatable)")
-    p.add_argument("--interactive", action="store_true", help="then read questions from the terminal")
-    p.add_argument("--max-new-tokens", type=int)
-    p.add_argument("--memory", help="memory policy for this session")
-    p.add_argument("--delta", type=float)
-    p.add_argument("--ratios", type=ratio_list)
-    p.add_argument("--group-size", type=int)
-    p.add_argument("--ratio", type=float)
-    p.add_argument("--budget", type=int)
-    p.add_argument("--chunk-frames", type=int)
-    p.add_argument("--json-stats", action="store_true", help="print the session's stats as JSON at the end")
-    p.set_defaults(run=lambda args: asyncio.run(run_client(args)))

@@ -10,110 +10,38 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import io
 import json
 import logging
 import signal
 import time
-from dataclasses import replace
 from http import HTTPStatus
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
-import numpy as np
-from PIL import Image, UnidentifiedImageError
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
 from memory.snapshot import model_identity
-from streamer.config import Config, override
-from streamer.runner import Runner
-from streamer.scheduler import ModelScheduler
-from streamer.session import ProtocolError, ServerLimits, Shared, StreamSession
+from streamer.config import Config
+from streamer.engine.runner import Runner
+from streamer.service.protocol import (MESSAGE_TYPES, ProtocolError, ServerLimits, error, number, parse_message,
+                                       request_id, session_config)
+from streamer.service.scheduler import ModelScheduler
+from streamer.service.session import Shared, StreamSession
+from video_io.images import decode_image
 from video_io.sampling import Sampling
 from video_io.sources import FileSource, StreamSource
 
 log = logging.getLogger("streamer")
 
 URL_SCHEMES = ("rtsp", "rtmp", "http", "https", "srt", "udp")
-IMAGE_FORMATS = ("JPEG", "PNG")
-START_OPTIONS = {  # option -> (config section, key, type check)
-    "policy": ("memory", "policy", str),
-    "chunk_frames": ("memory", "chunk_frames", int),
-    "budget": ("memory", "budget", int),
-    "min_pixels": ("video", "min_pixels", int),
-    "max_pixels": ("video", "max_pixels", int),
-    "probe": ("probe", "mode", str),
-    "delta": ("emloc", "delta", float),
-    "ratios": ("emloc", "ratios", list),
-    "group_size": ("emloc", "group_size", int),
-    "ratio": (None, "ratio", float),  # the chosen baseline's ratio
-}
 
 
-def error(code: str, message: str, **extra) -> dict:
-    return dict(type="error", code=code, message=message, **extra)
-
-
-def _typed(name: str, value, kind):
-    """Check a JSON option's type (bools are not numbers here)."""
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if kind is list:
-        if not isinstance(value, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                                  for v in value):
-            raise ProtocolError("bad_option", f"option {name!r} must be a list of numbers")
-        return [float(v) for v in value]
-    if not isinstance(value, kind) or isinstance(value, bool):
-        raise ProtocolError("bad_option", f"option {name!r} must be of type {kind.__name__}, got {value!r}")
-    return value
-
-
-def session_config(defaults: Config, options: dict, limits: ServerLimits) -> Config:
-    """The server's default config with a client's `start` options on top, within the limits."""
-    unknown = sorted(set(options) - set(START_OPTIONS) - {"type"})
-    if unknown:
-        raise ProtocolError("bad_option", f"unknown start option(s) {unknown}; known: {sorted(START_OPTIONS)}")
-    config = replace(defaults, memory=replace(defaults.memory), video=replace(defaults.video),
-                     probe=replace(defaults.probe), policies={k: dict(v) for k, v in defaults.policies.items()})
-    ratio = None
-    for name, value in options.items():
-        if name == "type":
-            continue
-        section, key, kind = START_OPTIONS[name]
-        value = _typed(name, value, kind)
-        if section is None:
-            ratio = value
-        else:
-            override(config, section, **{key: value})
-    if ratio is not None:
-        if config.memory.policy not in ("uniform", "pyramid", "window", "random"):
-            raise ProtocolError("bad_option", f"'ratio' applies to uniform, pyramid, window and random, "
-                                f"not {config.memory.policy}")
-        override(config, config.memory.policy, ratio=ratio)
-    if config.probe.mode != "generic":
-        raise ProtocolError("bad_option", "a live session needs the generic probe: its memory must serve "
-                            "questions that are not known yet")
-    if (config.video.max_pixels or 0) > limits.max_pixels:
-        raise ProtocolError("bad_option", f"max_pixels {config.video.max_pixels} is over this server's limit "
-                            f"{limits.max_pixels}")
-    if not 0 < (config.memory.budget or limits.max_budget) <= limits.max_budget:
-        raise ProtocolError("bad_option", f"budget must be between 1 and {limits.max_budget} tokens per layer")
+def decode_frame(data: bytes):
     try:
-        return config.validate()
-    except (ValueError, TypeError) as exc:
-        raise ProtocolError("bad_option", str(exc)) from None
-
-
-def decode_image(data: bytes) -> np.ndarray:
-    """JPEG/PNG bytes -> (H, W, 3) uint8 RGB; anything else is a clear error."""
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            if image.format not in IMAGE_FORMATS:
-                raise ProtocolError("bad_image", f"image format {image.format} is not supported; send JPEG or PNG")
-            return np.asarray(image.convert("RGB"))
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise ProtocolError("bad_image", f"the binary message is not a readable JPEG/PNG image ({exc})") from None
+        return decode_image(data)
+    except ValueError as exc:
+        raise ProtocolError("bad_image", f"the binary message is not a readable JPEG/PNG image: {exc}") from None
 
 
 class StreamServer:
@@ -167,11 +95,11 @@ class StreamServer:
                     if isinstance(message, bytes):
                         if session is None:
                             raise ProtocolError("not_started", "send a start message before frames")
-                        image = await asyncio.to_thread(decode_image, message)
+                        image = await asyncio.to_thread(decode_frame, message)
                         await session.add_frame(image, frame_ts)
                         frame_ts = None
                         continue
-                    request = self._parse(message)
+                    request = parse_message(message)
                     kind = request["type"]
                     if kind == "start":
                         if session is not None:
@@ -182,11 +110,11 @@ class StreamServer:
                     elif session is None:
                         raise ProtocolError("not_started", f"send a start message before {kind!r}")
                     elif kind == "frame":
-                        frame_ts = self._number(request, "ts", minimum=0.0)
+                        frame_ts = number(request, "ts", minimum=0.0)
                     else:
                         await self._dispatch(session, kind, request, send)
                 except ProtocolError as exc:
-                    send(error(exc.code, str(exc), **({"id": request_id} if (request_id := _id_of(message)) is not None
+                    send(error(exc.code, str(exc), **({"id": ask_id} if (ask_id := request_id(message)) is not None
                                                       else {})))
         except ConnectionClosed:
             pass
@@ -205,28 +133,6 @@ class StreamServer:
                 await websocket.send(json.dumps(message))
             except ConnectionClosed:
                 return
-
-    def _parse(self, message: str) -> dict:
-        try:
-            request = json.loads(message)
-        except json.JSONDecodeError as exc:
-            raise ProtocolError("bad_json", f"message is not valid JSON ({exc.msg} at character {exc.pos})") from None
-        if not isinstance(request, dict) or not isinstance(request.get("type"), str):
-            raise ProtocolError("bad_message", 'a message must be a JSON object with a string "type"')
-        return request
-
-    @staticmethod
-    def _number(request: dict, key: str, minimum: float, maximum: float | None = None,
-                integer: bool = False, default=None):
-        value = request.get(key, default)
-        if value is None:
-            return None
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
-            raise ProtocolError("bad_option", f"{key!r} must be a{'n integer' if integer else ' number'}, got {value!r}")
-        if value < minimum or (maximum is not None and value > maximum):
-            bounds = f">= {minimum}" if maximum is None else f"between {minimum} and {maximum}"
-            raise ProtocolError("bad_option", f"{key!r} must be {bounds}, got {value}")
-        return value
 
     def _start(self, request: dict, send) -> StreamSession:
         if len(self.sessions) >= self.limits.max_sessions:
@@ -252,7 +158,7 @@ class StreamServer:
             if len(question) > self.limits.max_question_chars:
                 raise ProtocolError("bad_question", f"question of {len(question)} characters is over the limit of "
                                     f"{self.limits.max_question_chars}")
-            max_new = self._number(request, "max_new_tokens", 1, self.limits.max_new_tokens, integer=True,
+            max_new = number(request, "max_new_tokens", 1, self.limits.max_new_tokens, integer=True,
                                    default=self.defaults.generation.max_new_tokens)
             await session.ask(request.get("id"), question, max_new)
         elif kind == "ingest":
@@ -268,16 +174,15 @@ class StreamServer:
             except (ValueError, FileNotFoundError) as exc:
                 raise ProtocolError("bad_snapshot", str(exc)) from None
         else:
-            raise ProtocolError("unknown_type", f"unknown message type {kind!r}; known: start, frame, ingest, "
-                                "flush, ask, stats, save, load, ping")
+            raise ProtocolError("unknown_type", f"unknown message type {kind!r}; known: {', '.join(MESSAGE_TYPES)}")
 
     def _ingest(self, session: StreamSession, request: dict) -> None:
         source = request.get("source")
         if not isinstance(source, str) or not source:
             raise ProtocolError("bad_option", "'source' must be a file path or a stream URL")
-        fps = self._number(request, "fps", minimum=1e-3)
-        frames = self._number(request, "frames", minimum=1, integer=True)
-        max_frames = self._number(request, "max_frames", minimum=1, integer=True)
+        fps = number(request, "fps", minimum=1e-3)
+        frames = number(request, "frames", minimum=1, integer=True)
+        max_frames = number(request, "max_frames", minimum=1, integer=True)
         if fps is not None and frames is not None:
             raise ProtocolError("bad_option", "give 'fps' or 'frames', not both")
         scheme = urlparse(source).scheme.lower()
@@ -341,14 +246,3 @@ class StreamServer:
             await server.wait_closed()
         await self.shared.scheduler.close()
 
-
-def _id_of(message) -> object:
-    """The id of an ask message, so that a refused question can be matched by the client."""
-    if isinstance(message, str):
-        try:
-            request = json.loads(message)
-        except json.JSONDecodeError:
-            return None
-        if isinstance(request, dict):
-            return request.get("id")
-    return None

@@ -2,28 +2,35 @@
 
 The model's own modules do all the maths (vision tower, embeddings, rotary tables, decoder
 layers, final norm, LM head); this file only decides what each forward sees. Positions come
-from streamer.positions, never from the cache length, and each decoder layer attends over its
-own memory through streamer.attention, so layers may hold different numbers of tokens.
+from streamer.engine.positions, never from the cache length, and each decoder layer attends over its
+own memory through streamer.engine.attention, so layers may hold different numbers of tokens.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 import torch
 
-from memory.policies import ChunkContext, MemoryPolicy
-from memory.store import KVMemory, MemoryView, commit_chunk
-from streamer.models import LoadedModel
-from streamer.decode import EagerDecoder, StaticDecoder
-from streamer.positions import as_position_ids, text_positions, video_positions
-from streamer.prompt import SYSTEM_PROMPT, question_suffix, video_prefix
-from streamer.vision import encode_pairs
+from memory.policy import ChunkContext, MemoryPolicy
+from memory.store import KVMemory
+from streamer.engine.decode import EagerDecoder, StaticDecoder
+from streamer.engine.models import LoadedModel, load_model
+from streamer.engine.positions import as_position_ids, text_positions, video_positions
+from streamer.engine.probing import ChunkProbes
+from streamer.engine.prompt import SYSTEM_PROMPT, question_suffix, video_prefix
+from streamer.engine.view import MemoryView
+from streamer.engine.vision import encode_pairs
 from video_io.preprocess import VideoPatches, VisionPreset, preprocess_frames
 
+if TYPE_CHECKING:
+    from streamer.config import Config
+
+log = logging.getLogger("streamer")
 TOP_LOGPROBS = 5
 
 
@@ -59,7 +66,7 @@ class Runner:
     def __init__(self, loaded: LoadedModel, preset: VisionPreset | None = None, system_prompt: str = SYSTEM_PROMPT,
                  cuda_graphs: bool = True):
         """preset: frame resolution; default the model's own (builtin), else the processor's defaults.
-        cuda_graphs: on a GPU, answer from static buffers replayed as CUDA graphs (streamer.decode)."""
+        cuda_graphs: on a GPU, answer from static buffers replayed as CUDA graphs (streamer.engine.decode)."""
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.preset = preset or loaded.preset or VisionPreset()
@@ -106,7 +113,7 @@ class Runner:
         """Run decoder layers on hidden [1, n, hidden] at absolute positions [n, 3], attending to `view`.
 
         layer_inputs, if given, collects the hidden state entering each layer run; attention_kwargs
-        (key_masks, attention_recorder) reach streamer.attention through the layers.
+        (key_masks, attention_recorder) reach streamer.engine.attention through the layers.
         """
         rotary = self.language_model.rotary_emb(hidden, as_position_ids(positions, self.device))
         for idx in layers if layers is not None else range(self.num_layers):
@@ -139,63 +146,39 @@ class Runner:
             patches = preprocess_frames(frames, preset)
         preprocess_s = timer.seconds
         grid_t, grid_h, grid_w = patches.grid_thw
-        if memory.grid_hw is None:
-            memory.grid_hw = (grid_h, grid_w)
-        elif memory.grid_hw != (grid_h, grid_w):
-            raise ValueError(
-                f"frame size changed mid-stream: patch grid {(grid_h, grid_w)} after {memory.grid_hw}; "
-                "every frame of a stream must have the same size"
-            )
+        memory.check_grid((grid_h, grid_w))
         with timer:
             video = self.encode_video(patches).unsqueeze(0)
         vision_s = timer.seconds
 
         merge = preset.merge_size
-        if memory.video_start is None:
-            prefix = self.embed_tokens(self.prefix_ids)
-            prefix_positions = text_positions(memory.next_position, len(self.prefix_ids))
-            memory.video_start = memory.next_position + len(self.prefix_ids)
-        else:
-            prefix = video[:, :0]
-            prefix_positions = text_positions(0, 0)
-        positions = torch.cat([prefix_positions, video_positions(
-            memory.video_start, memory.temporal_groups, grid_t, grid_h // merge, grid_w // merge)])
-        hidden = torch.cat([prefix.to(video.dtype), video], dim=1)
+        first = memory.video_start is None  # the first chunk of a stream carries the prompt prefix
+        prefix_ids = self.prefix_ids if first else []
+        video_start = memory.next_position + len(prefix_ids) if first else memory.video_start
+        positions = torch.cat([text_positions(memory.next_position, len(prefix_ids)), video_positions(
+            video_start, memory.temporal_groups, grid_t, grid_h // merge, grid_w // merge)])
+        prefix = self.embed_tokens(prefix_ids).to(video.dtype) if first else video[:, :0]
+        hidden = torch.cat([prefix, video], dim=1)
         protected = torch.zeros(positions.shape[0], dtype=torch.bool)
-        protected[:prefix.shape[1]] = True
+        protected[:len(prefix_ids)] = True
 
-        view = MemoryView(memory.context(), extra=positions.shape[0])
+        chunk_len = positions.shape[0]
+        view = MemoryView(memory.context(), extra=chunk_len)
         with timer:
             self.forward_layers(hidden, positions, view)
         prefill_s = timer.seconds
-        next_position = max(memory.next_position, int(positions.max()) + 1)
         with timer:
-            selection = policy.select(ChunkContext(memory, view, positions, protected, next_position, runner=self))
-            evicted = commit_chunk(memory, view, positions, protected, selection.kept, selection.scores)
-        policy_s = timer.seconds
-
-        memory.next_position = next_position
-        memory.temporal_groups += grid_t
-        memory.frames += len(frames)
-        memory.full_tokens += positions.shape[0]
-        chunk_len = positions.shape[0]
-        kept = [chunk_len] * self.num_layers if selection.kept is None else [k.shape[1] for k in selection.kept]
-        report = dict(frames=len(frames), tokens=chunk_len, **selection.report, kept=kept, evicted=evicted,
-                      memory_tokens=memory.mean_tokens(),
-                      timings=dict(preprocess=preprocess_s, vision=vision_s, prefill=prefill_s, policy=policy_s,
-                                   **selection.timings))
-        memory.chunks.append(report)
-        return report
+            model = ChunkProbes(self, view, chunk_len, memory.position_after(positions))
+            selection = policy.select(ChunkContext(memory, positions, protected, model))
+            new_kv = [view.new_tokens(layer, chunk_len) for layer in range(self.num_layers)]
+            record = memory.commit(new_kv, positions, protected, selection, frames=len(frames),
+                                   grid_thw=patches.grid_thw, video_start=video_start,
+                                   report=dict(frames=len(frames), tokens=chunk_len, **selection.report))
+        record["timings"] = dict(preprocess=preprocess_s, vision=vision_s, prefill=prefill_s, policy=timer.seconds,
+                                 **selection.timings)
+        return record
 
     # --- questions out ----------------------------------------------------------------------
-
-    @torch.inference_mode()
-    def question_logits(self, memory: KVMemory, question: str) -> torch.Tensor:
-        """Float32 logits at every position of the question suffix: [suffix_len, vocab]."""
-        ids = self._question_ids(memory, question)
-        view = MemoryView(memory.context(), extra=len(ids))
-        hidden = self.forward_layers(self.embed_tokens(ids), text_positions(memory.next_position, len(ids)), view)
-        return self.logits(hidden)[0]
 
     def decoder(self, question_tokens: int) -> EagerDecoder | StaticDecoder:
         """The CUDA-graph decoder where there is one and the question fits its buckets, else eager forwards."""
@@ -252,3 +235,14 @@ class Runner:
         if on_text is not None and len(text) > len(sent):
             on_text(text[len(sent):])
         return Answer(text=text, token_ids=tokens, first_token_logprobs=first, timings=timings)
+
+
+def load_runner(config: "Config", device: str | None = None) -> tuple[Runner, float]:
+    """The configured model (on `device` if given, else the configured one) and a runner at the
+    configured frame resolution; returns (runner, seconds spent loading)."""
+    started = time.perf_counter()
+    log.info("loading model %s", config.model.name)
+    loaded = load_model(config.model.name, device=device or config.model.device, dtype=config.model.dtype)
+    seconds = time.perf_counter() - started
+    log.info("model on %s (%s), loaded in %.1f s", loaded.device, loaded.dtype, seconds)
+    return Runner(loaded, config.vision_preset(loaded.preset)), seconds

@@ -1,0 +1,111 @@
+"""The baseline policies, sharing EMLoC's interface and memory accounting (memory/emloc.py):
+`full`, `uniform` and `pyramid` (the probe's importance at fixed ratios), `window` (attention
+sinks + most recent tokens, StreamingLLM-style) and `random`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from memory.policy import ChunkContext, MemoryPolicy, ProbedPolicy, Selection, check_ratio
+from memory.probe import keep_top, kept_indices
+
+
+@dataclass(kw_only=True)
+class FullPolicy(MemoryPolicy):
+    """Keep every token: the memory equals the full context."""
+
+    name = "full"
+
+    def select(self, ctx: ChunkContext) -> Selection:
+        return Selection(kept=None)
+
+
+@dataclass(kw_only=True)
+class UniformPolicy(ProbedPolicy):
+    """The same ratio in every layer, tokens chosen by the probe's importance."""
+
+    name = "uniform"
+    ratio: float = 0.1  # fraction of each chunk's video tokens every layer keeps
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_ratio("uniform ratio", self.ratio)
+
+    def select(self, ctx: ChunkContext) -> Selection:
+        return self.select_ratios(ctx, [self.ratio] * ctx.model.num_layers)
+
+
+def pyramid_ratios(ratio: float, beta: float, layers: int) -> list[float]:
+    """Linearly decreasing with depth, mean `ratio` (PyramidKV); clipped to 1 in the lowest layers."""
+    low = ratio / beta
+    high = 2 * ratio - low
+    if layers == 1:
+        return [ratio]
+    return [min(1.0, high - (high - low) * layer / (layers - 1)) for layer in range(layers)]
+
+
+@dataclass(kw_only=True)
+class PyramidPolicy(ProbedPolicy):
+    """More tokens in lower layers, fewer in upper ones, at a fixed total."""
+
+    name = "pyramid"
+    ratio: float = 0.1  # mean fraction kept over layers: the same total as uniform at this ratio
+    beta: float = 20.0  # PyramidKV's steepness: the top layer keeps ratio / beta
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_ratio("pyramid ratio", self.ratio)
+        if self.beta < 1:
+            raise ValueError(f"pyramid beta must be >= 1, got {self.beta}")
+
+    def select(self, ctx: ChunkContext) -> Selection:
+        return self.select_ratios(ctx, pyramid_ratios(self.ratio, self.beta, ctx.model.num_layers))
+
+
+@dataclass(kw_only=True)
+class WindowPolicy(MemoryPolicy):
+    """StreamingLLM-style: attention sinks plus the most recent tokens. With a budget, older
+    tokens are evicted first (importance = age), so the memory is a sliding window."""
+
+    name = "window"
+    ratio: float = 0.1  # fraction of each chunk kept: its most recent video tokens
+    sink_tokens: int = 4  # first video tokens of the stream, kept for good (attention sinks)
+
+    def __post_init__(self):
+        check_ratio("window ratio", self.ratio)
+        if self.sink_tokens < 0:
+            raise ValueError(f"window sink_tokens must be >= 0, got {self.sink_tokens}")
+
+    def select(self, ctx: ChunkContext) -> Selection:
+        order = torch.arange(ctx.chunk_len, dtype=torch.float32)  # newer = more important
+        recency = order + ctx.memory.full_tokens  # comparable across chunks: older chunks score lower
+        if ctx.memory.temporal_groups == 0:  # first chunk: its first video tokens are the sinks
+            video = (~ctx.protected).nonzero()[:, 0]
+            recency[video[:self.sink_tokens]] = float("inf")
+        layers = ctx.model.num_layers
+        scores = recency.expand(ctx.model.kv_heads, -1).contiguous()
+        keep = keep_top(scores, ctx.protected | torch.isinf(recency), self.ratio)
+        return Selection([kept_indices(keep)] * layers, [scores] * layers, report=dict(ratios=[self.ratio] * layers))
+
+
+@dataclass(kw_only=True)
+class RandomPolicy(MemoryPolicy):
+    """A random subset of each chunk per layer and head: the floor any scoring must beat."""
+
+    name = "random"
+    ratio: float = 0.1
+    seed: int = 0
+    generator: torch.Generator = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        check_ratio("random ratio", self.ratio)
+        self.generator = torch.Generator().manual_seed(self.seed)
+
+    def select(self, ctx: ChunkContext) -> Selection:
+        kept = []
+        for _ in range(ctx.model.num_layers):
+            scores = torch.rand(ctx.model.kv_heads, ctx.chunk_len, generator=self.generator)
+            kept.append(kept_indices(keep_top(scores, ctx.protected, self.ratio)))
+        return Selection(kept, report=dict(ratios=[self.ratio] * ctx.model.num_layers))

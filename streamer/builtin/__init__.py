@@ -1,0 +1,1 @@
+"""The built-in model: its procedural videos with questions (videos) and its training (train)."""

@@ -1,0 +1,37 @@
+"""`streamer` command line: ask about a video, answer from a saved memory, serve, stream to a server,
+evaluate, measure, make a test video. This module only assembles the subcommands; each lives in
+its own module of this package, and the switches they share in streamer/cli/switches.py."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from streamer.cli import ask, bench, client, demo, evaluate, serve, video
+from video_io.errors import VideoError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="streamer", description=__doc__.split("\n")[0])
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for command in (ask, serve, client, demo, bench, evaluate, video):
+        command.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+    logging.getLogger("websockets").setLevel(logging.WARNING)  # one line per connection is noise here
+    try:
+        return args.run(args)
+    except (VideoError, ValueError, FileNotFoundError) as exc:
+        print(f"streamer {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""`streamer ask` (one video, one question: read frames, ingest them chunk by chunk, answer) and
+`streamer answer` (a question to a saved memory, without the video)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from dataclasses import asdict
+from typing import Callable
+
+from memory.policy import ProbedPolicy
+from memory.snapshot import load_memory, model_identity, read_snapshot_meta, save_memory
+from memory.store import KVMemory
+from streamer.cli.switches import add_run_switches, config_from_args
+from streamer.config import Config, override
+from streamer.engine.runner import Answer, Runner, load_runner
+from streamer.engine.stream import ingest_video
+from video_io.sampling import Sampling
+from video_io.sources import FileSource
+
+log = logging.getLogger("streamer")
+STAGES = ("preprocess", "vision", "prefill", "policy", "probe", "search")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("ask", help="answer a question about a video file",
+                       description="Read a video, build its memory chunk by chunk, answer one question.")
+    p.add_argument("video", help="path of a local video file")
+    p.add_argument("question")
+    add_run_switches(p)
+    p.add_argument("--save-memory", metavar="PATH", help="save the video's memory (.safetensors) for `streamer answer`")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.set_defaults(run=run_ask)
+
+    p = sub.add_parser("answer", help="answer a question from a saved memory, without the video",
+                       description="Load a memory saved by `streamer ask --save-memory` and answer a question.")
+    p.add_argument("memory", help="a .safetensors memory file")
+    p.add_argument("question")
+    p.add_argument("--model", help="the model that made the memory (default: the one recorded in the file)")
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--dtype", help="auto | float32 | bfloat16 | float16")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.set_defaults(run=run_answer)
+
+
+def ask_video(runner: Runner, video: str, question: str, config: Config,
+              progress: Callable[[str], None] | None = None):
+    """Answer `question` about the video file at `video`; returns (result record, memory)."""
+    started = time.perf_counter()
+    policy = config.make_policy(question)
+    sampling = Sampling(frames=config.video.frames, fps=config.video.fps, max_frames=config.video.max_frames)
+    source = FileSource(video, sampling, backend=config.video.backend)
+    chunk_frames = config.memory.chunk_frames
+    total_chunks = math.ceil(len(source) / chunk_frames)
+
+    def on_chunk(number: int, chunk: list, record: dict) -> None:
+        if progress:
+            chosen = f", ratios {record['ratios']}" if "ratios" in record else ""
+            progress(f"chunk {number}/{total_chunks}: {len(chunk)} frames ({chunk[0].ts:.1f}-{chunk[-1].ts:.1f} s), "
+                     f"{record['tokens']} tokens{chosen} -> memory {record['memory_tokens']:.0f} of "
+                     f"{memory.full_tokens} tokens")
+
+    memory = runner.new_memory(budget=config.memory.budget or None)
+    ingest_video(runner, source, policy, chunk_frames, memory, on_chunk=on_chunk)
+    answer = runner.answer(memory, question, config.generation.max_new_tokens)
+    stage = {key: sum(chunk["timings"].get(key, 0.0) for chunk in memory.chunks) for key in STAGES}
+    read_s = sum(chunk["timings"]["read"] for chunk in memory.chunks)
+    timings = dict(read_frames=read_s, **stage, question_prefill=answer.timings["question_prefill"],
+                   decode=answer.timings["decode"], total=time.perf_counter() - started)
+    result = dict(
+        answer=answer.text, question=question, video=str(video), model=config.model.name, policy=policy.name,
+        probe=policy.probe.mode if isinstance(policy, ProbedPolicy) else None,
+        **memory_summary(memory), **answer_summary(answer), timings=timings,
+    )
+    return result, memory
+
+
+def chunk_summary(record: dict) -> dict:
+    """The per-chunk fields of the public result: what the policy chose and what it cost."""
+    keys = ("frames", "tokens", "ratios", "js", "kept", "evicted", "memory_tokens", "timings")
+    return {key: record[key] for key in keys if key in record}
+
+
+def memory_summary(memory: KVMemory) -> dict:
+    """The public fields that describe a memory."""
+    return dict(
+        frames=memory.frames,
+        frame_grid=list(memory.grid_hw) if memory.grid_hw else None,
+        chunks=[chunk_summary(record) for record in memory.chunks],
+        full_tokens=memory.full_tokens,
+        memory_tokens=memory.mean_tokens(),
+        memory_tokens_per_layer=memory.tokens_per_layer(),
+        budget=memory.budget,
+        evicted_tokens=memory.evicted,
+    )
+
+
+def answer_summary(answer: Answer) -> dict:
+    return dict(answer_tokens=len(answer.token_ids), first_token_logprobs=answer.first_token_logprobs,
+                decode_tokens_per_s=answer.timings["decode_tokens_per_s"])
+
+
+def print_result(result: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    print(result["answer"])
+    t = result["timings"]
+    ingest = sum(t.get(key, 0.0) for key in ("vision", "prefill", "policy"))
+    print(f"\n[{result['frames']} frames, memory {result['memory_tokens']:.0f} of {result['full_tokens']} tokens"
+          f"{' (' + result['policy'] + ')' if 'policy' in result else ''}; ingest {ingest:.2f} s, "
+          f"first token {t['question_prefill'] * 1000:.0f} ms]", file=sys.stderr)
+
+
+def run_ask(args) -> int:
+    config = config_from_args(args)
+    runner, load_s = load_runner(config)
+    result, memory = ask_video(runner, args.video, args.question, config, progress=log.info)
+    result["timings"] = {"load_model": load_s, **result["timings"]}
+    if args.save_memory:
+        save_memory(memory, args.save_memory, model_identity(runner.model, config.model.name), asdict(config))
+        log.info("memory saved to %s", args.save_memory)
+        result["memory_file"] = args.save_memory
+    print_result(result, args.json)
+    return 0
+
+
+def run_answer(args) -> int:
+    name = args.model or read_snapshot_meta(args.memory)["model"]["name"]
+    config = override(Config(), "model", name=name, device=args.device, dtype=args.dtype)
+    runner, load_s = load_runner(config)
+    memory, _ = load_memory(args.memory, model_identity(runner.model, name), device=runner.device,
+                            dtype=runner.model.dtype)
+    answer = runner.answer(memory, args.question, args.max_new_tokens)
+    timings = dict(load_model=load_s, question_prefill=answer.timings["question_prefill"],
+                   decode=answer.timings["decode"])
+    result = dict(answer=answer.text, question=args.question, memory_file=args.memory, model=name,
+                  **memory_summary(memory), **answer_summary(answer), timings=timings)
+    print_result(result, args.json)
+    return 0

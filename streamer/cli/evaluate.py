@@ -1,0 +1,94 @@
+"""`streamer eval videomme` and `streamer eval synthetic`: the command lines of the evaluations."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from pathlib import Path
+
+from streamer.cli.switches import add_run_switches, config_from_args
+from streamer.evaluation import synthetic
+from streamer.evaluation.results import format_table
+from streamer.evaluation.run import Distributed, config_id, run
+
+
+def add_parser(sub) -> None:
+    benchmarks = sub.add_parser("eval", help="evaluate on a benchmark", description="Evaluate on a benchmark.")
+    benchmark_parsers = benchmarks.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
+    add_videomme(benchmark_parsers)
+    add_synthetic(benchmark_parsers)
+
+
+def add_videomme(benchmarks) -> None:
+    v = benchmarks.add_parser(
+        "videomme", help="Video-MME multiple choice, without subtitles",
+        description="Answer the Video-MME questions (lmms-eval's prompt and scoring, no subtitles), one JSON line "
+                    "per question in --out; an existing --out is resumed. Under torchrun, videos are shared out "
+                    "across the processes, one GPU each.")
+    v.add_argument("--questions", required=True, help="the Video-MME table: .parquet as published, .json or .jsonl")
+    v.add_argument("--videos", required=True, help="folder of the videos, named <videoID>.mp4, .mkv or .webm")
+    v.add_argument("--out", default="results.jsonl", help="result lines (JSONL); questions already in it are skipped")
+    v.add_argument("--limit", type=int, help="evaluate the first N questions only (all of a video's before the next)")
+    v.add_argument("--prefetch", type=int, default=1, help="videos read ahead while the model works (default 1)")
+    v.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
+    add_run_switches(v, config_default="videomme_emloc")
+    v.set_defaults(run=run_videomme)
+
+
+def run_videomme(args) -> int:
+    config = config_from_args(args)
+    if args.prefetch < 1:
+        raise ValueError(f"--prefetch must be >= 1, got {args.prefetch}")
+    summary = run(config, args.questions, args.videos, args.out, limit=args.limit, depth=args.prefetch,
+                  dist=Distributed.from_env())
+    if summary is None:  # another rank prints
+        return 0
+    summary = dict(benchmark="videomme", model=config.model.name, policy=config.memory.policy,
+                   probe=config.probe.mode, config_id=config_id(config), results=args.out, **summary)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(f"Video-MME (no subtitles), {summary['model']}, memory {summary['policy']}, probe {summary['probe']}")
+        print(format_table(summary))
+    return 0
+
+
+def _numbers(kind):
+    return lambda text: [kind(part) for part in text.split(",") if part.strip()]
+
+
+def add_synthetic(benchmarks) -> None:
+    p = benchmarks.add_parser(
+        "synthetic", help="held-out procedural videos: full context vs memory policies",
+        description="Accuracy per question family on generated videos, for full context, EMLoC and the baselines "
+                    "at EMLoC's memory size.")
+    defaults = synthetic.EvalConfig()
+    p.add_argument("--model", default=defaults.model, help="built-in name or checkpoint (default: %(default)s)")
+    p.add_argument("--lengths", type=_numbers(int), default=defaults.lengths, help="frames per video, e.g. 96,192,384")
+    p.add_argument("--videos", type=int, default=defaults.videos, help="videos per length (default: %(default)s)")
+    p.add_argument("--first-seed", type=int, default=defaults.first_seed)
+    p.add_argument("--chunk-frames", type=int, default=defaults.chunk_frames)
+    p.add_argument("--policies", type=lambda s: s.split(","), default=defaults.policies,
+                   help="comma-separated; emloc before uniform/pyramid/window (default: %(default)s)")
+    p.add_argument("--delta", type=float, default=defaults.delta, help="emloc JS bound (default: %(default)s)")
+    p.add_argument("--ratios", type=_numbers(float), default=defaults.ratios, help="emloc ratios")
+    p.add_argument("--group-size", type=int, default=defaults.group_size, help="emloc layers per group")
+    p.add_argument("--probe", choices=["generic", "question"], default=defaults.probe)
+    p.add_argument("--device", default=defaults.device)
+    p.add_argument("--threads", type=int, default=defaults.threads, help="CPU threads (default: %(default)s)")
+    p.add_argument("--write", type=Path, help="also write the tables to this Markdown file (e.g. docs/SYNTHETIC.md)")
+    p.set_defaults(run=run_synthetic)
+
+
+def run_synthetic(args) -> int:
+    config = synthetic.EvalConfig(model=args.model, lengths=args.lengths, videos=args.videos,
+                                  first_seed=args.first_seed, chunk_frames=args.chunk_frames, policies=args.policies,
+                                  delta=args.delta, ratios=args.ratios, group_size=args.group_size, probe=args.probe,
+                                  device=args.device, threads=args.threads)
+    summary = synthetic.evaluate(config, log=lambda line: print(line, file=sys.stderr))
+    print(synthetic.format_tables(summary))
+    if args.write:
+        argv = sys.argv[sys.argv.index("synthetic") + 1:] if "synthetic" in sys.argv else []
+        synthetic.write_markdown(args.write, summary, config, "streamer eval synthetic " + shlex.join(argv))
+    return 0

@@ -1,0 +1,52 @@
+"""`streamer serve`: load the model once and serve live video QA over websockets."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+from streamer.config import load_config, override
+from streamer.engine.runner import load_runner
+from streamer.service.protocol import ServerLimits
+from streamer.service.server import StreamServer
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("serve", help="serve live video QA over websockets",
+                       description="Load the model once and serve sessions over websockets (protocol in README).")
+    p.add_argument("--config", default="stream_default", help="TOML config for sessions' defaults")
+    p.add_argument("--model", help="builtin | tiny-random | a built-in architecture | a local checkpoint directory")
+    p.add_argument("--device")
+    p.add_argument("--dtype")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--allow-root", action="append", default=[], metavar="DIR",
+                   help="directory whose videos/snapshots clients may name (repeatable); none by default")
+    p.add_argument("--allow-urls", action="store_true", help="let clients make the server open network streams")
+    p.add_argument("--token", default=os.environ.get("STREAMER_TOKEN"),
+                   help="bearer token clients must send (default: $STREAMER_TOKEN; none = open)")
+    p.add_argument("--max-sessions", type=int, default=16)
+    p.add_argument("--max-frames", type=int, default=100_000, help="frames per session")
+    p.add_argument("--max-message-mb", type=float, default=8.0)
+    p.add_argument("--idle-timeout", type=float, default=600.0, help="seconds before an idle session is closed")
+    p.add_argument("--overflow", choices=["subsample", "drop"], default="subsample",
+                   help="when frames arrive faster than they are ingested")
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    config = load_config(args.config)
+    override(config, "model", name=args.model, device=args.device, dtype=args.dtype)
+    config.validate()
+    roots = [Path(root) for root in args.allow_root]
+    for root in roots:
+        if not root.is_dir():
+            raise FileNotFoundError(f"--allow-root {root}: no such directory")
+    limits = ServerLimits(max_sessions=args.max_sessions, max_frames_per_session=args.max_frames,
+                          max_message_bytes=int(args.max_message_mb * 2**20), idle_timeout=args.idle_timeout,
+                          overflow=args.overflow, allowed_roots=roots, allow_urls=args.allow_urls, token=args.token)
+    runner, _ = load_runner(config)
+    server = StreamServer(runner, config, limits, config.model.name)
+    asyncio.run(server.serve(args.host, args.port))
+    return 0

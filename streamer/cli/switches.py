@@ -1,0 +1,62 @@
+"""Switches shared by the commands that read videos into a memory (`ask`, `eval videomme`), and the
+config they build."""
+
+from __future__ import annotations
+
+import argparse
+
+from memory.registry import POLICIES, policies_with
+from streamer.config import Config, load_config, override
+
+
+def ratio_list(text: str) -> list[float]:
+    try:
+        return [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 0.02,0.1,1.0, got {text!r}")
+
+
+def add_run_switches(p: argparse.ArgumentParser, config_default: str | None = None) -> None:
+    p.add_argument("--config", default=config_default,
+                   help="TOML config (a path or a name in configs/); switches override it")
+    p.add_argument("--model", help="builtin (default) | tiny-random | qwen2-vl-{2b,7b,72b}-random | a local checkpoint directory")
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--dtype", help="auto | float32 | bfloat16 | float16")
+    sampling = p.add_mutually_exclusive_group()
+    sampling.add_argument("--frames", type=int, help="sample N frames uniformly over the video")
+    sampling.add_argument("--fps", type=float, help="sample F frames per second of video time")
+    p.add_argument("--max-frames", type=int, help="cap on the frame count for --fps")
+    p.add_argument("--backend", choices=["pyav", "decord"], help="video decoder")
+    p.add_argument("--min-pixels", type=int, help="minimum pixels per frame after resize")
+    p.add_argument("--max-pixels", type=int, help="maximum pixels per frame after resize")
+    p.add_argument("--chunk-frames", type=int, help="frames per prefill chunk (a multiple of 2)")
+    p.add_argument("--memory", choices=list(POLICIES), help="memory policy")
+    p.add_argument("--delta", type=float, help="emloc: JS divergence bound per chunk (nats)")
+    p.add_argument("--ratios", type=ratio_list, help="emloc: retention ratios to try, e.g. 0.02,0.1,0.5,1.0")
+    p.add_argument("--group-size", type=int, help="emloc: layers per group (1 = layer-wise)")
+    p.add_argument("--ratio", type=float, help=f"{'/'.join(policies_with('ratio'))}: fraction of each chunk kept")
+    p.add_argument("--probe", choices=["generic", "question"],
+                   help="generic: fixed probe prompts, memory reusable for any question; question: the question "
+                        "is the probe (memory specific to it)")
+    p.add_argument("--budget", type=int, help="most tokens each layer's memory may hold (0 = unbounded)")
+    p.add_argument("--max-new-tokens", type=int, help="longest answer in tokens")
+
+
+def config_from_args(args) -> Config:
+    """The config file named by --config with the run switches on top, validated."""
+    config = load_config(args.config)
+    override(config, "model", name=args.model, device=args.device, dtype=args.dtype)
+    if args.fps is not None:
+        config.video.frames = None
+    override(config, "video", frames=args.frames, fps=args.fps, max_frames=args.max_frames, backend=args.backend,
+             min_pixels=args.min_pixels, max_pixels=args.max_pixels)
+    override(config, "memory", policy=args.memory, chunk_frames=args.chunk_frames, budget=args.budget)
+    override(config, "emloc", delta=args.delta, ratios=args.ratios, group_size=args.group_size)
+    if args.ratio is not None:
+        takes_ratio = policies_with("ratio")
+        if config.memory.policy not in takes_ratio:
+            raise ValueError(f"--ratio applies to {', '.join(takes_ratio)}, not {config.memory.policy}")
+        override(config, config.memory.policy, ratio=args.ratio)
+    override(config, "probe", mode=args.probe)
+    override(config, "generation", max_new_tokens=args.max_new_tokens)
+    return config.validate()

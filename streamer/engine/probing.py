@@ -1,0 +1,56 @@
+"""The model as a memory policy sees it while a chunk is ingested: memory.policy.ChunkModel.
+
+A probe is a prompt laid out as a question turn after the memory and the full chunk, plus
+`answer_tokens` tokens the model generates greedily after it; one recorded forward over it
+leaves the hidden state entering every layer, the attention to every context key and the
+reference logits (streamer/engine/decode.py). This module turns that into the policy's terms:
+attention to the chunk's tokens only, and re-runs that hide chunk tokens per layer and head.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from memory.probe import ProbeConfig
+from streamer.engine.decode import ProbeForward
+from streamer.engine.prompt import question_suffix
+from streamer.engine.view import MemoryView
+
+
+class RecordedProbe:
+    """memory.policy.ChunkProbe over one recorded probe forward."""
+
+    def __init__(self, forward: ProbeForward, chunk_starts: list[int], chunk_len: int):
+        self.forward, self.chunk_starts = forward, chunk_starts
+        self.attention = [a[:, start:start + chunk_len] for a, start in zip(forward.attention, chunk_starts)]
+        self.reference = forward.reference
+
+    def rerun(self, from_layer: int, keep: dict[int, torch.Tensor]) -> torch.Tensor:
+        visible = {layer: torch.cat([kept.new_ones(kept.shape[0], self.chunk_starts[layer]), kept], dim=1)
+                   for layer, kept in keep.items()}  # the memory before the chunk stays visible
+        return self.forward.rerun(from_layer, visible)
+
+
+class ChunkProbes:
+    """memory.policy.ChunkModel: probe forwards after the memory and the chunk held in `view`."""
+
+    def __init__(self, runner, view: MemoryView, chunk_len: int, next_position: int):
+        self.runner = runner
+        self.num_layers, self.kv_heads = runner.num_layers, runner.kv_heads
+        self.context = view.context(chunk_len)
+        self.chunk_starts = view.memory_lengths
+        self.chunk_len = chunk_len
+        self.next_position = next_position  # as if the video ended with this chunk
+
+    def probe(self, prompt: str, config: ProbeConfig) -> RecordedProbe:
+        """Greedy answer tokens after the prompt, then one recorded forward over prompt + answer."""
+        ids = self.runner.encode(question_suffix(prompt))
+        decoder = self.runner.decoder(len(ids) + config.answer_tokens)
+        if config.answer_tokens:
+            logits = decoder.start(self.context, self.next_position, ids, config.answer_tokens)
+            for step in range(config.answer_tokens):
+                ids = [*ids, int(logits.argmax())]
+                if step + 1 < config.answer_tokens:
+                    logits = decoder.step(ids[-1])
+        forward = decoder.probe(self.context, self.next_position, ids, rows=min(config.js_positions, len(ids)))
+        return RecordedProbe(forward, self.chunk_starts, self.chunk_len)

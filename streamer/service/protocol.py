@@ -1,0 +1,147 @@
+"""The websocket protocol's rules: error codes, limits, and the checks on what clients send.
+
+Messages are JSON objects with a string "type" (README.md, "Websocket protocol"); every refusal
+is a ProtocolError, sent as {"type": "error", "code": ..., "message": ...}. The options a
+`start` message may set are the session options below plus the chosen policy's own fields
+(memory.registry.policy_options), so a new policy option is a protocol option with no edit here.
+"""
+
+from __future__ import annotations
+
+import json
+import typing
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from memory.registry import POLICIES, policy_options
+from streamer.config import Config, override
+
+MESSAGE_TYPES = ("start", "frame", "ingest", "flush", "ask", "stats", "save", "load", "ping")
+SESSION_OPTIONS = {  # start option -> (config section, key, type)
+    "policy": ("memory", "policy", str),
+    "chunk_frames": ("memory", "chunk_frames", int),
+    "budget": ("memory", "budget", int),
+    "min_pixels": ("video", "min_pixels", int),
+    "max_pixels": ("video", "max_pixels", int),
+    "probe": ("probe", "mode", str),
+}
+POLICY_OPTIONS = {name: kind for policy in POLICIES for name, kind in policy_options(policy).items()}
+
+
+class ProtocolError(Exception):
+    """A refusal sent to the client as {"type": "error", "code": ..., "message": ...}."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class ServerLimits:
+    max_sessions: int = 16
+    max_frames_per_session: int = 100_000
+    max_message_bytes: int = 8 * 2**20
+    max_pending_frames: int = 0  # 0: four chunks' worth
+    max_queued_chunks: int = 2
+    max_questions: int = 4  # outstanding per session
+    max_new_tokens: int = 512
+    max_question_chars: int = 4000
+    max_budget: int = 65536  # tokens per layer
+    max_pixels: int = 768 * 28 * 28  # per frame after resize
+    idle_timeout: float = 600.0  # seconds without a message before a session is closed
+    overflow: str = "subsample"  # what to do with frames beyond max_pending_frames: subsample | drop
+    allowed_roots: list[Path] = field(default_factory=list)  # server-side files are read/written only here
+    allow_urls: bool = False  # let clients make the server open network streams
+    token: str | None = None  # bearer token required at connect
+
+
+def error(code: str, message: str, **extra) -> dict:
+    return dict(type="error", code=code, message=message, **extra)
+
+
+def parse_message(message: str) -> dict:
+    try:
+        request = json.loads(message)
+    except json.JSONDecodeError as exc:
+        raise ProtocolError("bad_json", f"message is not valid JSON ({exc.msg} at character {exc.pos})") from None
+    if not isinstance(request, dict) or not isinstance(request.get("type"), str):
+        raise ProtocolError("bad_message", 'a message must be a JSON object with a string "type"')
+    return request
+
+
+def request_id(message) -> object:
+    """The id of an ask message, so that a refused question can be matched by the client."""
+    if isinstance(message, str):
+        try:
+            request = json.loads(message)
+        except json.JSONDecodeError:
+            return None
+        if isinstance(request, dict):
+            return request.get("id")
+    return None
+
+
+def number(request: dict, key: str, minimum: float, maximum: float | None = None, integer: bool = False,
+           default=None):
+    """request[key] as a number within [minimum, maximum] (None if absent and no default)."""
+    value = request.get(key, default)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
+        raise ProtocolError("bad_option", f"{key!r} must be a{'n integer' if integer else ' number'}, got {value!r}")
+    if value < minimum or (maximum is not None and value > maximum):
+        bounds = f">= {minimum}" if maximum is None else f"between {minimum} and {maximum}"
+        raise ProtocolError("bad_option", f"{key!r} must be {bounds}, got {value}")
+    return value
+
+
+def typed(name: str, value, kind):
+    """A JSON option checked against its declared type (bools are not numbers here)."""
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if typing.get_origin(kind) is list:
+        if not isinstance(value, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                  for v in value):
+            raise ProtocolError("bad_option", f"option {name!r} must be a list of numbers")
+        return [float(v) for v in value]
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise ProtocolError("bad_option", f"option {name!r} must be of type {kind.__name__}, got {value!r}")
+    return value
+
+
+def session_config(defaults: Config, options: dict, limits: ServerLimits) -> Config:
+    """The server's default config with a client's `start` options on top, within the limits."""
+    options = {name: value for name, value in options.items() if name != "type"}
+    unknown = sorted(set(options) - set(SESSION_OPTIONS) - set(POLICY_OPTIONS))
+    if unknown:
+        raise ProtocolError("bad_option", f"unknown start option(s) {unknown}; known: "
+                            f"{sorted([*SESSION_OPTIONS, *POLICY_OPTIONS])}")
+    config = replace(defaults, memory=replace(defaults.memory), video=replace(defaults.video),
+                     probe=replace(defaults.probe), policies={k: dict(v) for k, v in defaults.policies.items()})
+    for name, value in options.items():
+        if name in SESSION_OPTIONS:
+            section, key, kind = SESSION_OPTIONS[name]
+            override(config, section, **{key: typed(name, value, kind)})
+    policy = config.memory.policy
+    if policy not in POLICIES:
+        raise ProtocolError("bad_option", f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
+    own = policy_options(policy)
+    for name, value in options.items():
+        if name in SESSION_OPTIONS:
+            continue
+        if name not in own:
+            takers = [p for p in POLICIES if name in policy_options(p)]
+            raise ProtocolError("bad_option", f"{name!r} applies to {', '.join(takers)}, not {policy}")
+        override(config, policy, **{name: typed(name, value, own[name])})
+    if config.probe.mode != "generic":
+        raise ProtocolError("bad_option", "a live session needs the generic probe: its memory must serve "
+                            "questions that are not known yet")
+    if (config.video.max_pixels or 0) > limits.max_pixels:
+        raise ProtocolError("bad_option", f"max_pixels {config.video.max_pixels} is over this server's limit "
+                            f"{limits.max_pixels}")
+    if not 0 < (config.memory.budget or limits.max_budget) <= limits.max_budget:
+        raise ProtocolError("bad_option", f"budget must be between 1 and {limits.max_budget} tokens per layer")
+    try:
+        return config.validate()
+    except (ValueError, TypeError) as exc:
+        raise ProtocolError("bad_option", str(exc)) from None
