@@ -4,8 +4,8 @@ After a chunk is prefilled, a policy decides which of its tokens each layer keep
 `ChunkContext`: the memory as it was before the chunk, the chunk's absolute positions, which
 of its tokens are protected prompt text, and `model`, a `ChunkModel` -- the model with the
 memory and this chunk in its context, offering only what a policy may ask of it (its shape and
-probe forwards). The engine implements ChunkModel (streamer/engine/probing.py); tests implement
-it with fakes. A policy returns a `Selection`: per layer, the indices of the chunk tokens every
+probe forwards, memory/probe.py). The engine implements ChunkModel (streamer/engine/probing.py);
+tests implement it with fakes. A policy returns a `Selection`: per layer, the indices of the chunk tokens every
 KV head keeps ([kv_heads, k], the same k for all heads of a layer; None keeps everything), and
 optionally per-token importance, which the memory stores to choose evictions under a budget.
 Protected tokens are always kept.
@@ -18,42 +18,17 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar, Protocol
+from typing import ClassVar
 
 import torch
 
-from memory.probe import ProbeConfig, chunk_importance, keep_top, kept_indices
-
-if TYPE_CHECKING:
-    from memory.store import KVMemory
-
-
-class ChunkProbe(Protocol):
-    """One probe forward after the memory and the full chunk (see memory/probe.py)."""
-
-    attention: list[torch.Tensor]  # per layer [kv_heads, chunk_len] float32: the probe's attention to each
-    #                                chunk token, mean over the query heads of a KV head, summed over probe tokens
-    reference: torch.Tensor  # [rows, vocab] float32 logits of the probe's last rows, chunk unpruned
-
-    def rerun(self, from_layer: int, keep: dict[int, torch.Tensor]) -> torch.Tensor:
-        """The probe's logits [rows, vocab] with chunk tokens hidden per layer and KV head: keep[l] is bool
-        [kv_heads, chunk_len] for the layers given (others see the whole chunk). Layers from `from_layer` up
-        are re-run from their stored input, so no layer below `from_layer` may be in `keep`."""
-
-
-class ChunkModel(Protocol):
-    """The model as a policy sees it while a chunk is being ingested."""
-
-    num_layers: int
-    kv_heads: int
-
-    def probe(self, prompt: str, config: ProbeConfig) -> ChunkProbe:
-        """Run `prompt` (and config.answer_tokens greedy tokens) after the memory and the full chunk."""
+from memory.probe import ChunkModel, ChunkProbe, ProbeConfig, chunk_importance, keep_top, kept_indices
+from memory.store import KVMemory
 
 
 @dataclass
 class ChunkContext:
-    memory: "KVMemory"  # the memory before this chunk is committed
+    memory: KVMemory  # the memory before this chunk is committed
     positions: torch.Tensor  # [chunk_len, 3] absolute positions of the chunk's tokens
     protected: torch.Tensor  # [chunk_len] bool: prompt text that every policy keeps
     model: ChunkModel

@@ -10,21 +10,19 @@ It tells a policy two things about the chunk it just prefilled (DESIGN.md sectio
 A probe is a prompt (the instruction of a question turn, "<|vision_end|>...assistant\\n") plus
 `answer_tokens` tokens the model generates greedily after it, so that the JS positions are
 the model's own answer about the video rather than template text. Its positions continue
-after the chunk, as if the video ended there. The engine runs it (`ChunkModel.probe`,
-memory/policy.py); this module holds its options and the maths on what it returns.
+after the chunk, as if the video ended there. The engine runs it (ChunkModel.probe below,
+implemented in streamer/engine/probing.py); this module holds its options, the interface a
+policy sees it through, and the maths on what it returns.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
-
-if TYPE_CHECKING:
-    from memory.policy import ChunkProbe
 
 GENERIC_PROMPTS = ("Describe what happens in the video.",)
 
@@ -50,7 +48,31 @@ class ProbeConfig:
         return self
 
 
-def chunk_importance(runs: list["ChunkProbe"], smoothing: int) -> list[torch.Tensor]:
+class ChunkProbe(Protocol):
+    """One probe forward after the memory and the full chunk."""
+
+    attention: list[torch.Tensor]  # per layer [kv_heads, chunk_len] float32: the probe's attention to each
+    #                                chunk token, mean over the query heads of a KV head, summed over probe tokens
+    reference: torch.Tensor  # [rows, vocab] float32 logits of the probe's last rows, chunk unpruned
+
+    def rerun(self, from_layer: int, keep: dict[int, torch.Tensor]) -> torch.Tensor:
+        """The probe's logits [rows, vocab] with chunk tokens hidden per layer and KV head: keep[l] is bool
+        [kv_heads, chunk_len] for the layers given (others see the whole chunk). Layers from `from_layer` up
+        are re-run from their stored input, so no layer below `from_layer` may be in `keep`."""
+
+
+class ChunkModel(Protocol):
+    """The model as a policy sees it while a chunk is being ingested."""
+
+    num_layers: int
+    kv_heads: int
+
+    def probe(self, prompt: str, config: ProbeConfig) -> ChunkProbe:
+        """Run `prompt` (and config.answer_tokens greedy tokens) after the memory and the full chunk."""
+
+
+
+def chunk_importance(runs: list[ChunkProbe], smoothing: int) -> list[torch.Tensor]:
     """Per layer [kv_heads, chunk_len]: the probes' attention to the chunk's tokens, summed over
     probes, average-pooled along token order."""
     scores = []

@@ -9,12 +9,7 @@ the same number of tokens, so a layer's cache is one dense tensor, but layers ma
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
-
 import torch
-
-if TYPE_CHECKING:
-    from memory.policy import Selection
 
 
 @dataclass
@@ -75,13 +70,14 @@ class KVMemory:
         return max(self.next_position, int(positions.max()) + 1)
 
     def commit(self, new_kv: list[tuple[torch.Tensor, torch.Tensor]], positions: torch.Tensor,
-               protected: torch.Tensor, selection: "Selection", *, frames: int, grid_thw: tuple[int, int, int],
-               video_start: int, report: dict) -> dict:
+               protected: torch.Tensor, kept: list[torch.Tensor] | None, scores: list[torch.Tensor] | None, *,
+               frames: int, grid_thw: tuple[int, int, int], video_start: int, report: dict) -> dict:
         """Append a chunk's kept tokens to every layer, in position order, and advance the stream.
 
         new_kv[l]: the chunk's keys and values in layer l, [1, kv_heads, chunk_len, head_dim];
         positions: [chunk_len, 3]; protected: [chunk_len] bool (stored with infinite importance);
-        selection: the policy's choice (memory.policy); grid_thw: the chunk's patch grid; video_start:
+        kept[l]: [kv_heads, k] sorted chunk indices each head keeps (None: all); scores[l]: [kv_heads,
+        chunk_len] importance, for evictions (None: zeros); grid_thw: the chunk's patch grid; video_start:
         where the stream's vision block starts. Evicts old tokens first when a budget is set. All or
         nothing: a chunk refused (frame size, budget) leaves the memory as it was. Returns the chunk's
         record -- `report` plus kept, evicted and memory_tokens -- which is also kept in `chunks`.
@@ -89,7 +85,6 @@ class KVMemory:
         self.check_grid(grid_thw[1:])
         chunk_len = positions.shape[0]
         heads = self.layers[0].keys.shape[1]
-        kept, scores = selection.kept, selection.scores
         incoming = [chunk_len] * len(self.layers) if kept is None else [k.shape[1] for k in kept]
         evicted = make_room(self, incoming)
         for idx, (layer, (keys, values)) in enumerate(zip(self.layers, new_kv)):

@@ -10,8 +10,10 @@ from reference import one_shot_logits
 
 from memory.baselines import FullPolicy, pyramid_ratios
 from memory.emloc import EmlocPolicy, layer_groups
+from memory.policy import ChunkContext
 from memory.probe import ProbeConfig, js_divergence
 from memory.registry import POLICIES, make_policy, policies_with
+from memory.store import KVMemory
 from streamer.engine.positions import text_positions
 from streamer.engine.prompt import question_suffix
 from streamer.engine.view import MemoryView
@@ -233,3 +235,78 @@ def test_js_divergence_properties():
 def test_bad_emloc_options(options, message):
     with pytest.raises(ValueError, match=message):
         make_policy("emloc", options)
+
+
+# --- policies against a fake model: memory/ needs no engine -----------------------------------------
+
+class FakeProbe:
+    """Attention ranks chunk tokens by index; hiding tokens in layer l moves the logits by weights[l]
+    times the fraction hidden, so which layers may be pruned is known in advance."""
+
+    def __init__(self, model):
+        self.model = model
+        heads, n = model.kv_heads, model.chunk_len
+        self.attention = [torch.arange(n, dtype=torch.float32).expand(heads, n).clone() for _ in model.weights]
+        self.reference = torch.zeros(1, 8)
+
+    def rerun(self, from_layer, keep):
+        assert all(layer >= from_layer for layer in keep), "a re-run from a layer must not prune below it"
+        self.model.reruns.append((from_layer, sorted(keep)))
+        shift = sum(self.model.weights[layer] * float(1 - mask.float().mean()) for layer, mask in keep.items())
+        return torch.tensor([[shift, 0, 0, 0, 0, 0, 0, 0]])
+
+
+class FakeModel:
+    def __init__(self, weights, kv_heads=2, chunk_len=20):
+        self.weights, self.kv_heads, self.chunk_len = weights, kv_heads, chunk_len
+        self.num_layers = len(weights)
+        self.reruns, self.prompts = [], []
+
+    def probe(self, prompt, config):
+        self.prompts.append(prompt)
+        return FakeProbe(self)
+
+
+def fake_context(model, protected=2):
+    mask = torch.zeros(model.chunk_len, dtype=torch.bool)
+    mask[:protected] = True
+    memory = KVMemory.empty(model.num_layers, model.kv_heads, 4, "cpu", torch.float32)
+    return ChunkContext(memory, torch.zeros(model.chunk_len, 3, dtype=torch.long), mask, model)
+
+
+def test_emloc_search_on_a_fake_model():
+    # the top group (layers 2-3) barely matters, the bottom group (0-1) matters a lot
+    model = FakeModel([8.0, 8.0, 0.01, 0.01])
+    policy = EmlocPolicy(delta=0.01, ratios=[0.1, 0.5, 1.0], group_size=2, probe=ProbeConfig(prompts=["a", "b"]))
+    selection = policy.select(fake_context(model))
+    assert model.prompts == ["a", "b"]
+    assert selection.report["ratios"] == [1.0, 0.1], "the top group takes the smallest ratio, the bottom none"
+    assert selection.report["js"][0] == selection.report["js"][1] <= 0.01, "the fallback keeps the JS above it"
+    # per probe: the top group's first candidate, then both candidates of the bottom group with the top in place
+    assert model.reruns == [(2, [2, 3])] * 2 + [(0, [0, 1, 2, 3])] * 4
+    assert [[g, r] for g, r, _ in selection.report["evaluations"]] == [[1, 0.1], [0, 0.1], [0, 0.5]]
+    video = 18
+    kept = [k.shape[1] for k in selection.kept]
+    assert kept == [20, 20, 2 + math.ceil(0.1 * video), 2 + math.ceil(0.1 * video)]
+    top = selection.kept[3][0]
+    assert top[:2].tolist() == [0, 1] and top[2:].tolist() == [18, 19], "protected text + the best-scored tokens"
+
+
+def test_emloc_keeps_everything_when_every_layer_matters():
+    model = FakeModel([5.0] * 4)
+    selection = EmlocPolicy(delta=1e-4, ratios=[0.1, 1.0], group_size=1).select(fake_context(model))
+    assert selection.kept is None and selection.report["ratios"] == [1.0] * 4
+
+
+@pytest.mark.parametrize("name", list(POLICIES))
+def test_every_policy_on_a_fake_model_keeps_protected_text(name):
+    model = FakeModel([1.0] * 3, kv_heads=2, chunk_len=20)
+    options = {"ratio": 0.25} if name in policies_with("ratio") else {}
+    selection = make_policy(name, options).select(fake_context(model))
+    if name == "full":
+        assert selection.kept is None
+        return
+    assert len(selection.kept) == 3
+    for kept in selection.kept:
+        assert kept.shape[0] == 2 and kept[:, :2].tolist() == [[0, 1], [0, 1]]
+        assert torch.all(kept[:, 1:] > kept[:, :-1]), "sorted, no repeats"

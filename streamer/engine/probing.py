@@ -1,4 +1,4 @@
-"""The model as a memory policy sees it while a chunk is ingested: memory.policy.ChunkModel.
+"""The model as a memory policy sees it while a chunk is ingested: memory.probe.ChunkModel.
 
 A probe is a prompt laid out as a question turn after the memory and the full chunk, plus
 `answer_tokens` tokens the model generates greedily after it; one recorded forward over it
@@ -18,7 +18,7 @@ from streamer.engine.view import MemoryView
 
 
 class RecordedProbe:
-    """memory.policy.ChunkProbe over one recorded probe forward."""
+    """memory.probe.ChunkProbe over one recorded probe forward."""
 
     def __init__(self, forward: ProbeForward, chunk_starts: list[int], chunk_len: int):
         self.forward, self.chunk_starts = forward, chunk_starts
@@ -32,7 +32,7 @@ class RecordedProbe:
 
 
 class ChunkProbes:
-    """memory.policy.ChunkModel: probe forwards after the memory and the chunk held in `view`."""
+    """memory.probe.ChunkModel: probe forwards after the memory and the chunk held in `view`."""
 
     def __init__(self, runner, view: MemoryView, chunk_len: int, next_position: int):
         self.runner = runner

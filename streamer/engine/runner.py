@@ -11,13 +11,14 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
 from memory.policy import ChunkContext, MemoryPolicy
 from memory.store import KVMemory
+from streamer.config import Config
 from streamer.engine.decode import EagerDecoder, StaticDecoder
 from streamer.engine.models import LoadedModel, load_model
 from streamer.engine.positions import as_position_ids, text_positions, video_positions
@@ -26,9 +27,6 @@ from streamer.engine.prompt import SYSTEM_PROMPT, question_suffix, video_prefix
 from streamer.engine.view import MemoryView
 from streamer.engine.vision import encode_pairs
 from video_io.preprocess import VideoPatches, VisionPreset, preprocess_frames
-
-if TYPE_CHECKING:
-    from streamer.config import Config
 
 log = logging.getLogger("streamer")
 TOP_LOGPROBS = 5
@@ -171,8 +169,8 @@ class Runner:
             model = ChunkProbes(self, view, chunk_len, memory.position_after(positions))
             selection = policy.select(ChunkContext(memory, positions, protected, model))
             new_kv = [view.new_tokens(layer, chunk_len) for layer in range(self.num_layers)]
-            record = memory.commit(new_kv, positions, protected, selection, frames=len(frames),
-                                   grid_thw=patches.grid_thw, video_start=video_start,
+            record = memory.commit(new_kv, positions, protected, selection.kept, selection.scores,
+                                   frames=len(frames), grid_thw=patches.grid_thw, video_start=video_start,
                                    report=dict(frames=len(frames), tokens=chunk_len, **selection.report))
         record["timings"] = dict(preprocess=preprocess_s, vision=vision_s, prefill=prefill_s, policy=timer.seconds,
                                  **selection.timings)
@@ -237,7 +235,7 @@ class Runner:
         return Answer(text=text, token_ids=tokens, first_token_logprobs=first, timings=timings)
 
 
-def load_runner(config: "Config", device: str | None = None) -> tuple[Runner, float]:
+def load_runner(config: Config, device: str | None = None) -> tuple[Runner, float]:
     """The configured model (on `device` if given, else the configured one) and a runner at the
     configured frame resolution; returns (runner, seconds spent loading)."""
     started = time.perf_counter()
