@@ -1,6 +1,6 @@
 """EMLoC: per-chunk, group-wise retention ratios chosen under a Jensen-Shannon bound.
 
-For each chunk (DESIGN.md section 2): probe once with the chunk unpruned (importance scores,
+For each chunk (docs/DESIGN.md section 2): probe once with the chunk unpruned (importance scores,
 reference logits, the hidden state entering every layer); then walk the layer groups from the
 top down. For a group, try the ratios from smallest to largest: a candidate keeps the top-k
 tokens per KV head in each layer of the group, with the choices already accepted above it in

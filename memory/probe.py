@@ -1,6 +1,6 @@
 """The probe: a short prompt run after the memory and the full current chunk.
 
-It tells a policy two things about the chunk it just prefilled (DESIGN.md section 2):
+It tells a policy two things about the chunk it just prefilled (docs/DESIGN.md section 2):
 - how much each chunk token matters, per KV head: the probe queries' attention to the chunk's
   keys, averaged over the query heads sharing the KV head, summed over probe tokens, smoothed
   along token order. Only the probe rows of attention are computed.

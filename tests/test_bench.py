@@ -57,6 +57,6 @@ def test_flop_counts_of_the_7b_architecture():
     prefill = llm_prefill_flops(config.text_config, 27648, 0)
     linear_params = 28 * (2 * 3584 ** 2 + 2 * 3584 * 512 + 3 * 3584 * 18944)
     assert prefill == pytest.approx(2 * 27648 * linear_params + 28 * 4 * 27648 * 27649 / 2 * 3584)
-    assert 500e12 < prefill < 560e12  # DESIGN.md quotes ~560 TFLOP/s for this prefill at 0.97 s
+    assert 500e12 < prefill < 560e12  # docs/DESIGN.md section 8 quotes ~560 TFLOP/s for this prefill at 0.97 s
     vision = vision_flops(config.vision_config, 192, 18, 32)  # 384 frames of 252x448
     assert 100e12 < vision < 400e12

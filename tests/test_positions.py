@@ -1,4 +1,4 @@
-"""The M-RoPE position convention of DESIGN.md section 4, on literal examples."""
+"""The M-RoPE position convention of docs/DESIGN.md section 4, on literal examples."""
 
 import torch
 

@@ -13,7 +13,7 @@ plus the chunk being ingested. It is never modified. Both decoders offer the sam
 EagerDecoder runs each forward at its exact length (Runner.forward_layers).
 
 StaticDecoder exists for CUDA graphs. Eager forwards of a few tokens on a 7B model spend most of
-their time launching kernels from Python (DESIGN.md section 6: ~29 of 34 ms per decode step); a
+their time launching kernels from Python (docs/DESIGN.md section 8: ~29 of 34 ms per decode step); a
 CUDA graph replays a recorded forward with one launch, but every tensor it touches must keep its
 address and shape. So it runs over fixed buffers:
 - each layer has `capacity` key/value slots: the context's M_l tokens in slots [0, M_l), unused

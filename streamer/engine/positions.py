@@ -1,4 +1,4 @@
-"""Absolute M-RoPE positions, computed by the project (DESIGN.md section 4).
+"""Absolute M-RoPE positions, computed by the project (docs/DESIGN.md section 4).
 
 Text token k after position p gets (p + k, p + k, p + k). A vision block that starts at s
 gives the token at temporal group t, merged row h, merged column w the position
