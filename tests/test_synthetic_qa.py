@@ -105,3 +105,15 @@ def test_bad_lengths_are_refused():
     with pytest.raises(ValueError, match=str(min_frames(MIN_EVENTS))):
         make_video(0, min_frames(MIN_EVENTS) - 2)
     assert set(ASK) == set(TRAIN_FAMILIES)
+
+
+def test_event_tokens_mark_the_cells_that_show_an_object():
+    video = make_video(5, 96)
+    frames = np.stack(video.frames()).astype(int)
+    shows = video.event_tokens()
+    assert shows.shape == (48, 2, 2)
+    # a cell shows an object where a frame of its pair departs from the background by more than the noise
+    departs = (np.abs(frames - video.background) > 6).any(axis=-1)  # [frames, H, W]
+    cells = departs.reshape(48, 2, 2, 28, 2, 28).any(axis=(1, 3, 5))
+    assert np.array_equal(shows, cells)
+    assert shows.any(axis=(1, 2)).sum() == len(video.events) * EVENT_FRAMES // 2

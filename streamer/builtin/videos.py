@@ -105,6 +105,16 @@ class SyntheticVideo:
             video[event.start:event.start + event.frames, mask] = COLOURS[event.colour]
         return list(video)
 
+    def event_tokens(self) -> np.ndarray:
+        """Bool [frame pairs, rows, columns] over the LLM's video tokens (one per merged 28 x 28 cell of a
+        frame pair at BUILTIN_PRESET): True where an object is shown -- what an oracle memory keeps."""
+        cell = BUILTIN_PRESET.patch_size * BUILTIN_PRESET.merge_size
+        shows = np.zeros((self.num_frames // 2, FRAME // cell, FRAME // cell), dtype=bool)
+        for event, (x, y, radius) in zip(self.events, self.layout):
+            cells = shape_mask(event.shape, x, y, radius).reshape(FRAME // cell, cell, FRAME // cell, cell)
+            shows[event.start // 2:(event.start + event.frames + 1) // 2] |= cells.any(axis=(1, 3))
+        return shows
+
     def questions(self, families: tuple[str, ...] = FAMILIES) -> list[QA]:
         """One question per family, in the order given; deterministic by the video's seed."""
         rng = np.random.default_rng([self.seed, self.num_frames, 1])

@@ -60,35 +60,49 @@ def _numbers(kind):
 
 def add_synthetic(benchmarks) -> None:
     p = benchmarks.add_parser(
-        "synthetic", help="held-out procedural videos: full context vs memory policies",
-        description="Accuracy per question family on generated videos, for full context, EMLoC and the baselines "
-                    "at EMLoC's memory size.")
+        "synthetic", help="held-out procedural videos: what each memory policy keeps of what the questions need",
+        description="Accuracy (with bootstrap intervals), answer JS to the full context, and the paired difference "
+                    "to uniform pruning at the same memory, per policy and video length, on generated videos.")
     defaults = synthetic.EvalConfig()
     p.add_argument("--model", default=defaults.model, help="built-in name or checkpoint (default: %(default)s)")
     p.add_argument("--lengths", type=_numbers(int), default=defaults.lengths, help="frames per video, e.g. 96,192,384")
     p.add_argument("--videos", type=int, default=defaults.videos, help="videos per length (default: %(default)s)")
+    p.add_argument("--quick", action="store_true", help="a quick look: 384 frames only, 20 videos")
     p.add_argument("--first-seed", type=int, default=defaults.first_seed)
     p.add_argument("--chunk-frames", type=int, default=defaults.chunk_frames)
-    p.add_argument("--policies", type=lambda s: s.split(","), default=defaults.policies,
-                   help="comma-separated; emloc before uniform/pyramid/window (default: %(default)s)")
+    p.add_argument("--policies", type=lambda s: [p for p in s.split(",") if p], default=defaults.policies,
+                   help="comma-separated, NAME or NAME:CONFIG (options from a TOML config); full, the uniform "
+                        "sweep and the oracles always run; emloc before pyramid/window (default: %(default)s)")
+    p.add_argument("--uniform-ratios", type=_numbers(float), default=defaults.uniform_ratios,
+                   help="the uniform sweep that every policy is compared with at equal memory")
+    p.add_argument("--oracle-extra", type=_numbers(int), default=defaults.oracle_extra,
+                   help="oracle rows: the events' tokens plus k probe-ranked tokens per chunk, e.g. 0,2 (empty: none)")
     p.add_argument("--delta", type=float, default=defaults.delta, help="emloc JS bound (default: %(default)s)")
     p.add_argument("--ratios", type=_numbers(float), default=defaults.ratios, help="emloc ratios")
     p.add_argument("--group-size", type=int, default=defaults.group_size, help="emloc layers per group")
     p.add_argument("--probe", choices=["generic", "question"], default=defaults.probe)
+    p.add_argument("--bootstrap", type=int, default=defaults.bootstrap, help="resamples per interval")
     p.add_argument("--device", default=defaults.device)
     p.add_argument("--threads", type=int, default=defaults.threads, help="CPU threads (default: %(default)s)")
     p.add_argument("--write", type=Path, help="also write the tables to this Markdown file (e.g. docs/SYNTHETIC.md)")
+    p.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON")
     p.set_defaults(run=run_synthetic)
 
 
 def run_synthetic(args) -> int:
-    config = synthetic.EvalConfig(model=args.model, lengths=args.lengths, videos=args.videos,
-                                  first_seed=args.first_seed, chunk_frames=args.chunk_frames, policies=args.policies,
+    lengths, videos = ([384], 20) if args.quick else (args.lengths, args.videos)
+    config = synthetic.EvalConfig(model=args.model, lengths=lengths, videos=videos, first_seed=args.first_seed,
+                                  chunk_frames=args.chunk_frames, policies=args.policies,
+                                  uniform_ratios=args.uniform_ratios, oracle_extra=args.oracle_extra,
                                   delta=args.delta, ratios=args.ratios, group_size=args.group_size, probe=args.probe,
-                                  device=args.device, threads=args.threads)
+                                  bootstrap=args.bootstrap, device=args.device, threads=args.threads)
     summary = synthetic.evaluate(config, log=lambda line: print(line, file=sys.stderr))
     print(synthetic.format_tables(summary))
+    argv = sys.argv[sys.argv.index("synthetic") + 1:] if "synthetic" in sys.argv else []
+    command = "streamer eval synthetic " + shlex.join(argv)
     if args.write:
-        argv = sys.argv[sys.argv.index("synthetic") + 1:] if "synthetic" in sys.argv else []
-        synthetic.write_markdown(args.write, summary, config, "streamer eval synthetic " + shlex.join(argv))
+        synthetic.write_markdown(args.write, summary, config, command)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(dict(command=command, **summary), indent=2) + "\n")
     return 0

@@ -178,6 +178,12 @@ class Runner:
 
     # --- questions out ----------------------------------------------------------------------
 
+    @torch.inference_mode()
+    def first_token_logits(self, memory: KVMemory, question: str) -> torch.Tensor:
+        """Float32 logits [vocab] of the first answer token: the distribution memory fidelity is measured on."""
+        ids = self._question_ids(memory, question)
+        return self.decoder(len(ids)).start(memory.context(), memory.next_position, ids, 1)
+
     def decoder(self, question_tokens: int) -> EagerDecoder | StaticDecoder:
         """The CUDA-graph decoder where there is one and the question fits its buckets, else eager forwards."""
         if self.static_decoder is not None and self.static_decoder.fits(question_tokens):

@@ -1,11 +1,25 @@
-"""Accuracy of memory policies on held-out procedural videos (`streamer eval synthetic`).
+"""How much of what the questions need each memory policy keeps, on held-out procedural videos
+(`streamer eval synthetic`).
 
-Every video (seeds below streamer.builtin.train.TRAIN_SEEDS: never trained on) is streamed through the
-Runner chunk by chunk under each policy, and the memory built once per video and policy answers
-one question of every family (the generic probe makes the memory question-agnostic). EMLoC runs
-first; its mean memory, as a fraction of the video tokens, becomes the ratio of the baselines
-(uniform, pyramid, window) at that length, so they hold about as many tokens. The table goes to
-stdout and, with --write, to a Markdown file with the command that produced it.
+Every video (seeds below streamer.builtin.train.TRAIN_SEEDS: never trained on) is streamed through
+the runner chunk by chunk under each policy, and the memory built once per video and policy (the
+generic probe makes it question-agnostic) answers one question of every family. Per policy and
+video length it reports:
+
+- accuracy, with a 95% bootstrap interval over videos;
+- memory_fraction: memory tokens (mean over layers, prompt text included) / full-context tokens;
+- answer_js: the Jensen-Shannon divergence between the first answer token's distribution from the
+  memory and from the full context, mean over questions -- a continuous fidelity figure that moves
+  before accuracy does;
+- vs_uniform: the paired difference in accuracy to uniform pruning at the same memory on the same
+  videos, with a 95% bootstrap interval over videos. Uniform runs at several ratios (and the full
+  context is uniform at 1.0); each video's uniform score is interpolated linearly in memory
+  fraction to the policy's memory, so "at equal memory" is exact, not one matched point;
+- oracle rows: a memory that keeps, in every layer, exactly the tokens that show an event (the
+  generator knows them), plus k probe-ranked tokens per chunk -- the headroom an allocator has.
+
+pyramid and window get EMLoC's fraction of video tokens as their ratio, so they hold about as many
+tokens; a policy may also be given as NAME:CONFIG, its options (and probe) read from a TOML config.
 """
 
 from __future__ import annotations
@@ -14,22 +28,24 @@ import json
 import os
 import platform
 import time
-from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import date
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from memory.probe import ProbeConfig
+from memory.policy import ChunkContext, ProbedPolicy, Selection
+from memory.probe import ProbeConfig, chunk_importance, js_divergence, kept_indices
 from memory.registry import make_policy
+from streamer.builtin.train import TRAIN_SEEDS
+from streamer.builtin.videos import BUILTIN_PRESET, FAMILIES, QA, make_video
+from streamer.config import load_config
 from streamer.engine.models import BUILTIN, BUILTIN_DIR, load_model, resolve_device
 from streamer.engine.runner import Runner
 from streamer.engine.stream import ingest_video
-from streamer.builtin.videos import BUILTIN_PRESET, FAMILIES, QA, make_video
-from streamer.builtin.train import TRAIN_SEEDS
 
-MATCHED = ("uniform", "pyramid", "window")  # baselines given EMLoC's memory ratio
+MATCHED = ("pyramid", "window")  # baselines given EMLoC's memory ratio
 
 
 @dataclass
@@ -39,86 +55,228 @@ class EvalConfig:
     videos: int = 100  # per length; seeds first_seed .. first_seed + videos - 1
     first_seed: int = 0
     chunk_frames: int = 64
-    policies: list[str] = field(default_factory=lambda: ["full", "emloc", *MATCHED])
+    policies: list[str] = field(default_factory=lambda: ["emloc", *MATCHED])  # full and uniform always run
+    uniform_ratios: list[float] = field(default_factory=lambda: [0.01, 0.03, 0.06, 0.1, 0.2])
+    oracle_extra: list[int] = field(default_factory=lambda: [0, 2])  # oracle rows: events + k tokens per chunk
     # chosen on validation seeds 900000.. at 384 frames as the setting that keeps <= 10% of the tokens
     # (delta 0.01 / 0.04 / 0.1 kept 30 / 19 / 8%); the ratios are the paper's, groups are half the layers
     delta: float = 0.1
     ratios: list[float] = field(default_factory=lambda: [0.02, 0.1, 0.5, 1.0])
     group_size: int = 2
     probe: str = "generic"
+    bootstrap: int = 2000  # resamples of the videos for each interval
     device: str = "auto"
     threads: int = 1
 
+    def validate(self) -> "EvalConfig":
+        if self.first_seed < 0 or self.first_seed + self.videos > TRAIN_SEEDS:
+            raise ValueError(f"held-out seeds must lie in 0..{TRAIN_SEEDS - 1}; training uses the seeds above")
+        if self.videos < 2:
+            raise ValueError(f"need at least 2 videos per length for intervals, got {self.videos}")
+        if not self.uniform_ratios or not all(0 < r < 1 for r in self.uniform_ratios):
+            raise ValueError(f"uniform ratios must be in (0, 1), got {self.uniform_ratios}")
+        if any(k < 0 for k in self.oracle_extra):
+            raise ValueError(f"oracle extra tokens must be >= 0, got {self.oracle_extra}")
+        return self
+
+
+@dataclass(kw_only=True)
+class OraclePolicy(ProbedPolicy):
+    """Keeps, in every layer, exactly the video tokens that show an event (known from the generator),
+    plus the `extra` best probe-ranked other tokens per chunk and KV head."""
+
+    name = "oracle"
+    events: np.ndarray  # bool [frame pairs, rows, columns] of the whole video
+    extra: int = 0
+
+    def select(self, ctx: ChunkContext) -> Selection:
+        video = ~ctx.protected
+        where = ctx.positions[video]
+        where = where - int(where[:, 1].min())  # (t, h, w) - s: the block starts at s, rows at 0
+        shows = ctx.protected.clone()
+        shows[video] = torch.from_numpy(self.events)[where[:, 0], where[:, 1], where[:, 2]]
+        keep = shows.expand(ctx.model.kv_heads, -1)
+        if not self.extra:
+            return Selection([kept_indices(keep)] * ctx.model.num_layers)
+        scores = chunk_importance(self.run_probes(ctx), self.probe.smoothing)
+        extra = min(self.extra, int((~shows).sum()))
+        kept = []
+        for layer_scores in scores:
+            best = layer_scores.masked_fill(shows, float("-inf")).topk(extra, dim=1).indices
+            kept.append(kept_indices(keep.clone().scatter_(1, best, True)))
+        return Selection(kept, scores)
+
 
 @dataclass
-class Tally:
-    correct: dict = field(default_factory=lambda: defaultdict(int))
-    total: dict = field(default_factory=lambda: defaultdict(int))
-    memory_tokens: float = 0.0
-    full_tokens: float = 0.0
-    videos: int = 0
+class Run:
+    """One policy (with its options) over the videos of one length."""
+
+    policy: str  # emloc, uniform, oracle, ...
+    label: str  # as shown in tables: "uniform 0.05", "oracle + 2", "emloc (emloc_reference)"
+    options: dict
+    correct: list[list[bool]] = field(default_factory=list)  # [video][question]
+    answer_js: list[list[float]] = field(default_factory=list)
+    memory_tokens: list[float] = field(default_factory=list)  # per video
+    full_tokens: list[int] = field(default_factory=list)
+    chunk_timings: list[dict] = field(default_factory=list)
     seconds: float = 0.0
 
-    def accuracy(self, family: str | None = None) -> float:
-        if family is None:
-            return 100 * sum(self.correct.values()) / max(1, sum(self.total.values()))
-        return 100 * self.correct[family] / max(1, self.total[family])
+    @property
+    def memory_fraction(self) -> float:
+        return sum(self.memory_tokens) / sum(self.full_tokens)
+
+    def scores(self) -> np.ndarray:
+        """Per video: the fraction of its questions answered right."""
+        return np.array([np.mean(c) for c in self.correct])
+
+    def mean_js(self) -> np.ndarray:
+        return np.array([np.mean(j) for j in self.answer_js])
 
 
-def run_policy(runner: Runner, frames, questions: list[QA], policy, chunk_frames: int, tally: Tally) -> None:
-    started = time.perf_counter()
-    memory = ingest_video(runner, frames, policy, chunk_frames)
-    for qa in questions:
-        answer = runner.answer(memory, qa.question, max_new_tokens=4)
-        tally.correct[qa.family] += answer.text.strip() == qa.answer
-        tally.total[qa.family] += 1
-    tally.memory_tokens += memory.mean_tokens()
-    tally.full_tokens += memory.full_tokens
-    tally.videos += 1
-    tally.seconds += time.perf_counter() - started
+def bootstrap_interval(values: np.ndarray, resamples: int, seed: int = 0) -> list[float]:
+    """95% percentile interval of the mean of `values` (one per video), resampling the videos."""
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), size=(resamples, len(values)))].mean(axis=1)
+    return [float(v) for v in np.percentile(means, [2.5, 97.5])]
 
 
-def make(name: str, config: EvalConfig, ratio: float | None, question: str):
-    """The policy `name`; with the question probe, `question` is its probe (the memory serves only it)."""
-    probe = ProbeConfig(mode="question", prompts=[question]) if config.probe == "question" else ProbeConfig()
+def uniform_at(sweep: list[Run], fraction: float) -> tuple[np.ndarray, np.ndarray] | None:
+    """Per-video uniform scores and answer JS interpolated linearly in memory fraction to `fraction`;
+    None outside the sweep (no extrapolation)."""
+    points = sorted(sweep, key=lambda run: run.memory_fraction)
+    fractions = [run.memory_fraction for run in points]
+    if not fractions[0] <= fraction <= fractions[-1]:
+        return None
+    i = min(max(int(np.searchsorted(fractions, fraction)) - 1, 0), len(points) - 2)
+    low, high = points[i], points[i + 1]
+    w = (fraction - fractions[i]) / (fractions[i + 1] - fractions[i]) if fractions[i + 1] > fractions[i] else 0.0
+    return (1 - w) * low.scores() + w * high.scores(), (1 - w) * low.mean_js() + w * high.mean_js()
+
+
+def summarize(run: Run, frames: int, sweep: list[Run], resamples: int) -> dict:
+    """One result row: what --json writes per policy and length."""
+    scores = run.scores()
+    families = np.array(run.correct).mean(axis=0) * 100
+    timings = {key: float(np.mean([t.get(key, 0.0) for t in run.chunk_timings])) for key in ("probe", "search")}
+    row = dict(policy=run.policy, label=run.label, options=run.options, frames=frames, videos=len(scores),
+               accuracy=100 * float(scores.mean()),
+               accuracy_interval=[100 * v for v in bootstrap_interval(scores, resamples)],
+               families=dict(zip(FAMILIES, families.tolist())), memory_fraction=run.memory_fraction,
+               memory_tokens=float(np.mean(run.memory_tokens)), full_tokens=float(np.mean(run.full_tokens)),
+               answer_js=float(run.mean_js().mean()), probe_s_per_chunk=timings["probe"],
+               search_s_per_chunk=timings["search"], seconds=run.seconds)
+    if run.policy != "uniform":
+        matched = uniform_at(sweep, run.memory_fraction)
+        if matched is None:  # below the smallest uniform ratio: add a smaller one to compare
+            row.update(vs_uniform=None, vs_uniform_interval=None, uniform_answer_js=None)
+        else:
+            uniform_scores, uniform_js = matched
+            difference = scores - uniform_scores
+            row.update(vs_uniform=100 * float(difference.mean()),
+                       vs_uniform_interval=[100 * v for v in bootstrap_interval(difference, resamples)],
+                       uniform_answer_js=float(uniform_js.mean()))
+    return row
+
+
+def policy_entry(name: str, config: EvalConfig) -> tuple[str, str, dict, ProbeConfig]:
+    """(policy, label, options, probe) for a --policies entry: NAME, or NAME:CONFIG to read the
+    options and probe from a TOML config (a path or a name in configs/)."""
+    name, _, source = name.partition(":")
+    probe = ProbeConfig(mode=config.probe)
+    if source:
+        preset = load_config(source)
+        return name, f"{name} ({source})", dict(preset.policies.get(name, {})), preset.probe
     if name == "emloc":
-        return make_policy(name, dict(delta=config.delta, ratios=config.ratios, group_size=config.group_size), probe)
-    return make_policy(name, None if ratio is None else dict(ratio=ratio), probe)
+        return name, name, dict(delta=config.delta, ratios=config.ratios, group_size=config.group_size), probe
+    return name, name, {}, probe
+
+
+def run_policy(runner: Runner, clips: list, run: Run, make, chunk_frames: int, question_probe: bool,
+               reference: list[list[torch.Tensor]] | None = None) -> list[list[torch.Tensor]]:
+    """Stream every clip under `make(video, question)`'s policy, answer its questions, score them against
+    the answers and (answer JS) against `reference`, the full context's first-token logits; returns the
+    first-token logits per video and question."""
+    started = time.perf_counter()
+    first_logits = []
+    for v, (video, frames, questions) in enumerate(clips):
+        # question probe mode: the memory is built per question (the paper's way)
+        groups = [[k] for k in range(len(questions))] if question_probe else [list(range(len(questions)))]
+        correct, logits, memory_tokens = [False] * len(questions), [None] * len(questions), []
+        for group in groups:
+            memory = ingest_video(runner, frames, make(video, questions[group[0]].question), chunk_frames)
+            memory_tokens.append(memory.mean_tokens())
+            run.chunk_timings += [chunk["timings"] for chunk in memory.chunks]
+            for k in group:
+                qa = questions[k]
+                correct[k] = runner.answer(memory, qa.question, max_new_tokens=4).text.strip() == qa.answer
+                logits[k] = runner.first_token_logits(memory, qa.question)
+        run.correct.append(correct)
+        run.answer_js.append([0.0 if reference is None else js_divergence(reference[v][k][None], logits[k][None])
+                              for k in range(len(questions))])
+        run.memory_tokens.append(float(np.mean(memory_tokens)))
+        run.full_tokens.append(memory.full_tokens)
+        first_logits.append(logits)
+    run.seconds = time.perf_counter() - started
+    return first_logits
 
 
 def evaluate(config: EvalConfig, log=print) -> dict:
-    """{length: {policy: Tally}} plus the chance rows, per family."""
-    if config.first_seed < 0 or config.first_seed + config.videos > TRAIN_SEEDS:
-        raise ValueError(f"held-out seeds must lie in 0..{TRAIN_SEEDS - 1}; training uses the seeds above")
+    """{"results": rows (see summarize), "chance": {frames: rows}, "config": ...}."""
+    config.validate()
     torch.set_num_threads(config.threads)
     loaded = load_model(config.model, device=config.device, dtype="float32")
     runner = Runner(loaded, preset=loaded.preset or BUILTIN_PRESET)
     prefix = len(runner.prefix_ids)
-    results, chance = {}, {}
+    question_probe = config.probe == "question"
+    results, chance = [], {}
     for length in config.lengths:
         videos = [make_video(seed, length) for seed in range(config.first_seed, config.first_seed + config.videos)]
-        clips = [(video.frames(), video.questions()) for video in videos]
-        chance[length] = chance_rows([qa for _, questions in clips for qa in questions])
-        tallies: dict[str, Tally] = {}
-        ratio = None
-        for name in config.policies:
-            if name in MATCHED and ratio is None:
-                raise ValueError("the matched baselines need emloc to run before them in --policies")
-            tally = tallies[name] = Tally()
-            for frames, questions in clips:
-                # question probe mode: the memory is built per question, as the paper does
-                asks = [[qa] for qa in questions] if config.probe == "question" else [questions]
-                for group in asks:
-                    policy = make(name, config, ratio if name in MATCHED else None, group[0].question)
-                    run_policy(runner, frames, group, policy, config.chunk_frames, tally)
-            if name == "emloc":  # the baselines keep this fraction of the video tokens
-                text = tally.videos * prefix
-                ratio = max(1e-3, (tally.memory_tokens - text) / (tally.full_tokens - text))
-            log(f"{length} frames, {name}: {tally.accuracy():.1f}% overall, memory "
-                f"{tally.memory_tokens / tally.videos:.0f} of {tally.full_tokens / tally.videos:.0f} tokens, "
-                f"{tally.seconds:.0f} s")
-        results[length] = tallies
-    return dict(results=results, chance=chance, videos=config.videos)
+        clips = [(video, video.frames(), video.questions()) for video in videos]
+        chance[length] = chance_rows([qa for _, _, questions in clips for qa in questions])
+
+        reference = None  # the full context's first-token logits, per video and question
+
+        def measure(run: Run, make) -> Run:
+            logits = run_policy(runner, clips, run, make, config.chunk_frames, question_probe, reference)
+            log(f"{length} frames, {run.label}: {100 * run.scores().mean():.1f}%, memory "
+                f"{100 * run.memory_fraction:.1f}%, answer JS {run.mean_js().mean():.4f}, {run.seconds:.0f} s")
+            return run, logits
+
+        probe = ProbeConfig(mode=config.probe)
+        full, reference = measure(Run("full", "full", {}), lambda video, question: make_policy("full"))
+        sweep = [measure(Run("uniform", f"uniform {r:g}", dict(ratio=r)),
+                         lambda video, question, r=r: make_policy("uniform", dict(ratio=r), probe_for(probe, question))
+                         )[0] for r in sorted(config.uniform_ratios)]
+        full_as_uniform = Run("uniform", "uniform 1", dict(ratio=1.0), full.correct, full.answer_js,
+                              full.memory_tokens, full.full_tokens)
+        runs, matched_ratio = [full], None
+        for entry in config.policies:
+            name, label, options, entry_probe = policy_entry(entry, config)
+            if name in MATCHED:
+                if matched_ratio is None:
+                    raise ValueError(f"{name} gets EMLoC's memory ratio: put emloc before it in --policies")
+                options = {**options, "ratio": matched_ratio}
+            run, _ = measure(Run(name, label, options),
+                             lambda video, question, n=name, o=options, p=entry_probe:
+                             make_policy(n, o, probe_for(p, question)))
+            runs.append(run)
+            if name == "emloc" and matched_ratio is None:
+                text = prefix * len(run.memory_tokens)
+                matched_ratio = max(1e-3, (sum(run.memory_tokens) - text) / (sum(run.full_tokens) - text))
+        for extra in config.oracle_extra:
+            runs.append(measure(Run("oracle", f"oracle + {extra}" if extra else "oracle", dict(extra=extra)),
+                                lambda video, question, k=extra: OraclePolicy(events=video.event_tokens(), extra=k,
+                                                                             probe=probe_for(probe, question)))[0])
+        points = [*sweep, full_as_uniform]
+        results += [summarize(run, length, points, config.bootstrap) for run in [*runs[:1], *sweep, *runs[1:]]]
+    return dict(results=results, chance=chance, config=asdict(config))
+
+
+def probe_for(probe: ProbeConfig, question: str) -> ProbeConfig:
+    """The probe as configured; in question mode, the question is its prompt."""
+    if probe.mode != "question":
+        return probe
+    return ProbeConfig(**{**asdict(probe), "prompts": [question]})
 
 
 def chance_rows(questions: list[QA]) -> dict:
@@ -134,31 +292,32 @@ def chance_rows(questions: list[QA]) -> dict:
     return rows
 
 
+def _interval(values) -> str:
+    return f"[{values[0]:.1f}, {values[1]:.1f}]" if values is not None else ""
+
+
 def format_tables(summary: dict) -> str:
-    """An overview (overall accuracy and memory per policy and length), then one table per length."""
-    results = summary["results"]
-    policies = list(next(iter(results.values())))
-    lines = ["| policy | " + " | ".join(f"{length} frames" for length in results) + " |",
-             "|---|" + "---:|" * len(results)]
-    for name in policies:
-        cells = [f"{t.accuracy():.1f} ({100 * t.memory_tokens / t.full_tokens:.1f}% mem)"
-                 for t in (results[length][name] for length in results)]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    chance = [f"{summary['chance'][length]['uniform guess']['overall']:.1f}" for length in results]
-    lines += ["| *chance (uniform guess)* | " + " | ".join(chance) + " |", ""]
-    header = "| policy | memory tokens | % of full | " + " | ".join(FAMILIES) + " | overall |"
-    rule = "|---|---:|---:|" + "---:|" * (len(FAMILIES) + 1)
-    for length, tallies in results.items():
-        lines += [f"### {length} frames ({summary['videos']} videos, one question per family each)", "",
-                  header, rule]
-        for name, t in tallies.items():
-            memory, full = t.memory_tokens / t.videos, t.full_tokens / t.videos
-            cells = " | ".join(f"{t.accuracy(f):.1f}" for f in FAMILIES)
-            lines.append(f"| {name} | {memory:.0f} / {full:.0f} | {100 * memory / full:.1f} | {cells} | "
-                         f"{t.accuracy():.1f} |")
-        for name, row in summary["chance"][length].items():
-            cells = " | ".join(f"{row[f]:.1f}" for f in FAMILIES)
-            lines.append(f"| *chance: {name}* | | | {cells} | {row['overall']:.1f} |")
+    """Per length: every policy's accuracy, interval, memory, paired difference to uniform, answer JS and
+    per-family accuracy, then the chance rows."""
+    lines = []
+    for length in sorted({row["frames"] for row in summary["results"]}):
+        rows = [row for row in summary["results"] if row["frames"] == length]
+        lines += [f"### {length} frames ({rows[0]['videos']} videos, one question per family each)", "",
+                  "| policy | memory | accuracy | 95% interval | vs uniform, same memory | 95% interval | answer JS "
+                  "(uniform, same memory) | " + " | ".join(FAMILIES) + " |",
+                  "|---|---:|---:|---|---:|---|---|" + "---:|" * len(FAMILIES)]
+        for row in rows:
+            versus = f"{row['vs_uniform']:+.1f}" if row.get("vs_uniform") is not None else ""
+            js = f"{row['answer_js']:.4f}"
+            if row.get("uniform_answer_js") is not None:
+                js += f" ({row['uniform_answer_js']:.4f})"
+            families = " | ".join(f"{row['families'][f]:.1f}" for f in FAMILIES)
+            lines.append(f"| {row['label']} | {100 * row['memory_fraction']:.1f}% | {row['accuracy']:.1f} | "
+                         f"{_interval(row['accuracy_interval'])} | {versus} | {_interval(row.get('vs_uniform_interval'))}"
+                         f" | {js} | {families} |")
+        for name, chance in summary["chance"][length].items():
+            cells = " | ".join(f"{chance[f]:.1f}" for f in FAMILIES)
+            lines.append(f"| *chance: {name}* | | {chance['overall']:.1f} | | | | | {cells} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -177,8 +336,8 @@ def model_note(name: str) -> str:
     record = json.loads((path / "training.json").read_text())
     stages = ", ".join(f"{s['steps']} steps of {s['batch']} videos of {s['min_frames']}-{s['max_frames']} frames"
                        for s in record["config"]["stages"])
-    return (f" The model ({record['parameters'] / 1e6:.2f} M parameters) was trained by `python -m streamer.builtin.train` "
-            f"in {record['seconds'] / 60:.0f} min: {stages}.")
+    return (f" The model ({record['parameters'] / 1e6:.2f} M parameters) was trained by `python -m "
+            f"streamer.builtin.train` in {record['seconds'] / 60:.0f} min: {stages}.")
 
 
 TASK = """\
@@ -195,19 +354,27 @@ the runner chunk by chunk:
 | after | What colour appeared after the {colour} {shape}? | colour |
 | count | How many times did a {colour} shape appear? | 0-3 |
 | order | Which appeared first? A. {object} B. ... (up to 4 of the video's objects) | letter |
+
+Columns: memory = memory tokens / full-context tokens (mean over layers and videos, prompt text included);
+accuracy in %, exact match of the generated answer, with a 95% bootstrap interval over videos; vs uniform =
+accuracy minus uniform pruning's at the same memory on the same videos (uniform is measured at the ratios
+listed and interpolated linearly in memory to each row's), in points, with its paired 95% bootstrap
+interval; answer JS = Jensen-Shannon divergence (nats) of the first answer token's distribution from the
+memory vs from the full context, mean over questions, and in brackets uniform's at the same memory.
+oracle keeps exactly the tokens that show an object (the generator knows them) in every layer; oracle + k
+also keeps the k best probe-ranked other tokens of each chunk.
 """
 
 
 def write_markdown(path: Path, summary: dict, config: EvalConfig, command: str) -> None:
     text = [
-        "# Synthetic video QA: full context vs memory policies", "",
+        "# Synthetic video QA: what each memory keeps of what the questions need", "",
         f"Produced by `{command}` on {date.today().isoformat()}, {machine(config)}, model `{config.model}`, "
         f"chunks of {config.chunk_frames} frames, {config.probe} probe; EMLoC delta {config.delta}, ratios "
-        f"{config.ratios}, {config.group_size} layers per group. Held-out videos: seeds {config.first_seed}.."
-        f"{config.first_seed + config.videos - 1} (training uses seeds >= 10^6). "
-        f"Accuracy in %, exact match of the generated answer. Memory tokens: mean over layers and videos, "
-        f"prompt text included; uniform, pyramid and window get EMLoC's ratio of video tokens at each length."
-        + model_note(config.model), "", TASK,
+        f"{config.ratios}, {config.group_size} layers per group; uniform at {config.uniform_ratios} (and the full "
+        f"context as uniform 1.0); pyramid and window at EMLoC's fraction of video tokens. Held-out videos: seeds "
+        f"{config.first_seed}..{config.first_seed + config.videos - 1} (training uses seeds >= 10^6); "
+        f"{config.bootstrap} bootstrap resamples." + model_note(config.model), "", TASK,
         format_tables(summary),
     ]
     path.parent.mkdir(parents=True, exist_ok=True)
