@@ -33,6 +33,10 @@ class ProbeConfig:
     prompts: list[str] = field(default_factory=lambda: list(GENERIC_PROMPTS))
     js_positions: int = 16  # K: last probe positions whose next-token distributions are compared
     answer_tokens: int = 15  # greedy tokens appended to each prompt
+    # True: the answer stops at its first <|im_end|>, and only the positions that predict it (the answer's
+    # tokens and that <|im_end|>) are compared, at most js_positions of them. False (the paper): the last
+    # js_positions positions, which after a short answer are mostly <|im_end|> repeated.
+    answer_only: bool = False
     smoothing: int = 5  # average-pool kernel along token order (1 = none)
 
     def validate(self) -> "ProbeConfig":
@@ -68,7 +72,8 @@ class ChunkModel(Protocol):
     kv_heads: int
 
     def probe(self, prompt: str, config: ProbeConfig) -> ChunkProbe:
-        """Run `prompt` (and config.answer_tokens greedy tokens) after the memory and the full chunk."""
+        """Run `prompt` (and config.answer_tokens greedy tokens, see ProbeConfig.answer_only) after the
+        memory and the full chunk; `reference` holds the logits of the compared positions."""
 
 
 

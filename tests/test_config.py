@@ -67,5 +67,8 @@ def test_presets_carry_the_paper_settings():
     config = load_config("videomme_emloc").validate()
     assert (config.video.frames, config.video.min_pixels, config.video.max_pixels) == (384, 144 * 784, 144 * 784)
     assert config.policies["emloc"] == {"delta": 0.04, "ratios": [0.02, 0.1, 0.5, 1.0], "group_size": 14}
+    reference = load_config("emloc_reference").validate()
+    assert reference.policies["emloc"] == {"delta": 0.05, "ratios": [0.02, 0.05, 0.1, 1.0], "group_size": 7}
+    assert reference.memory.chunk_frames == 64
     stream = load_config("stream_default").validate()
     assert stream.memory.budget > 0 and stream.probe.mode == "generic"

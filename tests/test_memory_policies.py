@@ -15,6 +15,7 @@ from memory.probe import ProbeConfig, js_divergence
 from memory.registry import POLICIES, make_policy, policies_with
 from memory.store import KVMemory
 from streamer.engine.positions import text_positions
+from streamer.engine.probing import ChunkProbes
 from streamer.engine.prompt import question_suffix
 from streamer.engine.view import MemoryView
 
@@ -310,3 +311,24 @@ def test_every_policy_on_a_fake_model_keeps_protected_text(name):
     for kept in selection.kept:
         assert kept.shape[0] == 2 and kept[:, :2].tolist() == [[0, 1], [0, 1]]
         assert torch.all(kept[:, 1:] > kept[:, :-1]), "sorted, no repeats"
+
+
+def test_answer_only_probe_compares_the_answer_positions(tiny_runner, monkeypatch):
+    """With answer_only the probe's answer stops at its first stop token, and the compared rows are the
+    ones that predict the answer's tokens and that stop token."""
+    memory = stream(tiny_runner, random_frames(2, seed=13), 2)
+    model = ChunkProbes(tiny_runner, MemoryView(memory.context(), extra=0), 0, memory.next_position)
+    ids = tiny_runner.encode(question_suffix(QUESTION))
+    decoder = tiny_runner.decoder(len(ids) + 5)
+    logits, tokens = decoder.start(memory.context(), memory.next_position, ids, 5), []
+    for _ in range(5):
+        tokens.append(int(logits.argmax()))
+        logits = decoder.step(tokens[-1]) if len(tokens) < 5 else logits
+    plain = model.probe(QUESTION, ProbeConfig(js_positions=6, answer_tokens=5))
+    assert plain.reference.shape[0] == 6 and plain.forward.count == len(ids) + 5
+
+    monkeypatch.setattr(tiny_runner, "stop_ids", {tokens[2]})  # the answer ends where tokens[2] first comes
+    answer = tokens.index(tokens[2])
+    short = model.probe(QUESTION, ProbeConfig(js_positions=6, answer_tokens=5, answer_only=True))
+    assert short.forward.count == len(ids) + answer and short.reference.shape[0] == answer + 1
+    torch.testing.assert_close(short.reference, plain.reference[:answer + 1], atol=1e-5, rtol=0)

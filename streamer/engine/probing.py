@@ -46,11 +46,17 @@ class ChunkProbes:
         """Greedy answer tokens after the prompt, then one recorded forward over prompt + answer."""
         ids = self.runner.encode(question_suffix(prompt))
         decoder = self.runner.decoder(len(ids) + config.answer_tokens)
+        answer = 0
         if config.answer_tokens:
             logits = decoder.start(self.context, self.next_position, ids, config.answer_tokens)
             for step in range(config.answer_tokens):
-                ids = [*ids, int(logits.argmax())]
+                token = int(logits.argmax())
+                if config.answer_only and token in self.runner.stop_ids:
+                    break
+                ids, answer = [*ids, token], answer + 1
                 if step + 1 < config.answer_tokens:
-                    logits = decoder.step(ids[-1])
-        forward = decoder.probe(self.context, self.next_position, ids, rows=min(config.js_positions, len(ids)))
+                    logits = decoder.step(token)
+        # answer_only: the rows that predict the answer's tokens and the <|im_end|> after them
+        rows = min(config.js_positions, answer + 1 if config.answer_only else len(ids))
+        forward = decoder.probe(self.context, self.next_position, ids, rows=rows)
         return RecordedProbe(forward, self.chunk_starts, self.chunk_len)
