@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 
 from memory.policy import ChunkContext, ProbedPolicy, Selection, check_ratio
-from memory.probe import chunk_importance, js_divergence, keep_top, kept_indices
+from memory.probe import chunk_importance, js_divergence, keep_count, kept_indices, outlier_count, ratio_tokens
 
 
 def layer_groups(num_layers: int, group_size: int) -> list[range]:
@@ -32,6 +32,11 @@ class EmlocPolicy(ProbedPolicy):
     delta: float = 0.04  # JS bound (nats) per chunk
     ratios: list[float] = field(default_factory=lambda: [0.02, 0.1, 0.5, 1.0])  # tried smallest first
     group_size: int = 14  # layers per group (1 = layer-wise); the last group may be smaller
+    js_reduce: str = "mean"  # over the compared probe positions: mean (the paper) or max (no position moves more)
+    # > 0: a group's first candidate keeps the tokens the probe attends to more than this many times the chunk's
+    # median token (memory.probe.outlier_count, mean over the group's layers), then the ratios above it are
+    # tried; 0: the ratios only (the paper)
+    outlier_factor: float = 0.0
 
     def __post_init__(self):
         super().__post_init__()
@@ -43,6 +48,10 @@ class EmlocPolicy(ProbedPolicy):
             check_ratio("every emloc ratio", ratio)
         if self.group_size < 1:
             raise ValueError(f"emloc group_size must be >= 1, got {self.group_size}")
+        if self.outlier_factor < 0:
+            raise ValueError(f"emloc outlier_factor must be >= 0 (0 = off), got {self.outlier_factor}")
+        if self.js_reduce not in ("mean", "max"):
+            raise ValueError(f"emloc js_reduce must be 'mean' or 'max', got {self.js_reduce!r}")
 
     def select(self, ctx: ChunkContext) -> Selection:
         num_layers = ctx.model.num_layers
@@ -52,17 +61,28 @@ class EmlocPolicy(ProbedPolicy):
         probe_s = time.perf_counter() - start
 
         groups = layer_groups(num_layers, self.group_size)
-        candidates = sorted(r for r in set(self.ratios) if r < 1.0)
+        video_tokens = int((~ctx.protected).sum())
+        ladder, counts = [], set()  # (ratio, tokens kept) smallest first; ratios that keep as many are tried once
+        for ratio in sorted(r for r in set(self.ratios) if r < 1.0):
+            if (count := ratio_tokens(ratio, video_tokens)) not in counts:
+                ladder.append((ratio, count))
+                counts.add(count)
         accepted = {}  # layer -> bool [kv_heads, chunk_len], pruned layers only
         ratios, js_values, evaluations = [1.0] * len(groups), [0.0] * len(groups), []
         js_above = 0.0
         for g in reversed(range(len(groups))):
             layers = groups[g]
             chosen, chosen_js = 1.0, js_above
-            for ratio in candidates:
-                candidate = {layer: keep_top(scores[layer], ctx.protected, ratio) for layer in layers}
+            candidates = ladder
+            if self.outlier_factor:
+                count = round(sum(outlier_count(scores[layer], ctx.protected, self.outlier_factor)
+                                  for layer in layers) / len(layers))
+                candidates = [(count / video_tokens, count), *((r, k) for r, k in ladder if k > count)]
+            for ratio, count in candidates:
+                candidate = {layer: keep_count(scores[layer], ctx.protected, count) for layer in layers}
                 keep = {**accepted, **candidate}
-                js = sum(js_divergence(run.reference, run.rerun(layers.start, keep)) for run in runs) / len(runs)
+                js = sum(js_divergence(run.reference, run.rerun(layers.start, keep), self.js_reduce)
+                         for run in runs) / len(runs)
                 evaluations.append([g, ratio, js])
                 if js <= self.delta:
                     chosen, chosen_js = ratio, js
@@ -76,7 +96,7 @@ class EmlocPolicy(ProbedPolicy):
         if all(k is None for k in kept):
             kept = None
         else:
-            all_tokens = kept_indices(keep_top(scores[0], ctx.protected, 1.0))
+            all_tokens = kept_indices(keep_count(scores[0], ctx.protected, video_tokens))
             kept = [k if k is not None else all_tokens for k in kept]
         report = dict(ratios=ratios, js=js_values, groups=[[r.start, r.stop] for r in groups],
                       evaluations=evaluations)

@@ -89,25 +89,45 @@ def chunk_importance(runs: list[ChunkProbe], smoothing: int) -> list[torch.Tenso
     return scores
 
 
-def js_divergence(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
-    """Jensen-Shannon divergence of the next-token distributions, mean over positions, in nats
-    (0 .. ln 2). Float32 throughout: in bf16 the log-probabilities are too coarse and give NaN."""
+def js_divergence(p_logits: torch.Tensor, q_logits: torch.Tensor, reduce: str = "mean") -> float:
+    """Jensen-Shannon divergence of the next-token distributions in nats (0 .. ln 2), the mean (or the
+    max) over positions. Float32 throughout: in bf16 the log-probabilities are too coarse and give NaN."""
     log_p = torch.log_softmax(p_logits.float(), dim=-1)
     log_q = torch.log_softmax(q_logits.float(), dim=-1)
     log_m = torch.logaddexp(log_p, log_q) - math.log(2.0)
     kl_pm = (log_p.exp() * (log_p - log_m)).sum(dim=-1)
     kl_qm = (log_q.exp() * (log_q - log_m)).sum(dim=-1)
-    return float((0.5 * (kl_pm + kl_qm)).mean().clamp(0.0, math.log(2.0)))  # float32 rounding can leave the range
+    per_position = 0.5 * (kl_pm + kl_qm)
+    total = per_position.max() if reduce == "max" else per_position.mean()
+    return float(total.clamp(0.0, math.log(2.0)))  # float32 rounding can leave the range
+
+
+def ratio_tokens(ratio: float, video_tokens: int) -> int:
+    """How many of a chunk's video tokens a ratio keeps: ceil(ratio * video tokens)."""
+    return min(math.ceil(round(ratio * video_tokens, 6)), video_tokens)
 
 
 def keep_top(importance: torch.Tensor, protected: torch.Tensor, ratio: float) -> torch.Tensor:
     """Bool [kv_heads, chunk_len]: per head the ceil(ratio * video tokens) most important video
     tokens, plus every protected (text) token."""
-    video_tokens = int((~protected).sum())
-    k = min(math.ceil(round(ratio * video_tokens, 6)), video_tokens) + int(protected.sum())
+    return keep_count(importance, protected, ratio_tokens(ratio, int((~protected).sum())))
+
+
+def keep_count(importance: torch.Tensor, protected: torch.Tensor, count: int) -> torch.Tensor:
+    """Bool [kv_heads, chunk_len]: per head the `count` most important video tokens, plus every
+    protected (text) token."""
     scores = importance.masked_fill(protected.to(importance.device), float("inf"))
-    index = scores.topk(k, dim=1).indices
+    index = scores.topk(count + int(protected.sum()), dim=1).indices
     return torch.zeros_like(scores, dtype=torch.bool).scatter_(1, index, True)
+
+
+def outlier_count(importance: torch.Tensor, protected: torch.Tensor, factor: float) -> float:
+    """How many video tokens per head the probe attends to more than `factor` times the chunk's median
+    token (importance [kv_heads, chunk_len]); the mean over heads. A chunk where nothing happens has
+    few such tokens, one that shows something new has them where it shows it."""
+    video = importance[:, ~protected.to(importance.device)]
+    median = video.median(dim=1, keepdim=True).values.clamp_min(torch.finfo(video.dtype).tiny)
+    return float((video > factor * median).sum(dim=1).float().mean())
 
 
 def kept_indices(keep: torch.Tensor) -> torch.Tensor:

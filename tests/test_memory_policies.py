@@ -332,3 +332,29 @@ def test_answer_only_probe_compares_the_answer_positions(tiny_runner, monkeypatc
     short = model.probe(QUESTION, ProbeConfig(js_positions=6, answer_tokens=5, answer_only=True))
     assert short.forward.count == len(ids) + answer and short.reference.shape[0] == answer + 1
     torch.testing.assert_close(short.reference, plain.reference[:answer + 1], atol=1e-5, rtol=0)
+
+
+def test_emloc_outlier_candidate_comes_first():
+    """With outlier_factor, a group's first candidate keeps the tokens the probe attends to more than
+    factor x the chunk's median; the ratios above it follow."""
+    model = FakeModel([0.01, 0.01])
+    context = fake_context(model)  # 2 protected tokens, 18 video tokens
+
+    class Peaked(FakeProbe):
+        def __init__(self, model):
+            super().__init__(model)
+            for attention in self.attention:
+                attention[:] = 1.0
+                attention[:, [5, 9, 13]] = 10.0
+
+    model.probe = lambda prompt, config: Peaked(model)
+    unsmoothed = ProbeConfig(smoothing=1)
+    policy = EmlocPolicy(delta=0.5, ratios=[0.5, 1.0], group_size=2, outlier_factor=3.0, probe=unsmoothed)
+    selection = policy.select(context)
+    assert selection.report["ratios"] == [pytest.approx(3 / 18)]
+    assert [k[0].tolist() for k in selection.kept] == [[0, 1, 5, 9, 13]] * 2
+    strict = EmlocPolicy(delta=1e-6, ratios=[0.5, 1.0], group_size=2, outlier_factor=3.0,
+                         probe=unsmoothed).select(context)
+    assert [round(r, 3) for _, r, _ in strict.report["evaluations"]] == [round(3 / 18, 3), 0.5]
+    with pytest.raises(ValueError, match="outlier_factor"):
+        EmlocPolicy(outlier_factor=-1.0)

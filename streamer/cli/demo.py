@@ -107,10 +107,7 @@ def add_parser(sub) -> None:
     p.add_argument("--frames", type=int, default=192, help="frames in the synthetic video (8 fps, all sent)")
     p.add_argument("--seed", type=int, default=7, help="which synthetic video")
     p.add_argument("--chunk-frames", type=int, default=32)
-    p.add_argument("--group-size", type=int, default=2, help="emloc layers per group (builtin has 5 layers)")
-    # the generic probe barely moves when the builtin model's top layers lose video tokens (its questions
-    # read the video in layers 1-3), so the paper's 0.04 prunes more than the questions allow: measured
-    # on this video, 0.04 keeps 11% of the tokens and 3 of 5 answers right, 0.01 keeps 24% and all 5
-    p.add_argument("--delta", type=float, default=0.01, help="emloc JS bound (default: %(default)s)")
+    p.add_argument("--group-size", type=int, help="emloc layers per group (default: configs/stream_default.toml's)")
+    p.add_argument("--delta", type=float, help="emloc JS bound (default: configs/stream_default.toml's)")
     p.add_argument("--max-new-tokens", type=int, default=24)
     p.set_defaults(run=lambda args: asyncio.run(run_demo(args)))

@@ -55,8 +55,13 @@ class EvalConfig:
     videos: int = 100  # per length; seeds first_seed .. first_seed + videos - 1
     first_seed: int = 0
     chunk_frames: int = 64
-    policies: list[str] = field(default_factory=lambda: ["emloc", *MATCHED])  # full and uniform always run
-    uniform_ratios: list[float] = field(default_factory=lambda: [0.01, 0.03, 0.06, 0.1, 0.2])
+    # full and uniform always run; NAME:CONFIG takes the options of a config (stream_default: the default memory)
+    policies: list[str] = field(default_factory=lambda: ["emloc", "emloc:videomme_emloc", "emloc:emloc_reference",
+                                                         "emloc:stream_default", *MATCHED])
+    # dense where the policies' memories fall: accuracy is concave in memory, so linear interpolation
+    # between far-apart points would understate uniform and flatter every policy compared with it
+    uniform_ratios: list[float] = field(default_factory=lambda: [0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.08, 0.1,
+                                                                 0.15, 0.2, 0.3])
     oracle_extra: list[int] = field(default_factory=lambda: [0, 2])  # oracle rows: events + k tokens per chunk
     # chosen on validation seeds 900000.. at 384 frames as the setting that keeps <= 10% of the tokens
     # (delta 0.01 / 0.04 / 0.1 kept 30 / 19 / 8%); the ratios are the paper's, groups are half the layers
@@ -98,13 +103,15 @@ class OraclePolicy(ProbedPolicy):
         keep = shows.expand(ctx.model.kv_heads, -1)
         if not self.extra:
             return Selection([kept_indices(keep)] * ctx.model.num_layers)
+        started = time.perf_counter()
         scores = chunk_importance(self.run_probes(ctx), self.probe.smoothing)
+        probe_s = time.perf_counter() - started
         extra = min(self.extra, int((~shows).sum()))
         kept = []
         for layer_scores in scores:
             best = layer_scores.masked_fill(shows, float("-inf")).topk(extra, dim=1).indices
             kept.append(kept_indices(keep.clone().scatter_(1, best, True)))
-        return Selection(kept, scores)
+        return Selection(kept, scores, timings=dict(probe=probe_s))
 
 
 @dataclass
