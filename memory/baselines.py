@@ -4,6 +4,7 @@ sinks + most recent tokens, StreamingLLM-style) and `random`."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -57,8 +58,8 @@ class PyramidPolicy(ProbedPolicy):
     def __post_init__(self):
         super().__post_init__()
         check_ratio("pyramid ratio", self.ratio)
-        if self.beta < 1:
-            raise ValueError(f"pyramid beta must be >= 1, got {self.beta}")
+        if not (self.beta >= 1 and math.isfinite(self.beta)):
+            raise ValueError(f"pyramid beta must be a finite number >= 1, got {self.beta}")
 
     def select(self, ctx: ChunkContext) -> Selection:
         return self.select_ratios(ctx, pyramid_ratios(self.ratio, self.beta, ctx.model.num_layers))

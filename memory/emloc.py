@@ -15,6 +15,7 @@ recorded JS is <= delta, and the JS of the final choice is the JS recorded for t
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -40,16 +41,16 @@ class EmlocPolicy(ProbedPolicy):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.delta < 0:
-            raise ValueError(f"emloc delta must be >= 0, got {self.delta}")
+        if not (self.delta >= 0 and math.isfinite(self.delta)):
+            raise ValueError(f"emloc delta must be a finite number >= 0, got {self.delta}")
         if not self.ratios:
             raise ValueError("emloc ratios must not be empty")
         for ratio in self.ratios:
             check_ratio("every emloc ratio", ratio)
         if self.group_size < 1:
             raise ValueError(f"emloc group_size must be >= 1, got {self.group_size}")
-        if self.outlier_factor < 0:
-            raise ValueError(f"emloc outlier_factor must be >= 0 (0 = off), got {self.outlier_factor}")
+        if not (self.outlier_factor >= 0 and math.isfinite(self.outlier_factor)):
+            raise ValueError(f"emloc outlier_factor must be a finite number >= 0 (0 = off), got {self.outlier_factor}")
         if self.js_reduce not in ("mean", "max"):
             raise ValueError(f"emloc js_reduce must be 'mean' or 'max', got {self.js_reduce!r}")
 

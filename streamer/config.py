@@ -6,6 +6,7 @@ refused by name so that a typo never silently falls back to a default.
 
 from __future__ import annotations
 
+import math
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -80,8 +81,8 @@ class Config:
             raise ValueError("set exactly one of video.frames (--frames) and video.fps (--fps)")
         if video.frames is not None and video.frames < 1:
             raise ValueError(f"video.frames must be >= 1, got {video.frames}")
-        if video.fps is not None and video.fps <= 0:
-            raise ValueError(f"video.fps must be > 0, got {video.fps}")
+        if video.fps is not None and not (video.fps > 0 and math.isfinite(video.fps)):
+            raise ValueError(f"video.fps must be a finite number > 0, got {video.fps}")
         if video.backend not in ("pyav", "decord"):
             raise ValueError(f"video.backend must be pyav or decord, got {video.backend!r}")
         if any(p is not None and p <= 0 for p in (video.min_pixels, video.max_pixels)) or (

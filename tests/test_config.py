@@ -47,6 +47,16 @@ def test_invalid_values(section, values, message):
         override(Config(), section, **values).validate()
 
 
+@pytest.mark.parametrize("text", ["[emloc]\ndelta = nan\n", "[emloc]\ndelta = inf\n", "[emloc]\noutlier_factor = nan\n",
+                                  "[pyramid]\nbeta = nan\n", "[uniform]\nratio = nan\n", "[video]\nfps = nan\n",
+                                  "[video]\nfps = inf\n"])
+def test_nan_and_infinity_in_a_file_are_refused(tmp_path, text):
+    path = tmp_path / "nan.toml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match="finite|must be in"):
+        load_config(str(path)).validate()
+
+
 def test_policy_sections_and_probe(tmp_path):
     path = tmp_path / "emloc.toml"
     path.write_text('[memory]\npolicy = "emloc"\n[emloc]\ndelta = 0.1\nratios = [0.05, 1.0]\n'

@@ -7,10 +7,12 @@ import io
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import threading
 import time
+import zlib
 import urllib.error
 import urllib.request
 import weakref
@@ -157,7 +159,27 @@ def test_eight_concurrent_sessions_get_their_own_answers(tiny_runner):
         assert "".join(pieces) in ("".join(want), "".join(reversed(want)))  # streamed pieces add up
 
 
+def png_claiming(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims width x height pixels (an image bomb)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + \
+        chunk(b"IEND", b"")
+
+
+def jpeg_claiming(width: int, height: int) -> bytes:
+    """A small JPEG whose frame header is edited to claim width x height pixels."""
+    data = bytearray(encode_image(random_frames(1, size=(16, 16))[0], "JPEG"))
+    at = data.index(b"\xff\xc0") + 5  # marker, length (2), precision (1), then height, width
+    data[at:at + 4] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
 BAD_START = [
+    ({"delta": float("nan")}, "bad_option"), ({"delta": float("inf")}, "bad_option"),
+    ({"ratios": [0.1, float("nan")]}, "bad_option"), ({"chunk_frames": 100_000}, "bad_option"),
     ({"colour": "red"}, "bad_option"), ({"delta": -0.1}, "bad_option"), ({"ratios": []}, "bad_option"),
     ({"ratios": [0.1, 1.5]}, "bad_option"), ({"policy": "magic"}, "bad_option"), ({"chunk_frames": 3}, "bad_option"),
     ({"probe": "question"}, "bad_option"), ({"delta": "abc"}, "bad_option"), ({"budget": 10**9}, "bad_option"),
@@ -167,6 +189,7 @@ BAD_START = [
 
 def test_bad_inputs_are_refused_with_codes_and_the_session_goes_on(tiny_runner, clip):
     limits = ServerLimits(allowed_roots=[clip], max_message_bytes=200_000, max_frames_per_session=40)
+    (clip / "adir").mkdir(exist_ok=True)
     outside = clip.parent / "outside.mp4"
     write_video(outside, 4, size=(112, 56))
     gif = io.BytesIO()
@@ -187,6 +210,8 @@ def test_bad_inputs_are_refused_with_codes_and_the_session_goes_on(tiny_runner, 
         async with connect(url, max_size=None) as ws:
             for payload, code in [
                 ("{bad json", "bad_json"), ("[1, 2]", "bad_message"), ('{"no": "type"}', "bad_message"),
+                ("1" * 5000, "bad_json"), ("[" * 200_000, "bad_json"),
+                ('{"type": "ask", "id": ' + "9" * 5000 + ', "question": "Hi?"}', "bad_json"),
                 ('{"type": 5}', "bad_message"), (png(random_frames(1)[0]), "not_started"),
                 ('{"type": "ask", "id": 1, "question": "Hi?"}', "not_started"),
             ] + [(json.dumps(dict(type="start", **opts)), code) for opts, code in BAD_START]:
@@ -201,6 +226,14 @@ def test_bad_inputs_are_refused_with_codes_and_the_session_goes_on(tiny_runner, 
                 (json.dumps(dict(type="load", path="clip.mp4")), "bad_snapshot"),
                 (os.urandom(500), "bad_image"),
                 (gif.getvalue(), "bad_image"),
+                (png_claiming(60000, 60000), "bad_image"), (jpeg_claiming(60000, 60000), "bad_image"),
+                (json.dumps(dict(type="ask", id=5, question="\ud800?")), "bad_question"),
+                (json.dumps(dict(type="ingest", source="clip.mp4", fps=float("nan"))), "bad_option"),
+                (json.dumps(dict(type="ingest", source="clip\0.mp4")), "bad_option"),
+                (json.dumps(dict(type="ingest", source="x" * 100_000)), "bad_option"),
+                (json.dumps(dict(type="ingest", source="y" * 300 + ".mp4")), "bad_option"),
+                (json.dumps(dict(type="save", path="adir")), "bad_option"),  # a directory
+                (json.dumps(dict(type="load", path="missing.safetensors")), "not_found"),
                 (b"x" * 250_000, "message_too_large"),
                 (json.dumps(dict(type="frame", ts=-1)), "bad_option"),
                 (png(frame), None),
@@ -229,7 +262,18 @@ def test_bad_inputs_are_refused_with_codes_and_the_session_goes_on(tiny_runner, 
                 await ws.send(png(frame))
             codes.append((await expect(ws, png(frame), "frame_limit"))["code"])
             await ws.send(json.dumps(dict(type="flush")))
-            # the connection still works after all of that
+            while True:  # until every frame is ingested
+                await ws.send(json.dumps(dict(type="stats")))
+                while (reply := json.loads(await asyncio.wait_for(ws.recv(), 60)))["type"] != "stats":
+                    assert reply["type"] in ("progress", "warning", "ingest_done"), reply
+                if reply["frames_pending"] == 0 and reply["chunks_queued"] == 0:
+                    break
+                await asyncio.sleep(0.05)
+            # the connection still works after all of that; a null max_new_tokens takes the default
+            await ws.send(json.dumps(dict(type="ask", id="null", question="What happens?", max_new_tokens=None)))
+            while (reply := json.loads(await asyncio.wait_for(ws.recv(), 60)))["type"] != "answer":
+                assert reply["type"] in ("token", "progress", "warning", "ingest_done"), reply
+            assert reply["id"] == "null" and reply["stats"]["tokens"] >= 1
             await ws.send(json.dumps(dict(type="ask", id="ok", question="What happens?", max_new_tokens=3)))
             while (reply := json.loads(await asyncio.wait_for(ws.recv(), 60)))["type"] != "answer":
                 assert reply["type"] in ("token", "progress", "warning", "ingest_done"), reply
@@ -252,17 +296,23 @@ def test_session_limit_token_and_health(tiny_runner):
                     await second.start()
                 assert refused.value.code == "too_many_sessions"
                 assert (await second.ping())["type"] == "pong"  # the refused connection stays usable
-        with pytest.raises(InvalidStatus) as wrong:
-            async with StreamerClient(url, token="guess"):
-                pass
-        return wrong.value.response
+        refusals = []
+        for attempt in (dict(additional_headers={"Authorization": "Bearer guess"}),
+                        dict(additional_headers=[("Authorization", "Bearer secret")] * 2),  # two headers
+                        dict(uri=url + "?token=secret")):  # tokens in URLs end up in logs: not accepted
+            with pytest.raises(InvalidStatus) as wrong:
+                async with connect(attempt.pop("uri", url), **attempt):
+                    pass
+            refusals.append(wrong.value.response)
+        return refusals
 
     with running_server(tiny_runner, ServerLimits(max_sessions=1, token="secret")) as (_, url):
-        response = asyncio.run(scenario(url))
+        refusals = asyncio.run(scenario(url))
         health = urllib.request.urlopen(url.replace("ws://", "http://") + "/health", timeout=10)
         assert health.status == 200 and json.loads(health.read())["model"] == "tiny-random"
-    assert response.status_code == 401
-    assert json.loads(response.body)["code"] == "unauthorized"
+    for response in refusals:
+        assert response.status_code == 401
+        assert json.loads(response.body)["code"] == "unauthorized"
 
 
 def slowed(runner, seconds, jobs=None):
@@ -437,10 +487,11 @@ def test_client_command_streams_and_answers(tiny_runner, clip, capsys):
     from streamer.cli import main
 
     with running_server(tiny_runner) as (_, url):
+        # the README's example: a question when half the frames are sent, before any chunk is ingested
         code = main(["-q", "client", str(clip / "clip.mp4"), "--url", url, "--fast", "--frames", "8",
-                     "--ask", "What happens?", "--json-stats"])
+                     "--ask-during", "So far?", "--ask", "What happens?", "--json-stats"])
     out = capsys.readouterr().out
     assert code == 0
-    assert "Q: What happens?" in out and "A: " in out
+    assert "Q: So far?" in out and "Q: What happens?" in out and "A: " in out
     stats = json.loads(out[out.index("{"):])
-    assert stats["frames_ingested"] == 8 and stats["questions_answered"] == 1
+    assert stats["frames_ingested"] == 8 and stats["questions_answered"] == 2

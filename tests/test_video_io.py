@@ -261,6 +261,14 @@ def test_fps_indices():
     # within max_frames: unchanged; above: uniform over the whole video
     assert fps_indices(60, 8.0, 2.0, 15) == list(range(0, 60, 4))
     assert fps_indices(60, 8.0, 2.0, 10) == uniform_indices(60, 10)
+    # a huge rate costs what the frames cost, not one step per 1/fps of video time
+    started = time.monotonic()
+    assert fps_indices(3600 * 30, 30.0, 1e9, None) == list(range(3600 * 30))
+    assert fps_indices(60, 8.0, 1e9, 4) == uniform_indices(60, 4)
+    assert time.monotonic() - started < 5
+    for bad in (float("nan"), float("inf"), 0.0):
+        with pytest.raises(ValueError, match="finite"):
+            fps_indices(60, 8.0, bad, None)
 
 
 def test_sampling():
@@ -272,9 +280,9 @@ def test_sampling():
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{}, {"frames": 4, "fps": 1.0}, {"frames": 0}, {"fps": 0.0}, {"fps": -2.0},
-     {"frames": 4, "max_frames": 0}],
-    ids=["neither", "both", "zero_frames", "zero_fps", "negative_fps", "zero_max_frames"],
+    [{}, {"frames": 4, "fps": 1.0}, {"frames": 0}, {"fps": 0.0}, {"fps": -2.0}, {"fps": float("nan")},
+     {"fps": float("inf")}, {"frames": 4, "max_frames": 0}],
+    ids=["neither", "both", "zero_frames", "zero_fps", "negative_fps", "nan_fps", "inf_fps", "zero_max_frames"],
 )
 def test_sampling_validation(kwargs):
     with pytest.raises(ValueError, match="Sampling"):

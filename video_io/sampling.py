@@ -1,5 +1,6 @@
 """Which frames of a video to read: N uniformly over the video, or a fixed rate in video time."""
 
+import math
 from dataclasses import dataclass
 
 
@@ -31,15 +32,18 @@ def fps_indices(total_frames: int, source_fps: float, fps: float, max_frames: in
     """
     if total_frames < 1:
         raise ValueError(f"total_frames must be >= 1, got {total_frames}")
-    if source_fps <= 0 or fps <= 0:
-        raise ValueError(f"source_fps and fps must be > 0, got source_fps={source_fps}, fps={fps}")
-    indices: list[int] = []
-    k = 0
-    while k / fps < total_frames / source_fps:
-        index = min(int(k * source_fps / fps + 0.5), total_frames - 1)
-        if not indices or index != indices[-1]:
-            indices.append(index)
-        k += 1
+    if not (source_fps > 0 and math.isfinite(source_fps) and fps > 0 and math.isfinite(fps)):
+        raise ValueError(f"source_fps and fps must be finite and > 0, got source_fps={source_fps}, fps={fps}")
+    if fps >= source_fps:  # every frame once (stepping by 1/fps would loop once per 1/fps of video time)
+        indices = list(range(total_frames))
+    else:
+        indices = []
+        k = 0
+        while k / fps < total_frames / source_fps:
+            index = min(int(k * source_fps / fps + 0.5), total_frames - 1)
+            if not indices or index != indices[-1]:
+                indices.append(index)
+            k += 1
     if max_frames is not None and len(indices) > max_frames:
         return uniform_indices(total_frames, max_frames)
     return indices
@@ -67,8 +71,8 @@ class Sampling:
             )
         if self.frames is not None and self.frames < 1:
             raise ValueError(f"Sampling frames must be >= 1, got {self.frames}")
-        if self.fps is not None and not self.fps > 0:
-            raise ValueError(f"Sampling fps must be > 0, got {self.fps}")
+        if self.fps is not None and not (self.fps > 0 and math.isfinite(self.fps)):
+            raise ValueError(f"Sampling fps must be a finite number > 0, got {self.fps}")
         if self.max_frames is not None and self.max_frames < 1:
             raise ValueError(f"Sampling max_frames must be >= 1, got {self.max_frames}")
 

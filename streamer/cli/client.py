@@ -7,7 +7,7 @@ import json
 import logging
 
 from streamer.cli.switches import ratio_list
-from streamer.service.client import StreamerClient, log_event, stream_frames
+from streamer.service.client import ServerError, StreamerClient, log_event, stream_frames
 from video_io.sampling import Sampling
 from video_io.sources import FileSource, StreamSource
 
@@ -29,6 +29,18 @@ async def ask_and_print(client: StreamerClient, question: str, max_new_tokens: i
     return answer
 
 
+async def ask_when_ready(client: StreamerClient, question: str, max_new_tokens: int | None) -> dict | None:
+    """Ask once the server holds some video (a question before any chunk is ingested has nothing to
+    answer from); a refusal is printed, not raised, so the other questions still get asked."""
+    while (await client.stats())["chunks"] == 0:
+        await asyncio.sleep(0.1)
+    try:
+        return await ask_and_print(client, question, max_new_tokens)
+    except ServerError as exc:
+        print(f"\n   [refused: {exc}]", flush=True)
+        return None
+
+
 async def run_client(args) -> int:
     options = {key: value for key, value in dict(
         policy=args.memory, delta=args.delta, ratios=args.ratios, group_size=args.group_size, ratio=args.ratio,
@@ -48,20 +60,20 @@ async def run_client(args) -> int:
 
         def on_frame(count: int) -> None:
             if count == halfway:
-                asked_during.extend(asyncio.create_task(ask_and_print(client, q, args.max_new_tokens))
+                asked_during.extend(asyncio.create_task(ask_when_ready(client, q, args.max_new_tokens))
                                     for q in args.ask_during)
 
         sent = await stream_frames(client, iter(frames), realtime=args.realtime, on_frame=on_frame)
+        await client.flush()  # before waiting for the questions asked during: they may wait for a first chunk
         await asyncio.gather(*asked_during)
-        await client.flush()
         stats = await client.wait_ingested()
         log.info("sent %d frames; memory %.0f of %d tokens", sent, stats["memory_tokens"], stats["full_tokens"])
         for question in args.ask:
-            await ask_and_print(client, question, args.max_new_tokens)
+            await ask_when_ready(client, question, args.max_new_tokens)
         if args.interactive:
             loop = asyncio.get_running_loop()
             while question := (await loop.run_in_executor(None, _prompt)).strip():
-                await ask_and_print(client, question, args.max_new_tokens)
+                await ask_when_ready(client, question, args.max_new_tokens)
         if args.json_stats:
             print(json.dumps(await client.stats(), indent=2))
         logger.cancel()

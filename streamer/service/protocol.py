@@ -9,12 +9,14 @@ is a ProtocolError, sent as {"type": "error", "code": ..., "message": ...}. The 
 from __future__ import annotations
 
 import json
+import math
 import typing
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from memory.registry import POLICIES, policy_options
 from streamer.config import Config, override
+from video_io.images import MAX_IMAGE_PIXELS
 
 MESSAGE_TYPES = ("start", "frame", "ingest", "flush", "ask", "stats", "save", "load", "ping")
 SESSION_OPTIONS = {  # start option -> (config section, key, type)
@@ -48,6 +50,8 @@ class ServerLimits:
     max_question_chars: int = 4000
     max_budget: int = 65536  # tokens per layer
     max_pixels: int = 768 * 28 * 28  # per frame after resize
+    max_frame_pixels: int = MAX_IMAGE_PIXELS  # per pushed JPEG/PNG as sent, checked from its header
+    max_chunk_frames: int = 256  # a session's chunk_frames (waiting frames are bounded by 4 chunks)
     idle_timeout: float = 600.0  # seconds without a message before a session is closed
     overflow: str = "subsample"  # what to do with frames beyond max_pending_frames: subsample | drop
     allowed_roots: list[Path] = field(default_factory=list)  # server-side files are read/written only here
@@ -59,11 +63,20 @@ def error(code: str, message: str, **extra) -> dict:
     return dict(type="error", code=code, message=message, **extra)
 
 
-def parse_message(message: str) -> dict:
+def _loads(message: str):
+    """json.loads, with every way it can refuse a text as bad_json: besides JSONDecodeError, an
+    integer of thousands of digits is a ValueError and deep nesting a RecursionError."""
     try:
-        request = json.loads(message)
+        return json.loads(message)
     except json.JSONDecodeError as exc:
         raise ProtocolError("bad_json", f"message is not valid JSON ({exc.msg} at character {exc.pos})") from None
+    except (ValueError, RecursionError) as exc:
+        raise ProtocolError("bad_json", f"message is not JSON this server reads ({type(exc).__name__}: "
+                            f"{str(exc)[:200]})") from None
+
+
+def parse_message(message: str) -> dict:
+    request = _loads(message)
     if not isinstance(request, dict) or not isinstance(request.get("type"), str):
         raise ProtocolError("bad_message", 'a message must be a JSON object with a string "type"')
     return request
@@ -73,8 +86,8 @@ def request_id(message) -> object:
     """The id of an ask message, so that a refused question can be matched by the client."""
     if isinstance(message, str):
         try:
-            request = json.loads(message)
-        except json.JSONDecodeError:
+            request = _loads(message)
+        except ProtocolError:
             return None
         if isinstance(request, dict):
             return request.get("id")
@@ -84,11 +97,15 @@ def request_id(message) -> object:
 def number(request: dict, key: str, minimum: float, maximum: float | None = None, integer: bool = False,
            default=None):
     """request[key] as a number within [minimum, maximum] (None if absent and no default)."""
-    value = request.get(key, default)
+    value = request.get(key)
+    if value is None:  # absent, or null
+        value = default
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
         raise ProtocolError("bad_option", f"{key!r} must be a{'n integer' if integer else ' number'}, got {value!r}")
+    if not math.isfinite(value):
+        raise ProtocolError("bad_option", f"{key!r} must be a finite number, got {value}")
     if value < minimum or (maximum is not None and value > maximum):
         bounds = f">= {minimum}" if maximum is None else f"between {minimum} and {maximum}"
         raise ProtocolError("bad_option", f"{key!r} must be {bounds}, got {value}")
@@ -97,15 +114,17 @@ def number(request: dict, key: str, minimum: float, maximum: float | None = None
 
 def typed(name: str, value, kind):
     """A JSON option checked against its declared type (bools are not numbers here)."""
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
     if typing.get_origin(kind) is list:
         if not isinstance(value, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                                  for v in value):
-            raise ProtocolError("bad_option", f"option {name!r} must be a list of numbers")
+                                                  and math.isfinite(v) for v in value):
+            raise ProtocolError("bad_option", f"option {name!r} must be a list of finite numbers")
         return [float(v) for v in value]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
     if not isinstance(value, kind) or isinstance(value, bool):
         raise ProtocolError("bad_option", f"option {name!r} must be of type {kind.__name__}, got {value!r}")
+    if kind is float and not math.isfinite(value):
+        raise ProtocolError("bad_option", f"option {name!r} must be a finite number, got {value}")
     return value
 
 
@@ -139,6 +158,9 @@ def session_config(defaults: Config, options: dict, limits: ServerLimits) -> Con
     if (config.video.max_pixels or 0) > limits.max_pixels:
         raise ProtocolError("bad_option", f"max_pixels {config.video.max_pixels} is over this server's limit "
                             f"{limits.max_pixels}")
+    if config.memory.chunk_frames > limits.max_chunk_frames:
+        raise ProtocolError("bad_option", f"chunk_frames {config.memory.chunk_frames} is over this server's limit "
+                            f"{limits.max_chunk_frames}")
     if not 0 < (config.memory.budget or limits.max_budget) <= limits.max_budget:
         raise ProtocolError("bad_option", f"budget must be between 1 and {limits.max_budget} tokens per layer")
     try:

@@ -16,7 +16,7 @@ import signal
 import time
 from http import HTTPStatus
 from pathlib import Path
-from urllib.parse import parse_qs, urlparse
+from urllib.parse import urlparse
 
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
@@ -35,13 +35,16 @@ from video_io.sources import FileSource, StreamSource
 log = logging.getLogger("streamer")
 
 URL_SCHEMES = ("rtsp", "rtmp", "http", "https", "srt", "udp")
+MAX_PATH_CHARS = 4096
 
 
-def decode_frame(data: bytes):
+def decode_frame(data: bytes, session: StreamSession, max_pixels: int):
+    """A pushed JPEG/PNG -> (frame at the session's model resolution, size as sent); runs on a worker thread."""
     try:
-        return decode_image(data)
+        image = decode_image(data, max_pixels)
     except ValueError as exc:
         raise ProtocolError("bad_image", f"the binary message is not a readable JPEG/PNG image: {exc}") from None
+    return session.model_frame(image)
 
 
 class StreamServer:
@@ -62,9 +65,9 @@ class StreamServer:
                 status="ok", model=self.shared.model_name, sessions=len(self.sessions),
                 queued_jobs=self.shared.scheduler.pending())) + "\n")
         if self.limits.token is not None:
-            header = request.headers.get("Authorization", "")
+            headers = request.headers.get_all("Authorization")
+            header = headers[0] if len(headers) == 1 else ""  # none, or several: refused alike
             given = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else None
-            given = given or parse_qs(urlparse(request.path).query).get("token", [None])[0]
             if given is None or not hmac.compare_digest(given.encode(), self.limits.token.encode()):
                 body = error("unauthorized", "a valid bearer token is required: send 'Authorization: Bearer TOKEN'")
                 return connection.respond(HTTPStatus.UNAUTHORIZED, json.dumps(body) + "\n")
@@ -95,8 +98,9 @@ class StreamServer:
                     if isinstance(message, bytes):
                         if session is None:
                             raise ProtocolError("not_started", "send a start message before frames")
-                        image = await asyncio.to_thread(decode_frame, message)
-                        await session.add_frame(image, frame_ts)
+                        image, shape = await asyncio.to_thread(decode_frame, message, session,
+                                                               self.limits.max_frame_pixels)
+                        await session.add_frame(image, shape, frame_ts)
                         frame_ts = None
                         continue
                     request = parse_message(message)
@@ -155,6 +159,11 @@ class StreamServer:
             question = request.get("question")
             if not isinstance(question, str) or not question.strip():
                 raise ProtocolError("bad_question", "'question' must be a non-empty string")
+            try:
+                question.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ProtocolError("bad_question", "'question' holds a lone surrogate (not valid Unicode text)") \
+                    from None
             if len(question) > self.limits.max_question_chars:
                 raise ProtocolError("bad_question", f"question of {len(question)} characters is over the limit of "
                                     f"{self.limits.max_question_chars}")
@@ -169,9 +178,13 @@ class StreamServer:
             send(session.stats())
         elif kind in ("save", "load"):
             path = self._allowed_path(request.get("path"), for_writing=kind == "save")
+            if kind == "save" and path.is_dir():
+                raise ProtocolError("bad_option", f"{request['path']!r} is a directory; give a file name to save to")
+            if kind == "load" and not path.is_file():
+                raise ProtocolError("not_found", f"no snapshot file at {request['path']!r} under the allowed roots")
             try:
                 send(await (session.save(path) if kind == "save" else session.load(path)))
-            except (ValueError, FileNotFoundError) as exc:
+            except (ValueError, OSError) as exc:  # a damaged or foreign file, a full disk, a vanished file
                 raise ProtocolError("bad_snapshot", str(exc)) from None
         else:
             raise ProtocolError("unknown_type", f"unknown message type {kind!r}; known: {', '.join(MESSAGE_TYPES)}")
@@ -203,18 +216,25 @@ class StreamServer:
         session.start_reader(lambda: iter(FileSource(path, sampling)), live=False, label=source)
 
     def _allowed_path(self, value, for_writing: bool) -> Path:
-        """A path inside one of the allowed roots (after resolving links and '..'), or a refusal."""
+        """A path inside one of the allowed roots (after resolving links and '..'), or a refusal.
+        Paths the OS would refuse (a NUL byte, too long, a name over 255 bytes) are refused here."""
         if not isinstance(value, str) or not value:
             raise ProtocolError("bad_option", "'path' must be a non-empty string")
+        if "\0" in value or len(value) > MAX_PATH_CHARS:
+            raise ProtocolError("bad_option", f"'path' must have no NUL byte and at most {MAX_PATH_CHARS} characters")
         if not self.roots:
             raise ProtocolError("forbidden_path", "this server allows no server-side files (start it with "
                                 "--allow-root DIR)")
         path = Path(value)
-        if path.is_absolute():
-            resolved = path.resolve()
-        else:  # relative to a root: the first where it exists, else the first root
-            options = [(root / path).resolve() for root in self.roots]
-            resolved = next((option for option in options if option.exists()), options[0])
+        try:
+            if path.is_absolute():
+                resolved = path.resolve()
+            else:  # relative to a root: the first where it exists, else the first root
+                options = [(root / path).resolve() for root in self.roots]
+                resolved = next((option for option in options if option.exists()), options[0])
+            resolved.exists()  # raises for what the OS cannot look up (e.g. a name over 255 bytes)
+        except (OSError, ValueError) as exc:
+            raise ProtocolError("bad_option", f"'path' cannot be used: {exc}") from None
         target = resolved.parent if for_writing else resolved
         if not any(target.is_relative_to(root) for root in self.roots):
             raise ProtocolError("forbidden_path", f"{value!r} is outside the allowed roots")

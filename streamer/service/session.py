@@ -26,6 +26,7 @@ from streamer.service.protocol import ProtocolError, ServerLimits
 from streamer.service.scheduler import ASK, INGEST, ModelScheduler
 from video_io.errors import VideoError
 from video_io.frames import Frame
+from video_io.preprocess import resize_frames
 
 log = logging.getLogger("streamer")
 session_ids = itertools.count(1)
@@ -69,18 +70,25 @@ class StreamSession:
 
     # --- frames in --------------------------------------------------------------------------
 
-    async def add_frame(self, image: np.ndarray, ts: float | None, wait: bool = False) -> None:
-        """Take one decoded frame. wait=True (file readers) waits for room instead of dropping."""
+    def model_frame(self, image: np.ndarray) -> tuple[np.ndarray, tuple[int, ...]]:
+        """(the frame resized to the model's resolution now, its size as sent). Called off the event loop:
+        waiting frames are held at model resolution (a 4K frame would hold ~25 MB, at 144 tokens ~0.3 MB),
+        and ingesting them gives exactly what the full-size frames would (video_io.preprocess.resize_frames)."""
+        return resize_frames([image], self.preset)[0], image.shape
+
+    async def add_frame(self, image: np.ndarray, source_shape: tuple[int, ...], ts: float | None,
+                        wait: bool = False) -> None:
+        """Take one frame from model_frame. wait=True (file readers) waits for room instead of dropping."""
         if self.closed:
             raise ProtocolError("session_closed", "the session is closed")
         if self.received >= self.shared.limits.max_frames_per_session:
             raise ProtocolError("frame_limit", f"this session reached its limit of "
                                 f"{self.shared.limits.max_frames_per_session} frames; start a new session")
         if self.frame_shape is None:
-            self.frame_shape = image.shape
-        elif image.shape != self.frame_shape:
-            raise ProtocolError("frame_size_changed", f"frame of {image.shape[1]}x{image.shape[0]} after frames of "
-                                f"{self.frame_shape[1]}x{self.frame_shape[0]}; every frame of a stream must have "
+            self.frame_shape = source_shape
+        elif source_shape != self.frame_shape:
+            raise ProtocolError("frame_size_changed", f"frame of {source_shape[1]}x{source_shape[0]} after frames "
+                                f"of {self.frame_shape[1]}x{self.frame_shape[0]}; every frame of a stream must have "
                                 "the same size")
         if wait:
             async with self.room:
@@ -160,7 +168,9 @@ class StreamSession:
                 for frame in open_source():
                     if self.reader_stop.is_set():
                         break
-                    asyncio.run_coroutine_threadsafe(self.add_frame(frame.image, frame.ts, wait=not live), loop).result()
+                    image, shape = self.model_frame(frame.image)
+                    asyncio.run_coroutine_threadsafe(self.add_frame(image, shape, frame.ts, wait=not live),
+                                                     loop).result()
                     count += 1
             except ProtocolError as exc:
                 error = (exc.code, str(exc))
