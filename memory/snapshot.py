@@ -97,7 +97,25 @@ def _check_model(saved: dict, current: dict, path: Path) -> None:
                      f"{_describe(current)} ({difference}); load it with the model that made it")
 
 
-def _read_meta(header: dict, path: Path) -> dict:
+DTYPES = ("float32", "bfloat16", "float16")
+ARCHITECTURE_FIELDS = ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "hidden_size", "vocab_size")
+
+
+def _field(path: Path, name: str, value, kind: type | tuple, minimum: int | None = None, optional: bool = False):
+    """A header field of the right type (bools are not integers) and range, or a ValueError naming it."""
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, kind) or (minimum is not None and value < minimum):
+        bound = f" >= {minimum}" if minimum is not None else ""
+        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise ValueError(f"{path} is damaged: its header field {name} is {value!r}, expected {names}{bound}"
+                         f"{' or null' if optional else ''}; save it again")
+    return value
+
+
+def _read_meta(header: dict, path: Path, tensors: int) -> dict:
+    """The snapshot's metadata, every field checked (types, ranges, agreement with the `tensors` the file
+    holds) before anything is allocated: a tampered header is refused naming the field."""
     if header.get("format") != SNAPSHOT_FORMAT:
         raise ValueError(f"{path} is a safetensors file but not a memory snapshot (format {header.get('format')!r}, "
                          f"expected {SNAPSHOT_FORMAT!r}); give a file from save_memory")
@@ -106,15 +124,45 @@ def _read_meta(header: dict, path: Path) -> dict:
                          f"{', '.join(map(str, READABLE_VERSIONS))}; use the build that wrote it")
     try:
         meta = json.loads(header["meta"])
-    except (KeyError, json.JSONDecodeError) as exc:
+    except (KeyError, ValueError, RecursionError) as exc:
         raise ValueError(f"{path} has no readable snapshot metadata ({exc!r}); save it again") from None
+    _field(path, "meta", meta, dict)
     missing = {"model", "dtype", "num_layers", "kv_heads", "head_dim", "stream"} - set(meta)
     if missing:
         raise ValueError(f"{path} snapshot metadata lacks {sorted(missing)}; save it again")
-    differing = set(meta["stream"]) ^ set(STREAM_FIELDS)
+    model = _field(path, "model", meta["model"], dict)
+    _field(path, "model.name", model.get("name"), str)
+    architecture = _field(path, "model.architecture", model.get("architecture"), dict)
+    for name in ARCHITECTURE_FIELDS:
+        _field(path, f"model.architecture.{name}", architecture.get(name), int, 1)
+    _field(path, "model.weights", model.get("weights"), str, optional=True)
+    if meta["dtype"] not in DTYPES:
+        raise ValueError(f"{path} is damaged: its header field dtype is {meta['dtype']!r}, expected one of "
+                         f"{', '.join(DTYPES)}; save it again")
+    layers = _field(path, "num_layers", meta["num_layers"], int, 1)
+    # far more layers than tensors is refused before any per-layer work (a missing few are named later)
+    if layers != architecture["num_hidden_layers"] or layers * len(TENSOR_FIELDS) > tensors + len(TENSOR_FIELDS):
+        raise ValueError(f"{path} is damaged: its header says {layers} layers of a "
+                         f"{architecture['num_hidden_layers']}-layer model, and the file holds {tensors} tensors "
+                         f"({len(TENSOR_FIELDS)} per layer); save it again")
+    _field(path, "kv_heads", meta["kv_heads"], int, 1)
+    _field(path, "head_dim", meta["head_dim"], int, 1)
+    stream = _field(path, "stream", meta["stream"], dict)
+    differing = set(stream) ^ set(STREAM_FIELDS)
     if differing:
         raise ValueError(f"{path} stream fields differ from this build's KVMemory in {sorted(differing)}; "
                          "load it with the build that wrote it")
+    _field(path, "stream.budget", stream["budget"], int, 1, optional=True)
+    _field(path, "stream.video_start", stream["video_start"], int, 0, optional=True)
+    for name in ("next_position", "temporal_groups", "frames", "full_tokens", "evicted"):
+        _field(path, f"stream.{name}", stream[name], int, 0)
+    grid = _field(path, "stream.grid_hw", stream["grid_hw"], list, optional=True)
+    if grid is not None and not (len(grid) == 2 and all(_field(path, "stream.grid_hw", v, int, 1) for v in grid)):
+        raise ValueError(f"{path} is damaged: its header field stream.grid_hw is {grid!r}, expected [rows, columns]; "
+                         "save it again")
+    chunks = _field(path, "stream.chunks", stream["chunks"], list)
+    if not all(isinstance(chunk, dict) for chunk in chunks):
+        raise ValueError(f"{path} is damaged: its header field stream.chunks holds a non-object; save it again")
     return meta
 
 
@@ -137,7 +185,7 @@ def read_snapshot_meta(path) -> dict:
         raise FileNotFoundError(f"no memory snapshot at {str(path)!r}; give the path save_memory wrote")
     try:
         with safe_open(path, framework="pt") as f:
-            return _read_meta(f.metadata() or {}, path)
+            return _read_meta(f.metadata() or {}, path, len(f.keys()))
     except SafetensorError as exc:
         raise ValueError(f"{path} is not a safetensors file ({exc}); give a file from save_memory") from None
 
@@ -152,7 +200,7 @@ def load_memory(path, identity: dict | None, device="cpu", dtype=None) -> tuple[
         raise FileNotFoundError(f"no memory snapshot at {str(path)!r}; give the path save_memory wrote")
     try:
         with safe_open(path, framework="pt") as f:  # reads the header now, tensors only on request
-            meta = _read_meta(f.metadata() or {}, path)
+            meta = _read_meta(f.metadata() or {}, path, len(f.keys()))
             if identity is not None:
                 _check_model(meta["model"], identity, path)
             names = [[f"layers.{i}.{name}" for name in TENSOR_FIELDS] for i in range(meta["num_layers"])]

@@ -22,6 +22,8 @@ import numpy as np
 import pytest
 from conftest import random_frames, stream
 from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
@@ -410,6 +412,14 @@ def test_backpressure_thins_frames_with_a_warning(tiny_runner, monkeypatch):
 
 
 def test_snapshot_save_and_load_over_the_protocol(tiny_runner, tmp_path):
+    def tampered(name, edit):  # a copy of the saved snapshot with its JSON header edited, inside the root
+        with safe_open(tmp_path / "memory.safetensors", framework="pt") as f:
+            metadata = f.metadata()
+        meta = json.loads(metadata["meta"])
+        edit(meta)
+        save_file(load_file(tmp_path / "memory.safetensors"), tmp_path / name,
+                  metadata={**metadata, "meta": json.dumps(meta)})
+
     async def scenario(url):
         async with StreamerClient(url) as client:
             await client.start()
@@ -417,17 +427,27 @@ def test_snapshot_save_and_load_over_the_protocol(tiny_runner, tmp_path):
             await client.wait_ingested()
             before = await client.ask("What happens?")
             saved = await client.save("memory.safetensors")
+        tampered("layers.safetensors", lambda meta: meta.update(num_layers=2_000_000))
+        tampered("stream.safetensors", lambda meta: meta.update(stream=None))
         async with StreamerClient(url) as client:
             await client.start()
             loaded = await client.load("memory.safetensors")
             after = await client.ask("What happens?")
-        return before, saved, loaded, after
+            refused = []
+            for name in ("layers.safetensors", "stream.safetensors"):
+                with pytest.raises(ServerError) as error:
+                    await client.load(name)
+                refused.append(error.value.message)
+            still = await client.ask("What happens?")  # the session and its memory go on
+        return before, saved, loaded, after, refused, still
 
     with running_server(tiny_runner, ServerLimits(allowed_roots=[tmp_path])) as (_, url):
-        before, saved, loaded, after = asyncio.run(scenario(url))
+        before, saved, loaded, after, refused, still = asyncio.run(scenario(url))
     assert (tmp_path / "memory.safetensors").is_file()
     assert loaded["frames"] == saved["frames"] == 8
-    assert after["text"] == before["text"]
+    assert after["text"] == before["text"] == still["text"]
+    assert [message["code"] for message in refused] == ["bad_snapshot", "bad_snapshot"]
+    assert "layers" in refused[0]["message"] and "stream" in refused[1]["message"]
 
 
 def test_idle_sessions_are_closed(tiny_runner):
@@ -442,6 +462,29 @@ def test_idle_sessions_are_closed(tiny_runner):
         reply = asyncio.run(scenario(url))
         wait_until(lambda: server.sessions == {})
     assert reply["code"] == "idle_timeout"
+
+
+def test_connections_without_a_session_are_bounded_and_timed_out(tiny_runner):
+    async def scenario(url):
+        first, second = await connect(url), await connect(url)
+        for ws in (first, second):  # both handlers are running
+            await ws.send(json.dumps(dict(type="ping")))
+            assert json.loads(await ws.recv())["type"] == "pong"
+        async with connect(url) as third:  # over the limit of connections without a session
+            refused = json.loads(await asyncio.wait_for(third.recv(), 10))
+        timed_out = [json.loads(await asyncio.wait_for(ws.recv(), 10)) for ws in (first, second)]
+        for ws in (first, second):
+            await ws.wait_closed()
+        async with StreamerClient(url) as client:  # their places are free again
+            ready = await client.start()
+        return refused, timed_out, ready
+
+    with running_server(tiny_runner, ServerLimits(max_unstarted=2, start_timeout=0.5)) as (server, url):
+        refused, timed_out, ready = asyncio.run(scenario(url))
+        wait_until(lambda: server.unstarted == 0 and server.sessions == {})
+    assert refused["code"] == "too_many_connections"
+    assert [reply["code"] for reply in timed_out] == ["start_timeout", "start_timeout"]
+    assert ready["type"] == "ready"
 
 
 def test_a_long_server_side_ingest_is_not_idle(tiny_runner, clip, monkeypatch):

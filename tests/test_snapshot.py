@@ -152,3 +152,36 @@ def test_interrupted_save_keeps_the_old_file(identity, saved, tmp_path, monkeypa
         save_memory(memory, path, identity)
     assert [p.name for p in tmp_path.iterdir()] == [path.name], "the temporary file should be removed"
     assert load_memory(path, identity)[0].frames == 4
+
+
+def tamper(saved, path, edit):
+    """Copy a snapshot with its JSON metadata edited by edit(meta)."""
+    with safe_open(saved, framework="pt") as f:
+        metadata = f.metadata()
+    meta = json.loads(metadata["meta"])
+    edit(meta)
+    metadata["meta"] = json.dumps(meta)
+    save_file(load_file(saved), path, metadata=metadata)
+
+
+@pytest.mark.parametrize("edit, field", [
+    (lambda m: m.update(num_layers=0), "num_layers"),
+    (lambda m: m.update(num_layers=2_000_000), "layers"),
+    (lambda m: m.update(kv_heads="two"), "kv_heads"),
+    (lambda m: m.update(dtype="float64x"), "dtype"),
+    (lambda m: m["stream"].update(grid_hw=5), "stream.grid_hw"),
+    (lambda m: m["stream"].update(grid_hw=[4, "8"]), "stream.grid_hw"),
+    (lambda m: m.update(stream=None), "stream"),
+    (lambda m: m["model"].pop("architecture"), "model.architecture"),
+    (lambda m: m["stream"].update(frames=-5), "stream.frames"),
+    (lambda m: m["stream"].update(next_position="abc"), "stream.next_position"),
+    (lambda m: m["stream"].update(budget=True), "stream.budget"),
+    (lambda m: m["stream"].update(chunks=[1, 2]), "stream.chunks"),
+])
+def test_tampered_headers_are_refused_naming_the_field(identity, saved, tmp_path, edit, field):
+    path = tmp_path / "tampered.safetensors"
+    tamper(saved, path, edit)
+    with pytest.raises(ValueError, match=field):
+        load_memory(path, identity)
+    with pytest.raises(ValueError, match=field):
+        load_memory(path, None)  # refused on the header alone, before any model check

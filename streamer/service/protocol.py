@@ -53,6 +53,8 @@ class ServerLimits:
     max_frame_pixels: int = MAX_IMAGE_PIXELS  # per pushed JPEG/PNG as sent, checked from its header
     max_chunk_frames: int = 256  # a session's chunk_frames (waiting frames are bounded by 4 chunks)
     idle_timeout: float = 600.0  # seconds without a message before a session is closed
+    start_timeout: float = 30.0  # seconds a connection may stay open without starting a session
+    max_unstarted: int = 16  # connections open at once without a session (they do not count as sessions)
     overflow: str = "subsample"  # what to do with frames beyond max_pending_frames: subsample | drop
     allowed_roots: list[Path] = field(default_factory=list)  # server-side files are read/written only here
     allow_urls: bool = False  # let clients make the server open network streams

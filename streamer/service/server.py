@@ -55,7 +55,7 @@ class StreamServer:
         self.shared = Shared(runner=runner, scheduler=ModelScheduler(), limits=limits, defaults=defaults,
                              model_name=model_name, identity=model_identity(runner.model, model_name))
         self.sessions: dict[str, StreamSession] = {}
-        self.connections = 0
+        self.unstarted = 0  # open connections that have not started a session yet
 
     # --- HTTP side: health and the bearer token ---------------------------------------------
 
@@ -81,15 +81,26 @@ class StreamServer:
         send = outbox.put_nowait
         session: StreamSession | None = None
         frame_ts: float | None = None
+        if self.unstarted >= self.limits.max_unstarted:
+            send(error("too_many_connections", f"{self.unstarted} connections are open without a session; "
+                       "try again later"))
+            outbox.put_nowait(None)
+            await writer
+            return
+        self.unstarted += 1
         try:
             while True:
+                timeout = self.limits.idle_timeout if session is not None else self.limits.start_timeout
                 try:
-                    message = await asyncio.wait_for(websocket.recv(), timeout=self.limits.idle_timeout)
+                    message = await asyncio.wait_for(websocket.recv(), timeout=timeout)
                 except TimeoutError:
-                    if session is not None and session.busy():  # e.g. a long server-side ingest
+                    if session is None:
+                        send(error("start_timeout", f"no start message within {timeout:g} s; the connection "
+                                   "is closed"))
+                        break
+                    if session.busy():  # e.g. a long server-side ingest
                         continue
-                    send(error("idle_timeout", f"no message for {self.limits.idle_timeout:.0f} s; "
-                                               "the session is closed"))
+                    send(error("idle_timeout", f"no message for {timeout:g} s; the session is closed"))
                     break
                 try:
                     if len(message) > self.limits.max_message_bytes:
@@ -109,6 +120,7 @@ class StreamServer:
                         if session is not None:
                             raise ProtocolError("already_started", f"this connection is session {session.id} already")
                         session = self._start(request, send)
+                        self.unstarted -= 1
                     elif kind == "ping":
                         send(dict(type="pong", time=time.time()))
                     elif session is None:
@@ -123,7 +135,9 @@ class StreamServer:
         except ConnectionClosed:
             pass
         finally:
-            if session is not None:
+            if session is None:
+                self.unstarted -= 1
+            else:
                 self.sessions.pop(session.id, None)
                 await session.close()
                 log.info("session %s closed (%d sessions open)", session.id, len(self.sessions))
