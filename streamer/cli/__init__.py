@@ -13,7 +13,8 @@ from video_io.errors import VideoError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="streamer", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="streamer", description="Streaming long-video question answering on "
+                                     "Qwen2-VL with a pruned key/value memory.")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
     sub = parser.add_subparsers(dest="command", required=True)
     for command in (ask, serve, client, demo, bench, evaluate, video):
