@@ -9,6 +9,8 @@ ModelScheduler; image decoding runs on worker threads; the event loop only route
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import hmac
 import json
 import logging
@@ -36,6 +38,24 @@ log = logging.getLogger("streamer")
 
 URL_SCHEMES = ("rtsp", "rtmp", "http", "https", "srt", "udp")
 MAX_PATH_CHARS = 4096
+
+
+def _libc():
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None  # glibc only
+    except OSError:
+        return None
+
+
+LIBC = _libc()
+
+
+def give_memory_back() -> None:
+    """Return freed heap memory to the OS: glibc keeps large freed blocks (decoded frames, a closed
+    session's memory) in its heap, so without this the server's RSS stays at its peak."""
+    if LIBC is not None:
+        LIBC.malloc_trim(0)
 
 
 def decode_frame(data: bytes, session: StreamSession, max_pixels: int):
@@ -140,6 +160,7 @@ class StreamServer:
             else:
                 self.sessions.pop(session.id, None)
                 await session.close()
+                give_memory_back()
                 log.info("session %s closed (%d sessions open)", session.id, len(self.sessions))
             outbox.put_nowait(None)
             await writer
