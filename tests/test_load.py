@@ -1,4 +1,4 @@
-"""Many clients at once over loopback: sessions that come and go at random moments (before start,
+"""The service under abuse, over loopback: sessions that come and go at random moments (before start,
 mid-ingest, mid-answer) leave the server's threads, file descriptors and memory where they were.
 
 Short by default; a longer run: LOAD_CHURN=200 LOAD_SESSIONS=64 python -m pytest tests/test_load.py
@@ -21,6 +21,7 @@ from websockets.asyncio.client import connect
 
 from streamer.service.client import ServerError, StreamerClient
 from streamer.service.protocol import ServerLimits
+from streamer.service.session import StreamSession
 from video_io.images import encode_image
 from video_io.synthetic import write_video
 
@@ -136,3 +137,39 @@ def test_large_frames_and_image_bombs_leave_memory_bounded(tiny_runner):
     assert codes == ["bad_image"] * 4
     assert stats["frames_received"] == 2  # the 4000 x 4000 frames, held at model resolution
     assert after < before + 40, (before, after)
+
+
+def test_messages_over_twice_the_limit_close_with_1009(tiny_runner):
+    async def scenario(url):
+        async with connect(url, max_size=None) as ws:
+            await ws.send(json.dumps(dict(type="start")))
+            await ws.recv()
+            await ws.send(b"x" * 150_000)  # over the limit, under twice it: an error, the connection goes on
+            refused = json.loads(await ws.recv())
+            await ws.send(b"x" * 250_000)  # over twice the limit: websockets closes the connection
+            await ws.wait_closed()
+            return refused, ws.close_code
+
+    with running_server(tiny_runner, ServerLimits(max_message_bytes=100_000)) as (_, url):
+        refused, code = asyncio.run(scenario(url))
+    assert refused["code"] == "message_too_large" and code == 1009
+
+
+def test_a_server_bug_costs_one_message_not_the_connection(tiny_runner, monkeypatch):
+    def broken(self):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(StreamSession, "stats", broken)
+
+    async def scenario(url):
+        async with connect(url) as ws:
+            await ws.send(json.dumps(dict(type="start")))
+            await ws.recv()
+            await ws.send(json.dumps(dict(type="stats")))
+            failed = json.loads(await ws.recv())
+            await ws.send(json.dumps(dict(type="ping")))
+            return failed, json.loads(await ws.recv())
+
+    with running_server(tiny_runner) as (_, url):
+        failed, pong = asyncio.run(scenario(url))
+    assert failed["code"] == "internal_error" and pong["type"] == "pong"

@@ -152,6 +152,12 @@ class StreamServer:
                 except ProtocolError as exc:
                     send(error(exc.code, str(exc), **({"id": ask_id} if (ask_id := request_id(message)) is not None
                                                       else {})))
+                except ConnectionClosed:
+                    raise
+                except Exception as exc:  # a bug must cost the client one message, never the connection (1011)
+                    log.exception("session %s: unexpected error on a message", session.id if session else "-")
+                    send(error("internal_error", f"the server failed on this message ({type(exc).__name__}); "
+                               "the connection goes on -- please report it"))
         except ConnectionClosed:
             pass
         finally:
