@@ -131,12 +131,12 @@ def test_large_frames_and_image_bombs_leave_memory_bounded(tiny_runner):
         gc.collect()
         before = footprint()["rss_mb"]
         codes, stats = asyncio.run(attack(url))
-        wait_until(lambda: server.sessions == {})
-        gc.collect()
-        after = footprint()["rss_mb"]
+        peak = footprint()["rss_mb"]
+        # the session leaves the table first, then closes and gives the heap back
+        wait_until(lambda: footprint()["rss_mb"] < before + 40, timeout=10)
     assert codes == ["bad_image"] * 4
     assert stats["frames_received"] == 2  # the 4000 x 4000 frames, held at model resolution
-    assert after < before + 40, (before, after)
+    assert peak < before + 1000, (before, peak)
 
 
 def test_messages_over_twice_the_limit_close_with_1009(tiny_runner):

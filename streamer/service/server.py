@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import ctypes.util
+import gc
 import hmac
 import json
 import logging
@@ -52,8 +53,10 @@ LIBC = _libc()
 
 
 def give_memory_back() -> None:
-    """Return freed heap memory to the OS: glibc keeps large freed blocks (decoded frames, a closed
-    session's memory) in its heap, so without this the server's RSS stays at its peak."""
+    """Free what a closed session left in reference cycles, then return freed heap memory to the OS:
+    glibc keeps large freed blocks (decoded frames, a session's memory) in its heap, so without this
+    the server's RSS stays at its peak."""
+    gc.collect()
     if LIBC is not None:
         LIBC.malloc_trim(0)
 
@@ -166,8 +169,9 @@ class StreamServer:
             else:
                 self.sessions.pop(session.id, None)
                 await session.close()
-                give_memory_back()
                 log.info("session %s closed (%d sessions open)", session.id, len(self.sessions))
+                session = None  # this frame's reference too, before the collection
+                await asyncio.to_thread(give_memory_back)
             outbox.put_nowait(None)
             await writer
 
