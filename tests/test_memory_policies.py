@@ -222,6 +222,9 @@ def test_js_divergence_properties():
     p, q = torch.randn(4, 50), torch.randn(4, 50)
     assert js_divergence(p, p) == pytest.approx(0.0, abs=1e-7)
     assert js_divergence(p, q) == pytest.approx(js_divergence(q, p), abs=1e-6)
+    per_position = [js_divergence(p[i:i + 1], q[i:i + 1]) for i in range(4)]
+    assert js_divergence(p, q, "max") == pytest.approx(max(per_position), abs=1e-6)
+    assert js_divergence(p, q) == pytest.approx(sum(per_position) / 4, abs=1e-6)
     disjoint_p = torch.full((1, 4), -1e4); disjoint_p[0, 0] = 0
     disjoint_q = torch.full((1, 4), -1e4); disjoint_q[0, 1] = 0
     assert js_divergence(disjoint_p, disjoint_q) == pytest.approx(math.log(2), abs=1e-6)

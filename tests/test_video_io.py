@@ -5,7 +5,6 @@ import importlib.util
 import io
 import math
 import sys
-import threading
 import time
 from pathlib import Path
 
