@@ -173,3 +173,24 @@ def test_a_server_bug_costs_one_message_not_the_connection(tiny_runner, monkeypa
     with running_server(tiny_runner) as (_, url):
         failed, pong = asyncio.run(scenario(url))
     assert failed["code"] == "internal_error" and pong["type"] == "pong"
+
+
+def test_waiting_frames_are_bounded_in_bytes(tiny_runner):
+    frame_bytes = 56 * 112 * 3  # a test frame at model resolution
+
+    async def scenario(url, server):
+        async with StreamerClient(url) as client:
+            await client.start(chunk_frames=4)
+            await push(client, random_frames(1))
+            await client.stats()
+            waiting = next(iter(server.sessions.values())).max_pending  # 10 fit, not 4 chunks' 16
+        async with connect(url) as ws:  # a chunk that cannot fit is refused with its first frame
+            await ws.send(json.dumps(dict(type="start", chunk_frames=12)))
+            await ws.recv()
+            await ws.send(encode_image(random_frames(1)[0], "PNG"))
+            return waiting, json.loads(await ws.recv())
+
+    with running_server(tiny_runner, ServerLimits(max_pending_bytes=10 * frame_bytes)) as (server, url):
+        waiting, refused = asyncio.run(scenario(url, server))
+    assert waiting == 10
+    assert refused["code"] == "bad_option" and "chunk of 12 frames" in refused["message"]

@@ -44,6 +44,7 @@ class ServerLimits:
     max_frames_per_session: int = 100_000
     max_message_bytes: int = 8 * 2**20
     max_pending_frames: int = 0  # 0: four chunks' worth
+    max_pending_bytes: int = 512 * 2**20  # of frames waiting per session (at model resolution), at least a chunk
     max_queued_chunks: int = 2
     max_questions: int = 4  # outstanding per session
     max_new_tokens: int = 512

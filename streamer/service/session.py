@@ -85,6 +85,13 @@ class StreamSession:
             raise ProtocolError("frame_limit", f"this session reached its limit of "
                                 f"{self.shared.limits.max_frames_per_session} frames; start a new session")
         if self.frame_shape is None:
+            fit = self.shared.limits.max_pending_bytes // image.nbytes  # frames of this size within the limit
+            if fit < self.chunk_frames:
+                raise ProtocolError("bad_option", f"a chunk of {self.chunk_frames} frames of {image.shape[1]}x"
+                                    f"{image.shape[0]} would hold {self.chunk_frames * image.nbytes >> 20} MB, over "
+                                    f"this server's {self.shared.limits.max_pending_bytes >> 20} MB of waiting "
+                                    "frames per session; lower chunk_frames or max_pixels")
+            self.max_pending = min(self.max_pending, fit)
             self.frame_shape = source_shape
         elif source_shape != self.frame_shape:
             raise ProtocolError("frame_size_changed", f"frame of {source_shape[1]}x{source_shape[0]} after frames "
