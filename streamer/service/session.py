@@ -2,9 +2,10 @@
 
 Frames arrive one by one (pushed images, or a server-side reader). Once `chunk_frames` are
 pending a chunk is queued for the model; a session keeps at most `max_queued_chunks` chunks
-queued so that it never floods the shared model. Frames beyond `max_pending_frames` are
-dropped or thinned (live sources) or make the reader wait (files). All model work goes through
-the shared ModelScheduler; everything else runs on the event loop.
+queued so that it never floods the shared model. Frames wait at model resolution, at most four
+chunks' worth and `max_pending_bytes`; beyond that they are dropped or thinned (live sources) or
+make the reader wait (files). All model work goes through the shared ModelScheduler; everything
+else runs on the event loop.
 """
 
 from __future__ import annotations
