@@ -101,14 +101,13 @@ DTYPES = ("float32", "bfloat16", "float16")
 ARCHITECTURE_FIELDS = ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "hidden_size", "vocab_size")
 
 
-def _field(path: Path, name: str, value, kind: type | tuple, minimum: int | None = None, optional: bool = False):
+def _field(path: Path, name: str, value, kind: type, minimum: int | None = None, optional: bool = False):
     """A header field of the right type (bools are not integers) and range, or a ValueError naming it."""
     if value is None and optional:
         return None
     if isinstance(value, bool) or not isinstance(value, kind) or (minimum is not None and value < minimum):
         bound = f" >= {minimum}" if minimum is not None else ""
-        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
-        raise ValueError(f"{path} is damaged: its header field {name} is {value!r}, expected {names}{bound}"
+        raise ValueError(f"{path} is damaged: its header field {name} is {value!r}, expected {kind.__name__}{bound}"
                          f"{' or null' if optional else ''}; save it again")
     return value
 

@@ -9,6 +9,7 @@ the same number of tokens, so a layer's cache is one dense tensor, but layers ma
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
 import torch
 
 

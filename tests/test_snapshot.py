@@ -20,10 +20,6 @@ QUESTION = "What happens in the video?"
 CONFIG = {"model": "tiny-random", "policy": "full", "chunk_frames": 2}
 
 
-def stream(runner, frames, policy, memory=None, chunk_frames=2):
-    return ingest_video(runner, frames, policy, chunk_frames, memory)
-
-
 @pytest.fixture(scope="module")
 def identity(tiny_runner):
     return model_identity(tiny_runner.model, "tiny-random")
@@ -33,13 +29,13 @@ def identity(tiny_runner):
 def saved(tiny_runner, identity, tmp_path_factory):
     """A small full-policy snapshot, for the tests that only need a valid file."""
     path = tmp_path_factory.mktemp("snapshot") / "memory.safetensors"
-    save_memory(stream(tiny_runner, random_frames(4), FullPolicy()), path, identity, CONFIG)
+    save_memory(ingest_video(tiny_runner, random_frames(4), FullPolicy(), 2), path, identity, CONFIG)
     return path
 
 
 @pytest.mark.parametrize("policy", [FullPolicy(), RaggedSubsetPolicy(seed=0)], ids=["full", "ragged"])
 def test_round_trip_answers_identically(tiny_runner, identity, tmp_path, policy):
-    memory = stream(tiny_runner, random_frames(6, seed=1), policy)
+    memory = ingest_video(tiny_runner, random_frames(6, seed=1), policy, 2)
     if isinstance(policy, RaggedSubsetPolicy):
         assert len(set(memory.tokens_per_layer())) > 1, "the test policy should leave layers with different lengths"
     path = tmp_path / "memory.safetensors"
@@ -62,9 +58,9 @@ def test_round_trip_answers_identically(tiny_runner, identity, tmp_path, policy)
 def test_loaded_memory_continues_the_stream(tiny_runner, identity, tmp_path):
     frames = random_frames(8, seed=2)
     path = tmp_path / "memory.safetensors"
-    save_memory(stream(tiny_runner, frames[:4], FullPolicy()), path, identity)
-    resumed = stream(tiny_runner, frames[4:], FullPolicy(), memory=load_memory(path, identity)[0])
-    continuous = stream(tiny_runner, frames, FullPolicy())
+    save_memory(ingest_video(tiny_runner, frames[:4], FullPolicy(), 2), path, identity)
+    resumed = ingest_video(tiny_runner, frames[4:], FullPolicy(), 2, load_memory(path, identity)[0])
+    continuous = ingest_video(tiny_runner, frames, FullPolicy(), 2)
     assert resumed.frames == continuous.frames and resumed.next_position == continuous.next_position
     torch.testing.assert_close(question_logits(tiny_runner, resumed, QUESTION),
                                question_logits(tiny_runner, continuous, QUESTION), atol=1e-6, rtol=0)

@@ -38,6 +38,7 @@ class Answer:
     token_ids: list[int]
     first_token_logprobs: list[dict]  # top-5 of the first answer step: {"token", "id", "logprob"}
     timings: dict = field(default_factory=dict)
+    first_logits: torch.Tensor | None = None  # float32 [vocab] of the first step: what memory fidelity compares
 
 
 class Timer:
@@ -178,12 +179,6 @@ class Runner:
 
     # --- questions out ----------------------------------------------------------------------
 
-    @torch.inference_mode()
-    def first_token_logits(self, memory: KVMemory, question: str) -> torch.Tensor:
-        """Float32 logits [vocab] of the first answer token: the distribution memory fidelity is measured on."""
-        ids = self._question_ids(memory, question)
-        return self.decoder(len(ids)).start(memory.context(), memory.next_position, ids, 1)
-
     def decoder(self, question_tokens: int) -> EagerDecoder | StaticDecoder:
         """The CUDA-graph decoder where there is one and the question fits its buckets, else eager forwards."""
         if self.static_decoder is not None and self.static_decoder.fits(question_tokens):
@@ -238,7 +233,7 @@ class Runner:
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)
         if on_text is not None and len(text) > len(sent):
             on_text(text[len(sent):])
-        return Answer(text=text, token_ids=tokens, first_token_logprobs=first, timings=timings)
+        return Answer(text=text, token_ids=tokens, first_token_logprobs=first, timings=timings, first_logits=logits)
 
 
 def load_runner(config: Config, device: str | None = None) -> tuple[Runner, float]:

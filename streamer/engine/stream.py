@@ -17,7 +17,6 @@ from memory.policy import MemoryPolicy
 from memory.store import KVMemory
 from streamer.engine.runner import Runner
 from video_io.frames import Frame
-from video_io.preprocess import VisionPreset
 
 T = TypeVar("T")
 
@@ -30,8 +29,7 @@ def batched(items: Iterable[T], size: int) -> Iterator[list[T]]:
 
 
 def ingest_video(runner: Runner, frames: Iterable[np.ndarray | Frame], policy: MemoryPolicy, chunk_frames: int,
-                 memory: KVMemory | None = None, preset: VisionPreset | None = None,
-                 on_chunk: Callable[[int, list, dict], None] | None = None) -> KVMemory:
+                 memory: KVMemory | None = None, on_chunk: Callable[[int, list, dict], None] | None = None) -> KVMemory:
     """Ingest `frames` (arrays, or video_io Frames) `chunk_frames` at a time into `memory` (default: a new,
     unbounded one) and return it.
 
@@ -50,7 +48,7 @@ def ingest_video(runner: Runner, frames: Iterable[np.ndarray | Frame], policy: M
         read_s = time.perf_counter() - started
         number += 1
         images = [frame.image if isinstance(frame, Frame) else frame for frame in chunk]
-        record = runner.ingest(memory, images, policy, preset)
+        record = runner.ingest(memory, images, policy)
         record["timings"]["read"] = read_s
         if on_chunk is not None:
             on_chunk(number, chunk, record)

@@ -215,8 +215,8 @@ def run_policy(runner: Runner, clips: list, run: Run, make, chunk_frames: int, q
             run.chunk_timings += [chunk["timings"] for chunk in memory.chunks]
             for k in group:
                 qa = questions[k]
-                correct[k] = runner.answer(memory, qa.question, max_new_tokens=4).text.strip() == qa.answer
-                logits[k] = runner.first_token_logits(memory, qa.question)
+                answer = runner.answer(memory, qa.question, max_new_tokens=4)
+                correct[k], logits[k] = answer.text.strip() == qa.answer, answer.first_logits
         run.correct.append(correct)
         run.answer_js.append([0.0 if reference is None else js_divergence(reference[v][k][None], logits[k][None])
                               for k in range(len(questions))])
@@ -241,19 +241,19 @@ def evaluate(config: EvalConfig, log=print) -> dict:
         clips = [(video, video.frames(), video.questions()) for video in videos]
         chance[length] = chance_rows([qa for _, _, questions in clips for qa in questions])
 
-        reference = None  # the full context's first-token logits, per video and question
-
-        def measure(run: Run, make) -> Run:
+        def measure(run: Run, make, reference=None) -> list[list[torch.Tensor]]:
             logits = run_policy(runner, clips, run, make, config.chunk_frames, question_probe, reference)
             log(f"{length} frames, {run.label}: {100 * run.scores().mean():.1f}%, memory "
                 f"{100 * run.memory_fraction:.1f}%, answer JS {run.mean_js().mean():.4f}, {run.seconds:.0f} s")
-            return run, logits
+            return logits
 
         probe = ProbeConfig(mode=config.probe)
-        full, reference = measure(Run("full", "full", {}), lambda video, question: make_policy("full"))
-        sweep = [measure(Run("uniform", f"uniform {r:g}", dict(ratio=r)),
-                         lambda video, question, r=r: make_policy("uniform", dict(ratio=r), probe_for(probe, question))
-                         )[0] for r in sorted(config.uniform_ratios)]
+        full = Run("full", "full", {})
+        reference = measure(full, lambda video, question: make_policy("full"))  # first-token logits, full context
+        sweep = [Run("uniform", f"uniform {r:g}", dict(ratio=r)) for r in sorted(config.uniform_ratios)]
+        for run in sweep:
+            measure(run, lambda video, question, r=run.options["ratio"]:
+                    make_policy("uniform", dict(ratio=r), probe_for(probe, question)), reference)
         full_as_uniform = Run("uniform", "uniform 1", dict(ratio=1.0), full.correct, full.answer_js,
                               full.memory_tokens, full.full_tokens)
         runs, matched_ratio = [full], None
@@ -263,17 +263,16 @@ def evaluate(config: EvalConfig, log=print) -> dict:
                 if matched_ratio is None:
                     raise ValueError(f"{name} gets EMLoC's memory ratio: put emloc before it in --policies")
                 options = {**options, "ratio": matched_ratio}
-            run, _ = measure(Run(name, label, options),
-                             lambda video, question, n=name, o=options, p=entry_probe:
-                             make_policy(n, o, probe_for(p, question)))
-            runs.append(run)
+            runs.append(run := Run(name, label, options))
+            measure(run, lambda video, question, n=name, o=options, p=entry_probe:
+                    make_policy(n, o, probe_for(p, question)), reference)
             if name == "emloc" and matched_ratio is None:
                 text = prefix * len(run.memory_tokens)
                 matched_ratio = max(1e-3, (sum(run.memory_tokens) - text) / (sum(run.full_tokens) - text))
         for extra in config.oracle_extra:
-            runs.append(measure(Run("oracle", f"oracle + {extra}" if extra else "oracle", dict(extra=extra)),
-                                lambda video, question, k=extra: OraclePolicy(events=video.event_tokens(), extra=k,
-                                                                             probe=probe_for(probe, question)))[0])
+            runs.append(run := Run("oracle", f"oracle + {extra}" if extra else "oracle", dict(extra=extra)))
+            measure(run, lambda video, question, k=extra: OraclePolicy(events=video.event_tokens(), extra=k,
+                                                                      probe=probe_for(probe, question)), reference)
         points = [*sweep, full_as_uniform]
         results += [summarize(run, length, points, config.bootstrap) for run in [*runs[:1], *sweep, *runs[1:]]]
     return dict(results=results, chance=chance, config=asdict(config))

@@ -14,7 +14,7 @@ import typing
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from memory.registry import POLICIES, policy_options
+from memory.registry import POLICIES, policies_with, policy_options
 from streamer.config import Config, override
 from video_io.images import MAX_IMAGE_PIXELS
 
@@ -152,8 +152,7 @@ def session_config(defaults: Config, options: dict, limits: ServerLimits) -> Con
         if name in SESSION_OPTIONS:
             continue
         if name not in own:
-            takers = [p for p in POLICIES if name in policy_options(p)]
-            raise ProtocolError("bad_option", f"{name!r} applies to {', '.join(takers)}, not {policy}")
+            raise ProtocolError("bad_option", f"{name!r} applies to {', '.join(policies_with(name))}, not {policy}")
         override(config, policy, **{name: typed(name, value, own[name])})
     if config.probe.mode != "generic":
         raise ProtocolError("bad_option", "a live session needs the generic probe: its memory must serve "
