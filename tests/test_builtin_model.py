@@ -9,9 +9,10 @@ import torch
 from conftest import question_logits, stream
 
 from memory.baselines import FullPolicy
-from streamer.builtin.train import (DEFAULT_CONFIG, ModelConfig, Packer, Stage, TrainConfig, batch_loss, build_model,
-                                    main, make_batch)
-from streamer.builtin.videos import BUILTIN_PRESET, COLOURS, FAMILIES, make_video
+from streamer.builtin.train import (DEFAULT_CONFIG, QUESTION_HEADS, VIDEO_HEADS, ModelConfig, Packer, Stage, TrainConfig,
+                                    batch_loss, build_model, main, make_batch, token_labels, train)
+from streamer.builtin.videos import (BUILTIN_PRESET, COLOURS, DURATIONS, FAMILIES, Event,
+                                     SyntheticVideo, make_video)
 from streamer.engine.attention import MEMORY_ATTENTION
 from streamer.engine.models import BUILTIN_DIR, load_model
 from streamer.engine.runner import Runner
@@ -106,7 +107,7 @@ def test_training_smoke_saves_a_loadable_checkpoint(tmp_path):
     runner = Runner(loaded, preset=loaded.preset)
     memory = runner.new_memory()
     runner.ingest(memory, make_video(0, 16).frames(), FullPolicy())
-    assert runner.answer(memory, "What shape appeared last?", max_new_tokens=2).first_token_logprobs
+    assert runner.answer(memory, "What colour appeared first?", max_new_tokens=2).first_token_logprobs
 
 
 def test_training_overfits_one_batch():
@@ -125,20 +126,60 @@ def test_training_overfits_one_batch():
     assert losses[-1] < 0.35 * losses[0], losses
 
 
-def test_mention_labels_name_the_event_the_count_and_the_colour():
+def test_mention_labels_name_what_the_questions_look_up():
     video = make_video(5, 96)
     packer = Packer(load_model("tiny-random", device="cpu").tokenizer)
     sample = packer.sample(video, FAMILIES)
     word = packer.words
-    named = [(i, label) for i, label in enumerate(sample["mentions"]) if label != (-100, -100, -100)]
-    numbers = {(e.colour, e.shape): k for k, e in enumerate(video.events, start=1)}
-    for i, (event, count, colour) in named:
+    named = [(i, label) for i, label in enumerate(sample["mentions"]) if label != (-100,) * len(QUESTION_HEADS)]
+    events = {(e.colour, e.shape): (k, e) for k, e in enumerate(video.events, start=1)}
+    for i, (colour, count, number, cell, duration, companion) in named:
         if word.get(sample["ids"][i + 1]) == "shape":  # "How many times did a {colour} shape appear?"
-            assert (event, colour) == (-100, -100)
+            assert (colour, number, cell, duration, companion) == (-100,) * 5
             assert count == sum(e.colour == word[sample["ids"][i]] for e in video.events)
-        else:  # "... {colour} {shape} ...": labelled on the shape
+        else:  # "... the {colour} {shape} ...": labelled on the shape
             named_colour, named_shape = word[sample["ids"][i - 1]], word[sample["ids"][i]]
-            assert count == -100 and event == numbers[(named_colour, named_shape)]
-            assert colour == list(COLOURS).index(named_colour)
-    options = next(qa for qa in video.questions(FAMILIES) if qa.family == "order").question.count(".")
-    assert len(named) == 1 + 1 + options  # after: its object; count: its colour; order: each option
+            k, event = events[(named_colour, named_shape)]
+            other = video.companion(event)
+            assert count == -100 and (number, cell) == (k, event.cell)
+            assert colour == list(COLOURS).index(named_colour) and DURATIONS[duration] == event.frames
+            assert companion == (0 if other is None else 1 + list(COLOURS).index(other.colour))
+    assert len(named) == 4  # where, duration, together: their object; count: its colour
+
+
+def test_token_labels_follow_the_events():
+    events = (Event("red", "circle", 4, 8, 0, 0), Event("blue", "star", 8, 2, 4, 0),
+              Event("red", "square", 20, 4, 8, 1))
+    video = SyntheticVideo(seed=7, num_frames=32, background=30, events=events, layout=((0, 0, 11),) * 3)
+    labels = token_labels(video).view(16, 9, len(VIDEO_HEADS))
+    column = {name: k for k, (name, _, _) in enumerate(VIDEO_HEADS)}
+    red, blue = 1 + list(COLOURS).index("red"), 1 + list(COLOURS).index("blue")
+    assert labels[2:6, 0, column["colour"]].tolist() == [red] * 4 and labels[1, 0, column["colour"]] == 0
+    assert labels[2:6, 0, column["run"]].tolist() == [1, 2, 3, 4]
+    assert labels[2:6, 0, column["companion"]].tolist() == [-100, -100, blue, blue]  # blue appears at pair 4
+    assert labels[4, 4, column["companion"]] == red and labels[10, 8, column["companion"]] == 0
+    assert labels[10:12, 8, column["repeats"]].tolist() == [2, 2]  # the second red event
+    assert labels[:, :, column["events"]].amax(dim=1).tolist() == [0, 0] + [1] * 2 + [2] * 6 + [3] * 6
+    assert labels[3, :, column["cell"]].tolist() == list(range(9))
+
+
+def test_training_resumes_from_its_checkpoint_exactly(tmp_path):
+    config = TrainConfig(model=TINY, stages=[Stage(16, 16, 2, 2)], warmup=1, log_every=1, questions=["first"])
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_first_step(line):
+        if line.startswith("step 1/"):
+            raise Stop
+
+    checkpoint = tmp_path / "run.ckpt"
+    with pytest.raises(Stop):
+        train(config, None, log=stop_after_first_step, checkpoint=checkpoint)
+    resumed, record = train(config, None, log=lambda line: None, checkpoint=checkpoint)
+    straight, _ = train(config, None, log=lambda line: None)
+    assert [h["step"] for h in record["history"]] == [1, 2]
+    for a, b in zip(resumed.state_dict().values(), straight.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="another training config"):
+        train(TrainConfig(model=TINY, stages=[Stage(16, 16, 3, 2)]), None, checkpoint=checkpoint)

@@ -34,8 +34,8 @@ from transformers import PreTrainedTokenizerBase, Qwen2VLConfig, Qwen2VLForCondi
 from streamer.engine.models import PRESET_FILE, special_token_ids, resolve_device, tiny_tokenizer
 from streamer.engine.positions import text_positions, video_positions
 from streamer.engine.prompt import SYSTEM_PROMPT, question_suffix, video_prefix
-from streamer.builtin.videos import (BUILTIN_PRESET, COLOURS, FRAME, MAX_EVENTS, MAX_REPEATS, SHAPES, TRAIN_FAMILIES,
-                                   SyntheticVideo, make_video)
+from streamer.builtin.videos import (BUILTIN_PRESET, COLOURS, DURATIONS, GRID, MAX_EVENTS, MAX_REPEATS, SHAPES,
+                                     TRAIN_FAMILIES, SyntheticVideo, make_video)
 from video_io.preprocess import preprocess_frames
 
 TRAIN_SEEDS = 10**6  # training videos use seeds from here up; evaluation uses seeds below it
@@ -124,8 +124,8 @@ class Batch:
     targets: torch.Tensor  # [B, L] next token to predict at each position, -100 where there is no loss
     weights: torch.Tensor  # [B, L] loss weight (1 / answer length of the question)
     family: torch.Tensor  # [B, L] index in TRAIN_FAMILIES of the answer predicted there, -1 elsewhere
-    labels: torch.Tensor  # [video tokens, 4] targets of the training probes (token_labels)
-    mentions: torch.Tensor  # [B, L, 3] targets of the question-side probes (mention_labels), -100 elsewhere
+    labels: torch.Tensor  # [video tokens, len(VIDEO_HEADS)] targets of the training probes (token_labels)
+    mentions: torch.Tensor  # [B, L, len(QUESTION_HEADS)] targets of the question-side probes (mention_labels)
 
     def to(self, device: torch.device) -> "Batch":
         return Batch(*(getattr(self, f.name).to(device) for f in fields(self)))
@@ -153,7 +153,7 @@ class Packer:
         targets, weights = [-100] * len(ids), [0.0] * len(ids)
         after = int(tokens.max()) + 1
         family = [-1] * len(ids)
-        mentions = [(-100, -100, -100)] * len(ids)
+        mentions = [(-100,) * len(QUESTION_HEADS)] * len(ids)
         for k, qa in enumerate(video.questions(families), start=1):
             question, answer = self.encode(question_suffix(qa.question)), self.encode(qa.answer) + [self.end]
             block = question + answer
@@ -182,7 +182,7 @@ class Packer:
         targets = torch.full((n, length), -100)
         weights = torch.zeros(n, length)
         family = torch.full((n, length), -1)
-        mentions = torch.full((n, length, 3), -100)
+        mentions = torch.full((n, length, len(QUESTION_HEADS)), -100)
         for b, s in enumerate(samples):
             size = len(s["ids"])
             ids[b, :size] = torch.tensor(s["ids"])
@@ -209,72 +209,92 @@ def make_batch(packer: Packer, seed: int, step: int, stage: Stage,
     return packer.batch([packer.sample(video, questions) for video in videos])
 
 
+# Training-only heads (Probes): (name, where they read, classes). "vision": the video tokens entering
+# the LLM; "layer k": the output of layer k (the video tokens for VIDEO_HEADS, the question's words
+# for QUESTION_HEADS). A question head reads one layer after the video feature it looks up.
+VIDEO_HEADS = (("colour", "vision", 1 + len(COLOURS)), ("shape", "vision", 1 + len(SHAPES)),
+               ("cell", "vision", GRID * GRID), ("events", 2, 1 + MAX_EVENTS), ("repeats", 2, 1 + MAX_REPEATS),
+               ("run", 2, 1 + max(DURATIONS) // 2), ("companion", 2, 1 + len(COLOURS)))
+QUESTION_HEADS = (("named_colour", 1, len(COLOURS)), ("named_count", 3, 1 + MAX_REPEATS),
+                  ("named_event", 4, 1 + MAX_EVENTS), ("named_cell", 4, GRID * GRID),
+                  ("named_duration", 4, len(DURATIONS)), ("named_companion", 4, 1 + len(COLOURS)))
+PROBE_HEADS = tuple(name for name, _, _ in (*VIDEO_HEADS, *QUESTION_HEADS))
+
+
 def token_labels(video: SyntheticVideo) -> torch.Tensor:
-    """[video tokens, 4] per token: 1 + the index of the colour and of the shape its frame pair shows
-    (0: none); the events started so far; the events of its colour so far (0 on background)."""
-    labels = torch.zeros(video.num_frames // 2, 4, dtype=torch.long)
+    """[video tokens, len(VIDEO_HEADS)] targets per token (frame pair, row, column), -100 where there is
+    none: 1 + the colour and shape of the object shown there (0: none); the token's cell; the events
+    started so far; on an event's tokens, the events of its colour so far, the pairs it has been shown
+    so far, and 1 + the colour of the other event of its episode once that has appeared (0: alone)."""
+    labels = torch.zeros(video.num_frames // 2, GRID * GRID, len(VIDEO_HEADS), dtype=torch.long)
+    labels[:, :, 2] = torch.arange(GRID * GRID)
     for number, event in enumerate(video.events, start=1):
-        first, end = event.start // 2, (event.start + event.frames) // 2
-        labels[first:end, 0] = 1 + list(COLOURS).index(event.colour)
-        labels[first:end, 1] = 1 + SHAPES.index(event.shape)
-        labels[first:, 2] = number
-        labels[first:end, 3] = sum(e.colour == event.colour for e in video.events[:number])
-    tokens_per_pair = (FRAME // (BUILTIN_PRESET.patch_size * BUILTIN_PRESET.merge_size)) ** 2
-    return labels.repeat_interleave(tokens_per_pair, dim=0)
+        shown = slice(event.pairs.start, event.pairs.stop)
+        labels[event.pairs.start:, :, 3] = number
+        labels[shown, event.cell, 0] = 1 + list(COLOURS).index(event.colour)
+        labels[shown, event.cell, 1] = 1 + SHAPES.index(event.shape)
+        labels[shown, event.cell, 4] = sum(e.colour == event.colour for e in video.events[:number])
+        labels[shown, event.cell, 5] = torch.arange(1, len(event.pairs) + 1)
+        other = video.companion(event)
+        if other is not None:
+            labels[shown, event.cell, 6] = 1 + list(COLOURS).index(other.colour)
+            labels[event.pairs.start:other.pairs.start, event.cell, 6] = -100  # not seen yet
+    return labels.flatten(0, 1)
 
 
-def mention_labels(video: SyntheticVideo, words: list[str | None]) -> list[tuple[int, int, int]]:
-    """Per question token: (the number of the event a "{colour} {shape}" ending here names, 0 if none in
-    the video; at the colour of a "{colour} shape", how many events have that colour; the colour of a
-    "{colour} {shape}" ending here), -100 elsewhere."""
-    labels = [(-100, -100, -100)] * len(words)
+def mention_labels(video: SyntheticVideo, words: list[str | None]) -> list[tuple[int, ...]]:
+    """Per question token, targets of QUESTION_HEADS (-100: none). Where a "{colour} {shape}" ends: the
+    colour (copied from the word before), and of the event it names the number (0 if none), cell,
+    duration and 1 + the colour shown with it (0: alone). On the colour of a "{colour} shape": how
+    many events have that colour."""
+    none = (-100,) * len(QUESTION_HEADS)
+    labels = [none] * len(words)
     for i in range(1, len(words)):
         colour, second = words[i - 1], words[i]
         if colour not in COLOURS or second is None:
             continue
-        if second == "shape":  # on the colour word itself: one hop from the question into the video
-            labels[i - 1] = (-100, sum(e.colour == colour for e in video.events), -100)
+        if second == "shape":
+            labels[i - 1] = (-100, sum(e.colour == colour for e in video.events), -100, -100, -100, -100)
         elif second in SHAPES:
-            number = [k for k, e in enumerate(video.events, start=1) if (e.colour, e.shape) == (colour, second)]
-            labels[i] = (number[0] if number else 0, -100, list(COLOURS).index(colour))
+            named = [(k, e) for k, e in enumerate(video.events, start=1) if (e.colour, e.shape) == (colour, second)]
+            if not named:
+                labels[i] = (list(COLOURS).index(colour), -100, 0, -100, -100, -100)
+                continue
+            number, event = named[0]
+            other = video.companion(event)
+            labels[i] = (list(COLOURS).index(colour), -100, number, event.cell, DURATIONS.index(event.frames),
+                         0 if other is None else 1 + list(COLOURS).index(other.colour))
     return labels
 
 
-PROBE_HEADS = ("colour", "shape", "events", "repeats", "named_event", "named_count", "named_colour")
-
-
 class Probes(torch.nn.Module):
-    """Training-only linear heads, dropped when the model is saved. On the video tokens entering the
-    LLM they read colour and shape (the vision tower learns to see long before the answers alone would
-    teach it); after layer 2, how many events, and how many of the token's colour, have started so far
-    (features that counting and ordering questions are built from). On the question's words, the
-    lookups into the video, one hop each: after layer 1 the colour of a "{colour} {shape}" (copied
-    from the word before), after layer 2 the count of a colour named, after layer 3 the event number
-    of an object named. Without them `count` and `order` stayed at chance: the answers alone teach
-    the lookups too slowly."""
+    """Training-only linear heads (VIDEO_HEADS, QUESTION_HEADS), dropped when the model is saved. On the
+    video tokens they read what each token shows and the features the questions are built from
+    (events so far, repeats of a colour, how long an object has been shown, what is shown with it);
+    on the question's words, the lookups into the video, one hop each. Without such heads the 5-layer
+    model's count and order questions stayed at chance: the answers alone teach the lookups too slowly."""
 
     def __init__(self, hidden: int):
         super().__init__()
-        self.colour = torch.nn.Linear(hidden, 1 + len(COLOURS))
-        self.shape = torch.nn.Linear(hidden, 1 + len(SHAPES))
-        self.events = torch.nn.Linear(hidden, 1 + MAX_EVENTS)
-        self.repeats = torch.nn.Linear(hidden, 1 + MAX_REPEATS)
-        self.named_event = torch.nn.Linear(hidden, 1 + MAX_EVENTS)
-        self.named_count = torch.nn.Linear(hidden, 1 + MAX_REPEATS)
-        self.named_colour = torch.nn.Linear(hidden, len(COLOURS))
+        self.heads = torch.nn.ModuleDict({name: torch.nn.Linear(hidden, classes)
+                                          for name, _, classes in (*VIDEO_HEADS, *QUESTION_HEADS)})
 
-    def forward(self, vision: torch.Tensor, middle: torch.Tensor, labels: torch.Tensor, question_first: torch.Tensor,
-                question_middle: torch.Tensor, question_lookup: torch.Tensor, mentions: torch.Tensor) -> torch.Tensor:
-        """The loss of each head, in PROBE_HEADS order (0 for a question head with no target here)."""
-        video = [(self.colour, vision), (self.shape, vision), (self.events, middle), (self.repeats, middle)]
-        losses = [F.cross_entropy(head(tokens), labels[:, k]) for k, (head, tokens) in enumerate(video)]
-        question = [(self.named_event, question_lookup), (self.named_count, question_middle),
-                    (self.named_colour, question_first)]
-        for k, (head, tokens) in enumerate(question):
-            targets = mentions[:, k]
-            losses.append(F.cross_entropy(head(tokens), targets, ignore_index=-100) if (targets != -100).any()
-                          else tokens.new_zeros(()))
+    def forward(self, vision: torch.Tensor, states: tuple[torch.Tensor, ...], video: torch.Tensor,
+                named: torch.Tensor, labels: torch.Tensor, mentions: torch.Tensor) -> torch.Tensor:
+        """The loss of each head, in PROBE_HEADS order (0 for a head with no target here). `states`: the
+        hidden states of every layer; `video` / `named`: masks of the video tokens / named words."""
+        losses, last = [], len(states) - 1  # a model shallower than the heads' layers: its last layer
+        for k, (name, layer, _) in enumerate(VIDEO_HEADS):
+            tokens = vision if layer == "vision" else states[min(layer, last)][video]
+            losses.append(self._loss(name, tokens, labels[:, k]))
+        for k, (name, layer, _) in enumerate(QUESTION_HEADS):
+            losses.append(self._loss(name, states[min(layer, last)][named], mentions[:, k]))
         return torch.stack(losses)
+
+    def _loss(self, name: str, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if not (targets != -100).any():
+            return tokens.new_zeros(())
+        return F.cross_entropy(self.heads[name](tokens), targets, ignore_index=-100)
 
 
 def batch_loss(model: Qwen2VLForConditionalGeneration, batch: Batch, probes: Probes | None = None):
@@ -293,13 +313,9 @@ def batch_loss(model: Qwen2VLForConditionalGeneration, batch: Batch, probes: Pro
     answer = losses.sum() / batch.weights.sum()
     if probes is None:
         return answer, answer.new_zeros(len(PROBE_HEADS)), per_family
-    # hidden_states[k] is the output of layer k: the question's words are read one layer after the
-    # video tokens' event features, which that layer's attention can then look up
-    states = out.hidden_states
-    middle, lookup = states[min(2, len(states) - 1)], states[min(3, len(states) - 1)]
     named = (batch.mentions != -100).any(dim=-1)
-    aux = probes(torch.cat(video.pooler_output), middle[batch.ids == model.config.video_token_id], batch.labels,
-                 states[1][named], middle[named], lookup[named], batch.mentions[named])
+    aux = probes(torch.cat(video.pooler_output), out.hidden_states, batch.ids == model.config.video_token_id, named,
+                 batch.labels, batch.mentions[named])
     return answer, aux, per_family
 
 
@@ -310,7 +326,15 @@ def learning_rate(config: TrainConfig, step: int, total: int) -> float:
     return config.final_lr + 0.5 * (config.lr - config.final_lr) * (1 + math.cos(math.pi * progress))
 
 
-def train(config: TrainConfig, out: Path | None, log=print) -> tuple[Qwen2VLForConditionalGeneration, dict]:
+def same_run(config: dict) -> dict:
+    """The settings that make two runs the same run (threads and device only change the speed)."""
+    return {k: v for k, v in config.items() if k not in ("threads", "device", "log_every")}
+
+
+def train(config: TrainConfig, out: Path | None, log=print,
+          checkpoint: Path | None = None) -> tuple[Qwen2VLForConditionalGeneration, dict]:
+    """Train from scratch, or from `checkpoint` when that file exists; it is rewritten at every log
+    step (the batches are fixed by (seed, step), so a resumed run continues the same run)."""
     torch.set_num_threads(config.threads)
     device = resolve_device(config.device)
     tokenizer = tiny_tokenizer()
@@ -322,10 +346,24 @@ def train(config: TrainConfig, out: Path | None, log=print) -> tuple[Qwen2VLForC
     total = sum(stage.steps for stage in config.stages)
     params = sum(p.numel() for p in model.parameters())
     log(f"model: {params / 1e6:.2f} M parameters; {total} steps in {len(config.stages)} stages")
-    started, step, history = time.perf_counter(), 0, []
+    done, history, spent = 0, [], 0.0
+    if checkpoint is not None and checkpoint.exists():
+        state = torch.load(checkpoint, map_location=device)
+        if same_run(state["config"]) != same_run(asdict(config)):
+            raise ValueError(f"{checkpoint} was written by another training config; delete it to start afresh")
+        model.load_state_dict(state["model"])
+        if probes is not None:
+            probes.load_state_dict(state["probes"])
+        optimizer.load_state_dict(state["optimizer"])
+        done, history, spent = state["step"], state["history"], state["seconds"]
+        log(f"resumed from {checkpoint} at step {done}")
+    started, step = time.perf_counter() - spent, 0
     for number, stage in enumerate(config.stages, start=1):
         running = []
         for _ in range(stage.steps):
+            if step < done:
+                step += 1
+                continue
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(config, step, total)
             batch = make_batch(packer, config.seed, step, stage, tuple(config.questions)).to(device)
@@ -347,6 +385,12 @@ def train(config: TrainConfig, out: Path | None, log=print) -> tuple[Qwen2VLForC
                     f"[{' '.join(f'{k} {v:.2f}' for k, v in families.items())}] "
                     f"probes [{' '.join(f'{k} {v:.2f}' for k, v in heads.items())}], {entry['seconds']:.0f} s")
                 running = []
+                if checkpoint is not None:
+                    state = dict(config=asdict(config), step=step, history=history, seconds=entry["seconds"],
+                                 model=model.state_dict(), optimizer=optimizer.state_dict(),
+                                 probes=probes.state_dict() if probes is not None else None)
+                    torch.save(state, checkpoint.with_suffix(".tmp"))
+                    checkpoint.with_suffix(".tmp").replace(checkpoint)  # never half-written
     record = dict(config=asdict(config), parameters=params, seconds=time.perf_counter() - started, history=history,
                   torch=torch.__version__, transformers=transformers.__version__)
     model = model.cpu().eval()
@@ -372,6 +416,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
                         help="TOML training config (default: configs/train/builtin.toml)")
     parser.add_argument("--out", type=Path, help="directory for the weights (default: none, nothing saved)")
+    parser.add_argument("--checkpoint", type=Path,
+                        help="file to resume from if it exists, rewritten at every log step (default: none)")
     parser.add_argument("--threads", type=int, help="CPU threads (overrides the config)")
     parser.add_argument("--device", help="auto | cpu | cuda (overrides the config)")
     parser.add_argument("--scale", type=float, default=1.0,
@@ -384,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
         config.device = args.device
     for stage in config.stages:
         stage.steps = max(1, round(stage.steps * args.scale))
-    train(config, args.out)
+    train(config, args.out, checkpoint=args.checkpoint)
     return 0
 
 

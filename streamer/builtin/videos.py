@@ -1,16 +1,22 @@
 """Procedural videos with questions and answers, for training and evaluating the built-in model.
 
-A video is a plain dark background (with a little pixel noise) on which coloured shapes appear
-one at a time: each event shows one object (a colour and a shape, unique within the video) for
-EVENT_FRAMES frames, starting on an even frame so it fills whole frame pairs (Qwen2-VL's
-temporal patches), with at least one empty frame pair between events. Frames are FRAME x FRAME
-pixels: at the BUILTIN_PRESET that is 2 x 2 LLM tokens per frame pair, so 384 frames are 768
-video tokens and an event is 8 of them, which is what makes a small memory possible.
+A frame is FRAME x FRAME pixels, 3 x 3 cells of 28 x 28: at the BUILTIN_PRESET each cell of a
+frame pair is one LLM video token (9 per pair; 384 frames are 1728 tokens). The background is
+dark with a little pixel noise, and its shade differs by cell (red grows to the right, blue
+downwards), as a real scene's does: where an object stands can be seen from its own token.
+
+An event shows one object (a colour and a shape, unique within the video) inside one cell, for
+2, 4, 8 or 16 frames, starting on an even frame so it fills whole frame pairs (Qwen2-VL's
+temporal patches). Events come in episodes separated by at least one empty frame pair: an
+episode is one event, or two in different cells that overlap in time (the second starts while
+the first is shown), so "what was shown with X" has one answer. One event covers 1 to 8 tokens
+of a 64-frame chunk's 288: a memory that keeps 2% of a chunk (6 tokens) can hold one event but
+not every event, and one that keeps the wrong cells holds none.
 
 Everything is deterministic by seed: make_video(seed, frames) gives the same events, pixels and
-questions on every machine. Answers are single words of the tiny tokenizer (colour, shape,
-digit, option letter), except `describe`, which lists the events and exists so that the
-memory's generic probe ("Describe what happens in the video.") is a question the model knows.
+questions on every machine. Answers are words of the tiny tokenizer (colour, place, digits),
+except `describe`, which lists the events and exists so that the memory's generic probe
+("Describe what happens in the video.") is a question the model knows.
 """
 
 from __future__ import annotations
@@ -22,23 +28,28 @@ import numpy as np
 from memory.probe import GENERIC_PROMPTS
 from video_io.preprocess import VisionPreset
 
-FRAME = 56
-BUILTIN_PRESET = VisionPreset(min_pixels=FRAME * FRAME, max_pixels=FRAME * FRAME)  # 4 x 4 patches, 4 tokens per pair
-EVENT_FRAMES = 4  # two frame pairs
-MIN_GAP_PAIRS = 1  # empty frame pairs between events, so occurrences can be counted
-MIN_EVENTS, MAX_EVENTS = 3, 6
+FRAME = 84
+CELL = 28  # one merged 2 x 2 patch of 14 pixels: one LLM token per cell and frame pair
+GRID = FRAME // CELL
+BUILTIN_PRESET = VisionPreset(min_pixels=FRAME * FRAME, max_pixels=FRAME * FRAME)  # 6 x 6 patches, 9 tokens per pair
+DURATIONS = (2, 4, 8, 16)  # frames an event is shown
+MIN_GAP_PAIRS = 1  # empty frame pairs between episodes
+MIN_EPISODES, MAX_EPISODES = 3, 6
+MAX_EVENTS = 8
 MAX_REPEATS = 3  # most events of one colour in a video: counts are 0..3
+MIN_FRAMES = 16
+TINT = 16  # background shade step per cell row (blue) and column (red)
 
 COLOURS = {
     "red": (225, 35, 35), "green": (35, 190, 60), "blue": (45, 85, 235),
     "yellow": (235, 220, 40), "purple": (150, 55, 205), "orange": (250, 140, 25),
 }
 SHAPES = ("circle", "square", "triangle", "star")
-LETTERS = "ABCD"
+PLACES = ("top left", "top", "top right", "left", "middle", "right", "bottom left", "bottom", "bottom right")
 COUNT_ANSWERS = tuple(str(n) for n in range(MAX_REPEATS + 1))
 
 # Question families scored by the evaluation, and `describe`, trained but not scored.
-FAMILIES = ("first", "last", "after", "count", "order")
+FAMILIES = ("first", "where", "duration", "together", "count")
 DESCRIBE = "describe"
 TRAIN_FAMILIES = (*FAMILIES, DESCRIBE)
 
@@ -47,12 +58,19 @@ TRAIN_FAMILIES = (*FAMILIES, DESCRIBE)
 class Event:
     colour: str
     shape: str
-    start: int  # first frame showing the object
-    frames: int = EVENT_FRAMES
+    start: int  # first frame showing the object (even)
+    frames: int  # one of DURATIONS
+    cell: int  # row * GRID + column
+    episode: int  # events of one episode overlap in time; no others do
 
     @property
     def name(self) -> str:
         return f"{self.colour} {self.shape}"
+
+    @property
+    def pairs(self) -> range:
+        """The frame pairs (LLM time steps) showing the object."""
+        return range(self.start // 2, (self.start + self.frames) // 2)
 
 
 @dataclass(frozen=True)
@@ -63,22 +81,58 @@ class QA:
     choices: int  # answers that were possible: chance is 1 / choices
 
 
-def min_frames(events: int) -> int:
-    """Shortest video that fits `events` events with their gaps."""
-    return (events * (EVENT_FRAMES // 2 + MIN_GAP_PAIRS) - MIN_GAP_PAIRS) * 2
+def _episode_shapes(rng: np.random.Generator, count: int, doubles: int, longest: int) -> list[list[tuple[int, int]]]:
+    """Per episode, its events as (offset in pairs from the episode's start, duration in pairs)."""
+    durations = [d // 2 for d in DURATIONS if d // 2 <= longest]
+    double_at = set(rng.choice(count, size=doubles, replace=False).tolist())
+    episodes = []
+    for k in range(count):
+        first = int(rng.choice(durations))
+        if k not in double_at:
+            episodes.append([(0, first)])
+            continue
+        first = max(first, 2)  # the second event starts while the first is still shown
+        offset = int(rng.integers(1, first))
+        episodes.append([(0, first), (offset, int(rng.choice(durations)))])
+    return episodes
 
 
-def _event_slots(rng: np.random.Generator, pairs: int, count: int) -> list[int]:
-    """Start pairs of `count` events of EVENT_FRAMES/2 pairs, spread at random with the minimum gaps."""
-    span = EVENT_FRAMES // 2 + MIN_GAP_PAIRS
-    free = pairs - (count * span - MIN_GAP_PAIRS)
-    picks = np.sort(rng.choice(free + count, size=count, replace=False))
-    return [int(p) + i * (span - 1) for i, p in enumerate(picks)]
+def make_video(seed: int, num_frames: int) -> SyntheticVideo:
+    """A video of `num_frames` frames (even, >= MIN_FRAMES) with 3-6 episodes, at least one of two events."""
+    if num_frames % 2 or num_frames < MIN_FRAMES:
+        raise ValueError(f"num_frames must be even and >= {MIN_FRAMES}, got {num_frames}")
+    rng = np.random.default_rng([seed, num_frames])
+    pairs = num_frames // 2
+    count = int(rng.integers(MIN_EPISODES, MAX_EPISODES + 1))
+    doubles = int(rng.integers(1, min(count, MAX_EVENTS - count) + 1))
+    longest = max(DURATIONS) // 2
+    while True:  # shorter events, then fewer episodes, until they fit (16 frames fit 3 episodes of <= 2 pairs)
+        episodes = _episode_shapes(rng, count, doubles, longest)
+        spans = [max(offset + length for offset, length in episode) for episode in episodes]
+        free = pairs - sum(spans) - MIN_GAP_PAIRS * (count - 1)
+        if free >= 0:
+            break
+        if longest > 1:
+            longest //= 2
+        else:
+            count, doubles = count - 1, min(doubles, count - 1)
+    cuts = np.sort(rng.integers(0, free + 1, size=count))
+    objects = _event_objects(rng, sum(len(e) for e in episodes))
+    events, begin = [], 0
+    for k, (episode, span) in enumerate(zip(episodes, spans)):
+        start = int(cuts[k]) + begin
+        cells = rng.choice(GRID * GRID, size=len(episode), replace=False)
+        for (offset, length), cell in zip(episode, cells):
+            colour, shape = objects[len(events)]
+            events.append(Event(colour, shape, 2 * (start + offset), 2 * length, int(cell), k))
+        begin += span + MIN_GAP_PAIRS
+    layout = tuple((int(rng.integers(-2, 3)), int(rng.integers(-2, 3)), int(rng.integers(9, 12))) for _ in events)
+    return SyntheticVideo(seed, num_frames, int(rng.integers(15, 60)), tuple(events), layout)
 
 
 def _event_objects(rng: np.random.Generator, count: int) -> list[tuple[str, str]]:
     """Distinct (colour, shape) pairs; a small palette per video makes colours repeat (for counting)."""
-    palette = list(rng.choice(list(COLOURS), size=int(rng.integers(2, len(COLOURS) + 1)), replace=False))
+    palette = list(rng.choice(list(COLOURS), size=int(rng.integers(3, len(COLOURS) + 1)), replace=False))
     objects: list[tuple[str, str]] = []
     while len(objects) < count:
         colour, shape = str(rng.choice(palette)), str(rng.choice(SHAPES))
@@ -87,52 +141,50 @@ def _event_objects(rng: np.random.Generator, count: int) -> list[tuple[str, str]
     return objects
 
 
+def background(grey: int) -> np.ndarray:
+    """(FRAME, FRAME, 3) int16: the grey level, plus TINT of red per cell column and of blue per cell row."""
+    cells = np.arange(FRAME) // CELL
+    image = np.full((FRAME, FRAME, 3), grey, dtype=np.int16)
+    image[:, :, 0] += TINT * cells[None, :]
+    image[:, :, 2] += TINT * cells[:, None]
+    return image
+
+
 @dataclass(frozen=True)
 class SyntheticVideo:
     seed: int
     num_frames: int
     background: int  # grey level
-    events: tuple[Event, ...]
-    layout: tuple[tuple[int, int, int], ...]  # per event: centre x, centre y, radius in pixels
+    events: tuple[Event, ...]  # by start frame
+    layout: tuple[tuple[int, int, int], ...]  # per event: centre offset x, y from its cell's centre, radius
 
     def frames(self) -> list[np.ndarray]:
         """The video as (FRAME, FRAME, 3) uint8 RGB frames."""
         rng = np.random.default_rng([self.seed, self.num_frames, 2])
         noise = rng.integers(-6, 7, size=(self.num_frames, FRAME, FRAME, 3), dtype=np.int16)
-        video = (noise + self.background).clip(0, 255).astype(np.uint8)
-        for event, (x, y, radius) in zip(self.events, self.layout):
-            mask = shape_mask(event.shape, x, y, radius)
+        video = (noise + background(self.background)).clip(0, 255).astype(np.uint8)
+        for event, (dx, dy, radius) in zip(self.events, self.layout):
+            row, column = divmod(event.cell, GRID)
+            mask = shape_mask(event.shape, column * CELL + CELL // 2 + dx, row * CELL + CELL // 2 + dy, radius)
             video[event.start:event.start + event.frames, mask] = COLOURS[event.colour]
         return list(video)
 
     def event_tokens(self) -> np.ndarray:
-        """Bool [frame pairs, rows, columns] over the LLM's video tokens (one per merged 28 x 28 cell of a
-        frame pair at BUILTIN_PRESET): True where an object is shown -- what an oracle memory keeps."""
-        cell = BUILTIN_PRESET.patch_size * BUILTIN_PRESET.merge_size
-        shows = np.zeros((self.num_frames // 2, FRAME // cell, FRAME // cell), dtype=bool)
-        for event, (x, y, radius) in zip(self.events, self.layout):
-            cells = shape_mask(event.shape, x, y, radius).reshape(FRAME // cell, cell, FRAME // cell, cell)
-            shows[event.start // 2:(event.start + event.frames + 1) // 2] |= cells.any(axis=(1, 3))
+        """Bool [frame pairs, rows, columns] over the LLM's video tokens: True where an object is shown
+        (each object lies inside its cell) -- what an oracle memory keeps."""
+        shows = np.zeros((self.num_frames // 2, GRID, GRID), dtype=bool)
+        for event in self.events:
+            shows[event.pairs.start:event.pairs.stop, event.cell // GRID, event.cell % GRID] = True
         return shows
+
+    def companion(self, event: Event) -> Event | None:
+        """The other event of `event`'s episode, if it has one."""
+        return next((e for e in self.events if e.episode == event.episode and e != event), None)
 
     def questions(self, families: tuple[str, ...] = FAMILIES) -> list[QA]:
         """One question per family, in the order given; deterministic by the video's seed."""
         rng = np.random.default_rng([self.seed, self.num_frames, 1])
         return [ASK[family](self, rng) for family in families]
-
-
-def make_video(seed: int, num_frames: int) -> SyntheticVideo:
-    """A video of `num_frames` frames (even, >= min_frames(MIN_EVENTS)) with 3-6 events."""
-    if num_frames % 2 or num_frames < min_frames(MIN_EVENTS):
-        raise ValueError(f"num_frames must be even and >= {min_frames(MIN_EVENTS)}, got {num_frames}")
-    rng = np.random.default_rng([seed, num_frames])
-    most = max(n for n in range(MIN_EVENTS, MAX_EVENTS + 1) if min_frames(n) <= num_frames)
-    count = int(rng.integers(MIN_EVENTS, most + 1))
-    starts = _event_slots(rng, num_frames // 2, count)
-    events = tuple(Event(c, s, 2 * p) for (c, s), p in zip(_event_objects(rng, count), starts))
-    layout = tuple((FRAME // 2 + int(rng.integers(-4, 5)), FRAME // 2 + int(rng.integers(-4, 5)),
-                    int(rng.integers(18, 24))) for _ in events)
-    return SyntheticVideo(seed, num_frames, int(rng.integers(15, 70)), events, layout)
 
 
 def shape_mask(shape: str, x: int, y: int, radius: int) -> np.ndarray:
@@ -161,13 +213,22 @@ def ask_first(video: SyntheticVideo, rng: np.random.Generator) -> QA:
     return QA("first", "What colour appeared first?", video.events[0].colour, len(COLOURS))
 
 
-def ask_last(video: SyntheticVideo, rng: np.random.Generator) -> QA:
-    return QA("last", "What shape appeared last?", video.events[-1].shape, len(SHAPES))
+def ask_where(video: SyntheticVideo, rng: np.random.Generator) -> QA:
+    event = video.events[int(rng.integers(len(video.events)))]
+    return QA("where", f"Where was the {event.name}?", PLACES[event.cell], len(PLACES))
 
 
-def ask_after(video: SyntheticVideo, rng: np.random.Generator) -> QA:
-    i = int(rng.integers(len(video.events) - 1))
-    return QA("after", f"What colour appeared after the {video.events[i].name}?", video.events[i + 1].colour,
+def ask_duration(video: SyntheticVideo, rng: np.random.Generator) -> QA:
+    """The duration is drawn first (among those the video has), so answers are spread over DURATIONS."""
+    frames = int(rng.choice(sorted({e.frames for e in video.events})))
+    event = rng.choice([e for e in video.events if e.frames == frames])
+    return QA("duration", f"How many frames did the {event.name} stay?", str(frames), len(DURATIONS))
+
+
+def ask_together(video: SyntheticVideo, rng: np.random.Generator) -> QA:
+    paired = [e for e in video.events if video.companion(e) is not None]
+    event = paired[int(rng.integers(len(paired)))]
+    return QA("together", f"What colour was shown with the {event.name}?", video.companion(event).colour,
               len(COLOURS))
 
 
@@ -179,17 +240,9 @@ def ask_count(video: SyntheticVideo, rng: np.random.Generator) -> QA:
     return QA("count", f"How many times did a {colour} shape appear?", str(target), len(COUNT_ANSWERS))
 
 
-def ask_order(video: SyntheticVideo, rng: np.random.Generator) -> QA:
-    """Up to four of the video's events as options in random order; the answer is the earliest."""
-    count = min(len(LETTERS), len(video.events))
-    picked = rng.choice(len(video.events), size=count, replace=False)
-    options = " ".join(f"{LETTERS[k]}. {video.events[i].name}" for k, i in enumerate(picked))
-    return QA("order", f"Which appeared first? {options}", LETTERS[int(np.argmin(picked))], count)
-
-
 def ask_describe(video: SyntheticVideo, rng: np.random.Generator) -> QA:
     return QA(DESCRIBE, GENERIC_PROMPTS[0], ", ".join(e.name for e in video.events), 0)
 
 
-ASK = {"first": ask_first, "last": ask_last, "after": ask_after, "count": ask_count, "order": ask_order,
-       DESCRIBE: ask_describe}
+ASK = {"first": ask_first, "where": ask_where, "duration": ask_duration, "together": ask_together,
+       "count": ask_count, DESCRIBE: ask_describe}

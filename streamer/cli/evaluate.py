@@ -67,7 +67,7 @@ def add_synthetic(benchmarks) -> None:
     p.add_argument("--model", default=defaults.model, help="built-in name or checkpoint (default: %(default)s)")
     p.add_argument("--lengths", type=_numbers(int), default=defaults.lengths, help="frames per video, e.g. 96,192,384")
     p.add_argument("--videos", type=int, default=defaults.videos, help="videos per length (default: %(default)s)")
-    p.add_argument("--quick", action="store_true", help="a quick look: 384 frames only, 20 videos")
+    p.add_argument("--quick", action="store_true", help="a quick look: 384 frames only, 20 videos, no layer ablation")
     p.add_argument("--first-seed", type=int, default=defaults.first_seed)
     p.add_argument("--chunk-frames", type=int, default=defaults.chunk_frames)
     p.add_argument("--policies", type=lambda s: [p for p in s.split(",") if p], default=defaults.policies,
@@ -77,6 +77,9 @@ def add_synthetic(benchmarks) -> None:
                    help="the uniform sweep that every policy is compared with at equal memory")
     p.add_argument("--oracle-extra", type=_numbers(int), default=defaults.oracle_extra,
                    help="oracle rows: the events' tokens plus k probe-ranked tokens per chunk, e.g. 0,2 (empty: none)")
+    p.add_argument("--ablate-layers", type=float, default=defaults.ablate_layers, metavar="RATIO",
+                   help="at the longest length, prune each layer alone to RATIO, the others whole (0: skip; "
+                        "default: %(default)s)")
     p.add_argument("--delta", type=float, default=defaults.delta, help="emloc JS bound (default: %(default)s)")
     p.add_argument("--ratios", type=_numbers(float), default=defaults.ratios, help="emloc ratios")
     p.add_argument("--group-size", type=int, default=defaults.group_size, help="emloc layers per group")
@@ -94,6 +97,7 @@ def run_synthetic(args) -> int:
     config = synthetic.EvalConfig(model=args.model, lengths=lengths, videos=videos, first_seed=args.first_seed,
                                   chunk_frames=args.chunk_frames, policies=args.policies,
                                   uniform_ratios=args.uniform_ratios, oracle_extra=args.oracle_extra,
+                                  ablate_layers=0.0 if args.quick else args.ablate_layers,
                                   delta=args.delta, ratios=args.ratios, group_size=args.group_size, probe=args.probe,
                                   bootstrap=args.bootstrap, device=args.device, threads=args.threads)
     summary = synthetic.evaluate(config, log=lambda line: print(line, file=sys.stderr))

@@ -63,6 +63,7 @@ class EvalConfig:
     uniform_ratios: list[float] = field(default_factory=lambda: [0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.08, 0.1,
                                                                  0.15, 0.2, 0.3])
     oracle_extra: list[int] = field(default_factory=lambda: [0, 2])  # oracle rows: events + k tokens per chunk
+    ablate_layers: float = 0.02  # at the longest length, one row per layer pruned alone to this ratio (0: none)
     # chosen on validation seeds 900000.. at 384 frames as the setting that keeps <= 10% of the tokens
     # (delta 0.01 / 0.04 / 0.1 kept 30 / 19 / 8%); the ratios are the paper's, groups are half the layers
     delta: float = 0.1
@@ -80,6 +81,8 @@ class EvalConfig:
             raise ValueError(f"need at least 2 videos per length for intervals, got {self.videos}")
         if not self.uniform_ratios or not all(0 < r < 1 for r in self.uniform_ratios):
             raise ValueError(f"uniform ratios must be in (0, 1), got {self.uniform_ratios}")
+        if not 0 <= self.ablate_layers < 1:
+            raise ValueError(f"the layer ablation ratio must be in [0, 1), got {self.ablate_layers}")
         if any(k < 0 for k in self.oracle_extra):
             raise ValueError(f"oracle extra tokens must be >= 0, got {self.oracle_extra}")
         return self
@@ -112,6 +115,21 @@ class OraclePolicy(ProbedPolicy):
             best = layer_scores.masked_fill(shows, float("-inf")).topk(extra, dim=1).indices
             kept.append(kept_indices(keep.clone().scatter_(1, best, True)))
         return Selection(kept, scores, timings=dict(probe=probe_s))
+
+
+@dataclass(kw_only=True)
+class LayerAblation(ProbedPolicy):
+    """Prunes one layer alone to `ratio` of each chunk (probe-ranked, as uniform does) and keeps every
+    other layer whole: how much the answers need that layer's memory."""
+
+    name = "layer ablation"
+    layer: int
+    ratio: float
+
+    def select(self, ctx: ChunkContext) -> Selection:
+        ratios = [1.0] * ctx.model.num_layers
+        ratios[self.layer] = self.ratio
+        return self.select_ratios(ctx, ratios)
 
 
 @dataclass
@@ -273,6 +291,12 @@ def evaluate(config: EvalConfig, log=print) -> dict:
             runs.append(run := Run("oracle", f"oracle + {extra}" if extra else "oracle", dict(extra=extra)))
             measure(run, lambda video, question, k=extra: OraclePolicy(events=video.event_tokens(), extra=k,
                                                                       probe=probe_for(probe, question)), reference)
+        if config.ablate_layers and length == max(config.lengths):
+            ratio = config.ablate_layers
+            for layer in range(runner.num_layers):
+                runs.append(run := Run("layer ablation", f"layer {layer} alone at {ratio:g}", dict(layer=layer)))
+                measure(run, lambda video, question, k=layer: LayerAblation(layer=k, ratio=ratio,
+                                                                           probe=probe_for(probe, question)), reference)
         points = [*sweep, full_as_uniform]
         results += [summarize(run, length, points, config.bootstrap) for run in [*runs[:1], *sweep, *runs[1:]]]
     return dict(results=results, chance=chance, config=asdict(config))
@@ -347,19 +371,20 @@ def model_note(name: str) -> str:
 
 
 TASK = """\
-Videos from `streamer.builtin.videos`: 56x56 frames (4 LLM tokens per frame pair at the model's preset), a dark
-background with pixel noise, and 3-6 events in which one object (6 colours x 4 shapes, each pair at most once
-per video) is shown for 4 frames (8 tokens), at random times with empty frames between. One question of
-every family per video, answered from a memory built once per video and policy by streaming it through
-the runner chunk by chunk:
+Videos from `streamer.builtin.videos`: 84x84 frames, 3x3 cells of 28x28 pixels, each cell of a frame pair one LLM
+token (9 per pair; 384 frames are 1728 tokens); a dark background with pixel noise whose shade differs by cell;
+3-6 episodes of one object (6 colours x 4 shapes, each pair at most once per video) inside one cell for 2, 4, 8
+or 16 frames, or of two such objects in different cells that overlap in time; at least one empty frame pair
+between episodes. An event is 1-8 of a 64-frame chunk's 288 tokens. One question of every family per video,
+answered from a memory built once per video and policy by streaming it through the runner chunk by chunk:
 
 | family | question | answer |
 |---|---|---|
-| first | What colour appeared first? | colour |
-| last | What shape appeared last? | shape |
-| after | What colour appeared after the {colour} {shape}? | colour |
+| first | What colour appeared first? | colour (6) |
+| where | Where was the {colour} {shape}? | top left, top, ..., bottom right (9) |
+| duration | How many frames did the {colour} {shape} stay? | 2, 4, 8, 16 |
+| together | What colour was shown with the {colour} {shape}? | colour (6) |
 | count | How many times did a {colour} shape appear? | 0-3 |
-| order | Which appeared first? A. {object} B. ... (up to 4 of the video's objects) | letter |
 
 Columns: memory = memory tokens / full-context tokens (mean over layers and videos, prompt text included);
 accuracy in %, exact match of the generated answer, with a 95% bootstrap interval over videos; vs uniform =
@@ -368,7 +393,8 @@ listed and interpolated linearly in memory to each row's), in points, with its p
 interval; answer JS = Jensen-Shannon divergence (nats) of the first answer token's distribution from the
 memory vs from the full context, mean over questions, and in brackets uniform's at the same memory.
 oracle keeps exactly the tokens that show an object (the generator knows them) in every layer; oracle + k
-also keeps the k best probe-ranked other tokens of each chunk.
+also keeps the k best probe-ranked other tokens of each chunk; "layer k alone at r" prunes layer k to r of
+each chunk (probe-ranked) and keeps the other layers whole.
 """
 
 
