@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from streamer.cli import main
+from streamer.engine.models import load_model
 
 SMALL = ["--model", "tiny-random", "--min-pixels", str(56 * 112), "--max-pixels", str(56 * 112), "--device", "cpu"]
 
@@ -125,3 +126,23 @@ def test_answer_refuses_a_non_snapshot(capsys, tmp_path):
 def test_ratio_switch_needs_a_baseline(capsys, video):
     assert main(["-q", "ask", str(video), "Q?", *SMALL, "--memory", "emloc", "--ratio", "0.2"]) == 2
     assert "--ratio applies to" in capsys.readouterr().err
+
+
+def test_a_snapshot_made_with_a_relative_model_path_answers_from_another_directory(capsys, video, tmp_path,
+                                                                                  monkeypatch):
+    loaded = load_model("tiny-random", device="cpu")
+    (tmp_path / "work" / "ckpt").mkdir(parents=True)
+    loaded.model.save_pretrained(tmp_path / "work" / "ckpt")
+    loaded.tokenizer.save_pretrained(tmp_path / "work" / "ckpt")
+    monkeypatch.chdir(tmp_path / "work")
+    switches = [s if s != "tiny-random" else "ckpt" for s in SMALL]
+    code = main(["-q", "ask", str(video), "What happens?", "--json", *switches, "--frames", "4",
+                 "--max-new-tokens", "2", "--save-memory", "memory.safetensors"])
+    asked = json.loads(capsys.readouterr().out)
+    assert code == 0
+    monkeypatch.chdir(tmp_path)  # "ckpt" means nothing here
+    code = main(["-q", "answer", "work/memory.safetensors", "What happens?", "--json", "--device", "cpu",
+                 "--max-new-tokens", "2"])
+    answered = json.loads(capsys.readouterr().out)
+    assert code == 0 and answered["answer"] == asked["answer"]
+    assert answered["model"] == str((tmp_path / "work" / "ckpt").resolve())

@@ -53,7 +53,7 @@ def server_config(policy="emloc"):
 @contextmanager
 def running_server(runner, limits=None, config=None):
     """A StreamServer on a free loopback port, served by its own event loop on a thread."""
-    server = StreamServer(runner, config or server_config(), limits or ServerLimits(), "tiny-random")
+    server = StreamServer(runner, config or server_config(), limits or ServerLimits())
     ready: concurrent.futures.Future = concurrent.futures.Future()
     loop = asyncio.new_event_loop()
     stop = asyncio.Event()

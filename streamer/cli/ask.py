@@ -122,7 +122,7 @@ def run_ask(args) -> int:
     result, memory = ask_video(runner, args.video, args.question, config, progress=log.info)
     result["timings"] = {"load_model": load_s, **result["timings"]}
     if args.save_memory:
-        save_memory(memory, args.save_memory, model_identity(runner.model, config.model.name), asdict(config))
+        save_memory(memory, args.save_memory, model_identity(runner.model, runner.model_name), asdict(config))
         log.info("memory saved to %s", args.save_memory)
         result["memory_file"] = args.save_memory
     print_result(result, args.json)
@@ -133,7 +133,7 @@ def run_answer(args) -> int:
     name = args.model or read_snapshot_meta(args.memory)["model"]["name"]
     config = override(Config(), "model", name=name, device=args.device, dtype=args.dtype)
     runner, load_s = load_runner(config)
-    memory, _ = load_memory(args.memory, model_identity(runner.model, name), device=runner.device,
+    memory, _ = load_memory(args.memory, model_identity(runner.model, runner.model_name), device=runner.device,
                             dtype=runner.model.dtype)
     answer = runner.answer(memory, args.question, args.max_new_tokens)
     timings = dict(load_model=load_s, question_prefill=answer.timings["question_prefill"],

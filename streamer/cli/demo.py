@@ -45,7 +45,7 @@ async def run_demo(args) -> int:
         events = ", ".join(f"{e.name} at {e.start / 8:.1f} s" for e in synthetic.events)
         print(f"video: {args.frames} frames of {FRAME}x{FRAME} at 8 fps ({args.frames / 8:.0f} s): {events}\n"
               f"model {config.model.name}, memory policy {config.memory.policy}")
-        server = StreamServer(runner, config, ServerLimits(allowed_roots=[Path(tmp)]), config.model.name)
+        server = StreamServer(runner, config, ServerLimits(allowed_roots=[Path(tmp)]))
         ready, stop = asyncio.get_running_loop().create_future(), asyncio.Event()
         serving = asyncio.create_task(server.serve("127.0.0.1", 0, ready=ready, stop=stop))
         port = await ready

@@ -47,6 +47,6 @@ def run(args) -> int:
                           max_message_bytes=int(args.max_message_mb * 2**20), idle_timeout=args.idle_timeout,
                           overflow=args.overflow, allowed_roots=roots, allow_urls=args.allow_urls, token=args.token)
     runner, _ = load_runner(config)
-    server = StreamServer(runner, config, limits, config.model.name)
+    server = StreamServer(runner, config, limits)
     asyncio.run(server.serve(args.host, args.port))
     return 0

@@ -18,12 +18,23 @@ this function through the decoder layers' **kwargs:
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 from transformers import AttentionInterface
+from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLDecoderLayer
 
 MEMORY_ATTENTION = "streamer_memory"
+# transformers 5.24 renamed the decoder layers' `past_key_values` to `cache` (the old name warns and goes
+# in 5.40); 5.17 knows only the old one.
+_CACHE_ARGUMENT = "cache" if "cache" in inspect.signature(Qwen2VLDecoderLayer.forward).parameters else "past_key_values"
+
+
+def run_layer(layer: torch.nn.Module, hidden: torch.Tensor, cache, **kwargs) -> torch.Tensor:
+    """One decoder layer over `hidden`, reading and extending `cache` (whatever the argument is called)."""
+    return layer(hidden, use_cache=True, **{_CACHE_ARGUMENT: cache}, **kwargs)
 
 
 def memory_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0,

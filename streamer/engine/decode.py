@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from streamer.engine.attention import run_layer
 from streamer.engine.positions import text_positions
 from streamer.engine.view import MemoryView
 
@@ -309,8 +310,8 @@ class StaticDecoder:
             if kind == "probe":
                 b.layer_inputs[n][layer].copy_(hidden)
             visible = b.visible_keys[layer][:, None, :] | later  # [kv_heads, n, capacity]
-            hidden = language_model.layers[layer](hidden, attention_mask=visible, past_key_values=writer,
-                                                  use_cache=True, position_embeddings=rotary, **extra)
+            hidden = run_layer(language_model.layers[layer], hidden, writer, attention_mask=visible,
+                               position_embeddings=rotary, **extra)
         last = b.last_row - (rows - 1) + offsets[:rows]
         return runner.logits(hidden.index_select(1, last))[0]
 

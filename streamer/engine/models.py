@@ -54,7 +54,7 @@ TINY_VISION = dict(
 class LoadedModel:
     model: Qwen2VLForConditionalGeneration
     tokenizer: PreTrainedTokenizerBase
-    name: str  # what was asked for: a built-in name or the checkpoint path
+    name: str  # a built-in name, or the checkpoint's absolute path (what loads it from any directory)
     preset: VisionPreset | None = None  # the frame resolution the model was trained at, when it has one
 
     @property
@@ -145,4 +145,5 @@ def load_model(name_or_path: str, device: str | None = None, dtype: str | None =
             preset = VisionPreset(**json.loads((path / PRESET_FILE).read_text()))
     # Only the language model uses the memory-aware attention; the vision tower keeps its default.
     model.set_attn_implementation({"text_config": MEMORY_ATTENTION})
-    return LoadedModel(model=model, tokenizer=tokenizer, name=name_or_path, preset=preset)
+    name = name_or_path if name_or_path in BUILTIN_MODELS else str(path.resolve())
+    return LoadedModel(model=model, tokenizer=tokenizer, name=name, preset=preset)

@@ -19,6 +19,7 @@ import torch
 from memory.policy import ChunkContext, MemoryPolicy
 from memory.store import KVMemory
 from streamer.config import Config
+from streamer.engine.attention import run_layer
 from streamer.engine.decode import EagerDecoder, StaticDecoder
 from streamer.engine.models import LoadedModel, load_model
 from streamer.engine.positions import as_position_ids, text_positions, video_positions
@@ -67,6 +68,7 @@ class Runner:
         """preset: frame resolution; default the model's own (builtin), else the processor's defaults.
         cuda_graphs: on a GPU, answer from static buffers replayed as CUDA graphs (streamer.engine.decode)."""
         self.model = loaded.model
+        self.model_name = loaded.name  # a built-in name or an absolute path
         self.tokenizer = loaded.tokenizer
         self.preset = preset or loaded.preset or VisionPreset()
         self.language_model = self.model.model.language_model
@@ -118,10 +120,8 @@ class Runner:
         for idx in layers if layers is not None else range(self.num_layers):
             if layer_inputs is not None:
                 layer_inputs.append(hidden)
-            hidden = self.language_model.layers[idx](
-                hidden, attention_mask=None, past_key_values=view, use_cache=True, position_embeddings=rotary,
-                **attention_kwargs,
-            )
+            hidden = run_layer(self.language_model.layers[idx], hidden, view, attention_mask=None,
+                               position_embeddings=rotary, **attention_kwargs)
         return hidden
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -71,12 +71,12 @@ def decode_frame(data: bytes, session: StreamSession, max_pixels: int):
 
 
 class StreamServer:
-    def __init__(self, runner: Runner, defaults: Config, limits: ServerLimits, model_name: str):
+    def __init__(self, runner: Runner, defaults: Config, limits: ServerLimits):
         self.limits = limits
         self.defaults = defaults
         self.roots = [root.resolve() for root in limits.allowed_roots]
         self.shared = Shared(runner=runner, scheduler=ModelScheduler(), limits=limits, defaults=defaults,
-                             model_name=model_name, identity=model_identity(runner.model, model_name))
+                             model_name=runner.model_name, identity=model_identity(runner.model, runner.model_name))
         self.sessions: dict[str, StreamSession] = {}
         self.unstarted = 0  # open connections that have not started a session yet
 
