@@ -13,7 +13,7 @@ from pathlib import Path
 
 from memory.probe import ProbeConfig
 from memory.registry import POLICIES, make_policy
-from video_io.preprocess import VisionPreset
+from video_io.preprocess import QWEN_VL_UTILS_PRESET, QWEN_VL_UTILS_TOTAL_PIXELS, VisionPreset, within_total_pixels
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
@@ -31,8 +31,12 @@ class VideoOptions:
     fps: float | None = None  # ... or frames per second of video time (then leave frames out)
     max_frames: int | None = None  # cap for fps sampling
     backend: str = "pyav"  # pyav | decord
-    min_pixels: int | None = None  # per frame after smart resize; None: the model's own preset
-    max_pixels: int | None = None  # (builtin), else Qwen2-VL's processor defaults 128*28*28 .. 768*28*28
+    min_pixels: int | None = None  # per frame after smart resize; None: the checkpoint's own (preset.json, else
+    max_pixels: int | None = None  # its preprocessor config), else Qwen2-VL's processor defaults 128..768*28*28
+    # pixels of the whole video, shared by its frames as qwen-vl-utils shares them (a file's frame count must
+    # be known: not for live streams); "qwen-vl-utils": its defaults, 128000*28*28*0.9 over frames of
+    # 128..768*28*28 pixels; None: no budget
+    total_pixels: int | str | None = None
 
 
 @dataclass
@@ -45,6 +49,7 @@ class MemoryOptions:
 @dataclass
 class GenerationOptions:
     max_new_tokens: int = 64
+    repetition_penalty: float | None = None  # None: the checkpoint's generation_config.json's, else 1.0
 
 
 @dataclass
@@ -68,12 +73,23 @@ class Config:
     def vision_preset(self, model_preset: VisionPreset | None) -> VisionPreset:
         """The frame resolution: the configured pixel range over the model's own (or the processor's)."""
         preset = model_preset or VisionPreset()
+        if self.video.total_pixels == "qwen-vl-utils":
+            preset = replace(preset, min_pixels=QWEN_VL_UTILS_PRESET.min_pixels,
+                             max_pixels=QWEN_VL_UTILS_PRESET.max_pixels)
         given = {k: v for k, v in (("min_pixels", self.video.min_pixels), ("max_pixels", self.video.max_pixels))
                  if v is not None}
         preset = replace(preset, **given)
         if preset.min_pixels > preset.max_pixels:
             raise ValueError(f"min_pixels {preset.min_pixels} is above max_pixels {preset.max_pixels}; set both")
         return preset
+
+    def video_preset(self, preset: VisionPreset, frames: int) -> VisionPreset:
+        """`preset` for a video of `frames` sampled frames: within video.total_pixels when set."""
+        budget = self.video.total_pixels
+        if budget is None:
+            return preset
+        return within_total_pixels(preset, QWEN_VL_UTILS_TOTAL_PIXELS if budget == "qwen-vl-utils" else budget,
+                                   frames)
 
     def validate(self) -> "Config":
         video, mem = self.video, self.memory
@@ -88,6 +104,9 @@ class Config:
         if any(p is not None and p <= 0 for p in (video.min_pixels, video.max_pixels)) or (
                 None not in (video.min_pixels, video.max_pixels) and video.min_pixels > video.max_pixels):
             raise ValueError(f"need 0 < video.min_pixels <= video.max_pixels, got {video.min_pixels}, {video.max_pixels}")
+        budget = video.total_pixels
+        if budget is not None and budget != "qwen-vl-utils" and (isinstance(budget, (str, bool)) or budget < 1):
+            raise ValueError(f"video.total_pixels must be a pixel count >= 1 or 'qwen-vl-utils', got {budget!r}")
         if mem.chunk_frames < 2 or mem.chunk_frames % 2:
             raise ValueError(
                 f"memory.chunk_frames (--chunk-frames) must be a positive multiple of 2, got {mem.chunk_frames}: "
@@ -99,6 +118,9 @@ class Config:
         self.make_policy(question="?")  # checks the policy name and its options
         if self.generation.max_new_tokens < 1:
             raise ValueError(f"generation.max_new_tokens must be >= 1, got {self.generation.max_new_tokens}")
+        penalty = self.generation.repetition_penalty
+        if penalty is not None and not (penalty > 0 and math.isfinite(penalty)):
+            raise ValueError(f"generation.repetition_penalty must be a finite number > 0, got {penalty}")
         return self
 
 

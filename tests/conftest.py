@@ -5,7 +5,6 @@ import torch
 from memory.baselines import FullPolicy
 from streamer.engine.models import load_model
 from streamer.engine.positions import text_positions
-from streamer.engine.prompt import question_suffix
 from streamer.engine.runner import Runner
 from streamer.engine.stream import ingest_video
 from streamer.engine.view import MemoryView
@@ -33,7 +32,7 @@ def stream(runner: Runner, frames: list[np.ndarray], chunk_frames: int, policy=N
 @torch.inference_mode()
 def question_logits(runner: Runner, memory, question: str) -> torch.Tensor:
     """Float32 logits at every position of the question suffix after the memory: [suffix_len, vocab]."""
-    ids = runner.encode(question_suffix(question))
+    ids = runner.suffix_ids(question)
     view = MemoryView(memory.context(), extra=len(ids))
     hidden = runner.forward_layers(runner.embed_tokens(ids), text_positions(memory.next_position, len(ids)), view)
     return runner.logits(hidden)[0]

@@ -16,7 +16,6 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from memory.policy import ChunkContext, MemoryPolicy, Selection
 from streamer.engine.attention import MEMORY_ATTENTION
 from streamer.engine.positions import as_position_ids, text_positions, video_positions
-from streamer.engine.prompt import question_suffix
 from streamer.engine.runner import Runner
 from video_io.preprocess import preprocess_frames
 
@@ -27,7 +26,7 @@ def one_video_inputs(runner: Runner, frames: list[np.ndarray], question: str):
     patches = preprocess_frames(frames, runner.preset)
     grid_t, grid_h, grid_w = patches.grid_thw
     merge = runner.preset.merge_size
-    prefix, suffix = runner.prefix_ids, runner.encode(question_suffix(question))
+    prefix, suffix = runner.prefix_ids, runner.suffix_ids(question)
     video_token = runner.model.config.video_token_id
     ids = prefix + [video_token] * patches.num_tokens + suffix
     video = video_positions(len(prefix), 0, grid_t, grid_h // merge, grid_w // merge)

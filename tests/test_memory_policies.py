@@ -16,7 +16,6 @@ from memory.registry import POLICIES, make_policy, policies_with
 from memory.store import KVMemory
 from streamer.engine.positions import text_positions
 from streamer.engine.probing import ChunkProbes
-from streamer.engine.prompt import question_suffix
 from streamer.engine.view import MemoryView
 
 QUESTION = "What happens in the video?"
@@ -101,7 +100,7 @@ def test_recorded_js_matches_a_recomputation_from_scratch(tiny_runner):
     report = tiny_runner.ingest(pruned, frames[4:], policy)
     assert any(r < 1.0 for r in report["ratios"]), "the test needs some pruning"
 
-    ids = tiny_runner.encode(question_suffix(PROBE.prompts[0]))
+    ids = tiny_runner.suffix_ids(PROBE.prompts[0])
     for _ in range(PROBE.answer_tokens):  # the probe's greedy continuation, on the unpruned memory
         ids.append(int(probe_logits(tiny_runner, unpruned, ids, 1)[-1].argmax()))
     reference = probe_logits(tiny_runner, unpruned, ids, PROBE.js_positions)
@@ -321,7 +320,7 @@ def test_answer_only_probe_compares_the_answer_positions(tiny_runner, monkeypatc
     ones that predict the answer's tokens and that stop token."""
     memory = stream(tiny_runner, random_frames(2, seed=13), 2)
     model = ChunkProbes(tiny_runner, MemoryView(memory.context(), extra=0), 0, memory.next_position)
-    ids = tiny_runner.encode(question_suffix(QUESTION))
+    ids = tiny_runner.suffix_ids(QUESTION)
     decoder = tiny_runner.decoder(len(ids) + 5)
     logits, tokens = decoder.start(memory.context(), memory.next_position, ids, 5), []
     for _ in range(5):

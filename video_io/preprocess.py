@@ -9,7 +9,7 @@ to an even frame count by repeating the last frame; cut into patches in the proc
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -66,6 +66,21 @@ class VisionPreset:
     patch_size: int = 14
     temporal_patch_size: int = 2
     merge_size: int = 2
+
+
+# qwen-vl-utils' video defaults (its VIDEO_MIN_PIXELS, VIDEO_MAX_PIXELS and VIDEO_TOTAL_PIXELS)
+QWEN_VL_UTILS_PRESET = VisionPreset(min_pixels=128 * 28 * 28, max_pixels=768 * 28 * 28)
+QWEN_VL_UTILS_TOTAL_PIXELS = int(128000 * 28 * 28 * 0.9)
+
+
+def within_total_pixels(preset: VisionPreset, total_pixels: int, frames: int) -> VisionPreset:
+    """`preset` with its max_pixels lowered so that `frames` frames share `total_pixels`, as qwen-vl-utils
+    does: max(min(max_pixels, total_pixels / frames * 2), int(min_pixels * 1.05)). The bound stays
+    fractional, as there, so smart_resize rounds exactly as it does."""
+    if frames < 1:
+        raise ValueError(f"a pixel budget needs the video's frame count (>= 1), got {frames}")
+    share = total_pixels / frames * preset.temporal_patch_size
+    return replace(preset, max_pixels=max(min(preset.max_pixels, share), int(preset.min_pixels * 1.05)))
 
 
 # VideoMME evaluation setting: 144 tokens per frame pair (exact for 16:9 and 9:16 sources)

@@ -43,6 +43,8 @@ def add_parser(sub) -> None:
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--dtype", help="auto | float32 | bfloat16 | float16")
     p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--repetition-penalty", type=float,
+                   help="transformers' repetition penalty (default: the checkpoint's generation_config.json, else 1)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.set_defaults(run=run_answer)
 
@@ -65,7 +67,8 @@ def ask_video(runner: Runner, video: str, question: str, config: Config,
                      f"{memory.full_tokens} tokens")
 
     memory = runner.new_memory(budget=config.memory.budget or None)
-    ingest_video(runner, source, policy, chunk_frames, memory, on_chunk=on_chunk)
+    preset = config.video_preset(runner.preset, len(source))
+    ingest_video(runner, source, policy, chunk_frames, memory, on_chunk=on_chunk, preset=preset)
     answer = runner.answer(memory, question, config.generation.max_new_tokens)
     stage = {key: sum(chunk["timings"].get(key, 0.0) for chunk in memory.chunks) for key in STAGES}
     read_s = sum(chunk["timings"]["read"] for chunk in memory.chunks)
@@ -132,6 +135,7 @@ def run_ask(args) -> int:
 def run_answer(args) -> int:
     name = args.model or read_snapshot_meta(args.memory)["model"]["name"]
     config = override(Config(), "model", name=name, device=args.device, dtype=args.dtype)
+    override(config, "generation", repetition_penalty=args.repetition_penalty).validate()
     runner, load_s = load_runner(config)
     memory, _ = load_memory(args.memory, model_identity(runner.model, runner.model_name), device=runner.device,
                             dtype=runner.model.dtype)

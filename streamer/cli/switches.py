@@ -16,6 +16,15 @@ def ratio_list(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 0.02,0.1,1.0, got {text!r}")
 
 
+def total_pixels(text: str) -> int | str:
+    if text == "qwen-vl-utils":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a pixel count or qwen-vl-utils, got {text!r}")
+
+
 def add_run_switches(p: argparse.ArgumentParser, config_default: str | None = None) -> None:
     p.add_argument("--config", default=config_default,
                    help="TOML config (a path or a name in configs/); switches override it")
@@ -29,6 +38,9 @@ def add_run_switches(p: argparse.ArgumentParser, config_default: str | None = No
     p.add_argument("--backend", choices=["pyav", "decord"], help="video decoder")
     p.add_argument("--min-pixels", type=int, help="minimum pixels per frame after resize")
     p.add_argument("--max-pixels", type=int, help="maximum pixels per frame after resize")
+    p.add_argument("--total-pixels", type=total_pixels, metavar="N|qwen-vl-utils",
+                   help="pixels of the whole video, shared by its frames (qwen-vl-utils' budget); qwen-vl-utils: "
+                        "its defaults (128000*28*28*0.9 over frames of 128-768 x 28 x 28)")
     p.add_argument("--chunk-frames", type=int, help="frames per prefill chunk (a multiple of 2)")
     p.add_argument("--memory", choices=list(POLICIES), help="memory policy")
     p.add_argument("--delta", type=float, help="emloc: JS divergence bound per chunk (nats)")
@@ -40,6 +52,8 @@ def add_run_switches(p: argparse.ArgumentParser, config_default: str | None = No
                         "is the probe (memory specific to it)")
     p.add_argument("--budget", type=int, help="most tokens each layer's memory may hold (0 = unbounded)")
     p.add_argument("--max-new-tokens", type=int, help="longest answer in tokens")
+    p.add_argument("--repetition-penalty", type=float,
+                   help="transformers' repetition penalty (default: the checkpoint's generation_config.json, else 1)")
 
 
 def config_from_args(args) -> Config:
@@ -49,7 +63,7 @@ def config_from_args(args) -> Config:
     if args.fps is not None:
         config.video.frames = None
     override(config, "video", frames=args.frames, fps=args.fps, max_frames=args.max_frames, backend=args.backend,
-             min_pixels=args.min_pixels, max_pixels=args.max_pixels)
+             min_pixels=args.min_pixels, max_pixels=args.max_pixels, total_pixels=args.total_pixels)
     override(config, "memory", policy=args.memory, chunk_frames=args.chunk_frames, budget=args.budget)
     override(config, "emloc", delta=args.delta, ratios=args.ratios, group_size=args.group_size)
     if args.ratio is not None:
@@ -58,5 +72,5 @@ def config_from_args(args) -> Config:
             raise ValueError(f"--ratio applies to {', '.join(takes_ratio)}, not {config.memory.policy}")
         override(config, config.memory.policy, ratio=args.ratio)
     override(config, "probe", mode=args.probe)
-    override(config, "generation", max_new_tokens=args.max_new_tokens)
+    override(config, "generation", max_new_tokens=args.max_new_tokens, repetition_penalty=args.repetition_penalty)
     return config.validate()

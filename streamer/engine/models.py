@@ -9,6 +9,11 @@ models ship with the package or are built from a config with seeded random weigh
 - ``tiny-random``: a few-layer Qwen2-VL with the project's small tokenizer, for exactness tests.
 - ``qwen2-vl-{2b,7b,72b}-random``: the real architectures (configs/models/*.json) with random
   weights, for speed measurement.
+
+A checkpoint directory's own settings are honoured as transformers would honour them: the dtype
+of its config.json, the frame resolution of its (video_)preprocessor_config.json, the stop tokens
+and repetition penalty of its generation_config.json, and the prompt layout of its chat template
+(streamer.engine.prompt).
 """
 
 from __future__ import annotations
@@ -18,17 +23,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, Qwen2VLConfig, Qwen2VLForConditionalGeneration
+from transformers import (AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase, Qwen2VLConfig,
+                          Qwen2VLForConditionalGeneration)
 
 from streamer.engine.attention import MEMORY_ATTENTION, register_memory_attention
-from video_io.preprocess import VisionPreset
+from video_io.preprocess import CLIP_MEAN, CLIP_STD, VisionPreset
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 TINY_TOKENIZER = ASSETS / "tiny-tokenizer"
 MODEL_CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "models"
 BUILTIN = "builtin"
 BUILTIN_DIR = ASSETS / "builtin"  # a checkpoint directory like any other, trained by streamer.builtin.train
-PRESET_FILE = "preset.json"  # optional in a checkpoint: VisionPreset fields
+PRESET_FILE = "preset.json"  # optional in a checkpoint: VisionPreset fields (the resolution it was trained at)
+PROCESSOR_FILES = ("video_preprocessor_config.json", "preprocessor_config.json")  # transformers' order
 TINY_RANDOM = "tiny-random"
 RANDOM_ARCHITECTURES = {f"qwen2-vl-{size}-random": f"qwen2-vl-{size}.json" for size in ("2b", "7b", "72b")}
 BUILTIN_MODELS = (BUILTIN, TINY_RANDOM, *RANDOM_ARCHITECTURES)
@@ -55,7 +62,8 @@ class LoadedModel:
     model: Qwen2VLForConditionalGeneration
     tokenizer: PreTrainedTokenizerBase
     name: str  # a built-in name, or the checkpoint's absolute path (what loads it from any directory)
-    preset: VisionPreset | None = None  # the frame resolution the model was trained at, when it has one
+    preset: VisionPreset | None = None  # the checkpoint's frame resolution, when it states one
+    generation: GenerationConfig | None = None  # the checkpoint's generation_config.json, when it has one
 
     @property
     def device(self) -> torch.device:
@@ -74,14 +82,46 @@ def resolve_device(device: str | None) -> torch.device:
     return torch.device(device)
 
 
-def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+               "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_dtype(dtype: str | None, device: torch.device, checkpoint: Path | None = None) -> torch.dtype:
+    """`dtype` by name; auto: the checkpoint's own (config.json), else bfloat16 on CUDA, float32 on CPU."""
     if dtype in (None, "auto"):
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-    if dtype not in names:
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(names)}")
-    return names[dtype]
+        own = checkpoint_dtype(checkpoint) if checkpoint is not None else None
+        return own or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if dtype not in DTYPE_NAMES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPE_NAMES)}")
+    return DTYPE_NAMES[dtype]
+
+
+def checkpoint_dtype(path: Path) -> torch.dtype | None:
+    """The dtype a checkpoint's config.json states (`dtype`, or `torch_dtype` as older releases write it)."""
+    config = json.loads((path / "config.json").read_text())
+    name = config.get("dtype") or config.get("torch_dtype") or config.get("text_config", {}).get("dtype")
+    return DTYPE_NAMES.get(name) if isinstance(name, str) else None
+
+
+def processor_preset(path: Path) -> VisionPreset | None:
+    """The frame resolution of a checkpoint's video (or image) preprocessor config, as transformers'
+    Qwen2-VL video processor loaded from the same directory uses it; None without such a file."""
+    for name in PROCESSOR_FILES:
+        if (path / name).is_file():
+            config = json.loads((path / name).read_text())
+            break
+    else:
+        return None
+    size = config.get("size") or {}
+    pixels = dict(min_pixels=config.get("min_pixels", size.get("shortest_edge")),
+                  max_pixels=config.get("max_pixels", size.get("longest_edge")),
+                  patch_size=config.get("patch_size"), temporal_patch_size=config.get("temporal_patch_size"),
+                  merge_size=config.get("merge_size"))
+    for key, expected in (("image_mean", CLIP_MEAN), ("image_std", CLIP_STD)):
+        if key in config and not all(abs(a - b) < 1e-6 for a, b in zip(config[key], expected, strict=True)):
+            raise ValueError(f"{path / name}: {key} {config[key]} is not Qwen2-VL's {list(expected)}, which is "
+                             "the only normalisation video_io.preprocess implements")
+    return VisionPreset(**{k: int(v) for k, v in pixels.items() if v is not None})
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerBase:
@@ -126,10 +166,10 @@ def load_model(name_or_path: str, device: str | None = None, dtype: str | None =
     """Load a built-in model by name or a Qwen2-VL checkpoint from a local directory."""
     register_memory_attention()
     torch_device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, torch_device)
-    preset = None
+    preset = generation = None
     if name_or_path in BUILTIN_MODELS and name_or_path != BUILTIN:
         tokenizer = tiny_tokenizer()
+        torch_dtype = resolve_dtype(dtype, torch_device)
         model = build_random_model(builtin_config(name_or_path, tokenizer), torch_device, torch_dtype)
     else:
         path = BUILTIN_DIR if name_or_path == BUILTIN else Path(name_or_path).expanduser()
@@ -138,12 +178,17 @@ def load_model(name_or_path: str, device: str | None = None, dtype: str | None =
                 f"no Qwen2-VL checkpoint at {str(path)!r} (expected a directory with config.json and "
                 f"*.safetensors). Give a local checkpoint directory or a built-in model: {', '.join(BUILTIN_MODELS)}"
             )
+        torch_dtype = resolve_dtype(dtype, torch_device, path)
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         model = Qwen2VLForConditionalGeneration.from_pretrained(path, dtype=torch_dtype, local_files_only=True)
         model = model.to(torch_device).eval()
-        if (path / PRESET_FILE).is_file():  # the frame resolution the checkpoint was trained at
+        if (path / PRESET_FILE).is_file():
             preset = VisionPreset(**json.loads((path / PRESET_FILE).read_text()))
+        else:
+            preset = processor_preset(path)
+        if (path / "generation_config.json").is_file():
+            generation = GenerationConfig.from_pretrained(path, local_files_only=True)
     # Only the language model uses the memory-aware attention; the vision tower keeps its default.
     model.set_attn_implementation({"text_config": MEMORY_ATTENTION})
     name = name_or_path if name_or_path in BUILTIN_MODELS else str(path.resolve())
-    return LoadedModel(model=model, tokenizer=tokenizer, name=name, preset=preset)
+    return LoadedModel(model=model, tokenizer=tokenizer, name=name, preset=preset, generation=generation)

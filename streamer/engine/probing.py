@@ -13,7 +13,6 @@ import torch
 
 from memory.probe import ProbeConfig
 from streamer.engine.decode import ProbeForward
-from streamer.engine.prompt import question_suffix
 from streamer.engine.view import MemoryView
 
 
@@ -44,7 +43,7 @@ class ChunkProbes:
 
     def probe(self, prompt: str, config: ProbeConfig) -> RecordedProbe:
         """Greedy answer tokens after the prompt, then one recorded forward over prompt + answer."""
-        ids = self.runner.encode(question_suffix(prompt))
+        ids = self.runner.suffix_ids(prompt)
         decoder = self.runner.decoder(len(ids) + config.answer_tokens)
         answer = 0
         if config.answer_tokens:

@@ -9,6 +9,7 @@ own memory through streamer.engine.attention, so layers may hold different numbe
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -21,10 +22,10 @@ from memory.store import KVMemory
 from streamer.config import Config
 from streamer.engine.attention import run_layer
 from streamer.engine.decode import EagerDecoder, StaticDecoder
-from streamer.engine.models import LoadedModel, load_model
+from streamer.engine.models import BUILTIN_MODELS, LoadedModel, load_model
 from streamer.engine.positions import as_position_ids, text_positions, video_positions
 from streamer.engine.probing import ChunkProbes
-from streamer.engine.prompt import SYSTEM_PROMPT, question_suffix, video_prefix
+from streamer.engine.prompt import SYSTEM_PROMPT, chat_layout
 from streamer.engine.view import MemoryView
 from streamer.engine.vision import encode_pairs
 from video_io.preprocess import VideoPatches, VisionPreset, preprocess_frames
@@ -64,9 +65,10 @@ class Timer:
 
 class Runner:
     def __init__(self, loaded: LoadedModel, preset: VisionPreset | None = None, system_prompt: str = SYSTEM_PROMPT,
-                 cuda_graphs: bool = True):
-        """preset: frame resolution; default the model's own (builtin), else the processor's defaults.
-        cuda_graphs: on a GPU, answer from static buffers replayed as CUDA graphs (streamer.engine.decode)."""
+                 cuda_graphs: bool = True, repetition_penalty: float | None = None):
+        """preset: frame resolution; default the checkpoint's own, else the processor's defaults.
+        cuda_graphs: on a GPU, answer from static buffers replayed as CUDA graphs (streamer.engine.decode).
+        repetition_penalty: default the checkpoint's generation_config.json's, else 1.0 (none)."""
         self.model = loaded.model
         self.model_name = loaded.name  # a built-in name or an absolute path
         self.tokenizer = loaded.tokenizer
@@ -82,9 +84,21 @@ class Runner:
         if (vision.patch_size, vision.temporal_patch_size, vision.spatial_merge_size) != (
                 self.preset.patch_size, self.preset.temporal_patch_size, self.preset.merge_size):
             raise ValueError("the vision preset's patch sizes do not match the model's vision config")
-        self.prefix_ids = self.encode(video_prefix(system_prompt))
+        self.layout = chat_layout(self.tokenizer, system_prompt)
+        self.prefix_ids = self.encode(self.layout.prefix)
         self.static_decoder = StaticDecoder(self) if cuda_graphs and self.device.type == "cuda" else None
-        self.stop_ids = {self.tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")}
+        # what transformers' generate() would take from the checkpoint: its eos ids and repetition penalty
+        # (its sampling settings do not apply: answers are greedy, which top_k = 1 in the releases is too)
+        generation = loaded.generation
+        eos = generation.eos_token_id if generation is not None else None
+        if eos is None:
+            eos = [self.tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
+        self.stop_ids = set(eos) if isinstance(eos, list) else {eos}
+        if repetition_penalty is None:
+            repetition_penalty = (generation.repetition_penalty if generation is not None else None) or 1.0
+        if not (repetition_penalty > 0 and math.isfinite(repetition_penalty)):
+            raise ValueError(f"repetition_penalty must be a finite number > 0, got {repetition_penalty}")
+        self.repetition_penalty = float(repetition_penalty)
 
     @property
     def device(self) -> torch.device:
@@ -185,10 +199,24 @@ class Runner:
             return self.static_decoder
         return EagerDecoder(self)
 
+    def suffix_ids(self, question: str) -> list[int]:
+        """The tokens after the video: the end of the user turn with `question`, and the answer's start."""
+        return self.encode(self.layout.question_suffix(question))
+
     def _question_ids(self, memory: KVMemory, question: str) -> list[int]:
         if memory.video_start is None:
             raise ValueError("the memory holds no video yet: ingest at least one chunk of frames first")
-        return self.encode(question_suffix(question))
+        return self.suffix_ids(question)
+
+    def _choose(self, logits: torch.Tensor, seen: set[int]) -> int:
+        """Greedy choice after transformers' repetition penalty over every token id of the prompt and
+        the answer so far (positive logits divided by the penalty, negative ones multiplied)."""
+        if self.repetition_penalty != 1.0:
+            index = torch.tensor(sorted(seen), device=logits.device)
+            score = logits[index]
+            logits = logits.index_put((index,), torch.where(score < 0, score * self.repetition_penalty,
+                                                            score / self.repetition_penalty))
+        return int(logits.argmax())
 
     @torch.inference_mode()
     def answer(self, memory: KVMemory, question: str, max_new_tokens: int = 64,
@@ -214,10 +242,13 @@ class Runner:
         tokens: list[int] = []
         steps = 0
         sent = ""
+        # the prompt as transformers' generate() sees it: prefix, every video token, the question
+        seen = {*self.prefix_ids, self.model.config.video_token_id, *ids}
         with timer:
-            token = int(logits.argmax())
+            token = self._choose(logits, seen)
             while not (stop_at_end and token in self.stop_ids):
                 tokens.append(token)
+                seen.add(token)
                 if on_text is not None:
                     text = self.tokenizer.decode(tokens, skip_special_tokens=True)
                     if not text.endswith("\ufffd") and len(text) > len(sent):
@@ -226,7 +257,7 @@ class Runner:
                 if len(tokens) == max_new_tokens:
                     break
                 steps += 1
-                token = int(decoder.step(token).argmax())
+                token = self._choose(decoder.step(token), seen)
         decode_s = timer.seconds
         timings = dict(question_prefill=ttft, decode=decode_s,
                        decode_tokens_per_s=steps / decode_s if steps and decode_s > 0 else None)
@@ -244,4 +275,7 @@ def load_runner(config: Config, device: str | None = None) -> tuple[Runner, floa
     loaded = load_model(config.model.name, device=device or config.model.device, dtype=config.model.dtype)
     seconds = time.perf_counter() - started
     log.info("model on %s (%s), loaded in %.1f s", loaded.device, loaded.dtype, seconds)
-    return Runner(loaded, config.vision_preset(loaded.preset)), seconds
+    runner = Runner(loaded, config.vision_preset(loaded.preset), repetition_penalty=config.generation.repetition_penalty)
+    if runner.layout.source != "chat template" and loaded.name not in BUILTIN_MODELS:
+        log.warning("the checkpoint's tokenizer has no chat template: prompts use the built-in Instruct layout")
+    return runner, seconds

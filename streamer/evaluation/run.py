@@ -194,6 +194,7 @@ def read_video(path: Path, config: Config, preset: VisionPreset) -> list[np.ndar
     takes ~0.3 MB at the VideoMME setting instead of ~6 MB at 1080p."""
     sampling = Sampling(frames=config.video.frames, fps=config.video.fps, max_frames=config.video.max_frames)
     source = FileSource(path, sampling, backend=config.video.backend)
+    preset = config.video_preset(preset, len(source))
     frames: list[np.ndarray] = []
     for chunk in batched(source, config.memory.chunk_frames):  # resized chunk by chunk: bounded peak
         frames.extend(resize_frames([frame.image for frame in chunk], preset))

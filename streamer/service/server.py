@@ -72,6 +72,9 @@ def decode_frame(data: bytes, session: StreamSession, max_pixels: int):
 
 class StreamServer:
     def __init__(self, runner: Runner, defaults: Config, limits: ServerLimits):
+        if defaults.video.total_pixels is not None:
+            raise ValueError("video.total_pixels shares a pixel budget among a video's frames, and a live stream's "
+                             "frame count is not known: leave it unset for the server (set max_pixels instead)")
         self.limits = limits
         self.defaults = defaults
         self.roots = [root.resolve() for root in limits.allowed_roots]
