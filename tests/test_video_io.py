@@ -249,32 +249,37 @@ def test_uniform_edge_cases():
         uniform_indices(0, 4)
 
 
+def cfr(frames: int, fps: float) -> list[float]:
+    """The frame times of a constant-rate video."""
+    return [i / fps for i in range(frames)]
+
+
 def test_fps_indices():
-    assert fps_indices(60, 8.0, 2.0, None) == list(range(0, 60, 4))
+    assert fps_indices(cfr(60, 8.0), 2.0, None) == list(range(0, 60, 4))
     # 30 fps source at 7 fps: nearest frame to k/7 s is round(k * 30 / 7)
-    assert fps_indices(100, 30.0, 7.0, None) == [
+    assert fps_indices(cfr(100, 30.0), 7.0, None) == [
         0, 4, 9, 13, 17, 21, 26, 30, 34, 39, 43, 47, 51, 56, 60, 64, 69, 73, 77, 81, 86, 90, 94, 99
     ]
     # faster than the source: every frame once, no duplicates
-    assert fps_indices(20, 8.0, 30.0, None) == list(range(20))
+    assert fps_indices(cfr(20, 8.0), 30.0, None) == list(range(20))
     # within max_frames: unchanged; above: uniform over the whole video
-    assert fps_indices(60, 8.0, 2.0, 15) == list(range(0, 60, 4))
-    assert fps_indices(60, 8.0, 2.0, 10) == uniform_indices(60, 10)
+    assert fps_indices(cfr(60, 8.0), 2.0, 15) == list(range(0, 60, 4))
+    assert fps_indices(cfr(60, 8.0), 2.0, 10) == uniform_indices(60, 10)
     # a huge rate costs what the frames cost, not one step per 1/fps of video time
     started = time.monotonic()
-    assert fps_indices(3600 * 30, 30.0, 1e9, None) == list(range(3600 * 30))
-    assert fps_indices(60, 8.0, 1e9, 4) == uniform_indices(60, 4)
+    assert fps_indices(cfr(3600 * 30, 30.0), 1e9, None) == list(range(3600 * 30))
+    assert fps_indices(cfr(60, 8.0), 1e9, 4) == uniform_indices(60, 4)
     assert time.monotonic() - started < 5
     for bad in (float("nan"), float("inf"), 0.0):
         with pytest.raises(ValueError, match="finite"):
-            fps_indices(60, 8.0, bad, None)
+            fps_indices(cfr(60, 8.0), bad, None)
 
 
 def test_sampling():
-    assert Sampling(frames=6).indices(60, 8.0) == uniform_indices(60, 6)
-    assert Sampling(frames=6, max_frames=4).indices(60, 8.0) == uniform_indices(60, 4)
-    assert Sampling(fps=1.0).indices(60, 8.0) == list(range(0, 60, 8))
-    assert Sampling(fps=4.0, max_frames=5).indices(60, 8.0) == uniform_indices(60, 5)
+    assert Sampling(frames=6).indices(cfr(60, 8.0)) == uniform_indices(60, 6)
+    assert Sampling(frames=6, max_frames=4).indices(cfr(60, 8.0)) == uniform_indices(60, 4)
+    assert Sampling(fps=1.0).indices(cfr(60, 8.0)) == list(range(0, 60, 8))
+    assert Sampling(fps=4.0, max_frames=5).indices(cfr(60, 8.0)) == uniform_indices(60, 5)
 
 
 @pytest.mark.parametrize(
@@ -292,7 +297,7 @@ def test_sampling_revalidates_after_mutation():
     sampling = Sampling(frames=4)
     sampling.fps = 2.0
     with pytest.raises(ValueError, match="exactly one"):
-        sampling.indices(60, 8.0)
+        sampling.indices(cfr(60, 8.0))
 
 
 # ---------------------------------------------------------------- sources

@@ -1,4 +1,5 @@
-"""Qwen2-VL video preprocessing in plain torch, matching transformers' Qwen2VLVideoProcessor.
+"""Qwen2-VL video preprocessing in plain torch, matching transformers' Qwen2VLVideoProcessor (given the
+pixel range of the checkpoint's processor config, as streamer.engine.models.processor_preset reads it).
 
 The processor needs torchvision, which has no CPU build here. Its steps, reproduced exactly:
 smart_resize the frame size to multiples of patch*merge within [min_pixels, max_pixels]; resize

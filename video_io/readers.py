@@ -2,12 +2,16 @@
 
 Frame i is the i-th frame in presentation order. The frame table (presentation timestamps and
 keyframes of every frame) comes from demuxing the file's packets, which reads the file but
-decodes nothing; it is cached per file. A requested frame is decoded forward from the nearest
-keyframe before it, never replaced by that keyframe.
+decodes nothing but its first frame; it is cached per file. A requested frame is decoded forward
+from the nearest keyframe before it, never replaced by that keyframe. Frames come out as
+displayed: a rotation in the file's display matrix (phone videos) is applied, as players and
+ffmpeg apply it. Rate and duration come from the frames' own timestamps, not from the
+container's nominal rate, which variable-frame-rate files misstate.
 """
 
 import bisect
 import functools
+import logging
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -15,10 +19,12 @@ from fractions import Fraction
 from pathlib import Path
 
 import av
+import numpy as np
 
 from .errors import NoFramesError, NotAVideoError, NoVideoStreamError, VideoError, VideoNotFoundError
 from .frames import Frame
 
+log = logging.getLogger(__name__)
 BACKENDS = ("pyav", "decord")
 _DECORD_BATCH = 16  # frames per decord get_batch call: bounds memory for long index lists
 
@@ -27,9 +33,9 @@ _DECORD_BATCH = 16  # frames per decord get_batch call: bounds memory for long i
 class VideoInfo:
     path: str  # absolute
     num_frames: int  # frames the readers can return: valid indices are 0..num_frames-1
-    fps: float  # average frame rate
-    duration: float  # num_frames / fps, seconds
-    width: int
+    fps: float  # mean frame rate over the frames' timestamps
+    duration: float  # seconds from the first frame's start to the last one's end (num_frames / fps)
+    width: int  # as displayed: after the file's rotation
     height: int
 
 
@@ -39,6 +45,8 @@ class _FrameTable:
     pts: list[int]  # presentation timestamp of each frame, ascending, in time_base units
     keyframes: list[int]  # indices of the keyframes, ascending
     time_base: Fraction
+    container_format: str  # FFmpeg's demuxer name, e.g. "mov,mp4,m4a,3gp,3g2,mj2", "mpegts"
+    open_gop: bool  # some frame after a keyframe in decode order is shown before it (it refers to the GOP before)
 
     def keyframe_before(self, index: int) -> int:
         """Index of the last keyframe at or before `index` (0 if the file starts without one)."""
@@ -48,6 +56,18 @@ class _FrameTable:
 
     def seconds(self, pts: int) -> float:
         return float((pts - self.pts[0]) * self.time_base)
+
+    @property
+    def times(self) -> list[float]:
+        """Each frame's presentation time, seconds from the first frame."""
+        return [self.seconds(p) for p in self.pts]
+
+
+def displayed(av_frame: av.VideoFrame) -> np.ndarray:
+    """The frame as uint8 RGB, turned by the rotation of the file's display matrix (counter-clockwise)."""
+    image = av_frame.to_ndarray(format="rgb24")
+    turns = (av_frame.rotation // 90) % 4
+    return np.ascontiguousarray(np.rot90(image, turns)) if turns else image
 
 
 def _not_found(path: str) -> VideoNotFoundError:
@@ -92,25 +112,31 @@ def _build_table(path: str) -> _FrameTable:
             raise NoFramesError(
                 f"{path}: the video stream holds no frames; the file is empty or was cut short"
             )
+        open_gop, keyframe_pts = False, None
+        for p, key in packets:  # decode order
+            if key:
+                keyframe_pts = p
+            elif keyframe_pts is not None and p < keyframe_pts:
+                open_gop = True
+                break
         packets.sort()
         pts = [p for p, _ in packets]
-        rate = stream.average_rate or stream.guessed_rate
-        if rate:
-            fps = float(rate)
-        elif len(pts) > 1:
-            fps = (len(pts) - 1) / float((pts[-1] - pts[0]) * stream.time_base)
-        else:
-            fps = 1.0  # a single frame without a rate: any positive value keeps fps sampling valid
-        info = VideoInfo(
-            path=path,
-            num_frames=len(pts),
-            fps=fps,
-            duration=len(pts) / fps,
-            width=stream.codec_context.width,
-            height=stream.codec_context.height,
-        )
+        if len(pts) > 1 and pts[-1] > pts[0]:  # exact for constant rates: 8 fps is 8.0, not 7.9999
+            fps = float((len(pts) - 1) / ((pts[-1] - pts[0]) * stream.time_base))
+        else:  # one frame: the nominal rate, or any positive value, which keeps fps sampling valid
+            fps = float(stream.average_rate or stream.guessed_rate or 1)
+        try:
+            container.seek(0)
+            first = next(container.decode(stream), None)
+        except av.error.FFmpegError:
+            first = None  # the readers will say what is wrong with the frames; here only the rotation is lost
+        turned = first is not None and first.rotation % 180 != 0
+        width, height = stream.codec_context.width, stream.codec_context.height
+        info = VideoInfo(path=path, num_frames=len(pts), fps=fps, duration=len(pts) / fps,
+                         width=height if turned else width, height=width if turned else height)
         keyframes = [i for i, (_, key) in enumerate(packets) if key]
-        return _FrameTable(info=info, pts=pts, keyframes=keyframes, time_base=stream.time_base)
+        return _FrameTable(info=info, pts=pts, keyframes=keyframes, time_base=stream.time_base,
+                           container_format=container.format.name, open_gop=open_gop)
 
 
 @functools.lru_cache(maxsize=64)
@@ -133,6 +159,11 @@ def probe(path: str | Path) -> VideoInfo:
     return _frame_table(path).info
 
 
+def frame_times(path: str | Path) -> list[float]:
+    """Each frame's presentation time in seconds from the first frame (reads the file, decodes nothing)."""
+    return _frame_table(path).times
+
+
 def _check_indices(indices: Sequence[int], num_frames: int, path: str) -> list[int]:
     indices = [int(i) for i in indices]
     if any(b <= a for a, b in zip(indices, indices[1:])):
@@ -152,44 +183,57 @@ def _iter_pyav(path: str, table: _FrameTable, indices: list[int]) -> Iterator[Fr
         decoded: Iterator[av.VideoFrame] | None = None
         position = -1  # index of the last frame taken from `decoded`
         for target in indices:
-            keyframe = table.keyframe_before(target)
-            # Seek only when it skips frames: the target's keyframe lies beyond what was decoded.
-            # Otherwise decoding forward is cheaper and needs no decoder flush.
-            if decoded is None or keyframe > position:
-                decoded, position = _seek(container, stream, table, keyframe, target, path), -1
-            for av_frame in decoded:
-                position = index_of_pts.get(av_frame.pts, -1)
-                if position == target:
-                    image = av_frame.to_ndarray(format="rgb24")
-                    yield Frame(image=image, ts=table.seconds(av_frame.pts), index=target)
-                    break
-                if position > target:
-                    raise VideoError(f"{path}: decoding skipped frame {target}; try backend='decord'")
-            else:
-                raise NoFramesError(f"{path}: frame {target} could not be decoded; the file may be truncated")
+            found = None
+            # Decode forward when the target's keyframe is not beyond what was decoded: cheaper than a
+            # seek, and no decoder flush.
+            if decoded is not None and table.keyframe_before(target) <= position:
+                found, position = _advance(decoded, index_of_pts, target)
+            if found is None:
+                found, decoded = _seek(container, stream, table, index_of_pts, target, path)
+                position = target
+            yield Frame(image=displayed(found), ts=table.seconds(found.pts), index=target)
 
 
-def _seek(
-    container, stream, table: _FrameTable, keyframe: int, target: int, path: str
-) -> Iterator[av.VideoFrame]:
-    """Decoded frames starting at or before `target`, from the keyframe `keyframe` or an earlier one.
+def _advance(decoded: Iterator[av.VideoFrame], index_of_pts: dict[int, int],
+             target: int) -> tuple[av.VideoFrame | None, int]:
+    """Decode forward to frame `target`: (that frame, target), or (None, the last index seen) when the
+    decoder passed it without producing it or ran out."""
+    position = -1
+    for av_frame in decoded:
+        position = index_of_pts.get(av_frame.pts, position)
+        if position == target:
+            return av_frame, target
+        if position > target:
+            break
+    return None, position
 
-    Containers may seek by decode timestamps or imprecisely; if the first frame out is already past
-    the target, step back one keyframe and try again (the start of the file always works).
+
+def _seek(container, stream, table: _FrameTable, index_of_pts: dict[int, int], target: int,
+          path: str) -> tuple[av.VideoFrame, Iterator[av.VideoFrame]]:
+    """(frame `target`, the decoder positioned after it), decoding from the keyframe before it, or an
+    earlier one, or at last the start of the file.
+
+    A seek can land late (MPEG-TS seeks by timestamps that run ahead of the frames' presentation
+    times, so it lands a keyframe after the one asked for), and after a seek to an open-GOP keyframe
+    the frames that refer to the previous GOP are dropped: each step back covers both. Decoding
+    from the start always works.
     """
-    candidates = [k for k in table.keyframes if k <= keyframe][::-1] or [0]
-    for k in candidates:
+    keyframe = table.keyframe_before(target)
+    for k in [k for k in table.keyframes if k <= keyframe][::-1]:
+        if k == 0:
+            break  # the start of the file, below
         container.seek(table.pts[k], stream=stream, backward=True, any_frame=False)
         decoded = container.decode(stream)
-        first = next(decoded, None)
-        if first is not None and first.pts is not None and first.pts <= table.pts[target]:
-            return _prepend(first, decoded)
-    raise VideoError(f"{path}: cannot seek to frame {target}; try backend='decord'")
-
-
-def _prepend(first: av.VideoFrame, rest: Iterator[av.VideoFrame]) -> Iterator[av.VideoFrame]:
-    yield first
-    yield from rest
+        found, _ = _advance(decoded, index_of_pts, target)
+        if found is not None:
+            return found, decoded
+    container.seek(0)  # in AV_TIME_BASE: the container's very start
+    decoded = container.decode(stream)
+    found, _ = _advance(decoded, index_of_pts, target)
+    if found is None:
+        raise NoFramesError(f"{path}: frame {target} could not be decoded even from the start of the file; "
+                            "the file is truncated or damaged: re-encode or re-download it")
+    return found, decoded
 
 
 def _import_decord():
@@ -203,8 +247,26 @@ def _import_decord():
     return decord
 
 
+def _decord_risk(table: _FrameTable) -> str | None:
+    """Why decord would return wrong frames for this file, where that is known (measured with decord
+    0.6.0): it seeks MPEG-TS by timestamps that run ahead of the frames (on a TS file with B-frames,
+    every frame it returned was another), and after a seek to an open-GOP keyframe it returns frames
+    of the wrong GOP (a tenth to a fifth of them)."""
+    if "mpegts" in table.container_format.split(","):
+        return "an MPEG-TS file"
+    if table.open_gop:
+        return "a file with open GOPs"
+    return None
+
+
 def _iter_decord(path: str, table: _FrameTable, indices: list[int]) -> Iterator[Frame]:
+    """decord's frames, checked: where decord is known to go wrong, or its timestamps disagree with the
+    frame table, or it fails, the frames come from PyAV instead (with a warning), never wrong ones."""
     decord = _import_decord()
+    if (risk := _decord_risk(table)) is not None:
+        log.warning("%s: decord returns wrong frames for %s; reading it with PyAV instead", path, risk)
+        yield from _iter_pyav(path, table, indices)
+        return
     try:
         reader = decord.VideoReader(path, ctx=decord.cpu(0))
     except decord.DECORDError as e:
@@ -214,13 +276,25 @@ def _iter_decord(path: str, table: _FrameTable, indices: list[int]) -> Iterator[
             f"{path}: decord counts {len(reader)} frames where PyAV counts {table.info.num_frames}, "
             "so indices would address different frames; use backend='pyav'"
         )
-    start = float(reader.get_frame_timestamp(0)[0])
+    half_frame = 0.5 / table.info.fps
     for lo in range(0, len(indices), _DECORD_BATCH):
         batch = indices[lo : lo + _DECORD_BATCH]
-        images = reader.get_batch(batch).asnumpy()
-        starts = reader.get_frame_timestamp(batch)[:, 0]
-        for index, image, ts in zip(batch, images, starts):
-            yield Frame(image=image, ts=float(ts) - start, index=index)
+        try:
+            images = reader.get_batch(batch).asnumpy()
+            starts = reader.get_frame_timestamp(batch)[:, 0]
+        except decord.DECORDError as e:
+            log.warning("%s: decord failed at frames %d..%d (%s); reading the rest with PyAV", path, batch[0],
+                        batch[-1], str(e).splitlines()[0][:200])
+            yield from _iter_pyav(path, table, indices[lo:])
+            return
+        expected = [float(table.pts[i] * table.time_base) for i in batch]
+        if any(abs(float(got) - want) > half_frame for got, want in zip(starts, expected)):
+            log.warning("%s: decord's timestamps disagree with the file's from frame %d on; reading the rest "
+                        "with PyAV", path, batch[0])
+            yield from _iter_pyav(path, table, indices[lo:])
+            return
+        for index, image in zip(batch, images):
+            yield Frame(image=image, ts=table.seconds(table.pts[index]), index=index)
 
 
 def iter_frames(path: str | Path, indices: Sequence[int], backend: str = "pyav") -> Iterator[Frame]:

@@ -1,6 +1,8 @@
 """Which frames of a video to read: N uniformly over the video, or a fixed rate in video time."""
 
+import bisect
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 
@@ -22,30 +24,37 @@ def uniform_indices(total_frames: int, num_frames: int) -> list[int]:
     return [(2 * i + 1) * total_frames // (2 * num_frames) for i in range(num_frames)]
 
 
-def fps_indices(total_frames: int, source_fps: float, fps: float, max_frames: int | None) -> list[int]:
-    """Frames at `fps` frames per second of video time.
+def fps_indices(times: Sequence[float], fps: float, max_frames: int | None) -> list[int]:
+    """Frames at `fps` frames per second of video time, by the frames' own timestamps.
 
-    Times k / fps for k = 0, 1, ... before the end of the video (total_frames / source_fps) are
-    mapped to the nearest source frame (frame j is shown at j / source_fps); an fps above the
-    source rate yields each frame once. If that gives more than `max_frames` frames, falls back to
-    uniform_indices(total_frames, max_frames), so the whole video stays covered.
+    `times` holds each frame's presentation time in seconds from the first (ascending), so a
+    variable-frame-rate file is sampled at the right moments. Times k / fps before the end of the
+    video (the last frame's time plus one mean frame interval) are mapped to the frame whose
+    timestamp is nearest; a frame picked twice is kept once, and an fps above the frames' rate
+    yields each frame once. If that gives more than `max_frames` frames, falls back to
+    uniform_indices(len(times), max_frames), so the whole video stays covered.
     """
-    if total_frames < 1:
-        raise ValueError(f"total_frames must be >= 1, got {total_frames}")
-    if not (source_fps > 0 and math.isfinite(source_fps) and fps > 0 and math.isfinite(fps)):
-        raise ValueError(f"source_fps and fps must be finite and > 0, got source_fps={source_fps}, fps={fps}")
-    if fps >= source_fps:  # every frame once (stepping by 1/fps would loop once per 1/fps of video time)
-        indices = list(range(total_frames))
+    total = len(times)
+    if total < 1:
+        raise ValueError("a video needs at least one frame to sample")
+    if not (fps > 0 and math.isfinite(fps)):
+        raise ValueError(f"fps must be a finite number > 0, got {fps}")
+    end = times[-1] + (times[-1] - times[0]) / (total - 1) if total > 1 else 0.0
+    if end * fps >= total:  # as many sample times as frames, or more: every frame once (and a bounded loop)
+        indices = list(range(total))
     else:
         indices = []
         k = 0
-        while k / fps < total_frames / source_fps:
-            index = min(int(k * source_fps / fps + 0.5), total_frames - 1)
-            if not indices or index != indices[-1]:
-                indices.append(index)
+        while k == 0 or k / fps < end:
+            t = k / fps
+            j = bisect.bisect_left(times, t)
+            if j == total or (j > 0 and t - times[j - 1] <= times[j] - t):
+                j -= 1  # the earlier frame is nearer (ties go to it)
+            if not indices or j != indices[-1]:
+                indices.append(j)
             k += 1
     if max_frames is not None and len(indices) > max_frames:
-        return uniform_indices(total_frames, max_frames)
+        return uniform_indices(total, max_frames)
     return indices
 
 
@@ -76,9 +85,10 @@ class Sampling:
         if self.max_frames is not None and self.max_frames < 1:
             raise ValueError(f"Sampling max_frames must be >= 1, got {self.max_frames}")
 
-    def indices(self, total_frames: int, source_fps: float) -> list[int]:
+    def indices(self, times: Sequence[float]) -> list[int]:
+        """The frames to read of a video whose frames are shown at `times` (seconds, ascending)."""
         self._validate()  # the fields are mutable
         if self.fps is not None:
-            return fps_indices(total_frames, source_fps, self.fps, self.max_frames)
+            return fps_indices(times, self.fps, self.max_frames)
         num_frames = self.frames if self.max_frames is None else min(self.frames, self.max_frames)
-        return uniform_indices(total_frames, num_frames)
+        return uniform_indices(len(times), num_frames)

@@ -14,7 +14,7 @@ import av
 
 from .errors import NoVideoStreamError, UnreadableStreamError
 from .frames import Frame
-from .readers import BACKENDS, iter_frames, probe
+from .readers import BACKENDS, displayed, frame_times, iter_frames, probe
 from .sampling import Sampling
 
 
@@ -27,7 +27,7 @@ class FileSource:
         self.path = os.fspath(path)
         self.backend = backend
         self.info = probe(self.path)
-        self.indices = sampling.indices(self.info.num_frames, self.info.fps)
+        self.indices = sampling.indices(frame_times(self.path))
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -96,7 +96,7 @@ class StreamSource:
                     last_slot = slot
                 if self.realtime and (delay := wall_start + ts - time.monotonic()) > 0:
                     time.sleep(delay)
-                yield Frame(image=av_frame.to_ndarray(format="rgb24"), ts=ts, index=index)
+                yield Frame(image=displayed(av_frame), ts=ts, index=index)
                 kept += 1
                 if kept == self.max_frames:
                     break
