@@ -7,7 +7,8 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: demo test clean
+OLDEST := .venv-oldest
+.PHONY: demo test test-oldest clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,5 +22,11 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest -q
 
+# the suite on the oldest transformers pyproject.toml allows (CI runs the newest)
+test-oldest:
+	$(MAKE) VENV=$(OLDEST) $(OLDEST)/.installed
+	$(OLDEST)/bin/pip install --disable-pip-version-check -q "transformers==5.17.0"
+	$(OLDEST)/bin/python -m pytest -q
+
 clean:
-	rm -rf $(VENV) build
+	rm -rf $(VENV) $(OLDEST) build
