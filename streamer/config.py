@@ -14,6 +14,7 @@ from pathlib import Path
 from memory.probe import ProbeConfig
 from memory.registry import POLICIES, make_policy
 from video_io.preprocess import QWEN_VL_UTILS_PRESET, QWEN_VL_UTILS_TOTAL_PIXELS, VisionPreset, within_total_pixels
+from video_io.sampling import SPREADS
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
@@ -28,6 +29,7 @@ class ModelOptions:
 @dataclass
 class VideoOptions:
     frames: int | None = 32  # uniform sampling over the whole video ...
+    spread: str = "centres"  # ... at the centres of N equal segments, or "linspace": first to last frame inclusive
     fps: float | None = None  # ... or frames per second of video time (then leave frames out)
     max_frames: int | None = None  # cap for fps sampling
     backend: str = "pyav"  # pyav | decord
@@ -99,6 +101,8 @@ class Config:
             raise ValueError(f"video.frames must be >= 1, got {video.frames}")
         if video.fps is not None and not (video.fps > 0 and math.isfinite(video.fps)):
             raise ValueError(f"video.fps must be a finite number > 0, got {video.fps}")
+        if video.spread not in SPREADS:
+            raise ValueError(f"video.spread must be one of {', '.join(SPREADS)}, got {video.spread!r}")
         if video.backend not in ("pyav", "decord"):
             raise ValueError(f"video.backend must be pyav or decord, got {video.backend!r}")
         if any(p is not None and p <= 0 for p in (video.min_pixels, video.max_pixels)) or (

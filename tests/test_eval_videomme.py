@@ -2,6 +2,7 @@
 sharding and merging, the prefetching reader, frames stored at model resolution."""
 
 import json
+import logging
 import sys
 import threading
 import time
@@ -11,13 +12,15 @@ import pytest
 import torch
 
 from streamer.cli import main
+from streamer.config import load_config, override
 from streamer.evaluation.prefetch import prefetch
 from streamer.evaluation.results import merge_results, rank_path, rank_paths, read_results, shard, summarize
 from streamer.evaluation.run import Distributed
 from streamer.evaluation.videomme import Question, build_prompt, extract_answer_letter, load_questions
-from streamer.engine.runner import Answer, Runner
+from streamer.engine.runner import Answer, Runner, load_runner
 from video_io.errors import VideoError
 from video_io.preprocess import VisionPreset, preprocess_frames, resize_frames
+from video_io.sampling import Sampling, linspace_indices
 from video_io.synthetic import write_video
 
 # 8 frames of 112 x 112 pixels per video: 4 x 4 tokens per frame pair; two chunks of 4 frames.
@@ -217,6 +220,22 @@ def test_missing_and_corrupt_videos_are_error_lines(capsys, bench, tmp_path):
     check_summary(summary, lines)
 
 
+def test_resume_evaluates_error_lines_again(capsys, bench, tmp_path, count_calls):
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for video in ("vid1.mp4", "vid3.mkv"):
+        (videos / video).symlink_to(bench / "videos" / video)  # vid2 is missing at first
+    out = tmp_path / "out.jsonl"
+    summary, lines = evaluate(capsys, bench / "questions.jsonl", videos, out, "--memory", "full")
+    assert summary["errors"] == 3 and count_calls["answer"] == 6
+    (videos / "vid2.mp4").symlink_to(bench / "videos" / "vid2.mp4")
+    summary, lines = evaluate(capsys, bench / "questions.jsonl", videos, out, "--memory", "full")
+    assert count_calls["answer"] == 9  # only vid2's three questions ran again
+    assert summary["errors"] == 0 and len(lines) == 9 and all(line["error"] is None for line in lines)
+    assert [line["question_id"] for line in lines] == [r["question_id"] for r in records()]
+    check_summary(summary, lines)
+
+
 def test_out_of_memory_on_one_video_is_error_lines(capsys, bench, tmp_path, monkeypatch):
     original, calls = Runner.answer, []
 
@@ -381,3 +400,19 @@ def test_resized_frames_preprocess_exactly_like_the_originals(size, preset, stor
     assert resized[0].shape == (*stored, 3) and resized[0].dtype == np.uint8
     a, b = preprocess_frames(frames, preset), preprocess_frames(resized, preset)
     assert a.grid_thw == b.grid_thw and torch.equal(a.pixel_values, b.pixel_values)
+
+
+def test_the_preset_does_not_choose_the_model_and_random_weights_say_so(bench, tmp_path, caplog):
+    config = load_config("videomme_emloc")
+    assert config.model.name == "builtin" and config.video.spread == "linspace"
+    with caplog.at_level(logging.WARNING, logger="streamer"):
+        load_runner(override(load_config("videomme_emloc"), "model", name="tiny-random", device="cpu"))
+    assert "RANDOM WEIGHTS" in caplog.text
+
+
+def test_linspace_frames_run_first_to_last():
+    assert Sampling(frames=4, spread="linspace").indices([i / 8 for i in range(10)]) == [0, 3, 6, 9]
+    assert Sampling(frames=4).indices([i / 8 for i in range(10)]) == [1, 3, 6, 8]
+    assert linspace_indices(3, 5) == [0, 1, 2]
+    with pytest.raises(ValueError, match="spread"):
+        Sampling(frames=4, spread="edges")

@@ -5,6 +5,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
+
 
 def uniform_indices(total_frames: int, num_frames: int) -> list[int]:
     """`num_frames` indices spread uniformly over the whole video.
@@ -22,6 +24,22 @@ def uniform_indices(total_frames: int, num_frames: int) -> list[int]:
         return list(range(total_frames))
     # integer form of int((i + 0.5) * total / N): no float rounding at segment boundaries
     return [(2 * i + 1) * total_frames // (2 * num_frames) for i in range(num_frames)]
+
+
+def linspace_indices(total_frames: int, num_frames: int) -> list[int]:
+    """`num_frames` indices from the first frame to the last inclusive, as qwen-vl-utils, lmms-eval's
+    Qwen2-VL model and the EMLoC code take them: torch.linspace(0, total - 1, N).round() (float32,
+    halves to even). Every frame once if `num_frames >= total_frames`."""
+    if total_frames < 1:
+        raise ValueError(f"total_frames must be >= 1, got {total_frames}")
+    if num_frames < 1:
+        raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+    if num_frames >= total_frames:
+        return list(range(total_frames))
+    return torch.linspace(0, total_frames - 1, num_frames).round().long().tolist()
+
+
+SPREADS = {"centres": uniform_indices, "linspace": linspace_indices}  # how N frames are spread over a video
 
 
 def fps_indices(times: Sequence[float], fps: float, max_frames: int | None) -> list[int]:
@@ -63,12 +81,14 @@ class Sampling:
     """Exactly one of `frames` (N uniform frames) or `fps` (frames per second of video time).
 
     `max_frames` caps either mode: with fps it triggers the uniform fallback of fps_indices, with
-    frames it lowers N.
+    frames it lowers N. `spread` says how N frames lie: "centres" of N equal segments (uniform_indices)
+    or "linspace" from the first frame to the last (linspace_indices, the reference codes' choice).
     """
 
     frames: int | None = None
     fps: float | None = None
     max_frames: int | None = None
+    spread: str = "centres"
 
     def __post_init__(self) -> None:
         self._validate()
@@ -84,6 +104,8 @@ class Sampling:
             raise ValueError(f"Sampling fps must be a finite number > 0, got {self.fps}")
         if self.max_frames is not None and self.max_frames < 1:
             raise ValueError(f"Sampling max_frames must be >= 1, got {self.max_frames}")
+        if self.spread not in SPREADS:
+            raise ValueError(f"Sampling spread must be one of {', '.join(SPREADS)}, got {self.spread!r}")
 
     def indices(self, times: Sequence[float]) -> list[int]:
         """The frames to read of a video whose frames are shown at `times` (seconds, ascending)."""
@@ -91,4 +113,4 @@ class Sampling:
         if self.fps is not None:
             return fps_indices(times, self.fps, self.max_frames)
         num_frames = self.frames if self.max_frames is None else min(self.frames, self.max_frames)
-        return uniform_indices(len(times), num_frames)
+        return SPREADS[self.spread](len(times), num_frames)

@@ -54,7 +54,8 @@ def ask_video(runner: Runner, video: str, question: str, config: Config,
     """Answer `question` about the video file at `video`; returns (result record, memory)."""
     started = time.perf_counter()
     policy = config.make_policy(question)
-    sampling = Sampling(frames=config.video.frames, fps=config.video.fps, max_frames=config.video.max_frames)
+    sampling = Sampling(frames=config.video.frames, fps=config.video.fps, max_frames=config.video.max_frames,
+                        spread=config.video.spread)
     source = FileSource(video, sampling, backend=config.video.backend)
     chunk_frames = config.memory.chunk_frames
     total_chunks = math.ceil(len(source) / chunk_frames)

@@ -35,6 +35,9 @@ def add_run_switches(p: argparse.ArgumentParser, config_default: str | None = No
     sampling.add_argument("--frames", type=int, help="sample N frames uniformly over the video")
     sampling.add_argument("--fps", type=float, help="sample F frames per second of video time")
     p.add_argument("--max-frames", type=int, help="cap on the frame count for --fps")
+    p.add_argument("--spread", choices=["centres", "linspace"],
+                   help="--frames N at the centres of N equal segments (default), or linspace: first to last "
+                        "frame inclusive, as qwen-vl-utils, lmms-eval and the EMLoC code take them")
     p.add_argument("--backend", choices=["pyav", "decord"], help="video decoder")
     p.add_argument("--min-pixels", type=int, help="minimum pixels per frame after resize")
     p.add_argument("--max-pixels", type=int, help="maximum pixels per frame after resize")
@@ -62,7 +65,8 @@ def config_from_args(args) -> Config:
     override(config, "model", name=args.model, device=args.device, dtype=args.dtype)
     if args.fps is not None:
         config.video.frames = None
-    override(config, "video", frames=args.frames, fps=args.fps, max_frames=args.max_frames, backend=args.backend,
+    override(config, "video", frames=args.frames, fps=args.fps, max_frames=args.max_frames, spread=args.spread,
+             backend=args.backend,
              min_pixels=args.min_pixels, max_pixels=args.max_pixels, total_pixels=args.total_pixels)
     override(config, "memory", policy=args.memory, chunk_frames=args.chunk_frames, budget=args.budget)
     override(config, "emloc", delta=args.delta, ratios=args.ratios, group_size=args.group_size)

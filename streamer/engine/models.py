@@ -38,7 +38,8 @@ PRESET_FILE = "preset.json"  # optional in a checkpoint: VisionPreset fields (th
 PROCESSOR_FILES = ("video_preprocessor_config.json", "preprocessor_config.json")  # transformers' order
 TINY_RANDOM = "tiny-random"
 RANDOM_ARCHITECTURES = {f"qwen2-vl-{size}-random": f"qwen2-vl-{size}.json" for size in ("2b", "7b", "72b")}
-BUILTIN_MODELS = (BUILTIN, TINY_RANDOM, *RANDOM_ARCHITECTURES)
+RANDOM_MODELS = (TINY_RANDOM, *RANDOM_ARCHITECTURES)  # seeded random weights: no meaningful answers
+BUILTIN_MODELS = (BUILTIN, *RANDOM_MODELS)
 RANDOM_SEED = 0
 
 # Small enough for 2 CPU cores, but with the features that matter: grouped KV heads

@@ -22,7 +22,7 @@ from memory.store import KVMemory
 from streamer.config import Config
 from streamer.engine.attention import run_layer
 from streamer.engine.decode import EagerDecoder, StaticDecoder
-from streamer.engine.models import BUILTIN_MODELS, LoadedModel, load_model
+from streamer.engine.models import BUILTIN_MODELS, RANDOM_MODELS, LoadedModel, load_model
 from streamer.engine.positions import as_position_ids, text_positions, video_positions
 from streamer.engine.probing import ChunkProbes
 from streamer.engine.prompt import SYSTEM_PROMPT, chat_layout
@@ -276,6 +276,10 @@ def load_runner(config: Config, device: str | None = None) -> tuple[Runner, floa
     seconds = time.perf_counter() - started
     log.info("model on %s (%s), loaded in %.1f s", loaded.device, loaded.dtype, seconds)
     runner = Runner(loaded, config.vision_preset(loaded.preset), repetition_penalty=config.generation.repetition_penalty)
+    if loaded.name in RANDOM_MODELS:
+        log.warning("model %s has RANDOM WEIGHTS: its answers are noise, good for exactness and speed "
+                    "measurements only; give --model a checkpoint directory (or builtin) for real answers",
+                    loaded.name)
     if runner.layout.source != "chat template" and loaded.name not in BUILTIN_MODELS:
         log.warning("the checkpoint's tokenizer has no chat template: prompts use the built-in Instruct layout")
     return runner, seconds

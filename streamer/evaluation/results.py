@@ -69,8 +69,15 @@ def rank_paths(out: Path) -> list[Path]:
     return sorted(out.parent.glob(f"{stem}.rank*.jsonl"))
 
 
+def _prefer(kept: dict | None, record: dict) -> bool:
+    """Whether `record` should replace `kept` for its question: the first answer wins, and any answer
+    wins over an error line (the question was evaluated again after its video was fixed)."""
+    return kept is None or (kept.get("error") is not None and record.get("error") is None)
+
+
 def load_done(out: Path, config_id: str) -> dict[str, dict]:
-    """question_id -> result, from OUT and any rank files; refuses results made with another configuration."""
+    """question_id -> answered result, from OUT and any rank files; refuses results made with another
+    configuration. Error lines (a video missing or unreadable) are not done: those questions run again."""
     done: dict[str, dict] = {}
     for path in [out, *rank_paths(out)]:
         for record in read_results(path):
@@ -79,7 +86,8 @@ def load_done(out: Path, config_id: str) -> dict[str, dict]:
                 raise ValueError(
                     f"{path} holds results of another configuration (config_id {other}, this run {config_id}); "
                     "pass another --out, or delete the file to start over")
-            done.setdefault(record["question_id"], record)
+            if record.get("error") is None:
+                done.setdefault(record["question_id"], record)
     return done
 
 
@@ -91,7 +99,8 @@ def shard(video_ids: Sequence[str], rank: int, world: int) -> list[str]:
 
 
 def merge_results(out: Path, parts: Iterable[Path], order: Sequence[str]) -> None:
-    """Rewrite OUT as OUT plus the rank files, one line per question (the first seen wins), then delete them.
+    """Rewrite OUT as OUT plus the rank files, one line per question (the first answer seen, else the first
+    error line), then delete them.
 
     Lines follow `order` (question ids); lines of questions not in it come last. The new OUT is
     written beside it and renamed over it, so a kill leaves either the old or the new file.
@@ -100,7 +109,8 @@ def merge_results(out: Path, parts: Iterable[Path], order: Sequence[str]) -> Non
     merged: dict[str, dict] = {}
     for path in [out, *parts]:
         for record in read_results(path):
-            merged.setdefault(record["question_id"], record)
+            if _prefer(merged.get(record["question_id"]), record):
+                merged[record["question_id"]] = record
     position = {question_id: i for i, question_id in enumerate(order)}
     lines = sorted(merged.values(), key=lambda r: position.get(r["question_id"], len(position)))
     temporary = out.with_name(out.name + ".tmp")

@@ -143,6 +143,8 @@ def run(config: Config, questions_path: str | Path, videos_dir: str | Path, out:
             return None
         if parts := rank_paths(out):
             merge_results(out, parts, [q.question_id for q in questions])
+        elif todo:
+            merge_results(out, [], [q.question_id for q in questions])  # one line per question: a retry's answer
     results = {record["question_id"]: record for record in read_results(out)}
     return summarize([results[q.question_id] for q in questions if q.question_id in results])
 
@@ -192,7 +194,8 @@ def evaluate(runner: Runner, config: Config, questions: Sequence[Question], vide
 def read_video(path: Path, config: Config, preset: VisionPreset) -> list[np.ndarray]:
     """The sampled frames of one video, at model resolution: waiting in the prefetch queue, a frame
     takes ~0.3 MB at the VideoMME setting instead of ~6 MB at 1080p."""
-    sampling = Sampling(frames=config.video.frames, fps=config.video.fps, max_frames=config.video.max_frames)
+    sampling = Sampling(frames=config.video.frames, fps=config.video.fps, max_frames=config.video.max_frames,
+                        spread=config.video.spread)
     source = FileSource(path, sampling, backend=config.video.backend)
     preset = config.video_preset(preset, len(source))
     frames: list[np.ndarray] = []
