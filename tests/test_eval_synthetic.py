@@ -63,6 +63,21 @@ def test_oracle_keeps_the_event_tokens(builtin, extra):
     assert memory.mean_tokens() < full.mean_tokens()
 
 
+def test_worker_processes_measure_what_one_process_does(tmp_path, capsys):
+    """Two processes, each streaming half of the videos under every policy, give one process's rows."""
+    rows = []
+    for workers in ("1", "2"):
+        out = tmp_path / f"w{workers}.json"
+        assert main(["-q", "eval", "synthetic", "--lengths", "32", "--videos", "4", "--chunk-frames", "16",
+                     "--policies", "emloc,window", "--uniform-ratios", "0.05,0.3", "--oracle-extra", "2",
+                     "--ablate-layers", "0", "--bootstrap", "50", "--workers", workers, "--json", str(out)]) == 0
+        rows.append([{k: v for k, v in row.items() if not k.endswith("_s_per_chunk") and k != "seconds"}
+                     for row in json.loads(out.read_text())["results"]])
+    assert rows[0] == rows[1]
+    assert [row["label"] for row in rows[0]] == ["full", "uniform 0.05", "uniform 0.3", "emloc", "window", "oracle + 2"]
+    capsys.readouterr()
+
+
 def test_eval_synthetic_json(tmp_path, capsys):
     out = tmp_path / "synthetic.json"
     markdown = tmp_path / "SYNTHETIC.md"

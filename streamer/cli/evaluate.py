@@ -86,7 +86,10 @@ def add_synthetic(benchmarks) -> None:
     p.add_argument("--probe", choices=["generic", "question"], default=defaults.probe)
     p.add_argument("--bootstrap", type=int, default=defaults.bootstrap, help="resamples per interval")
     p.add_argument("--device", default=defaults.device)
-    p.add_argument("--threads", type=int, default=defaults.threads, help="CPU threads (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=defaults.threads,
+                   help="CPU threads per process (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=defaults.workers,
+                   help="processes, each measuring every policy on its share of the videos (default: %(default)s)")
     p.add_argument("--write", type=Path, help="also write the tables to this Markdown file (e.g. docs/SYNTHETIC.md)")
     p.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON")
     p.set_defaults(run=run_synthetic)
@@ -99,7 +102,8 @@ def run_synthetic(args) -> int:
                                   uniform_ratios=args.uniform_ratios, oracle_extra=args.oracle_extra,
                                   ablate_layers=0.0 if args.quick else args.ablate_layers,
                                   delta=args.delta, ratios=args.ratios, group_size=args.group_size, probe=args.probe,
-                                  bootstrap=args.bootstrap, device=args.device, threads=args.threads)
+                                  bootstrap=args.bootstrap, device=args.device, threads=args.threads,
+                                  workers=args.workers)
     summary = synthetic.evaluate(config, log=lambda line: print(line, file=sys.stderr))
     print(synthetic.format_tables(summary))
     argv = sys.argv[sys.argv.index("synthetic") + 1:] if "synthetic" in sys.argv else []

@@ -25,9 +25,11 @@ tokens; a policy may also be given as NAME:CONFIG, its options (and probe) read 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import platform
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import date
 from pathlib import Path
@@ -35,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from memory.policy import ChunkContext, ProbedPolicy, Selection
+from memory.policy import ChunkContext, MemoryPolicy, ProbedPolicy, Selection
 from memory.probe import ProbeConfig, chunk_importance, js_divergence, kept_indices
 from memory.registry import make_policy
 from streamer.builtin.train import TRAIN_SEEDS
@@ -72,11 +74,14 @@ class EvalConfig:
     probe: str = "generic"
     bootstrap: int = 2000  # resamples of the videos for each interval
     device: str = "auto"
-    threads: int = 1
+    threads: int = 1  # per process
+    workers: int = 1  # processes, each measuring every policy on its share of the videos
 
     def validate(self) -> "EvalConfig":
         if self.first_seed < 0 or self.first_seed + self.videos > TRAIN_SEEDS:
             raise ValueError(f"held-out seeds must lie in 0..{TRAIN_SEEDS - 1}; training uses the seeds above")
+        if self.workers < 1 or self.threads < 1:
+            raise ValueError(f"workers and threads must be >= 1, got {self.workers} and {self.threads}")
         if self.videos < 2:
             raise ValueError(f"need at least 2 videos per length for intervals, got {self.videos}")
         if not self.uniform_ratios or not all(0 < r < 1 for r in self.uniform_ratios):
@@ -245,60 +250,137 @@ def run_policy(runner: Runner, clips: list, run: Run, make, chunk_frames: int, q
     return first_logits
 
 
+@dataclass(frozen=True)
+class RunSpec:
+    """One row to measure: a registry policy with its options and probe, an oracle, or a layer ablation
+    (plain data, so that worker processes can receive it)."""
+
+    policy: str
+    label: str
+    options: dict
+    probe: ProbeConfig
+
+    def make(self, video, question: str) -> MemoryPolicy:
+        probe = probe_for(self.probe, question)
+        if self.policy == "oracle":
+            return OraclePolicy(events=video.event_tokens(), extra=self.options["extra"], probe=probe)
+        if self.policy == "layer ablation":
+            return LayerAblation(layer=self.options["layer"], ratio=self.options["ratio"], probe=probe)
+        return make_policy(self.policy, self.options, probe)
+
+
+_runner: Runner | None = None  # this process's model, loaded by load_runner_once
+_runner_key: tuple | None = None
+
+
+def load_runner_once(model: str, device: str, threads: int) -> None:
+    """Load the model into this process (a worker's initializer, or the parent's when there are none)."""
+    global _runner, _runner_key
+    torch.set_num_threads(threads)
+    if _runner_key != (model, device):
+        loaded = load_model(model, device=device, dtype="float32")
+        _runner, _runner_key = Runner(loaded, preset=loaded.preset or BUILTIN_PRESET), (model, device)
+
+
+def measure_part(length: int, seeds: list[int], specs: list[RunSpec], chunk_frames: int, question_probe: bool,
+                 reference: list | None) -> tuple[list[Run], list]:
+    """Stream the videos `seeds` of `length` frames under each spec in order; a "full" spec's first-token
+    logits become the reference the later specs' answer JS is measured against. Returns the runs
+    and the reference."""
+    videos = [make_video(seed, length) for seed in seeds]
+    clips = [(video, video.frames(), video.questions()) for video in videos]
+    runs = []
+    for spec in specs:
+        run = Run(spec.policy, spec.label, spec.options)
+        logits = run_policy(_runner, clips, run, spec.make, chunk_frames, question_probe, reference)
+        if spec.policy == "full":
+            reference = logits
+        runs.append(run)
+    return runs, reference
+
+
+def merged(parts: list[Run]) -> Run:
+    """One run over the videos of all parts, in order (seconds: the longest part's, the wall time)."""
+    first = parts[0]
+    run = Run(first.policy, first.label, first.options)
+    for part in parts:
+        run.correct += part.correct
+        run.answer_js += part.answer_js
+        run.memory_tokens += part.memory_tokens
+        run.full_tokens += part.full_tokens
+        run.chunk_timings += part.chunk_timings
+    run.seconds = max(part.seconds for part in parts)
+    return run
+
+
 def evaluate(config: EvalConfig, log=print) -> dict:
-    """{"results": rows (see summarize), "chance": {frames: rows}, "config": ...}."""
+    """{"results": rows (see summarize), "chance": {frames: rows}, "config": ...}.
+
+    The videos are split into `config.workers` parts measured in parallel processes of
+    `config.threads` threads each (one process when workers is 1); every part streams its own
+    videos under every policy, so results equal a single process's."""
     config.validate()
-    torch.set_num_threads(config.threads)
-    loaded = load_model(config.model, device=config.device, dtype="float32")
-    runner = Runner(loaded, preset=loaded.preset or BUILTIN_PRESET)
-    prefix = len(runner.prefix_ids)
+    load_runner_once(config.model, config.device, config.threads)
+    prefix, layers = len(_runner.prefix_ids), _runner.num_layers
     question_probe = config.probe == "question"
+    probe = ProbeConfig(mode=config.probe)
+    seeds = list(range(config.first_seed, config.first_seed + config.videos))
+    parts = [[int(s) for s in part] for part in np.array_split(seeds, min(config.workers, len(seeds)))]
+    pool = None
+    if len(parts) > 1:
+        pool = ProcessPoolExecutor(len(parts), mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=load_runner_once, initargs=(config.model, config.device, config.threads))
     results, chance = [], {}
-    for length in config.lengths:
-        videos = [make_video(seed, length) for seed in range(config.first_seed, config.first_seed + config.videos)]
-        clips = [(video, video.frames(), video.questions()) for video in videos]
-        chance[length] = chance_rows([qa for _, _, questions in clips for qa in questions])
+    try:
+        for length in config.lengths:
+            chance[length] = chance_rows([qa for seed in seeds for qa in make_video(seed, length).questions()])
 
-        def measure(run: Run, make, reference=None) -> list[list[torch.Tensor]]:
-            logits = run_policy(runner, clips, run, make, config.chunk_frames, question_probe, reference)
-            log(f"{length} frames, {run.label}: {100 * run.scores().mean():.1f}%, memory "
-                f"{100 * run.memory_fraction:.1f}%, answer JS {run.mean_js().mean():.4f}, {run.seconds:.0f} s")
-            return logits
+            def measure(specs: list[RunSpec], references: list | None = None) -> tuple[list[Run], list]:
+                """Each spec over every part; returns the merged runs (logged) and each part's reference."""
+                jobs = [(length, part, specs, config.chunk_frames, question_probe,
+                         None if references is None else references[k]) for k, part in enumerate(parts)]
+                done = list(pool.map(measure_part, *zip(*jobs))) if pool else [measure_part(*job) for job in jobs]
+                runs = [merged([d[0][i] for d in done]) for i in range(len(specs))]
+                for run in runs:
+                    log(f"{length} frames, {run.label}: {100 * run.scores().mean():.1f}%, memory "
+                        f"{100 * run.memory_fraction:.1f}%, answer JS {run.mean_js().mean():.4f}, {run.seconds:.0f} s")
+                return runs, [d[1] for d in done]
 
-        probe = ProbeConfig(mode=config.probe)
-        full = Run("full", "full", {})
-        reference = measure(full, lambda video, question: make_policy("full"))  # first-token logits, full context
-        sweep = [Run("uniform", f"uniform {r:g}", dict(ratio=r)) for r in sorted(config.uniform_ratios)]
-        for run in sweep:
-            measure(run, lambda video, question, r=run.options["ratio"]:
-                    make_policy("uniform", dict(ratio=r), probe_for(probe, question)), reference)
-        full_as_uniform = Run("uniform", "uniform 1", dict(ratio=1.0), full.correct, full.answer_js,
-                              full.memory_tokens, full.full_tokens)
-        runs, matched_ratio = [full], None
-        for entry in config.policies:
-            name, label, options, entry_probe = policy_entry(entry, config)
-            if name in MATCHED:
-                if matched_ratio is None:
-                    raise ValueError(f"{name} gets EMLoC's memory ratio: put emloc before it in --policies")
-                options = {**options, "ratio": matched_ratio}
-            runs.append(run := Run(name, label, options))
-            measure(run, lambda video, question, n=name, o=options, p=entry_probe:
-                    make_policy(n, o, probe_for(p, question)), reference)
-            if name == "emloc" and matched_ratio is None:
-                text = prefix * len(run.memory_tokens)
-                matched_ratio = max(1e-3, (sum(run.memory_tokens) - text) / (sum(run.full_tokens) - text))
-        for extra in config.oracle_extra:
-            runs.append(run := Run("oracle", f"oracle + {extra}" if extra else "oracle", dict(extra=extra)))
-            measure(run, lambda video, question, k=extra: OraclePolicy(events=video.event_tokens(), extra=k,
-                                                                      probe=probe_for(probe, question)), reference)
-        if config.ablate_layers and length == max(config.lengths):
-            ratio = config.ablate_layers
-            for layer in range(runner.num_layers):
-                runs.append(run := Run("layer ablation", f"layer {layer} alone at {ratio:g}", dict(layer=layer)))
-                measure(run, lambda video, question, k=layer: LayerAblation(layer=k, ratio=ratio,
-                                                                           probe=probe_for(probe, question)), reference)
-        points = [*sweep, full_as_uniform]
-        results += [summarize(run, length, points, config.bootstrap) for run in [*runs[:1], *sweep, *runs[1:]]]
+            # first wave: everything but the baselines that get EMLoC's memory ratio
+            entries = [policy_entry(entry, config) for entry in config.policies]
+            first = [RunSpec("full", "full", {}, probe)]
+            first += [RunSpec("uniform", f"uniform {r:g}", dict(ratio=r), probe) for r in sorted(config.uniform_ratios)]
+            first += [RunSpec(name, label, options, entry_probe) for name, label, options, entry_probe in entries
+                      if name not in MATCHED]
+            first += [RunSpec("oracle", f"oracle + {k}" if k else "oracle", dict(extra=k), probe)
+                      for k in config.oracle_extra]
+            if config.ablate_layers and length == max(config.lengths):
+                first += [RunSpec("layer ablation", f"layer {layer} alone at {config.ablate_layers:g}",
+                                  dict(layer=layer, ratio=config.ablate_layers), probe) for layer in range(layers)]
+            runs, references = measure(first)
+            by_label = {run.label: run for run in runs}
+            emloc = next((run for run in runs if run.policy == "emloc"), None)
+            second = []
+            for name, label, options, entry_probe in entries:
+                if name in MATCHED:
+                    if emloc is None:
+                        raise ValueError(f"{name} gets EMLoC's memory ratio: put an emloc entry in --policies")
+                    text = prefix * len(emloc.memory_tokens)
+                    ratio = max(1e-3, (sum(emloc.memory_tokens) - text) / (sum(emloc.full_tokens) - text))
+                    second.append(RunSpec(name, label, {**options, "ratio": ratio}, entry_probe))
+            if second:
+                by_label.update({run.label: run for run in measure(second, references)[0]})
+            full = by_label["full"]
+            sweep = [run for run in runs if run.policy == "uniform"]
+            full_as_uniform = Run("uniform", "uniform 1", dict(ratio=1.0), full.correct, full.answer_js,
+                                  full.memory_tokens, full.full_tokens)
+            order = ["full", *(run.label for run in sweep), *(label for _, label, _, _ in entries),
+                     *(run.label for run in runs if run.policy in ("oracle", "layer ablation"))]
+            results += [summarize(by_label[label], length, [*sweep, full_as_uniform], config.bootstrap)
+                        for label in order]
+    finally:
+        if pool is not None:
+            pool.shutdown()
     return dict(results=results, chance=chance, config=asdict(config))
 
 
@@ -355,7 +437,8 @@ def format_tables(summary: dict) -> str:
 def machine(config: EvalConfig) -> str:
     if resolve_device(config.device).type == "cuda":
         return torch.cuda.get_device_name()
-    return f"{platform.machine()} CPU with {os.cpu_count()} cores, {config.threads} torch thread(s)"
+    return (f"{platform.machine()} CPU with {os.cpu_count()} cores, {config.workers} process(es) of {config.threads} "
+            "torch thread(s)")
 
 
 def model_note(name: str) -> str:
