@@ -146,3 +146,16 @@ def test_a_snapshot_made_with_a_relative_model_path_answers_from_another_directo
     answered = json.loads(capsys.readouterr().out)
     assert code == 0 and answered["answer"] == asked["answer"]
     assert answered["model"] == str((tmp_path / "work" / "ckpt").resolve())
+
+
+def test_a_whole_video_pixel_budget_shrinks_its_frames(capsys, video):
+    switches = ["--model", "tiny-random", "--device", "cpu", "--min-pixels", "784", "--max-pixels", str(56 * 112),
+                "--frames", "4", "--chunk-frames", "4", "--max-new-tokens", "1"]
+    code = main(["-q", "ask", str(video), "Q?", "--json", *switches])
+    whole = json.loads(capsys.readouterr().out)
+    code_budget = main(["-q", "ask", str(video), "Q?", "--json", *switches, "--total-pixels", str(2 * 56 * 56)])
+    budget = json.loads(capsys.readouterr().out)
+    assert code == code_budget == 0
+    # 4 frames share 6272 pixels: at most 6272 / 4 x 2 = 3136 each, so 56x112 frames become 28x56, 2 tokens
+    # per frame pair instead of 8, over 2 pairs
+    assert whole["full_tokens"] - budget["full_tokens"] == 2 * (8 - 2)
