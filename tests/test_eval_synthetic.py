@@ -49,6 +49,7 @@ def builtin():
 def test_oracle_keeps_the_event_tokens(builtin, extra):
     video = make_video(3, 64)
     shows = torch.from_numpy(video.event_tokens())
+    shows[7::8] = True  # and each 16-frame chunk's last frame pair
     memory = ingest_video(builtin, video.frames(), OraclePolicy(events=video.event_tokens(), extra=extra), 16)
     full = ingest_video(builtin, video.frames(), FullPolicy(), 16)
     prefix = len(builtin.prefix_ids)
@@ -58,7 +59,7 @@ def test_oracle_keeps_the_event_tokens(builtin, extra):
             kept = torch.zeros_like(shows)
             kept[video_positions[:, 0], video_positions[:, 1], video_positions[:, 2]] = True
             assert positions[:prefix, 0].tolist() == list(range(prefix))
-            assert torch.all(kept >= shows), "every event token is kept"
+            assert torch.all(kept >= shows), "every event token and each chunk's last pair is kept"
             assert int((kept & ~shows).sum()) == extra * len(memory.chunks), "plus k others per chunk"
     assert memory.mean_tokens() < full.mean_tokens()
 
@@ -87,7 +88,10 @@ def test_eval_synthetic_json(tmp_path, capsys):
     assert code == 0
     report = json.loads(out.read_text())
     rows = {row["label"]: row for row in report["results"]}
-    assert list(rows) == ["full", "uniform 0.05", "uniform 0.3", "emloc", "pyramid", "oracle"]
+    ablations = [f"layer {k} alone at 0.02" for k in range(8)]  # the builtin's 8 layers, one at a time
+    assert list(rows) == ["full", "uniform 0.05", "uniform 0.3", "emloc", "pyramid", "oracle", *ablations]
+    for label in ablations:  # one layer of 8 keeps 2% of the video: 7/8 of the memory and a bit
+        assert 7 / 8 < rows[label]["memory_fraction"] < 0.92
     for row in rows.values():
         assert row["frames"] == 32 and row["videos"] == 4
         low, high = row["accuracy_interval"]

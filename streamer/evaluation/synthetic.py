@@ -95,8 +95,13 @@ class EvalConfig:
 
 @dataclass(kw_only=True)
 class OraclePolicy(ProbedPolicy):
-    """Keeps, in every layer, exactly the video tokens that show an event (known from the generator),
-    plus the `extra` best probe-ranked other tokens per chunk and KV head."""
+    """Keeps, in every layer, exactly the video tokens that show an event (known from the generator) and
+    the chunk's last frame pair, plus the `extra` best probe-ranked other tokens per chunk and KV head.
+
+    The last pair is there because the builtin model reads what it knows about the whole video from
+    the tokens just before the question (they attend to everything before them): with the events'
+    tokens alone it answers nothing (0.5% on 40 validation videos at 384 frames), with each chunk's
+    last pair as well 88% at 5.6% of the tokens (10 videos)."""
 
     name = "oracle"
     events: np.ndarray  # bool [frame pairs, rows, columns] of the whole video
@@ -107,7 +112,8 @@ class OraclePolicy(ProbedPolicy):
         where = ctx.positions[video]
         where = where - int(where[:, 1].min())  # (t, h, w) - s: the block starts at s, rows at 0
         shows = ctx.protected.clone()
-        shows[video] = torch.from_numpy(self.events)[where[:, 0], where[:, 1], where[:, 2]]
+        shows[video] = torch.from_numpy(self.events)[where[:, 0], where[:, 1], where[:, 2]] | (
+            where[:, 0] == where[:, 0].max())
         keep = shows.expand(ctx.model.kv_heads, -1)
         if not self.extra:
             return Selection([kept_indices(keep)] * ctx.model.num_layers)
