@@ -491,9 +491,9 @@ def write_markdown(path: Path, summary: dict, config: EvalConfig, command: str) 
     text = [
         "# Synthetic video QA: what each memory keeps of what the questions need", "",
         f"Produced by `{command}` on {date.today().isoformat()}, {machine(config)}, model `{config.model}`, "
-        f"chunks of {config.chunk_frames} frames, {config.probe} probe; EMLoC delta {config.delta}, ratios "
-        f"{config.ratios}, {config.group_size} layers per group; uniform at {config.uniform_ratios} (and the full "
-        f"context as uniform 1.0); pyramid and window at EMLoC's fraction of video tokens. Held-out videos: seeds "
+        f"chunks of {config.chunk_frames} frames, {config.probe} probe; a plain `emloc` entry: delta {config.delta}, "
+        f"ratios {config.ratios}, {config.group_size} layers per group; uniform at {config.uniform_ratios} (and the full "
+        f"context as uniform 1.0); pyramid and window at the first emloc row's fraction of video tokens. Held-out videos: seeds "
         f"{config.first_seed}..{config.first_seed + config.videos - 1} (training uses seeds >= 10^6); "
         f"{config.bootstrap} bootstrap resamples." + model_note(config.model), "", TASK,
         format_tables(summary),
