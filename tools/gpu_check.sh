@@ -16,9 +16,10 @@ python3 -c "import torch, transformers; print('torch', torch.__version__, 'trans
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,memory.used --format=csv
 
 # GPU and torchvision tests first: CUDA graphs, bf16 builtin answers, the batched vision tower on this
-# transformers, the torchvision video-processor comparisons, and the bench smoke run.
+# transformers, transformers' video processor loaded from a published-layout checkpoint,
+# the torchvision video-processor comparisons, and the bench smoke run.
 timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_decode.py tests/test_vision.py tests/test_video_io.py \
-    tests/test_bench.py tests/test_builtin_model.py -k "not training" 2>&1 | tee "$OUT/tests.log"
+    tests/test_checkpoints.py tests/test_bench.py tests/test_builtin_model.py -k "not training" 2>&1 | tee "$OUT/tests.log"
 
 # The 7B figures: the paper's EMLoC preset, then the search-free path at 10% retention.
 timeout 200 python3 -m streamer bench --model qwen2-vl-7b-random --out "$OUT/bench_7b.json" \
