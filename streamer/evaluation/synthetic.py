@@ -24,6 +24,7 @@ tokens; a policy may also be given as NAME:CONFIG, its options (and probe) read 
 
 from __future__ import annotations
 
+import functools
 import json
 import multiprocessing
 import os
@@ -293,8 +294,7 @@ def measure_part(length: int, seeds: list[int], specs: list[RunSpec], chunk_fram
     """Stream the videos `seeds` of `length` frames under each spec in order; a "full" spec's first-token
     logits become the reference the later specs' answer JS is measured against. Returns the runs
     and the reference."""
-    videos = [make_video(seed, length) for seed in seeds]
-    clips = [(video, video.frames(), video.questions()) for video in videos]
+    clips = clips_of(length, tuple(seeds))
     runs = []
     for spec in specs:
         run = Run(spec.policy, spec.label, spec.options)
@@ -303,6 +303,12 @@ def measure_part(length: int, seeds: list[int], specs: list[RunSpec], chunk_fram
             reference = logits
         runs.append(run)
     return runs, reference
+
+
+@functools.lru_cache(maxsize=1)  # the second wave streams the same videos: render them once
+def clips_of(length: int, seeds: tuple[int, ...]) -> list[tuple]:
+    """(video, its frames, its questions) for each seed."""
+    return [(video, video.frames(), video.questions()) for video in (make_video(seed, length) for seed in seeds)]
 
 
 def merged(parts: list[Run]) -> Run:
