@@ -6,6 +6,7 @@ from dataclasses import asdict
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from conftest import question_logits, stream
 
 from memory.baselines import FullPolicy
@@ -29,7 +30,8 @@ def builtin() -> Runner:
 
 
 def test_builtin_is_small_and_offline(builtin):
-    assert sum(f.stat().st_size for f in BUILTIN_DIR.iterdir()) < 8 * 2**20
+    assert sum(f.stat().st_size for f in BUILTIN_DIR.iterdir()) < 4 * 2**20  # float16 weights, run in float32
+    assert builtin.model.dtype == torch.float32
     assert builtin.model.config.text_config.vocab_size == len(builtin.tokenizer)
 
 
@@ -102,8 +104,9 @@ def test_training_smoke_saves_a_loadable_checkpoint(tmp_path):
     assert main(["--config", str(tmp_path / "tiny.toml"), "--out", str(tmp_path / "out")]) == 0
     record = json.loads((tmp_path / "out" / "training.json").read_text())
     assert len(record["history"]) == 2 and all(math.isfinite(h["loss"]) for h in record["history"])
-    loaded = load_model(str(tmp_path / "out"), device="cpu", dtype="float32")
-    assert loaded.preset == BUILTIN_PRESET
+    loaded = load_model(str(tmp_path / "out"), device="cpu")
+    assert loaded.preset == BUILTIN_PRESET and loaded.dtype == torch.float32  # stored in float16
+    assert {t.dtype for t in load_file(tmp_path / "out" / "model.safetensors").values()} == {torch.float16}
     runner = Runner(loaded, preset=loaded.preset)
     memory = runner.new_memory()
     runner.ingest(memory, make_video(0, 16).frames(), FullPolicy())
