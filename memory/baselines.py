@@ -1,6 +1,6 @@
 """The baseline policies, sharing EMLoC's interface and memory accounting (memory/emloc.py):
 `full`, `uniform` and `pyramid` (the probe's importance at fixed ratios), `window` (attention
-sinks + most recent tokens, StreamingLLM-style) and `random`."""
+sinks + most recent tokens, StreamingLLM-style), `recent` (the newest frames only) and `random`."""
 
 from __future__ import annotations
 
@@ -89,6 +89,31 @@ class WindowPolicy(MemoryPolicy):
         scores = recency.expand(ctx.model.kv_heads, -1).contiguous()
         keep = keep_top(scores, ctx.protected | torch.isinf(recency), self.ratio)
         return Selection([kept_indices(keep)] * layers, [scores] * layers, report=dict(ratios=[self.ratio] * layers))
+
+
+@dataclass(kw_only=True)
+class RecentPolicy(MemoryPolicy):
+    """Only the newest `frames` frames: the memory forgets every older frame. Streaming benchmarks report a
+    4-frame window beating memory methods on questions about the present, so it belongs in every table."""
+
+    name = "recent"
+    frames: int = 4  # rounded up to whole frame pairs, the unit Qwen2-VL encodes and positions
+
+    def __post_init__(self):
+        if self.frames < 1:
+            raise ValueError(f"recent frames must be >= 1, got {self.frames}")
+
+    def select(self, ctx: ChunkContext) -> Selection:
+        video = ~ctx.protected
+        times = ctx.positions[:, 0]
+        held = ctx.memory.layers[0]  # every layer and head holds the same frames under this policy
+        stored = held.positions[0, torch.isfinite(held.importance[0]), 0]
+        newest = torch.cat([stored.cpu(), times[video]]).unique()[-math.ceil(self.frames / 2):]
+        since = int(newest[0])
+        keep = (ctx.protected | (times >= since)).expand(ctx.model.kv_heads, -1)
+        scores = times.float().expand(ctx.model.kv_heads, -1).contiguous()  # older = evicted first under a budget
+        layers = ctx.model.num_layers
+        return Selection([kept_indices(keep)] * layers, [scores] * layers, forget_before=since)
 
 
 @dataclass(kw_only=True)

@@ -19,6 +19,7 @@ import math
 import time
 from dataclasses import dataclass, field
 
+from memory.baselines import pyramid_ratios
 from memory.policy import ChunkContext, ProbedPolicy, Selection, check_ratio
 from memory.probe import chunk_importance, js_divergence, keep_count, kept_indices, outlier_count, ratio_tokens
 
@@ -38,6 +39,10 @@ class EmlocPolicy(ProbedPolicy):
     # median token (memory.probe.outlier_count, mean over the group's layers), then the ratios above it are
     # tried; 0: the ratios only (the paper)
     outlier_factor: float = 0.0
+    # 1: a candidate ratio keeps that ratio in every layer of its group (the paper). > 1: it is the mean over the
+    # model's layers of PyramidKV's profile with this steepness (memory.baselines.pyramid_ratios), so lower layers
+    # keep more; the search still chooses one ratio per group and chunk under the bound.
+    layer_beta: float = 1.0
 
     def __post_init__(self):
         super().__post_init__()
@@ -53,6 +58,9 @@ class EmlocPolicy(ProbedPolicy):
             raise ValueError(f"emloc outlier_factor must be a finite number >= 0 (0 = off), got {self.outlier_factor}")
         if self.js_reduce not in ("mean", "max"):
             raise ValueError(f"emloc js_reduce must be 'mean' or 'max', got {self.js_reduce!r}")
+        if not (self.layer_beta >= 1 and math.isfinite(self.layer_beta)):
+            raise ValueError(f"emloc layer_beta must be a finite number >= 1 (1 = the same ratio in every layer), "
+                             f"got {self.layer_beta}")
 
     def select(self, ctx: ChunkContext) -> Selection:
         num_layers = ctx.model.num_layers
@@ -63,24 +71,27 @@ class EmlocPolicy(ProbedPolicy):
 
         groups = layer_groups(num_layers, self.group_size)
         video_tokens = int((~ctx.protected).sum())
-        ladder, counts = [], set()  # (ratio, tokens kept) smallest first; ratios that keep as many are tried once
-        for ratio in sorted(r for r in set(self.ratios) if r < 1.0):
-            if (count := ratio_tokens(ratio, video_tokens)) not in counts:
-                ladder.append((ratio, count))
-                counts.add(count)
+        grid = sorted(r for r in set(self.ratios) if r < 1.0)
         accepted = {}  # layer -> bool [kv_heads, chunk_len], pruned layers only
         ratios, js_values, evaluations = [1.0] * len(groups), [0.0] * len(groups), []
         js_above = 0.0
         for g in reversed(range(len(groups))):
             layers = groups[g]
             chosen, chosen_js = 1.0, js_above
-            candidates = ladder
+            candidates = grid
             if self.outlier_factor:
-                count = round(sum(outlier_count(scores[layer], ctx.protected, self.outlier_factor)
-                                  for layer in layers) / len(layers))
-                candidates = [(count / video_tokens, count), *((r, k) for r, k in ladder if k > count)]
-            for ratio, count in candidates:
-                candidate = {layer: keep_count(scores[layer], ctx.protected, count) for layer in layers}
+                count = sum(outlier_count(scores[layer], ctx.protected, self.outlier_factor)
+                            for layer in layers) / len(layers)
+                first = round(count) / video_tokens
+                candidates = [first, *(r for r in grid if r > first)]
+            tried = set()  # ratios that keep as many tokens in every layer as one tried before are skipped
+            for ratio in candidates:
+                profile = pyramid_ratios(ratio, self.layer_beta, num_layers)
+                counts = {layer: ratio_tokens(profile[layer], video_tokens) for layer in layers}
+                if tuple(counts.values()) in tried:
+                    continue
+                tried.add(tuple(counts.values()))
+                candidate = {layer: keep_count(scores[layer], ctx.protected, counts[layer]) for layer in layers}
                 keep = {**accepted, **candidate}
                 js = sum(js_divergence(run.reference, run.rerun(layers.start, keep), self.js_reduce)
                          for run in runs) / len(runs)

@@ -7,7 +7,8 @@ memory and this chunk in its context, offering only what a policy may ask of it 
 probe forwards, memory/probe.py). The engine implements ChunkModel (streamer/engine/probing.py);
 tests implement it with fakes. A policy returns a `Selection`: per layer, the indices of the chunk tokens every
 KV head keeps ([kv_heads, k], the same k for all heads of a layer; None keeps everything), and
-optionally per-token importance, which the memory stores to choose evictions under a budget.
+optionally per-token importance, which the memory stores to choose evictions under a budget,
+and optionally a temporal position before which the memory forgets what it holds (`recent`).
 Protected tokens are always kept.
 
 A policy is one dataclass: its fields are its options (what configs and clients may set), its
@@ -44,6 +45,8 @@ class Selection:
     scores: list[torch.Tensor] | None = None  # per layer [kv_heads, chunk_len] importance, for evictions
     report: dict = field(default_factory=dict)  # what the policy chose, for the per-chunk report
     timings: dict = field(default_factory=dict)  # seconds per policy stage
+    # set: the memory forgets its video tokens whose temporal position is below this before the chunk is added
+    forget_before: int | None = None
 
 
 def check_ratio(name: str, ratio: float) -> None:

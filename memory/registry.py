@@ -9,13 +9,13 @@ from __future__ import annotations
 import dataclasses
 import typing
 
-from memory.baselines import FullPolicy, PyramidPolicy, RandomPolicy, UniformPolicy, WindowPolicy
+from memory.baselines import FullPolicy, PyramidPolicy, RandomPolicy, RecentPolicy, UniformPolicy, WindowPolicy
 from memory.emloc import EmlocPolicy
 from memory.policy import MemoryPolicy, ProbedPolicy
 from memory.probe import ProbeConfig
 
 POLICIES: dict[str, type[MemoryPolicy]] = {
-    cls.name: cls for cls in (FullPolicy, EmlocPolicy, UniformPolicy, PyramidPolicy, WindowPolicy, RandomPolicy)
+    cls.name: cls for cls in (FullPolicy, EmlocPolicy, UniformPolicy, PyramidPolicy, WindowPolicy, RecentPolicy, RandomPolicy)
 }
 
 

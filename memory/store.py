@@ -72,22 +72,26 @@ class KVMemory:
 
     def commit(self, new_kv: list[tuple[torch.Tensor, torch.Tensor]], positions: torch.Tensor,
                protected: torch.Tensor, kept: list[torch.Tensor] | None, scores: list[torch.Tensor] | None, *,
-               frames: int, grid_thw: tuple[int, int, int], video_start: int, report: dict) -> dict:
+               frames: int, grid_thw: tuple[int, int, int], video_start: int, report: dict,
+               forget_before: int | None = None) -> dict:
         """Append a chunk's kept tokens to every layer, in position order, and advance the stream.
 
         new_kv[l]: the chunk's keys and values in layer l, [1, kv_heads, chunk_len, head_dim];
         positions: [chunk_len, 3]; protected: [chunk_len] bool (stored with infinite importance);
         kept[l]: [kv_heads, k] sorted chunk indices each head keeps (None: all); scores[l]: [kv_heads,
         chunk_len] importance, for evictions (None: zeros); grid_thw: the chunk's patch grid; video_start:
-        where the stream's vision block starts. Evicts old tokens first when a budget is set. All or
-        nothing: a chunk refused (frame size, budget) leaves the memory as it was. Returns the chunk's
-        record -- `report` plus kept, evicted and memory_tokens -- which is also kept in `chunks`.
+        where the stream's vision block starts; forget_before: drop the stored video tokens whose temporal
+        position is below it first. Evicts old tokens first when a budget is set. All or nothing: a chunk
+        refused (frame size, budget) leaves the memory as it was. Returns the chunk's record -- `report`
+        plus kept, evicted (per layer, forgotten included) and memory_tokens -- which is also kept in `chunks`.
         """
         self.check_grid(grid_thw[1:])
         chunk_len = positions.shape[0]
         heads = self.layers[0].keys.shape[1]
         incoming = [chunk_len] * len(self.layers) if kept is None else [k.shape[1] for k in kept]
-        evicted = make_room(self, incoming)
+        check_room(self, incoming)  # forgetting frees only what eviction could: the same chunks fit either way
+        forgotten = self.forget(forget_before) if forget_before is not None else [0] * len(self.layers)
+        evicted = [a + b for a, b in zip(forgotten, make_room(self, incoming))]
         for idx, (layer, (keys, values)) in enumerate(zip(self.layers, new_kv)):
             device = layer.positions.device
             importance = torch.zeros(heads, chunk_len, device=device) if scores is None else scores[idx].float().to(device)
@@ -110,6 +114,22 @@ class KVMemory:
         return record
 
 
+    def forget(self, before: int) -> list[int]:
+        """Drop the stored video tokens whose temporal position is below `before` (prompt text stays);
+        returns the number dropped per layer. Every head of a layer must hold the same positions."""
+        keeps = [(layer.positions[:, :, 0] >= before) | torch.isinf(layer.importance) for layer in self.layers]
+        for idx, keep in enumerate(keeps):  # every layer before any changes
+            counts = keep.sum(dim=1)
+            if bool((counts != counts[0]).any()):
+                raise ValueError(f"layer {idx}'s heads hold different tokens: cannot forget by position")
+        dropped = []
+        for layer, keep in zip(self.layers, keeps):
+            dropped.append(len(layer) - int(keep[0].sum()))
+            _keep_columns(layer, keep.nonzero()[:, 1].view(keep.shape[0], -1))
+        self.evicted += sum(dropped)
+        return dropped
+
+
 def _keep_columns(layer: LayerMemory, keep: torch.Tensor) -> None:
     """Keep, per head, the tokens at sorted indices keep [kv_heads, k]."""
     heads, dim = layer.keys.shape[1], layer.keys.shape[3]
@@ -118,6 +138,20 @@ def _keep_columns(layer: LayerMemory, keep: torch.Tensor) -> None:
     layer.values = layer.values.gather(2, gather)
     layer.positions = layer.positions.gather(1, keep[:, :, None].expand(-1, -1, 3))
     layer.importance = layer.importance.gather(1, keep)
+
+
+def check_room(memory: KVMemory, incoming: list[int]) -> None:
+    """Refuse a chunk that no eviction can fit: `incoming[l]` new tokens in layer l beyond the budget, or
+    more to evict than the layer holds outside the prompt text."""
+    if memory.budget is None:
+        return
+    for idx, (layer, count) in enumerate(zip(memory.layers, incoming)):
+        excess = len(layer) + count - memory.budget
+        if count > memory.budget or excess > int(torch.isfinite(layer.importance[0]).sum()):
+            raise ValueError(
+                f"memory budget {memory.budget} tokens per layer cannot hold layer {idx}'s new chunk "
+                f"({count} tokens kept) plus the prompt text; raise the budget or lower chunk_frames"
+            )
 
 
 def make_room(memory: KVMemory, incoming: list[int]) -> list[int]:
@@ -129,14 +163,8 @@ def make_room(memory: KVMemory, incoming: list[int]) -> list[int]:
     """
     if memory.budget is None:
         return [0] * len(memory.layers)
+    check_room(memory, incoming)  # every layer before any changes, so a refused chunk leaves the memory as it was
     excesses = [max(len(layer) + count - memory.budget, 0) for layer, count in zip(memory.layers, incoming)]
-    for idx, (layer, count, excess) in enumerate(zip(memory.layers, incoming, excesses)):
-        # check every layer before changing any, so a refused chunk leaves the memory as it was
-        if count > memory.budget or excess > int(torch.isfinite(layer.importance[0]).sum()):
-            raise ValueError(
-                f"memory budget {memory.budget} tokens per layer cannot hold layer {idx}'s new chunk "
-                f"({count} tokens kept) plus the prompt text; raise the budget or lower chunk_frames"
-            )
     for layer, excess in zip(memory.layers, excesses):
         if excess == 0:
             continue
@@ -145,5 +173,3 @@ def make_room(memory: KVMemory, incoming: list[int]) -> list[int]:
         _keep_columns(layer, keep)
     memory.evicted += sum(excesses)
     return excesses
-
-

@@ -139,6 +139,8 @@ def test_every_policy_runs_and_keeps_prompt_text(tiny_runner, name):
     options = {"ratio": 0.25} if name in policies_with("ratio") else {}
     if name == "emloc":
         options = {"delta": 0.05, "ratios": [0.25, 1.0], "group_size": 3}
+    if name == "recent":
+        options = {"frames": 2}
     policy = make_policy(name, options, PROBE)
     memory = stream(tiny_runner, frames, 4, policy)
     prefix = len(tiny_runner.prefix_ids)
@@ -233,7 +235,7 @@ def test_js_divergence_properties():
 
 @pytest.mark.parametrize("options, message", [
     ({"delta": -0.1}, "delta"), ({"ratios": []}, "ratios"), ({"ratios": [0.1, 1.5]}, "ratio"),
-    ({"group_size": 0}, "group_size"), ({"deltaa": 1}, "bad options"),
+    ({"group_size": 0}, "group_size"), ({"deltaa": 1}, "bad options"), ({"layer_beta": 0.5}, "layer_beta"),
 ])
 def test_bad_emloc_options(options, message):
     with pytest.raises(ValueError, match=message):
@@ -360,3 +362,36 @@ def test_emloc_outlier_candidate_comes_first():
     assert [round(r, 3) for _, r, _ in strict.report["evaluations"]] == [round(3 / 18, 3), 0.5]
     with pytest.raises(ValueError, match="outlier_factor"):
         EmlocPolicy(outlier_factor=-1.0)
+
+
+def test_emloc_layer_profile_keeps_more_in_lower_layers():
+    """layer_beta > 1: a candidate ratio is the mean of PyramidKV's profile over the model's layers, so one
+    group's layers keep different counts, the lowest layer the most."""
+    model = FakeModel([0.01] * 4, chunk_len=42)  # 40 video tokens
+    policy = EmlocPolicy(delta=0.5, ratios=[0.2, 1.0], group_size=4, layer_beta=4.0)
+    selection = policy.select(fake_context(model))
+    counts = [k.shape[1] - 2 for k in selection.kept]
+    assert counts == [math.ceil(round(r * 40, 6)) for r in pyramid_ratios(0.2, 4.0, 4)]
+    assert counts[0] > counts[-1] and selection.report["ratios"] == [0.2]
+    flat = EmlocPolicy(delta=0.5, ratios=[0.2, 1.0], group_size=4).select(fake_context(model))
+    assert [k.shape[1] - 2 for k in flat.kept] == [8] * 4
+
+
+def test_recent_keeps_only_the_newest_frames(tiny_runner):
+    frames = random_frames(12, seed=13)
+    policy = make_policy("recent", {"frames": 4})
+    memory = tiny_runner.new_memory()
+    pair_tokens = None
+    for start, count in ((0, 4), (4, 4), (8, 2), (10, 2)):  # short chunks, as when a question arrives mid-chunk
+        report = tiny_runner.ingest(memory, frames[start:start + count], policy)
+        pair_tokens = pair_tokens or (report["tokens"] - len(tiny_runner.prefix_ids)) // 2
+        prefix = len(tiny_runner.prefix_ids)
+        for layer in memory.layers:
+            times = layer.positions[:, prefix:, 0]
+            newest = memory.video_start + memory.temporal_groups - 2
+            assert times.unique().tolist() == [newest, newest + 1], "the last two frame pairs, nothing older"
+            assert layer.positions.shape[1] == prefix + 2 * pair_tokens
+    assert memory.evicted == 4 * pair_tokens * tiny_runner.num_layers  # 6 pairs ingested, the newest 2 held
+    assert len(tiny_runner.answer(memory, QUESTION, max_new_tokens=2).token_ids) >= 1
+    with pytest.raises(ValueError, match="frames"):
+        make_policy("recent", {"frames": 0})

@@ -50,6 +50,7 @@ def add_run_switches(p: argparse.ArgumentParser, config_default: str | None = No
     p.add_argument("--ratios", type=ratio_list, help="emloc: retention ratios to try, e.g. 0.02,0.1,0.5,1.0")
     p.add_argument("--group-size", type=int, help="emloc: layers per group (1 = layer-wise)")
     p.add_argument("--ratio", type=float, help=f"{'/'.join(policies_with('ratio'))}: fraction of each chunk kept")
+    p.add_argument("--recent-frames", type=int, help="recent: the newest frames the memory holds (default 4)")
     p.add_argument("--probe", choices=["generic", "question"],
                    help="generic: fixed probe prompts, memory reusable for any question; question: the question "
                         "is the probe (memory specific to it)")
@@ -75,6 +76,10 @@ def config_from_args(args) -> Config:
         if config.memory.policy not in takes_ratio:
             raise ValueError(f"--ratio applies to {', '.join(takes_ratio)}, not {config.memory.policy}")
         override(config, config.memory.policy, ratio=args.ratio)
+    if args.recent_frames is not None:
+        if config.memory.policy != "recent":
+            raise ValueError(f"--recent-frames applies to the recent memory, not {config.memory.policy}")
+        override(config, "recent", frames=args.recent_frames)
     override(config, "probe", mode=args.probe)
     override(config, "generation", max_new_tokens=args.max_new_tokens, repetition_penalty=args.repetition_penalty)
     return config.validate()

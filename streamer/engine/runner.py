@@ -186,7 +186,8 @@ class Runner:
             new_kv = [view.new_tokens(layer, chunk_len) for layer in range(self.num_layers)]
             record = memory.commit(new_kv, positions, protected, selection.kept, selection.scores,
                                    frames=len(frames), grid_thw=patches.grid_thw, video_start=video_start,
-                                   report=dict(frames=len(frames), tokens=chunk_len, **selection.report))
+                                   report=dict(frames=len(frames), tokens=chunk_len, **selection.report),
+                                   forget_before=selection.forget_before)
         record["timings"] = dict(preprocess=preprocess_s, vision=vision_s, prefill=prefill_s, policy=timer.seconds,
                                  **selection.timings)
         return record
