@@ -1,5 +1,6 @@
-"""`streamer eval videomme` on a tiny synthetic benchmark, and its parts: answer extraction, resume,
-sharding and merging, the prefetching reader, frames stored at model resolution."""
+"""`streamer eval videomme` on a tiny synthetic benchmark, and its parts: the scoring rule of a run, resume,
+sharding and merging, the prefetching reader, frames stored at model resolution (the rules themselves:
+test_answers.py)."""
 
 import json
 import logging
@@ -13,10 +14,11 @@ import torch
 
 from streamer.cli import main
 from streamer.config import load_config, override
+from streamer.evaluation.answers import SCORING
 from streamer.evaluation.prefetch import prefetch
 from streamer.evaluation.results import merge_results, rank_path, rank_paths, read_results, shard, summarize
-from streamer.evaluation.run import Distributed
-from streamer.evaluation.videomme import Question, build_prompt, extract_answer_letter, load_questions
+from streamer.evaluation.harness import Distributed
+from streamer.evaluation.videomme import Question, build_prompt, load_questions
 from streamer.engine.runner import Answer, Runner, load_runner
 from video_io.errors import VideoError
 from video_io.preprocess import VisionPreset, preprocess_frames, resize_frames
@@ -27,7 +29,7 @@ from video_io.synthetic import write_video
 SMALL = ["--model", "tiny-random", "--device", "cpu", "--frames", "8", "--chunk-frames", "4",
          "--min-pixels", "12544", "--max-pixels", "12544"]
 LINE_FIELDS = {"question_id", "video", "duration", "domain", "sub_category", "task_type", "prediction", "reply",
-               "answer", "correct", "memory_tokens", "full_tokens", "timings", "error", "config_id"}
+               "answer", "correct", "memory_tokens", "full_tokens", "timings", "error", "config_id", "scoring"}
 VIDEOS = {"vid1": "short", "vid2": "medium", "vid3": "long"}
 TASKS = ["Counting Problem", "Object Recognition", "Action Reasoning"]
 
@@ -123,11 +125,12 @@ def test_end_to_end_parquet_and_jsonl(capsys, bench, tmp_path, count_calls, prob
     summary, lines = evaluate(capsys, parquet, bench / "videos", tmp_path / "a.jsonl", "--probe", probe)
     assert count_calls == {"new_memory": memories, "answer": 9}  # one memory per video, or per question
     assert summary["probe"] == probe and summary["policy"] == "emloc" and summary["videos"] == 3
+    assert summary["scoring"] == "lmms-eval"  # the default
     assert [line["question_id"] for line in lines] == [r["question_id"] for r in records()]
     for line in lines:
         assert LINE_FIELDS <= set(line) and line["error"] is None
         assert line["correct"] == (line["prediction"] == line["answer"])
-        assert line["prediction"] == extract_answer_letter(line["reply"])
+        assert line["scoring"] == "lmms-eval" and line["prediction"] == SCORING["lmms-eval"](line["reply"], list("ABCD"))
         assert 0 < line["memory_tokens"] <= line["full_tokens"] and line["frames"] == 8
         assert {"read_frames", "ingest", "question_prefill", "decode", "total"} <= set(line["timings"])
     if probe == "generic":  # the three questions of a video share its memory
@@ -141,18 +144,25 @@ def test_end_to_end_parquet_and_jsonl(capsys, bench, tmp_path, count_calls, prob
     assert without_timings(jsonl_summary) == {**without_timings(summary), "results": str(tmp_path / "b.jsonl")}
 
 
-def test_accuracy_and_table_with_known_replies(capsys, bench, tmp_path, monkeypatch):
-    replies = iter(["B", "The answer is B.", "A dog runs", "(D) grey", "Answer: a", "None of these", "c) blue",
-                    "I think it's D", "A"])
+@pytest.fixture
+def known_replies(monkeypatch):
+    """The model replies these nine texts, in order; the list holds the replies given so far."""
+    replies, given = iter(["B", "The answer is B.", "A dog runs", "(D) grey", "Answer: a", "None of these",
+                           "c) blue", "I think it's D", "A"]), []
 
     def answer(self, memory, question, max_new_tokens=64, **kwargs):
         assert question.endswith("\n\nAnswer with the option's letter from the given choices directly.")
-        return Answer(text=next(replies), token_ids=[], first_token_logprobs=[],
+        given.append(next(replies))
+        return Answer(text=given[-1], token_ids=[], first_token_logprobs=[],
                       timings=dict(question_prefill=0.01, decode=0.02))
 
     monkeypatch.setattr(Runner, "answer", answer)
+    return given
+
+
+def test_accuracy_and_table_with_known_replies(capsys, bench, tmp_path, known_replies):
     summary, lines = evaluate(capsys, bench / "questions.jsonl", bench / "videos", tmp_path / "out.jsonl",
-                              "--memory", "full")
+                              "--memory", "full", "--scoring", "strict")
     # answers: vid1 A B C, vid2 B C D, vid3 C D A
     assert [line["prediction"] for line in lines] == ["B", "B", None, "D", "A", None, "C", "D", "A"]
     assert [line["correct"] for line in lines] == [False, True, False, False, False, False, True, True, True]
@@ -162,9 +172,38 @@ def test_accuracy_and_table_with_known_replies(capsys, bench, tmp_path, monkeypa
     check_summary(summary, lines)
 
     assert streamer("eval", "videomme", "--questions", str(bench / "questions.jsonl"), "--videos",
-                    str(bench / "videos"), "--out", str(tmp_path / "out.jsonl"), *SMALL, "--memory", "full") == 0
+                    str(bench / "videos"), "--out", str(tmp_path / "out.jsonl"), *SMALL, "--memory", "full",
+                    "--scoring", "strict") == 0
     table = capsys.readouterr().out  # all done already: just the table
     assert "overall" in table and "44.4%" in table and "duration long" in table and "100.0%" in table
+    assert "probe generic, scoring strict\n" in table
+
+
+def test_the_scoring_rule_is_recorded_and_a_resumed_run_scores_stored_replies_again(capsys, bench, tmp_path,
+                                                                                    known_replies):
+    questions, videos, out = bench / "questions.jsonl", bench / "videos", tmp_path / "out.jsonl"
+    # answers: vid1 A B C, vid2 B C D, vid3 C D A
+    predictions = {
+        "strict": ["B", "B", None, "D", "A", None, "C", "D", "A"],
+        "lmms-eval": ["B", "B", None, "D", "A", None, "C", None, "A"],  # "I think it's D" is no declaration
+        "lmms-eval-legacy": ["B", "B", "A", "D", "A", None, None, "D", "A"],  # "A dog", not "c) blue"
+    }
+    for scoring, correct in (("strict", 4), ("lmms-eval", 3), ("lmms-eval-legacy", 3), ("strict", 4)):
+        summary, lines = evaluate(capsys, questions, videos, out, "--memory", "full", "--scoring", scoring)
+        assert len(known_replies) == 9  # asked once, in the first run; later runs read the stored replies
+        assert [line["reply"] for line in lines] == known_replies
+        assert [line["prediction"] for line in lines] == predictions[scoring]
+        assert all(line["scoring"] == scoring and line["correct"] == (line["prediction"] == line["answer"])
+                   for line in lines)
+        assert summary["scoring"] == scoring and summary["correct"] == correct
+        check_summary(summary, lines)
+
+    for line in lines:  # lines written before they named their rule were scored by the strict one
+        del line["scoring"]
+    out.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    summary, lines = evaluate(capsys, questions, videos, out, "--memory", "full")
+    assert summary["scoring"] == "lmms-eval" and summary["correct"] == 3 and len(known_replies) == 9
+    assert [line["prediction"] for line in lines] == predictions["lmms-eval"]
 
 
 def test_resume_and_merge_of_rank_files(capsys, bench, tmp_path, count_calls):
@@ -250,19 +289,6 @@ def test_out_of_memory_on_one_video_is_error_lines(capsys, bench, tmp_path, monk
                               "--memory", "full")
     assert [line["error"] is None for line in lines] == [True, False, False, True, True, True, True, True, True]
     assert "out of memory" in lines[1]["error"] and summary["errors"] == 2
-
-
-@pytest.mark.parametrize("reply, letter", [
-    ("B", "B"), ("B.", "B"), ("(B) dog", "B"), ("The answer is C.", "C"), ("Answer: D", "D"), ("option a", "A"),
-    ("  c) red", "C"), ("I think it's B", "B"), ("None of these", None), ("", None), ("A dog runs", None),
-    ("A", "A"), ("A.", "A"), ("a", "A"), ("A. red", "A"), ("A is correct", "A"), ("The answer is A dog", "A"),
-    ("The best answer is: D", "D"), ("Best answer: C", "C"), ("Answer: Option B", "B"),
-    ("The correct option is (D)", "D"),
-    ("**B**", "B"), ("[C]", "C"), ("B and C", "B"), ("It's A", "A"), ("a dog", None), ("Dogs are cute", None),
-    ("CD", None), ("\nD\n", "D"), ("The answer is b", "B"),
-])
-def test_extract_answer_letter(reply, letter):
-    assert extract_answer_letter(reply) == letter
 
 
 def test_prompt_is_lmms_evals():

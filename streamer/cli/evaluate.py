@@ -7,10 +7,13 @@ import shlex
 import sys
 from pathlib import Path
 
+from streamer.cli import timed
 from streamer.cli.switches import add_run_switches, config_from_args
 from streamer.evaluation import synthetic
+from streamer.evaluation.answers import DEFAULT_SCORING, SCORING
 from streamer.evaluation.results import format_table
-from streamer.evaluation.run import Distributed, config_id, run
+from streamer.evaluation.harness import Distributed, config_id
+from streamer.evaluation.run import run
 
 
 def add_parser(sub) -> None:
@@ -18,19 +21,24 @@ def add_parser(sub) -> None:
     benchmark_parsers = benchmarks.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
     add_videomme(benchmark_parsers)
     add_synthetic(benchmark_parsers)
+    timed.add_parsers(benchmark_parsers)
 
 
 def add_videomme(benchmarks) -> None:
     v = benchmarks.add_parser(
         "videomme", help="Video-MME multiple choice, without subtitles",
-        description="Answer the Video-MME questions (lmms-eval's prompt and scoring, no subtitles), one JSON line "
-                    "per question in --out; an existing --out is resumed. Under torchrun, videos are shared out "
-                    "across the processes, one GPU each.")
+        description="Answer the Video-MME questions (lmms-eval's prompt, no subtitles; lmms-eval's scoring by "
+                    "default), one JSON line per question in --out; an existing --out is resumed. Under torchrun, "
+                    "videos are shared out across the processes, one GPU each.")
     v.add_argument("--questions", required=True, help="the Video-MME table: .parquet as published, .json or .jsonl")
     v.add_argument("--videos", required=True, help="folder of the videos, named <videoID>.mp4, .mkv or .webm")
     v.add_argument("--out", default="results.jsonl", help="result lines (JSONL); questions already in it are skipped")
     v.add_argument("--limit", type=int, help="evaluate the first N questions only (all of a video's before the next)")
     v.add_argument("--prefetch", type=int, default=1, help="videos read ahead while the model works (default 1)")
+    v.add_argument("--scoring", choices=list(SCORING), default=DEFAULT_SCORING,
+                   help="how a reply is read as a letter: lmms-eval's extractor (default), the rule of its Video-MME "
+                        "task before April 2026 (lmms-eval-legacy), or this project's (strict); lines already in "
+                        "--out are scored again from their replies")
     v.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
     add_run_switches(v, config_default="videomme_emloc")
     v.set_defaults(run=run_videomme)
@@ -41,7 +49,7 @@ def run_videomme(args) -> int:
     if args.prefetch < 1:
         raise ValueError(f"--prefetch must be >= 1, got {args.prefetch}")
     summary = run(config, args.questions, args.videos, args.out, limit=args.limit, depth=args.prefetch,
-                  dist=Distributed.from_env())
+                  dist=Distributed.from_env(), scoring=args.scoring)
     if summary is None:  # another rank prints
         return 0
     summary = dict(benchmark="videomme", model=config.model.name, policy=config.memory.policy,
@@ -49,7 +57,8 @@ def run_videomme(args) -> int:
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
-        print(f"Video-MME (no subtitles), {summary['model']}, memory {summary['policy']}, probe {summary['probe']}")
+        print(f"Video-MME (no subtitles), {summary['model']}, memory {summary['policy']}, probe {summary['probe']}, "
+              f"scoring {summary['scoring']}")
         print(format_table(summary))
     return 0
 

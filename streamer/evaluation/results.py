@@ -37,8 +37,9 @@ def _drop_partial_tail(path: Path) -> None:
             f.truncate(data.rfind(b"\n") + 1)
 
 
-def read_results(path: Path) -> list[dict]:
-    """The complete lines of a result file; an unfinished last line (no newline yet) is left out."""
+def read_results(path: Path, key: str = "question_id") -> list[dict]:
+    """The complete lines of a result file; an unfinished last line (no newline yet) is left out. Each
+    names its question in the field `key`."""
     if not path.exists():
         return []
     lines = path.read_text(encoding="utf-8").split("\n")[:-1]  # what follows the last newline is unfinished
@@ -51,8 +52,8 @@ def read_results(path: Path) -> list[dict]:
         except json.JSONDecodeError as exc:
             raise ValueError(f"{path}, line {number}: not a result line ({exc}); delete that line (its question "
                              "will be evaluated again) or pass another --out") from None
-        if not isinstance(record, dict) or "question_id" not in record:
-            raise ValueError(f"{path}, line {number}: not a result line (no question_id); pass another --out")
+        if not isinstance(record, dict) or key not in record:
+            raise ValueError(f"{path}, line {number}: not a result line (no {key}); pass another --out")
         records.append(record)
     return records
 
@@ -75,19 +76,19 @@ def _prefer(kept: dict | None, record: dict) -> bool:
     return kept is None or (kept.get("error") is not None and record.get("error") is None)
 
 
-def load_done(out: Path, config_id: str) -> dict[str, dict]:
-    """question_id -> answered result, from OUT and any rank files; refuses results made with another
-    configuration. Error lines (a video missing or unreadable) are not done: those questions run again."""
+def load_done(out: Path, config_id: str, key: str = "question_id") -> dict[str, dict]:
+    """question (field `key`) -> answered result, from OUT and any rank files; refuses results made with
+    another configuration. Error lines (a video missing or unreadable) are not done: those questions run again."""
     done: dict[str, dict] = {}
     for path in [out, *rank_paths(out)]:
-        for record in read_results(path):
+        for record in read_results(path, key):
             other = record.get("config_id", config_id)
             if other != config_id:
                 raise ValueError(
                     f"{path} holds results of another configuration (config_id {other}, this run {config_id}); "
                     "pass another --out, or delete the file to start over")
             if record.get("error") is None:
-                done.setdefault(record["question_id"], record)
+                done.setdefault(record[key], record)
     return done
 
 
@@ -98,29 +99,34 @@ def shard(video_ids: Sequence[str], rank: int, world: int) -> list[str]:
     return list(video_ids[rank::world])
 
 
-def merge_results(out: Path, parts: Iterable[Path], order: Sequence[str]) -> None:
+def merge_results(out: Path, parts: Iterable[Path], order: Sequence[str], key: str = "question_id") -> None:
     """Rewrite OUT as OUT plus the rank files, one line per question (the first answer seen, else the first
     error line), then delete them.
 
-    Lines follow `order` (question ids); lines of questions not in it come last. The new OUT is
-    written beside it and renamed over it, so a kill leaves either the old or the new file.
+    Lines follow `order` (values of the field `key`); lines of questions not in it come last. OUT is replaced
+    as write_results does.
     """
     parts = list(parts)
     merged: dict[str, dict] = {}
     for path in [out, *parts]:
-        for record in read_results(path):
-            if _prefer(merged.get(record["question_id"]), record):
-                merged[record["question_id"]] = record
+        for record in read_results(path, key):
+            if _prefer(merged.get(record[key]), record):
+                merged[record[key]] = record
     position = {question_id: i for i, question_id in enumerate(order)}
-    lines = sorted(merged.values(), key=lambda r: position.get(r["question_id"], len(position)))
+    write_results(out, sorted(merged.values(), key=lambda r: position.get(r[key], len(position))))
+    for path in parts:
+        path.unlink()
+
+
+def write_results(out: Path, records: Iterable[dict]) -> None:
+    """Replace OUT by these lines: written beside it and renamed over it, so a kill leaves either the old
+    or the new file."""
     temporary = out.with_name(out.name + ".tmp")
     with temporary.open("w", encoding="utf-8") as f:
-        f.writelines(json.dumps(record) + "\n" for record in lines)
+        f.writelines(json.dumps(record) + "\n" for record in records)
         f.flush()
         os.fsync(f.fileno())
     os.replace(temporary, out)
-    for path in parts:
-        path.unlink()
 
 
 def summarize(records: Sequence[dict]) -> dict:

@@ -1,6 +1,6 @@
-"""Video-MME: the question table, the prompt and the answer scoring.
+"""Video-MME: the question table and the prompt (answers.py reads the replies).
 
-Prompt and scoring follow lmms-eval's `videomme` task (no subtitles): its doc_to_text puts an
+The prompt follows lmms-eval's `videomme` task (no subtitles): its doc_to_text puts an
 instruction line, the question, the options one per line (they arrive as "A. ..."), and the
 task's default post_prompt; greedy decoding, at most 16 new tokens. Its instruction mentions
 "the subtitles" even for the task without them; kept as is, so that numbers stay comparable.
@@ -9,7 +9,6 @@ task's default post_prompt; greedy decoding, at most 16 new tokens. Its instruct
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,40 +36,6 @@ class Question:
 
 def build_prompt(question: Question) -> str:
     return "\n".join([INSTRUCTION, question.question, *question.options, POST_PROMPT])
-
-
-# Lead-ins a model puts before the letter; stripped (repeatedly, any case) from the start.
-_PREFIX = re.compile(
-    r"^\s*(?:the\s+(?:best\s+|correct\s+|right\s+)?(?:answer|option|choice)(?:\s+is)?|best\s+(?:answer|option)"
-    r"|answer|option|choice)\b\s*[:：]?\s*", re.IGNORECASE)
-# A letter that is the whole reply or is marked as a choice: "B", "b.", "(c)", "d)", "[A]", "C:"
-_MARKED = re.compile(r"^[(\[]?([A-Da-d])(?:\s*[).:\]]|\s*$)")
-# A capital A-D standing alone (not part of a word); then the word after it, if any
-_STANDALONE = re.compile(r"(?<![A-Za-z0-9'])([A-D])(?![A-Za-z0-9'])(?:\s+([a-z]+))?")
-
-
-def extract_answer_letter(text: str) -> str | None:
-    """The option letter (A-D) a reply chooses, or None if it names none (scored as wrong).
-
-    Like lmms-eval's extractor: strip the lead-ins ("The best answer is", "Answer:", "Option", ...)
-    and take the first capital A-D. Unlike it, the letter must stand alone (the "A" of "Answer"
-    or the "D" of "Dogs" is no answer), a lowercase letter counts when it is the whole rest of the
-    reply or marked as a choice ("option a", "c) red"), and a capital "A" followed by a lowercase
-    word is read as the article ("A dog runs" -> None), unless a lead-in came before it ("The
-    answer is A dog") or the word is "is" ("A is correct").
-    """
-    rest, stripped = text.strip(), False
-    while match := _PREFIX.match(rest):
-        rest, stripped = rest[match.end():], True
-    if marked := _MARKED.match(rest):
-        return marked.group(1).upper()
-    for found in _STANDALONE.finditer(rest):
-        letter, next_word = found.groups()
-        leads = stripped and found.start() == 0
-        if letter == "A" and next_word is not None and next_word != "is" and not leads:
-            continue  # the article
-        return letter
-    return None
 
 
 def load_questions(path: str | Path) -> list[Question]:

@@ -1,0 +1,213 @@
+"""Benchmarks whose questions are asked at a moment of the video: OVO-Bench and StreamingBench.
+
+Streaming mode (the service's way, the default): a video is read once, at the configured
+rate, up to its last question; its frames go into one memory chunk by chunk, and when the
+stream reaches a question's time the frames read by then are ingested (a short chunk if need
+be) and the question is answered against the memory as it stands. No frame after that time has
+been seen when it is answered, and the questions of a video share the memory, as the clients
+of the service do. Clip mode (what the papers do): each question gets a memory built afresh
+from the frames up to the benchmark's own cut (`clip_end`), so its numbers compare with
+published ones.
+
+Frames are chosen at `video.fps` over the part of the video up to the last question, so the
+rate does not depend on what comes after it; `video.max_frames` caps them (then spread evenly).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from memory.store import KVMemory
+from streamer.config import Config
+from streamer.engine.runner import Runner
+from streamer.engine.stream import ingest_video
+from streamer.evaluation.harness import Benchmark, Progress
+from video_io.frames import Frame
+from video_io.preprocess import VisionPreset, resize_frames
+from video_io.readers import frame_times, iter_frames
+from video_io.sampling import Sampling
+
+MODES = ("stream", "clip")
+
+
+@dataclass(frozen=True)
+class TimedQuestion:
+    id: str  # the benchmark's own id ("<id>_<probe>" for each probe time of a forward-active item)
+    video: str  # the video as the benchmark's file names it, relative to the videos folder
+    task: str
+    category: str  # OVO-Bench: backward / realtime / forward; StreamingBench: ""
+    time: float  # seconds into the video at which it is asked
+    clip_end: float  # where the benchmark's own offline evaluation cuts the video for it
+    prompt: str  # the whole question turn, as the benchmark's script writes it
+    answer: str  # what its scorer compares with: a letter, "Yes" / "No", or a count
+
+
+# (question, reply) -> (what the reply answers, whether the benchmark's scorer counts it right)
+Scorer = Callable[[TimedQuestion, str], tuple[str | None, bool]]
+
+
+def read_list(path: str | Path, expected: str) -> list:
+    """The non-empty JSON list in a benchmark's file; `expected` names the file the user should pass."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such file; pass {expected}") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not JSON ({exc}); pass {expected}") from None
+    if not isinstance(data, list) or not data:
+        raise ValueError(f"{path}: expected a non-empty list, as in {expected}")
+    return data
+
+
+def check_config(config: Config, mode: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if config.video.fps is None:
+        raise ValueError("questions asked at a moment need frames sampled by rate (--fps): a frame count is spread "
+                         "over the whole video, past the moment of the question")
+    if mode == "stream" and config.probe.mode == "question":
+        raise ValueError("streaming mode builds one memory that every question of a video shares, so the probe "
+                         "cannot be the question: use probe mode generic, or --mode clip")
+
+
+def read_until(path, config: Config, preset: VisionPreset, until: float) -> list[Frame]:
+    """The frames sampled at video.fps up to `until` seconds, resized to model resolution chunk by chunk
+    (bounded peak memory); decoding stops there."""
+    times = [t for t in frame_times(path) if t <= until] or frame_times(path)[:1]
+    indices = Sampling(fps=config.video.fps, max_frames=config.video.max_frames).indices(times)
+    preset = config.video_preset(preset, len(indices))
+    frames: list[Frame] = []
+    decoded = iter_frames(path, indices, config.video.backend)
+    while batch := [frame for _, frame in zip(range(config.memory.chunk_frames), decoded)]:
+        images = resize_frames([frame.image for frame in batch], preset)
+        frames.extend(replace(frame, image=image) for frame, image in zip(batch, images))
+    return frames
+
+
+def ask_order(questions: Sequence[TimedQuestion]) -> list[TimedQuestion]:
+    """The questions by time (file order among equal times): the order a stream reaches them."""
+    return sorted(questions, key=lambda q: q.time)
+
+
+class _Stream:
+    """One memory fed the video's frames up to a moment, chunk by chunk."""
+
+    def __init__(self, runner: Runner, config: Config, policy, frames: list[Frame], progress: Progress):
+        self.runner, self.config, self.policy, self.frames, self.progress = runner, config, policy, frames, progress
+        self.memory: KVMemory = runner.new_memory(budget=config.memory.budget or None)
+        self.read = 0  # frames ingested
+
+    def _ingested(self, frames: int) -> None:
+        self.read += frames
+        self.progress.chunk(len(self.memory.chunks), self.read, len(self.frames))
+
+    def advance(self, until: float) -> float:
+        """Ingest every frame up to `until` seconds (full chunks, then what is left as a short one);
+        returns the seconds it took."""
+        started = time.perf_counter()
+        end = self.read
+        while end < len(self.frames) and self.frames[end].ts <= until:
+            end += 1
+        ingest_video(self.runner, self.frames[self.read:end], self.policy, self.config.memory.chunk_frames, self.memory,
+                     on_chunk=lambda _, chunk, __: self._ingested(len(chunk)))
+        return time.perf_counter() - started
+
+
+def answer_video(runner: Runner, config: Config, frames: list[Frame], questions: Sequence[TimedQuestion],
+                 score: Scorer, mode: str, wait_s: float, read_s: float, progress: Progress) -> Iterator[dict]:
+    """Results for one video's questions in the order they are asked, each yielded once answered."""
+    stream = None
+    for question in ask_order(questions):
+        if mode == "stream":
+            stream = stream or _Stream(runner, config, config.make_policy(), frames, progress)
+            ingest_s = stream.advance(question.time)
+        else:
+            stream = _Stream(runner, config, config.make_policy(question.prompt), frames, progress)
+            ingest_s = stream.advance(question.clip_end)
+        if stream.read == 0:
+            yield failed(question, f"asked at {question.time:g} s, before the first sampled frame "
+                                   f"({frames[0].ts:g} s)" if frames else "the video has no frames")
+            continue
+        answer = runner.answer(stream.memory, question.prompt, config.generation.max_new_tokens)
+        prediction, correct = score(question, answer.text)
+        yield dict(
+            **describe(question), frames_seen=stream.read, last_frame_time=frames[stream.read - 1].ts,
+            reply=answer.text, prediction=prediction, correct=correct,
+            memory_tokens=stream.memory.mean_tokens(), full_tokens=stream.memory.full_tokens,
+            ttft_s=answer.timings["question_prefill"],
+            timings=dict(read_frames=read_s, read_wait=wait_s, ingest=ingest_s,
+                         question_prefill=answer.timings["question_prefill"], decode=answer.timings["decode"]),
+            error=None,
+        )
+        wait_s = read_s = 0.0  # the video's reading is counted once, with its first question
+
+
+def describe(question: TimedQuestion) -> dict:
+    return dict(id=question.id, video=question.video, task=question.task, category=question.category,
+                time=question.time, answer=question.answer)
+
+
+def failed(question: TimedQuestion, message: str) -> dict:
+    return dict(**describe(question), frames_seen=0, last_frame_time=None, reply=None, prediction=None,
+                correct=False, memory_tokens=None, full_tokens=None, ttft_s=None, timings={}, error=message)
+
+
+def format_run(summary: dict) -> str:
+    line = f"{summary['questions']} questions on {summary['videos']} videos, {summary['errors']} failed (counted wrong)"
+    if summary["mean_memory_tokens"] is not None:
+        line += (f"; memory: mean {summary['mean_memory_tokens']:.0f} tokens per layer of {summary['mean_full_tokens']:.0f}"
+                 f" unpruned, {summary['mean_frames_seen']:.0f} frames seen; time to first token {summary['mean_ttft_s']:.3f} s")
+    return line
+
+
+def run_summary(records: Sequence[dict]) -> dict:
+    """What every timed benchmark's table adds: errors, mean memory and answer latency."""
+    answered = [r for r in records if r.get("error") is None]
+    mean = (lambda values: sum(values) / len(values) if values else None)
+    return dict(questions=len(records), errors=len(records) - len(answered), videos=len({r["video"] for r in records}),
+                mean_memory_tokens=mean([r["memory_tokens"] for r in answered]),
+                mean_full_tokens=mean([r["full_tokens"] for r in answered]),
+                mean_ttft_s=mean([r["ttft_s"] for r in answered]),
+                mean_frames_seen=mean([r["frames_seen"] for r in answered]))
+
+
+
+def video_file(videos: Path, name: str) -> Path | None:
+    """The file of a video the benchmark names by a path relative to its videos folder ("./videos/x.mp4"
+    and "Ego4D/clips/x.mp4" alike), else by its file name directly in the folder; None if neither exists.
+    A name that points outside the folder is refused."""
+    root = videos.resolve()
+    relative = Path(name)
+    for candidate in (root / relative, root / relative.name):
+        candidate = candidate.resolve()
+        if not candidate.is_relative_to(root):
+            raise ValueError(f"video {name!r} lies outside the videos folder {videos}; refusing to read it")
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def benchmark(name: str, questions: Sequence[TimedQuestion], videos: str | Path, config: Config, mode: str,
+              score: Scorer) -> Benchmark:
+    """A timed benchmark for harness.run: each video read up to its last question, answered in `mode`."""
+    check_config(config, mode)
+    videos = Path(videos)
+    if not videos.is_dir():
+        raise FileNotFoundError(f"{videos}: no such folder; pass the folder holding the benchmark's videos")
+
+    def read(runner: Runner, path: Path, asked: Sequence[TimedQuestion]) -> list[Frame]:
+        return read_until(path, config, runner.preset, max(max(q.time, q.clip_end) for q in asked))
+
+    def answer(runner, frames, asked, wait_s, read_s, progress):
+        return answer_video(runner, config, frames, asked, score, mode, wait_s, read_s, progress)
+
+    return Benchmark(name=name, key="id", questions=questions, video_of=lambda q: q.video,
+                     path_of=lambda video: video_file(videos, video),
+                     missing=lambda video: f"not found in {videos} (as a path below it, or by its file name); "
+                                           "check --videos",
+                     read=read, answer=answer, failed=failed)
