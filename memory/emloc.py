@@ -43,6 +43,8 @@ class EmlocPolicy(ProbedPolicy):
     # model's layers of PyramidKV's profile with this steepness (memory.baselines.pyramid_ratios), so lower layers
     # keep more; the search still chooses one ratio per group and chunk under the bound.
     layer_beta: float = 1.0
+    # non-empty: one weight per layer instead of layer_beta's profile; layer l keeps r x w[l] / mean(w) (at most 1)
+    layer_weights: list[float] = field(default_factory=list)
 
     def __post_init__(self):
         super().__post_init__()
@@ -58,9 +60,20 @@ class EmlocPolicy(ProbedPolicy):
             raise ValueError(f"emloc outlier_factor must be a finite number >= 0 (0 = off), got {self.outlier_factor}")
         if self.js_reduce not in ("mean", "max"):
             raise ValueError(f"emloc js_reduce must be 'mean' or 'max', got {self.js_reduce!r}")
+        if not all(w > 0 and math.isfinite(w) for w in self.layer_weights):
+            raise ValueError(f"emloc layer_weights must be finite numbers > 0, got {self.layer_weights}")
         if not (self.layer_beta >= 1 and math.isfinite(self.layer_beta)):
             raise ValueError(f"emloc layer_beta must be a finite number >= 1 (1 = the same ratio in every layer), "
                              f"got {self.layer_beta}")
+
+    def profile(self, ratio: float, num_layers: int) -> list[float]:
+        """Per layer, the fraction a candidate `ratio` keeps."""
+        if not self.layer_weights:
+            return pyramid_ratios(ratio, self.layer_beta, num_layers)
+        if len(self.layer_weights) != num_layers:
+            raise ValueError(f"emloc layer_weights has {len(self.layer_weights)} weights for {num_layers} layers")
+        mean = sum(self.layer_weights) / num_layers
+        return [min(1.0, ratio * w / mean) for w in self.layer_weights]
 
     def select(self, ctx: ChunkContext) -> Selection:
         num_layers = ctx.model.num_layers
@@ -86,7 +99,7 @@ class EmlocPolicy(ProbedPolicy):
                 candidates = [first, *(r for r in grid if r > first)]
             tried = set()  # ratios that keep as many tokens in every layer as one tried before are skipped
             for ratio in candidates:
-                profile = pyramid_ratios(ratio, self.layer_beta, num_layers)
+                profile = self.profile(ratio, num_layers)
                 counts = {layer: ratio_tokens(profile[layer], video_tokens) for layer in layers}
                 if tuple(counts.values()) in tried:
                     continue

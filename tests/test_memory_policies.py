@@ -236,6 +236,7 @@ def test_js_divergence_properties():
 @pytest.mark.parametrize("options, message", [
     ({"delta": -0.1}, "delta"), ({"ratios": []}, "ratios"), ({"ratios": [0.1, 1.5]}, "ratio"),
     ({"group_size": 0}, "group_size"), ({"deltaa": 1}, "bad options"), ({"layer_beta": 0.5}, "layer_beta"),
+    ({"layer_weights": [1.0, 0.0]}, "layer_weights"),
 ])
 def test_bad_emloc_options(options, message):
     with pytest.raises(ValueError, match=message):
@@ -375,6 +376,10 @@ def test_emloc_layer_profile_keeps_more_in_lower_layers():
     assert counts[0] > counts[-1] and selection.report["ratios"] == [0.2]
     flat = EmlocPolicy(delta=0.5, ratios=[0.2, 1.0], group_size=4).select(fake_context(model))
     assert [k.shape[1] - 2 for k in flat.kept] == [8] * 4
+    weighted = EmlocPolicy(delta=0.5, ratios=[0.2, 1.0], group_size=4, layer_weights=[3.0, 0.5, 0.25, 0.25])
+    assert [k.shape[1] - 2 for k in weighted.select(fake_context(model)).kept] == [24, 4, 2, 2]  # 40 x 0.2 x w / mean(w), mean 1
+    with pytest.raises(ValueError, match="4 layers"):
+        EmlocPolicy(layer_weights=[1.0, 2.0]).select(fake_context(model))
 
 
 def test_recent_keeps_only_the_newest_frames(tiny_runner):
