@@ -139,7 +139,7 @@ def test_streamingbench_summary():
 
 # --- end to end on generated videos: 24 frames at 4 fps, read at 2 fps --------------------------------------
 
-SWITCHES = ["--model", "tiny-random", "--device", "cpu", "--fps", "2", "--chunk-frames", "4",
+SWITCHES = ["--model", "tiny-random", "--device", "cpu", "--chunk-frames", "4",
             "--min-pixels", "12544", "--max-pixels", "12544"]
 UNIFORM = ["--memory", "uniform", "--ratio", "0.5"]
 LINE_FIELDS = {"id", "video", "task", "category", "time", "frames_seen", "last_frame_time", "reply", "prediction",
@@ -172,7 +172,7 @@ def streamer(capsys, benchmark, questions, videos, out, *switches):
     from streamer.cli import main
 
     code = main(["-q", "eval", benchmark, "--questions", str(questions), "--videos", str(videos), "--out", str(out),
-                 "--json", *SWITCHES, *(switches or UNIFORM)])
+                 "--json", *SWITCHES, *([] if "--frames" in switches else ["--fps", "2"]), *(switches or UNIFORM)])
     captured = capsys.readouterr()
     assert code == 0, captured.err
     from streamer.evaluation.results import read_results
@@ -225,6 +225,13 @@ def test_clip_mode_resume_and_missing_videos(capsys, videos, tmp_path, monkeypat
     assert calls["new_memory"] == 8, "only the failed questions ran again"
     assert summary["errors"] == 0 and [again[i] for i in ("0", "1")] == [lines[i] for i in ("0", "1")]
     assert list(again) == ["0", "1", "2_0", "2_1", "10", "11", "12_0", "12_1"]
+    # a frame count in clip mode: N frames from the first to the last of each clip, as the papers sample clips
+    _, counted = streamer(capsys, "ovobench", questions, videos, tmp_path / "n.jsonl", "--mode", "clip",
+                          "--frames", "4", "--spread", "linspace", *UNIFORM)
+    for name, cut in (("0", 3.0), ("1", 5.0), ("2_1", 1.0)):
+        assert counted[name]["frames_seen"] == 4 and counted[name]["last_frame_time"] == cut
+    with pytest.raises(AssertionError, match="streaming mode samples frames by rate"):
+        streamer(capsys, "ovobench", questions, videos, tmp_path / "s.jsonl", "--frames", "4", *UNIFORM)
 
 
 def test_streamingbench_end_to_end_with_the_recent_memory(capsys, videos, tmp_path):

@@ -64,8 +64,10 @@ def config_from_args(args) -> Config:
     """The config file named by --config with the run switches on top, validated."""
     config = load_config(args.config)
     override(config, "model", name=args.model, device=args.device, dtype=args.dtype)
-    if args.fps is not None:
+    if args.fps is not None:  # a switch replaces the config's way of sampling, whichever it was
         config.video.frames = None
+    if args.frames is not None:
+        config.video.fps = None
     override(config, "video", frames=args.frames, fps=args.fps, max_frames=args.max_frames, spread=args.spread,
              backend=args.backend,
              min_pixels=args.min_pixels, max_pixels=args.max_pixels, total_pixels=args.total_pixels)

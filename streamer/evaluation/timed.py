@@ -67,19 +67,21 @@ def read_list(path: str | Path, expected: str) -> list:
 def check_config(config: Config, mode: str) -> None:
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-    if config.video.fps is None:
-        raise ValueError("questions asked at a moment need frames sampled by rate (--fps): a frame count is spread "
-                         "over the whole video, past the moment of the question")
+    if config.video.fps is None and mode == "stream":
+        raise ValueError("streaming mode samples frames by rate (--fps): a frame count (--frames) is spread over "
+                         "a known length, which only clip mode has (--mode clip: N frames over each clip)")
     if mode == "stream" and config.probe.mode == "question":
         raise ValueError("streaming mode builds one memory that every question of a video shares, so the probe "
                          "cannot be the question: use probe mode generic, or --mode clip")
 
 
 def read_until(path, config: Config, preset: VisionPreset, until: float) -> list[Frame]:
-    """The frames sampled at video.fps up to `until` seconds, resized to model resolution chunk by chunk
-    (bounded peak memory); decoding stops there."""
+    """The frames sampled as configured (video.fps, or video.frames spread as video.spread) over the video up
+    to `until` seconds, resized to model resolution chunk by chunk (bounded peak memory); decoding stops there."""
     times = [t for t in frame_times(path) if t <= until] or frame_times(path)[:1]
-    indices = Sampling(fps=config.video.fps, max_frames=config.video.max_frames).indices(times)
+    video = config.video
+    indices = Sampling(frames=video.frames, fps=video.fps, max_frames=video.max_frames,
+                       spread=video.spread).indices(times)
     preset = config.video_preset(preset, len(indices))
     frames: list[Frame] = []
     decoded = iter_frames(path, indices, config.video.backend)
@@ -118,11 +120,23 @@ class _Stream:
         return time.perf_counter() - started
 
 
-def answer_video(runner: Runner, config: Config, frames: list[Frame], questions: Sequence[TimedQuestion],
+def read_clips(path, config: Config, preset: VisionPreset, mode: str,
+               questions: Sequence[TimedQuestion]) -> dict[float, list[Frame]]:
+    """cut -> the frames a question with that clip_end is answered from. Sampled by rate, one read up to
+    the last question serves every question (each takes the frames up to its own cut); a frame count
+    (clip mode) is spread over each clip, so each cut is read on its own, as the papers cut their clips."""
+    if mode == "clip" and config.video.frames is not None:
+        return {end: read_until(path, config, preset, end) for end in sorted({q.clip_end for q in questions})}
+    last = max(max(q.time, q.clip_end) for q in questions)
+    return {last: read_until(path, config, preset, last)}
+
+
+def answer_video(runner: Runner, config: Config, clips: dict[float, list[Frame]], questions: Sequence[TimedQuestion],
                  score: Scorer, mode: str, wait_s: float, read_s: float, progress: Progress) -> Iterator[dict]:
     """Results for one video's questions in the order they are asked, each yielded once answered."""
     stream = None
     for question in ask_order(questions):
+        frames = clips.get(question.clip_end) or clips[max(clips)]
         if mode == "stream":
             stream = stream or _Stream(runner, config, config.make_policy(), frames, progress)
             ingest_s = stream.advance(question.time)
@@ -200,11 +214,11 @@ def benchmark(name: str, questions: Sequence[TimedQuestion], videos: str | Path,
     if not videos.is_dir():
         raise FileNotFoundError(f"{videos}: no such folder; pass the folder holding the benchmark's videos")
 
-    def read(runner: Runner, path: Path, asked: Sequence[TimedQuestion]) -> list[Frame]:
-        return read_until(path, config, runner.preset, max(max(q.time, q.clip_end) for q in asked))
+    def read(runner: Runner, path: Path, asked: Sequence[TimedQuestion]) -> dict[float, list[Frame]]:
+        return read_clips(path, config, runner.preset, mode, asked)
 
-    def answer(runner, frames, asked, wait_s, read_s, progress):
-        return answer_video(runner, config, frames, asked, score, mode, wait_s, read_s, progress)
+    def answer(runner, clips, asked, wait_s, read_s, progress):
+        return answer_video(runner, config, clips, asked, score, mode, wait_s, read_s, progress)
 
     return Benchmark(name=name, key="id", questions=questions, video_of=lambda q: q.video,
                      path_of=lambda video: video_file(videos, video),
