@@ -11,6 +11,7 @@ published ones.
 
 Frames are chosen at `video.fps` over the part of the video up to the last question, so the
 rate does not depend on what comes after it; `video.max_frames` caps them (then spread evenly).
+In clip mode a frame count (`video.frames`) may be given instead: it is spread over each clip.
 """
 
 from __future__ import annotations
