@@ -37,7 +37,7 @@ def test_save_and_load_round_trip(tmp_path):
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no Qwen2-VL checkpoint at .*built-in model"):
+    with pytest.raises(FileNotFoundError, match="no Qwen2-VL or Qwen2.5-VL checkpoint at .*built-in model"):
         load_model(str(tmp_path / "nowhere"), device="cpu")
 
 
