@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import tempfile
 from datetime import datetime, timezone
@@ -159,6 +160,9 @@ def _read_meta(header: dict, path: Path, tensors: int) -> dict:
     if grid is not None and not (len(grid) == 2 and all(_field(path, "stream.grid_hw", v, int, 1) for v in grid)):
         raise ValueError(f"{path} is damaged: its header field stream.grid_hw is {grid!r}, expected [rows, columns]; "
                          "save it again")
+    fps = _field(path, "stream.fps", stream["fps"], float, optional=True)
+    if fps is not None and not (fps > 0 and math.isfinite(fps)):
+        raise ValueError(f"{path} is damaged: its header field stream.fps is {fps!r}, expected a rate > 0; save it again")
     chunks = _field(path, "stream.chunks", stream["chunks"], list)
     if not all(isinstance(chunk, dict) for chunk in chunks):
         raise ValueError(f"{path} is damaged: its header field stream.chunks holds a non-object; save it again")
