@@ -38,11 +38,17 @@ def model_identity(model, name: str) -> dict:
     checked on architecture only.
     """
     text, vision = model.config.text_config, model.config.vision_config
+    # the tower's width and its output's: Qwen2-VL calls them embed_dim and hidden_size, Qwen2.5-VL
+    # hidden_size and out_hidden_size
+    if hasattr(vision, "out_hidden_size"):
+        tower, output = vision.hidden_size, vision.out_hidden_size
+    else:
+        tower, output = vision.embed_dim, vision.hidden_size
     architecture = dict(
-        num_hidden_layers=text.num_hidden_layers, num_attention_heads=text.num_attention_heads,
+        model_type=model.config.model_type, num_hidden_layers=text.num_hidden_layers, num_attention_heads=text.num_attention_heads,
         num_key_value_heads=text.num_key_value_heads, hidden_size=text.hidden_size, vocab_size=text.vocab_size,
         rope_theta=text.rope_parameters["rope_theta"], mrope_section=list(text.rope_parameters["mrope_section"]),
-        vision_depth=vision.depth, vision_embed_dim=vision.embed_dim, vision_hidden_size=vision.hidden_size,
+        vision_depth=vision.depth, vision_embed_dim=tower, vision_hidden_size=output,
         patch_size=vision.patch_size, temporal_patch_size=vision.temporal_patch_size,
         spatial_merge_size=vision.spatial_merge_size,
     )
