@@ -32,7 +32,7 @@ from video_io.preprocess import VideoPatches, VisionPreset, preprocess_frames
 
 log = logging.getLogger("streamer")
 TOP_LOGPROBS = 5
-# a stream's frame rate when its caller states none: what transformers' and qwen-vl-utils' video sampling use
+# a stream's frame rate when its caller states none: qwen-vl-utils' default sampling rate
 DEFAULT_FPS = 2.0
 
 
