@@ -45,8 +45,8 @@ def model_identity(model, name: str) -> dict:
     else:
         tower, output = vision.embed_dim, vision.hidden_size
     architecture = dict(
-        model_type=model.config.model_type, num_hidden_layers=text.num_hidden_layers, num_attention_heads=text.num_attention_heads,
-        num_key_value_heads=text.num_key_value_heads, hidden_size=text.hidden_size, vocab_size=text.vocab_size,
+        model_type=model.config.model_type, num_hidden_layers=text.num_hidden_layers,
+        num_attention_heads=text.num_attention_heads, num_key_value_heads=text.num_key_value_heads, hidden_size=text.hidden_size, vocab_size=text.vocab_size,
         rope_theta=text.rope_parameters["rope_theta"], mrope_section=list(text.rope_parameters["mrope_section"]),
         vision_depth=vision.depth, vision_embed_dim=tower, vision_hidden_size=output,
         patch_size=vision.patch_size, temporal_patch_size=vision.temporal_patch_size,
@@ -168,7 +168,8 @@ def _read_meta(header: dict, path: Path, tensors: int) -> dict:
                          "save it again")
     fps = _field(path, "stream.fps", stream["fps"], float, optional=True)
     if fps is not None and not (fps > 0 and math.isfinite(fps)):
-        raise ValueError(f"{path} is damaged: its header field stream.fps is {fps!r}, expected a rate > 0; save it again")
+        raise ValueError(f"{path} is damaged: its header field stream.fps is {fps!r}, expected a rate > 0; "
+                         "save it again")
     chunks = _field(path, "stream.chunks", stream["chunks"], list)
     if not all(isinstance(chunk, dict) for chunk in chunks):
         raise ValueError(f"{path} is damaged: its header field stream.chunks holds a non-object; save it again")

@@ -35,7 +35,7 @@ class KVMemory:
     video_start: int | None = None  # position s of the open vision block, once the prefix is in
     temporal_groups: int = 0  # frame pairs ingested so far: the next pair's temporal index
     grid_hw: tuple[int, int] | None = None  # patch grid of every frame in this stream
-    fps: float | None = None  # frames per second of video time the stream is sampled at (Qwen2.5-VL's positions follow it)
+    fps: float | None = None  # frames per second of video time it is sampled at (Qwen2.5-VL's positions follow it)
     frames: int = 0  # frames ingested (before padding to pairs)
     full_tokens: int = 0  # tokens an unpruned memory would hold: prefix text + video
     evicted: int = 0  # tokens (summed over layers) removed to stay within the budget
@@ -90,8 +90,7 @@ class KVMemory:
         positions: [chunk_len, 3]; protected: [chunk_len] bool (stored with infinite importance);
         kept[l]: [kv_heads, k] sorted chunk indices each head keeps (None: all); scores[l]: [kv_heads,
         chunk_len] importance, for evictions (None: zeros); grid_thw: the chunk's patch grid; fps: its frame
-        rate; video_start:
-        where the stream's vision block starts; forget_before: drop the stored video tokens whose temporal
+        rate; video_start: where the stream's vision block starts; forget_before: drop the stored video tokens whose temporal
         position is below it first. Evicts old tokens first when a budget is set. All or nothing: a chunk
         refused (frame size, budget) leaves the memory as it was. Returns the chunk's record -- `report`
         plus kept, evicted (per layer, forgotten included) and memory_tokens -- which is also kept in `chunks`.

@@ -29,7 +29,8 @@ def test_stream_continues_temporal_index():
 
 def test_temporal_positions_follow_time():
     # Qwen2.5-VL at 2.5 fps: a pair spans 0.8 s, 2 positions per second -> 1.6 per pair, floored
-    positions = video_positions(block_start=4, first_group=0, groups=5, merged_h=1, merged_w=1, pair_step=1.6)
+    positions = video_positions(block_start=4, first_group=0, groups=5, merged_h=1, merged_w=1,
+                                pair_step=1.6)
     assert positions[:, 0].tolist() == [4 + t for t in (0, 1, 3, 4, 6)]
     pieces = torch.cat([video_positions(4, 0, 2, 1, 1, 1.6), video_positions(4, 2, 3, 1, 1, 1.6)])
     assert torch.equal(positions, pieces)  # a stream counts frame pairs, so chunks keep the same times
@@ -55,7 +56,8 @@ def test_video_block_matches_transformers(family_runner):
         video = model.config.video_token_id
         ids = torch.tensor([[1, 2, *[video] * 42, 3]])
         types = (ids == video).int() * 2  # text 0, video 2
-        theirs, _ = model.model.get_rope_index(ids, types, video_grid_thw=grid[None], second_per_grid_ts=seconds_per_pair)
+        theirs, _ = model.model.get_rope_index(ids, types, video_grid_thw=grid[None],
+                                               second_per_grid_ts=seconds_per_pair)
         theirs = theirs[:, 0, 2:-1]  # the block starts at 2
         assert theirs[0].unique().tolist() == [2 + t for t in (0, 1, 3, 4, 6, 8, 9)]
         ours = video_positions(2, 0, 7, 2, 3, step)

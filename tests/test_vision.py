@@ -24,7 +24,8 @@ def stock_and_batched(model_name: str, frames: int, size: tuple[int, int]):
 
 @pytest.mark.parametrize("model_name", ["tiny-random", "builtin", "tiny-random-qwen2.5-vl"])
 # Qwen2.5-VL's tiny tower has windows of 4 x 4 patches: 56 x 56 is one, 84 x 140 has windows cut by the edge
-@pytest.mark.parametrize("frames,size", [(2, (56, 56)), (6, (56, 112)), (8, (112, 56)), (4, (112, 168)), (4, (84, 140))])
+@pytest.mark.parametrize("frames,size",
+                         [(2, (56, 56)), (6, (56, 112)), (8, (112, 56)), (4, (112, 168)), (4, (84, 140))])
 def test_batched_tower_equals_the_stock_tower(model_name, frames, size):
     stock, batched = stock_and_batched(model_name, frames, size)
     assert batched.shape == stock.shape

@@ -173,9 +173,9 @@ def builtin_config(name: str, tokenizer: PreTrainedTokenizerBase) -> PretrainedC
     specials = special_token_ids(tokenizer)
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     bos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    tiny_vision = {TINY_RANDOM: (Qwen2VLConfig, TINY_VISION), TINY_RANDOM_QWEN25: (Qwen2_5_VLConfig, TINY_VISION_QWEN25)}
-    if name in tiny_vision:
-        config, vision = tiny_vision[name]
+    tiny = {TINY_RANDOM: (Qwen2VLConfig, TINY_VISION), TINY_RANDOM_QWEN25: (Qwen2_5_VLConfig, TINY_VISION_QWEN25)}
+    if name in tiny:
+        config, vision = tiny[name]
         text = dict(TINY_TEXT, vocab_size=len(tokenizer), eos_token_id=eos, bos_token_id=bos)
         return config(text_config=text, vision_config=dict(vision), tie_word_embeddings=False, **specials)
     if name in RANDOM_ARCHITECTURES:
