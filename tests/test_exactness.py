@@ -6,6 +6,8 @@ import torch
 from conftest import FAMILY_FPS, question_logits, random_frames, stream
 from reference import RaggedSubsetPolicy, one_shot_greedy, one_shot_logits, one_video_inputs
 
+from memory.baselines import FullPolicy
+
 QUESTION = "What happens in the video?"
 
 
@@ -72,3 +74,17 @@ def test_ragged_per_layer_memory_equals_masked_recomputation(family_runner):
     torch.testing.assert_close(chunked, reference, atol=1e-5, rtol=0)
     full = one_shot_logits(family_runner, frames, QUESTION, fps=FAMILY_FPS)
     assert (chunked - full).abs().max() > 1e-3, "pruning should change the answer logits"
+
+
+def test_a_stream_keeps_the_rate_of_its_first_chunk(family_runner):
+    """Later chunks continue at the stream's rate; another rate is refused before any work, memory unchanged."""
+    frames = random_frames(8, seed=4)
+    memory = stream(family_runner, frames[:4], 4, fps=FAMILY_FPS)
+    with pytest.raises(ValueError, match="frame rate changed mid-stream"):
+        family_runner.ingest(memory, frames[4:], FullPolicy(), fps=FAMILY_FPS + 1)
+    assert memory.frames == 4 and memory.fps == FAMILY_FPS
+    family_runner.ingest(memory, frames[4:], FullPolicy())  # no rate given: the stream's own
+    whole = stream(family_runner, frames, 4, fps=FAMILY_FPS)
+    assert memory.next_position == whole.next_position
+    torch.testing.assert_close(question_logits(family_runner, memory, QUESTION),
+                               question_logits(family_runner, whole, QUESTION), atol=1e-5, rtol=0)
