@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import tempfile
 from datetime import datetime, timezone
@@ -37,11 +38,17 @@ def model_identity(model, name: str) -> dict:
     checked on architecture only.
     """
     text, vision = model.config.text_config, model.config.vision_config
+    # the tower's width and its output's: Qwen2-VL calls them embed_dim and hidden_size, Qwen2.5-VL
+    # hidden_size and out_hidden_size
+    if hasattr(vision, "out_hidden_size"):
+        tower, output = vision.hidden_size, vision.out_hidden_size
+    else:
+        tower, output = vision.embed_dim, vision.hidden_size
     architecture = dict(
-        num_hidden_layers=text.num_hidden_layers, num_attention_heads=text.num_attention_heads,
-        num_key_value_heads=text.num_key_value_heads, hidden_size=text.hidden_size, vocab_size=text.vocab_size,
+        model_type=model.config.model_type, num_hidden_layers=text.num_hidden_layers,
+        num_attention_heads=text.num_attention_heads, num_key_value_heads=text.num_key_value_heads, hidden_size=text.hidden_size, vocab_size=text.vocab_size,
         rope_theta=text.rope_parameters["rope_theta"], mrope_section=list(text.rope_parameters["mrope_section"]),
-        vision_depth=vision.depth, vision_embed_dim=vision.embed_dim, vision_hidden_size=vision.hidden_size,
+        vision_depth=vision.depth, vision_embed_dim=tower, vision_hidden_size=output,
         patch_size=vision.patch_size, temporal_patch_size=vision.temporal_patch_size,
         spatial_merge_size=vision.spatial_merge_size,
     )
@@ -158,6 +165,10 @@ def _read_meta(header: dict, path: Path, tensors: int) -> dict:
     grid = _field(path, "stream.grid_hw", stream["grid_hw"], list, optional=True)
     if grid is not None and not (len(grid) == 2 and all(_field(path, "stream.grid_hw", v, int, 1) for v in grid)):
         raise ValueError(f"{path} is damaged: its header field stream.grid_hw is {grid!r}, expected [rows, columns]; "
+                         "save it again")
+    fps = _field(path, "stream.fps", stream["fps"], float, optional=True)
+    if fps is not None and not (fps > 0 and math.isfinite(fps)):
+        raise ValueError(f"{path} is damaged: its header field stream.fps is {fps!r}, expected a rate > 0; "
                          "save it again")
     chunks = _field(path, "stream.chunks", stream["chunks"], list)
     if not all(isinstance(chunk, dict) for chunk in chunks):

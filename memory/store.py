@@ -8,6 +8,7 @@ the same number of tokens, so a layer's cache is one dense tensor, but layers ma
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -34,6 +35,7 @@ class KVMemory:
     video_start: int | None = None  # position s of the open vision block, once the prefix is in
     temporal_groups: int = 0  # frame pairs ingested so far: the next pair's temporal index
     grid_hw: tuple[int, int] | None = None  # patch grid of every frame in this stream
+    fps: float | None = None  # frames per second of video time it is sampled at (Qwen2.5-VL's positions follow it)
     frames: int = 0  # frames ingested (before padding to pairs)
     full_tokens: int = 0  # tokens an unpruned memory would hold: prefix text + video
     evicted: int = 0  # tokens (summed over layers) removed to stay within the budget
@@ -66,26 +68,35 @@ class KVMemory:
             raise ValueError(f"frame size changed mid-stream: patch grid {tuple(grid_hw)} after {self.grid_hw}; "
                              "every frame of a stream must have the same size")
 
+    def check_fps(self, fps: float) -> None:
+        """Refuse a rate that is not a number > 0, or another rate than the stream's (its positions would be
+        out of time)."""
+        if not (fps > 0 and math.isfinite(fps)):
+            raise ValueError(f"fps must be a finite number > 0, got {fps}")
+        if self.fps is not None and fps != self.fps:
+            raise ValueError(f"frame rate changed mid-stream: {fps} fps after {self.fps}; a stream keeps one rate")
+
     def position_after(self, positions: torch.Tensor) -> int:
         """Where text after tokens at `positions` [n, 3] starts: 1 + the largest position used."""
         return max(self.next_position, int(positions.max()) + 1)
 
     def commit(self, new_kv: list[tuple[torch.Tensor, torch.Tensor]], positions: torch.Tensor,
                protected: torch.Tensor, kept: list[torch.Tensor] | None, scores: list[torch.Tensor] | None, *,
-               frames: int, grid_thw: tuple[int, int, int], video_start: int, report: dict,
+               frames: int, grid_thw: tuple[int, int, int], fps: float, video_start: int, report: dict,
                forget_before: int | None = None) -> dict:
         """Append a chunk's kept tokens to every layer, in position order, and advance the stream.
 
         new_kv[l]: the chunk's keys and values in layer l, [1, kv_heads, chunk_len, head_dim];
         positions: [chunk_len, 3]; protected: [chunk_len] bool (stored with infinite importance);
         kept[l]: [kv_heads, k] sorted chunk indices each head keeps (None: all); scores[l]: [kv_heads,
-        chunk_len] importance, for evictions (None: zeros); grid_thw: the chunk's patch grid; video_start:
-        where the stream's vision block starts; forget_before: drop the stored video tokens whose temporal
+        chunk_len] importance, for evictions (None: zeros); grid_thw: the chunk's patch grid; fps: its frame
+        rate; video_start: where the stream's vision block starts; forget_before: drop the stored video tokens whose temporal
         position is below it first. Evicts old tokens first when a budget is set. All or nothing: a chunk
         refused (frame size, budget) leaves the memory as it was. Returns the chunk's record -- `report`
         plus kept, evicted (per layer, forgotten included) and memory_tokens -- which is also kept in `chunks`.
         """
         self.check_grid(grid_thw[1:])
+        self.check_fps(fps)
         chunk_len = positions.shape[0]
         heads = self.layers[0].keys.shape[1]
         incoming = [chunk_len] * len(self.layers) if kept is None else [k.shape[1] for k in kept]
@@ -106,6 +117,7 @@ class KVMemory:
         self.next_position = self.position_after(positions)
         self.video_start = video_start
         self.grid_hw = tuple(grid_thw[1:])
+        self.fps = fps
         self.temporal_groups += grid_thw[0]
         self.frames += frames
         self.full_tokens += chunk_len

@@ -1,6 +1,6 @@
 """Checkpoint directories laid out like the published Qwen2-VL-*-Instruct repositories (config.json,
 tokenizer with its chat template, generation_config.json, preprocessor_config.json, bfloat16
-safetensors), with tiny-random's small random weights and the project's small tokenizer."""
+safetensors), with a tiny random model of either family and the project's small tokenizer."""
 
 from __future__ import annotations
 
@@ -34,11 +34,11 @@ PREPROCESSOR = dict(min_pixels=3136, max_pixels=12845056, patch_size=14, tempora
 
 
 def published_checkpoint(path: Path, template: str | None = INSTRUCT_TEMPLATE, generation: dict | None = None,
-                         preprocessor: dict | None = None) -> Path:
-    """Write a checkpoint at `path`; `generation` / `preprocessor` replace the published files' values
-    (None: the published ones)."""
+                         preprocessor: dict | None = None, model_name: str = "tiny-random") -> Path:
+    """Write a checkpoint of the built-in `model_name` at `path`; `generation` / `preprocessor` replace the
+    published files' values (None: the published ones)."""
     tokenizer = tiny_tokenizer()
-    model = build_random_model(builtin_config("tiny-random", tokenizer), torch.device("cpu"), torch.bfloat16)
+    model = build_random_model(builtin_config(model_name, tokenizer), torch.device("cpu"), torch.bfloat16)
     model.save_pretrained(path)
     if template is not None:
         tokenizer.chat_template = template

@@ -14,9 +14,22 @@ from video_io.preprocess import VisionPreset
 TEST_PRESET = VisionPreset(min_pixels=56 * 112, max_pixels=56 * 112)
 
 
+# one tiny model per supported family; FAMILY_FPS is not an integer, so that Qwen2.5-VL's temporal
+# positions (1.6 per frame pair) floor to uneven steps
+FAMILY_MODELS = ("tiny-random", "tiny-random-qwen2.5-vl")
+FAMILY_FPS = 2.5
+
+
 @pytest.fixture(scope="session")
 def tiny_runner() -> Runner:
     return Runner(load_model("tiny-random", device="cpu", dtype="float32"), preset=TEST_PRESET)
+
+
+@pytest.fixture(scope="session", params=FAMILY_MODELS)
+def family_runner(request, tiny_runner) -> Runner:
+    if request.param == "tiny-random":
+        return tiny_runner
+    return Runner(load_model(request.param, device="cpu", dtype="float32"), preset=TEST_PRESET)
 
 
 def random_frames(count: int, seed: int = 0, size=(56, 112)) -> list[np.ndarray]:
@@ -24,9 +37,10 @@ def random_frames(count: int, seed: int = 0, size=(56, 112)) -> list[np.ndarray]
     return [rng.integers(0, 256, (*size, 3), dtype=np.uint8) for _ in range(count)]
 
 
-def stream(runner: Runner, frames: list[np.ndarray], chunk_frames: int, policy=None, budget=None):
+def stream(runner: Runner, frames: list[np.ndarray], chunk_frames: int, policy=None, budget=None, fps=None):
     """A memory of `frames` ingested `chunk_frames` at a time (default policy: keep everything)."""
-    return ingest_video(runner, frames, policy or FullPolicy(), chunk_frames, runner.new_memory(budget=budget))
+    return ingest_video(runner, frames, policy or FullPolicy(), chunk_frames, runner.new_memory(budget=budget),
+                        fps=fps)
 
 
 @torch.inference_mode()

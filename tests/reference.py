@@ -16,32 +16,33 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from memory.policy import ChunkContext, MemoryPolicy, Selection
 from streamer.engine.attention import MEMORY_ATTENTION
 from streamer.engine.positions import as_position_ids, text_positions, video_positions
-from streamer.engine.runner import Runner
+from streamer.engine.runner import DEFAULT_FPS, Runner
 from video_io.preprocess import preprocess_frames
 
 REFERENCE_ATTENTION = "test_reference_masked"
 
 
-def one_video_inputs(runner: Runner, frames: list[np.ndarray], question: str):
+def one_video_inputs(runner: Runner, frames: list[np.ndarray], question: str, fps: float = DEFAULT_FPS):
     patches = preprocess_frames(frames, runner.preset)
     grid_t, grid_h, grid_w = patches.grid_thw
     merge = runner.preset.merge_size
     prefix, suffix = runner.prefix_ids, runner.suffix_ids(question)
     video_token = runner.model.config.video_token_id
     ids = prefix + [video_token] * patches.num_tokens + suffix
-    video = video_positions(len(prefix), 0, grid_t, grid_h // merge, grid_w // merge)
+    video = video_positions(len(prefix), 0, grid_t, grid_h // merge, grid_w // merge, runner.pair_step(fps))
     positions = torch.cat([text_positions(0, len(prefix)), video, text_positions(int(video.max()) + 1, len(suffix))])
     return ids, positions, patches, len(suffix)
 
 
 @torch.inference_mode()
-def one_shot_logits(runner: Runner, frames, question: str, generated: list[int] = (), key_mask=None) -> torch.Tensor:
+def one_shot_logits(runner: Runner, frames, question: str, generated: list[int] = (), key_mask=None,
+                    fps: float = DEFAULT_FPS) -> torch.Tensor:
     """Logits at the question (and generated) positions from one stock forward over everything.
 
     key_mask, if given, is a function (layer_idx, seq_len) -> bool [kv_heads, seq_len, seq_len]
     of extra visibility (ANDed with causality), used to mimic per-layer, per-head pruning.
     """
-    ids, positions, patches, suffix_len = one_video_inputs(runner, frames, question)
+    ids, positions, patches, suffix_len = one_video_inputs(runner, frames, question, fps)
     ids = ids + list(generated)
     if generated:
         start = int(positions.max()) + 1
@@ -72,11 +73,11 @@ def one_shot_logits(runner: Runner, frames, question: str, generated: list[int] 
     return out.logits[0, -(suffix_len + len(generated)):].float()
 
 
-def one_shot_greedy(runner: Runner, frames, question: str, steps: int) -> list[int]:
+def one_shot_greedy(runner: Runner, frames, question: str, steps: int, fps: float = DEFAULT_FPS) -> list[int]:
     """Greedy decoding by recomputing the whole sequence for every new token."""
     tokens: list[int] = []
     for _ in range(steps):
-        token = int(one_shot_logits(runner, frames, question, tokens)[-1].argmax())
+        token = int(one_shot_logits(runner, frames, question, tokens, fps=fps)[-1].argmax())
         if token in runner.stop_ids:
             break
         tokens.append(token)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from checkpoints import PREPROCESSOR, published_checkpoint
-from conftest import TEST_PRESET, random_frames, stream
+from conftest import FAMILY_MODELS, TEST_PRESET, random_frames, stream
 from reference import one_video_inputs, one_shot_logits
 from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
@@ -23,9 +23,10 @@ from video_io.preprocess import (QWEN_VL_UTILS_PRESET, QWEN_VL_UTILS_TOTAL_PIXEL
 QUESTION = "What happens in the video?"
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return published_checkpoint(tmp_path_factory.mktemp("Qwen2-VL-7B-Instruct"))
+@pytest.fixture(scope="module", params=FAMILY_MODELS)
+def checkpoint(request, tmp_path_factory):
+    """A checkpoint directory of each family, recognised by its config.json's model_type."""
+    return published_checkpoint(tmp_path_factory.mktemp("Instruct"), model_name=request.param)
 
 
 def tokens_per_pair(preset: VisionPreset, height: int, width: int) -> int:

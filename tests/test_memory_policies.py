@@ -1,11 +1,12 @@
-"""EMLoC and the baseline policies on the tiny model (float32), against full recomputations."""
+"""EMLoC and the baseline policies on the tiny model (float32; the pruning, policy and budget tests on a tiny
+model of each family), against full recomputations."""
 
 import copy
 import math
 
 import pytest
 import torch
-from conftest import question_logits, random_frames, stream
+from conftest import FAMILY_FPS, question_logits, random_frames, stream
 from reference import one_shot_logits
 
 from memory.baselines import FullPolicy, pyramid_ratios
@@ -116,25 +117,26 @@ def probe_logits(runner, memory, ids, last):
     return runner.logits(hidden[:, -last:])[0]
 
 
-def test_pruned_memory_answers_exactly_like_a_masked_full_forward(tiny_runner):
+def test_pruned_memory_answers_exactly_like_a_masked_full_forward(family_runner):
     """Kept tokens keep their positions and the question continues at next_position, not at the
     cache length: the answer logits equal one full forward that hides exactly the pruned tokens."""
     frames = random_frames(8, seed=8)
-    full = stream(tiny_runner, frames, 4, FullPolicy())
-    memory = stream(tiny_runner, frames, 4, emloc(0.05, ratios=[0.1, 0.3, 1.0], group_size=2))
+    full = stream(family_runner, frames, 4, FullPolicy(), fps=FAMILY_FPS)
+    memory = stream(family_runner, frames, 4, emloc(0.05, ratios=[0.1, 0.3, 1.0], group_size=2), fps=FAMILY_FPS)
     assert memory.mean_tokens() < full.mean_tokens()
     assert memory.next_position == full.next_position
     for layer, full_layer in zip(memory.layers, full.layers):  # kept positions are a subset, in order
-        for head in range(tiny_runner.kv_heads):
+        for head in range(family_runner.kv_heads):
             mine = layer.positions[head]
             assert torch.all(mine[1:, 0] >= mine[:-1, 0])
             assert all((full_layer.positions[head] == p).all(-1).any() for p in mine)
-    reference = one_shot_logits(tiny_runner, frames, QUESTION, key_mask=kept_mask_reference(tiny_runner, memory, full))
-    torch.testing.assert_close(question_logits(tiny_runner, memory, QUESTION), reference, atol=1e-5, rtol=0)
+    key_mask = kept_mask_reference(family_runner, memory, full)
+    reference = one_shot_logits(family_runner, frames, QUESTION, key_mask=key_mask, fps=FAMILY_FPS)
+    torch.testing.assert_close(question_logits(family_runner, memory, QUESTION), reference, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("name", list(POLICIES))
-def test_every_policy_runs_and_keeps_prompt_text(tiny_runner, name):
+def test_every_policy_runs_and_keeps_prompt_text(family_runner, name):
     frames = random_frames(8, seed=9)
     options = {"ratio": 0.25} if name in policies_with("ratio") else {}
     if name == "emloc":
@@ -142,12 +144,12 @@ def test_every_policy_runs_and_keeps_prompt_text(tiny_runner, name):
     if name == "recent":
         options = {"frames": 2}
     policy = make_policy(name, options, PROBE)
-    memory = stream(tiny_runner, frames, 4, policy)
-    prefix = len(tiny_runner.prefix_ids)
+    memory = stream(family_runner, frames, 4, policy, fps=FAMILY_FPS)
+    prefix = len(family_runner.prefix_ids)
     for layer in memory.layers:  # the prompt text (positions 0..prefix-1) is in every layer and head
         for head_positions in layer.positions:
             assert head_positions[:prefix, 0].tolist() == list(range(prefix))
-    answer = tiny_runner.answer(memory, QUESTION, max_new_tokens=3)
+    answer = family_runner.answer(memory, QUESTION, max_new_tokens=3)
     assert len(answer.token_ids) >= 1
     if name == "full":
         assert memory.mean_tokens() == memory.full_tokens
@@ -167,21 +169,22 @@ def test_uniform_and_pyramid_spend_the_same_total(tiny_runner):
 
 
 @pytest.mark.parametrize("name", ["full", "window", "emloc"])
-def test_budget_is_never_exceeded_over_a_long_stream(tiny_runner, name):
+def test_budget_is_never_exceeded_over_a_long_stream(family_runner, name):
     options = {"delta": 0.05, "ratios": [0.25, 1.0], "group_size": 3} if name == "emloc" else {}
     policy = make_policy(name, options, ProbeConfig(js_positions=2, answer_tokens=1))
     budget = 48
-    memory = tiny_runner.new_memory(budget=budget)
+    memory = family_runner.new_memory(budget=budget)
     frames = random_frames(100, seed=11)
     for chunk in range(50):
-        report = tiny_runner.ingest(memory, frames[2 * chunk:2 * chunk + 2], policy)
+        report = family_runner.ingest(memory, frames[2 * chunk:2 * chunk + 2], policy)
         assert max(memory.tokens_per_layer()) <= budget
         newest = memory.layers[0].positions[0][-report["kept"][0]:]
-        assert int(newest[-1, 0]) == memory.video_start + chunk, "the newest chunk is kept as chosen"
+        time = memory.video_start + int(chunk * family_runner.pair_step(memory.fps))  # one frame pair per chunk
+        assert int(newest[-1, 0]) == time, "the newest chunk is kept as chosen"
     assert memory.evicted > 0 and sum(sum(c["evicted"]) for c in memory.chunks) == memory.evicted
-    prefix = len(tiny_runner.prefix_ids)
+    prefix = len(family_runner.prefix_ids)
     assert memory.layers[0].positions[0][:prefix, 0].tolist() == list(range(prefix))
-    assert len(tiny_runner.answer(memory, QUESTION, max_new_tokens=2).token_ids) >= 1
+    assert len(family_runner.answer(memory, QUESTION, max_new_tokens=2).token_ids) >= 1
 
 
 def test_budget_smaller_than_a_chunk_is_refused_without_damage(tiny_runner):

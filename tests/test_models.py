@@ -7,8 +7,9 @@ from streamer.engine.models import BUILTIN_MODELS, build_random_model, builtin_c
 from streamer.engine.runner import Runner
 
 
-def test_tiny_random_is_deterministic():
-    a, b = load_model("tiny-random", device="cpu"), load_model("tiny-random", device="cpu")
+@pytest.mark.parametrize("name", ["tiny-random", "tiny-random-qwen2.5-vl"])
+def test_tiny_random_is_deterministic(name):
+    a, b = load_model(name, device="cpu"), load_model(name, device="cpu")
     for (name, x), y in zip(a.model.state_dict().items(), b.model.state_dict().values()):
         assert torch.equal(x, y), name
 
@@ -21,11 +22,14 @@ def test_tiny_tokenizer_has_qwen_special_tokens():
     assert tokenizer.decode(ids) == text
 
 
-def test_save_and_load_round_trip(tmp_path):
-    loaded = load_model("tiny-random", device="cpu")
+@pytest.mark.parametrize("name", ["tiny-random", "tiny-random-qwen2.5-vl"])
+def test_save_and_load_round_trip(tmp_path, name):
+    """A saved checkpoint of either family loads by path, recognised by its config's model_type."""
+    loaded = load_model(name, device="cpu")
     loaded.model.save_pretrained(tmp_path)
     loaded.tokenizer.save_pretrained(tmp_path)
     reloaded = load_model(str(tmp_path), device="cpu", dtype="float32")
+    assert type(reloaded.model) is type(loaded.model)
     frames = random_frames(4)
     logits = []
     for model in (loaded, reloaded):
@@ -37,12 +41,13 @@ def test_save_and_load_round_trip(tmp_path):
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no Qwen2-VL checkpoint at .*built-in model"):
+    with pytest.raises(FileNotFoundError, match="no Qwen2-VL or Qwen2.5-VL checkpoint at .*built-in model"):
         load_model(str(tmp_path / "nowhere"), device="cpu")
 
 
 @pytest.mark.parametrize("name, billions, layers, kv_heads", [
     ("qwen2-vl-2b-random", 2.21, 28, 2), ("qwen2-vl-7b-random", 8.29, 28, 4), ("qwen2-vl-72b-random", 73.4, 80, 8),
+    ("qwen2.5-vl-3b-random", 3.75, 36, 2), ("qwen2.5-vl-7b-random", 8.29, 28, 4), ("qwen2.5-vl-72b-random", 73.4, 80, 8),
 ])
 def test_architecture_configs_match_the_released_sizes(name, billions, layers, kv_heads):
     assert name in BUILTIN_MODELS

@@ -1,6 +1,8 @@
 """The M-RoPE position convention of docs/DESIGN.md section 4, on literal examples."""
 
+import pytest
 import torch
+from conftest import FAMILY_FPS
 
 from streamer.engine.positions import as_position_ids, text_positions, video_positions
 
@@ -25,12 +27,43 @@ def test_stream_continues_temporal_index():
     assert torch.equal(whole, pieces)
 
 
-def test_video_block_matches_transformers(tiny_runner):
-    """transformers computes the same positions inside a vision block (it differs only after it)."""
-    merge = tiny_runner.preset.merge_size
-    grid = torch.tensor([3, 4, 6])  # patches; merged grid 2 x 3
-    theirs = tiny_runner.model.model.get_vision_position_ids(7, grid, 1, merge)
-    ours = video_positions(7, 0, 3, 2, 3)
+def test_temporal_positions_follow_time():
+    # Qwen2.5-VL at 2.5 fps: a pair spans 0.8 s, 2 positions per second -> 1.6 per pair, floored
+    positions = video_positions(block_start=4, first_group=0, groups=5, merged_h=1, merged_w=1,
+                                pair_step=1.6)
+    assert positions[:, 0].tolist() == [4 + t for t in (0, 1, 3, 4, 6)]
+    pieces = torch.cat([video_positions(4, 0, 2, 1, 1, 1.6), video_positions(4, 2, 3, 1, 1, 1.6)])
+    assert torch.equal(positions, pieces)  # a stream counts frame pairs, so chunks keep the same times
+
+
+def test_pair_step(family_runner):
+    """Qwen2-VL counts frame pairs; Qwen2.5-VL counts tokens_per_second (2) per second of video."""
+    qwen25 = hasattr(family_runner.model.config.vision_config, "tokens_per_second")
+    assert family_runner.pair_step(FAMILY_FPS) == pytest.approx(2 * 2 / FAMILY_FPS if qwen25 else 1.0, rel=1e-7)
+    assert family_runner.pair_step(0.5) == (8.0 if qwen25 else 1.0)
+
+
+def test_video_block_matches_transformers(family_runner):
+    """transformers computes the same positions inside a vision block (it differs only after it), for
+    Qwen2.5-VL with the time step its processor derives from the fps (second_per_grid_ts, float32)."""
+    model = family_runner.model
+    merge = family_runner.preset.merge_size
+    grid = torch.tensor([7, 4, 6])  # patches; merged grid 2 x 3
+    step = family_runner.pair_step(FAMILY_FPS)
+    vision = model.config.vision_config
+    if hasattr(vision, "tokens_per_second"):
+        seconds_per_pair = torch.tensor([vision.temporal_patch_size / FAMILY_FPS])  # what the processor returns
+        video = model.config.video_token_id
+        ids = torch.tensor([[1, 2, *[video] * 42, 3]])
+        types = (ids == video).int() * 2  # text 0, video 2
+        theirs, _ = model.model.get_rope_index(ids, types, video_grid_thw=grid[None],
+                                               second_per_grid_ts=seconds_per_pair)
+        theirs = theirs[:, 0, 2:-1]  # the block starts at 2
+        assert theirs[0].unique().tolist() == [2 + t for t in (0, 1, 3, 4, 6, 8, 9)]
+        ours = video_positions(2, 0, 7, 2, 3, step)
+    else:
+        theirs = model.model.get_vision_position_ids(7, grid, 1, merge)
+        ours = video_positions(7, 0, 7, 2, 3, step)
     assert torch.equal(theirs.t(), ours)
 
 

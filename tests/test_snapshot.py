@@ -5,7 +5,7 @@ import struct
 
 import pytest
 import torch
-from conftest import question_logits, random_frames
+from conftest import FAMILY_FPS, question_logits, random_frames
 from reference import RaggedSubsetPolicy
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -34,8 +34,10 @@ def saved(tiny_runner, identity, tmp_path_factory):
 
 
 @pytest.mark.parametrize("policy", [FullPolicy(), RaggedSubsetPolicy(seed=0)], ids=["full", "ragged"])
-def test_round_trip_answers_identically(tiny_runner, identity, tmp_path, policy):
-    memory = ingest_video(tiny_runner, random_frames(6, seed=1), policy, 2)
+def test_round_trip_answers_identically(family_runner, tmp_path, policy):
+    tiny_runner = family_runner
+    identity = model_identity(tiny_runner.model, tiny_runner.model_name)
+    memory = ingest_video(tiny_runner, random_frames(6, seed=1), policy, 2, fps=FAMILY_FPS)
     if isinstance(policy, RaggedSubsetPolicy):
         assert len(set(memory.tokens_per_layer())) > 1, "the test policy should leave layers with different lengths"
     path = tmp_path / "memory.safetensors"
@@ -55,12 +57,16 @@ def test_round_trip_answers_identically(tiny_runner, identity, tmp_path, policy)
             == tiny_runner.answer(memory, QUESTION, max_new_tokens=6).token_ids)
 
 
-def test_loaded_memory_continues_the_stream(tiny_runner, identity, tmp_path):
+def test_loaded_memory_continues_the_stream(family_runner, tmp_path):
+    """A reloaded stream keeps its frame rate: the frames after it get the positions they would have had."""
+    tiny_runner = family_runner
+    identity = model_identity(tiny_runner.model, tiny_runner.model_name)
     frames = random_frames(8, seed=2)
     path = tmp_path / "memory.safetensors"
-    save_memory(ingest_video(tiny_runner, frames[:4], FullPolicy(), 2), path, identity)
+    save_memory(ingest_video(tiny_runner, frames[:4], FullPolicy(), 2, fps=FAMILY_FPS), path, identity)
     resumed = ingest_video(tiny_runner, frames[4:], FullPolicy(), 2, load_memory(path, identity)[0])
-    continuous = ingest_video(tiny_runner, frames, FullPolicy(), 2)
+    continuous = ingest_video(tiny_runner, frames, FullPolicy(), 2, fps=FAMILY_FPS)
+    assert resumed.fps == FAMILY_FPS
     assert resumed.frames == continuous.frames and resumed.next_position == continuous.next_position
     torch.testing.assert_close(question_logits(tiny_runner, resumed, QUESTION),
                                question_logits(tiny_runner, continuous, QUESTION), atol=1e-6, rtol=0)
@@ -91,6 +97,13 @@ def test_other_architecture_is_refused(saved):
     with pytest.raises(ValueError, match="another model") as error:
         load_memory(saved, other)
     assert "'qwen2-vl-2b-random' (28 layers" in str(error.value) and "'tiny-random' (6 layers" in str(error.value)
+
+
+def test_other_family_of_the_same_size_is_refused(saved):
+    model = build_random_model(builtin_config("tiny-random-qwen2.5-vl", tiny_tokenizer()), torch.device("meta"),
+                               torch.float32)  # the tiny Qwen2-VL's text model, another family's vision tower
+    with pytest.raises(ValueError, match="different architecture"):
+        load_memory(saved, model_identity(model, "tiny-random-qwen2.5-vl"))
 
 
 def rewrite(saved, path, version=None, drop=None):
@@ -173,6 +186,8 @@ def tamper(saved, path, edit):
     (lambda m: m["stream"].update(next_position="abc"), "stream.next_position"),
     (lambda m: m["stream"].update(budget=True), "stream.budget"),
     (lambda m: m["stream"].update(chunks=[1, 2]), "stream.chunks"),
+    (lambda m: m["stream"].update(fps="2"), "stream.fps"),
+    (lambda m: m["stream"].update(fps=-1.0), "stream.fps"),
 ])
 def test_tampered_headers_are_refused_naming_the_field(identity, saved, tmp_path, edit, field):
     path = tmp_path / "tampered.safetensors"

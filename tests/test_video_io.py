@@ -315,6 +315,7 @@ def test_file_source(video, backend):
 def test_file_source_fps(video):
     source = FileSource(video, Sampling(fps=2.0))
     assert [decode_index(f.image) for f in source] == list(range(0, NUM_FRAMES, 4))
+    assert source.sampled_fps == pytest.approx(len(source) / (NUM_FRAMES / FPS))  # frames over the duration
 
 
 @pytest.mark.parametrize("as_url", [False, True], ids=["path", "file_url"])

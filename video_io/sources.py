@@ -32,6 +32,12 @@ class FileSource:
     def __len__(self) -> int:
         return len(self.indices)
 
+    @property
+    def sampled_fps(self) -> float:
+        """Frames per second of video time this source yields: its frame count over the video's duration,
+        as transformers' VideoMetadata.sampled_fps and qwen-vl-utils compute it."""
+        return len(self.indices) / self.info.duration
+
     def __iter__(self) -> Iterator[Frame]:
         return iter_frames(self.path, self.indices, self.backend)
 

@@ -69,7 +69,8 @@ def ask_video(runner: Runner, video: str, question: str, config: Config,
 
     memory = runner.new_memory(budget=config.memory.budget or None)
     preset = config.video_preset(runner.preset, len(source))
-    ingest_video(runner, source, policy, chunk_frames, memory, on_chunk=on_chunk, preset=preset)
+    ingest_video(runner, source, policy, chunk_frames, memory, on_chunk=on_chunk, preset=preset,
+                 fps=source.sampled_fps)  # Qwen2.5-VL's positions follow the frames' time
     answer = runner.answer(memory, question, config.generation.max_new_tokens)
     stage = {key: sum(chunk["timings"].get(key, 0.0) for chunk in memory.chunks) for key in STAGES}
     read_s = sum(chunk["timings"]["read"] for chunk in memory.chunks)

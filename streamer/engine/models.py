@@ -1,4 +1,4 @@
-"""Model loading: local Qwen2-VL checkpoints and built-in offline models.
+"""Model loading: local Qwen2-VL and Qwen2.5-VL checkpoints and built-in offline models.
 
 Nothing here downloads anything. A real checkpoint is a local directory; the built-in
 models ship with the package or are built from a config with seeded random weights:
@@ -6,9 +6,12 @@ models ship with the package or are built from a config with seeded random weigh
 - ``builtin``: a small Qwen2-VL trained here on procedural videos (streamer.builtin.train), shipped in
   streamer/assets/builtin with the vision preset it was trained at; it really answers questions
   about streamer.builtin.videos videos, so the memory's effect on answers can be measured offline.
-- ``tiny-random``: a few-layer Qwen2-VL with the project's small tokenizer, for exactness tests.
-- ``qwen2-vl-{2b,7b,72b}-random``: the real architectures (configs/models/*.json) with random
-  weights, for speed measurement.
+- ``tiny-random`` / ``tiny-random-qwen2.5-vl``: a few-layer Qwen2-VL / Qwen2.5-VL with the project's
+  small tokenizer, for exactness tests.
+- ``qwen2-vl-{2b,7b,72b}-random``, ``qwen2.5-vl-{3b,7b,72b}-random``: the real architectures
+  (configs/models/*.json) with random weights, for speed measurement.
+
+The family (FAMILIES) comes from a config's model_type, so a checkpoint of either loads by path.
 
 A checkpoint directory's own settings are honoured as transformers would honour them: the dtype
 of its config.json, the frame resolution of its (video_)preprocessor_config.json, the stop tokens
@@ -23,7 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import (AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase, Qwen2VLConfig,
+from transformers import (AutoTokenizer, GenerationConfig, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase,
+                          Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
                           Qwen2VLForConditionalGeneration)
 
 from streamer.engine.attention import MEMORY_ATTENTION, register_memory_attention
@@ -37,8 +41,11 @@ BUILTIN_DIR = ASSETS / "builtin"  # a checkpoint directory like any other, train
 PRESET_FILE = "preset.json"  # optional in a checkpoint: VisionPreset fields (the resolution it was trained at)
 PROCESSOR_FILES = ("video_preprocessor_config.json", "preprocessor_config.json")  # transformers' order
 TINY_RANDOM = "tiny-random"
-RANDOM_ARCHITECTURES = {f"qwen2-vl-{size}-random": f"qwen2-vl-{size}.json" for size in ("2b", "7b", "72b")}
-RANDOM_MODELS = (TINY_RANDOM, *RANDOM_ARCHITECTURES)  # seeded random weights: no meaningful answers
+TINY_RANDOM_QWEN25 = "tiny-random-qwen2.5-vl"
+RANDOM_ARCHITECTURES = {f"{family}-{size}-random": f"{family}-{size}.json"
+                        for family, sizes in (("qwen2-vl", ("2b", "7b", "72b")), ("qwen2.5-vl", ("3b", "7b", "72b")))
+                        for size in sizes}
+RANDOM_MODELS = (TINY_RANDOM, TINY_RANDOM_QWEN25, *RANDOM_ARCHITECTURES)  # seeded random weights: no meaningful answers
 BUILTIN_MODELS = (BUILTIN, *RANDOM_MODELS)
 RANDOM_SEED = 0
 
@@ -56,11 +63,29 @@ TINY_VISION = dict(
     spatial_merge_size=2, temporal_patch_size=2, hidden_act="quick_gelu", hidden_size=64,
     initializer_range=0.1,
 )
+# Qwen2.5-VL's tower: windows of 2 x 2 merged tokens (56 pixels), so that a test frame holds several,
+# some cut by the frame's edge, and one full-attention block between window blocks.
+TINY_VISION_QWEN25 = dict(
+    depth=3, hidden_size=32, intermediate_size=64, num_heads=2, in_channels=3, patch_size=14,
+    spatial_merge_size=2, temporal_patch_size=2, hidden_act="silu", out_hidden_size=64,
+    window_size=56, fullatt_block_indexes=[1], tokens_per_second=2, initializer_range=0.1,
+)
+
+
+@dataclass(frozen=True)
+class Family:
+    config: type[PretrainedConfig]
+    model: type[PreTrainedModel]
+
+
+# by the model_type of a checkpoint's config.json
+FAMILIES = {"qwen2_vl": Family(Qwen2VLConfig, Qwen2VLForConditionalGeneration),
+            "qwen2_5_vl": Family(Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration)}
 
 
 @dataclass
 class LoadedModel:
-    model: Qwen2VLForConditionalGeneration
+    model: PreTrainedModel  # a FAMILIES model
     tokenizer: PreTrainedTokenizerBase
     name: str  # a built-in name, or the checkpoint's absolute path (what loads it from any directory)
     preset: VisionPreset | None = None  # the checkpoint's frame resolution, when it states one
@@ -137,34 +162,43 @@ def special_token_ids(tokenizer: PreTrainedTokenizerBase) -> dict:
     )
 
 
-def builtin_config(name: str, tokenizer: PreTrainedTokenizerBase) -> Qwen2VLConfig:
+def family(model_type: str | None, where: str) -> Family:
+    if model_type not in FAMILIES:
+        raise ValueError(f"{where}: model_type {model_type!r} is not a supported family ({', '.join(FAMILIES)})")
+    return FAMILIES[model_type]
+
+
+def builtin_config(name: str, tokenizer: PreTrainedTokenizerBase) -> PretrainedConfig:
     """Config of a built-in model, with special-token ids taken from `tokenizer`."""
     specials = special_token_ids(tokenizer)
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     bos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    if name == TINY_RANDOM:
+    tiny = {TINY_RANDOM: (Qwen2VLConfig, TINY_VISION), TINY_RANDOM_QWEN25: (Qwen2_5_VLConfig, TINY_VISION_QWEN25)}
+    if name in tiny:
+        config, vision = tiny[name]
         text = dict(TINY_TEXT, vocab_size=len(tokenizer), eos_token_id=eos, bos_token_id=bos)
-        return Qwen2VLConfig(text_config=text, vision_config=dict(TINY_VISION), tie_word_embeddings=False, **specials)
+        return config(text_config=text, vision_config=dict(vision), tie_word_embeddings=False, **specials)
     if name in RANDOM_ARCHITECTURES:
-        spec = json.loads((MODEL_CONFIGS / RANDOM_ARCHITECTURES[name]).read_text())
+        path = MODEL_CONFIGS / RANDOM_ARCHITECTURES[name]
+        spec = json.loads(path.read_text())
         spec.pop("_comment", None)
-        spec.pop("model_type", None)
+        config = family(spec.pop("model_type", None), str(path)).config
         spec["text_config"].update(eos_token_id=eos, bos_token_id=bos)
-        return Qwen2VLConfig(**spec, **specials)
+        return config(**spec, **specials)
     raise ValueError(f"unknown built-in model {name!r}; choose one of {', '.join(BUILTIN_MODELS)}")
 
 
-def build_random_model(config: Qwen2VLConfig, device: torch.device, dtype: torch.dtype,
-                       seed: int = RANDOM_SEED) -> Qwen2VLForConditionalGeneration:
+def build_random_model(config: PretrainedConfig, device: torch.device, dtype: torch.dtype,
+                       seed: int = RANDOM_SEED) -> PreTrainedModel:
     """Seeded random weights: the same seed gives the same model on every machine."""
     torch.manual_seed(seed)
     with torch.device(device):
-        model = Qwen2VLForConditionalGeneration._from_config(config, dtype=dtype)
+        model = family(config.model_type, "built-in config").model._from_config(config, dtype=dtype)
     return model.eval()
 
 
 def load_model(name_or_path: str, device: str | None = None, dtype: str | None = None) -> LoadedModel:
-    """Load a built-in model by name or a Qwen2-VL checkpoint from a local directory."""
+    """Load a built-in model by name or a Qwen2-VL / Qwen2.5-VL checkpoint from a local directory."""
     register_memory_attention()
     torch_device = resolve_device(device)
     preset = generation = None
@@ -176,12 +210,14 @@ def load_model(name_or_path: str, device: str | None = None, dtype: str | None =
         path = BUILTIN_DIR if name_or_path == BUILTIN else Path(name_or_path).expanduser()
         if not (path / "config.json").is_file():
             raise FileNotFoundError(
-                f"no Qwen2-VL checkpoint at {str(path)!r} (expected a directory with config.json and "
+                f"no Qwen2-VL or Qwen2.5-VL checkpoint at {str(path)!r} (expected a directory with config.json and "
                 f"*.safetensors). Give a local checkpoint directory or a built-in model: {', '.join(BUILTIN_MODELS)}"
             )
         torch_dtype = resolve_dtype(dtype, torch_device, path)
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        model = Qwen2VLForConditionalGeneration.from_pretrained(path, dtype=torch_dtype, local_files_only=True)
+        model_type = json.loads((path / "config.json").read_text()).get("model_type")
+        model_class = family(model_type, str(path / "config.json")).model
+        model = model_class.from_pretrained(path, dtype=torch_dtype, local_files_only=True)
         model = model.to(torch_device).eval()
         if (path / PRESET_FILE).is_file():
             preset = VisionPreset(**json.loads((path / PRESET_FILE).read_text()))

@@ -1,4 +1,4 @@
-"""Qwen2-VL driven layer by layer: chunked video prefill into a KV memory, then questions.
+"""Qwen2-VL / Qwen2.5-VL driven layer by layer: chunked video prefill into a KV memory, then questions.
 
 The model's own modules do all the maths (vision tower, embeddings, rotary tables, decoder
 layers, final norm, LM head); this file only decides what each forward sees. Positions come
@@ -32,6 +32,8 @@ from video_io.preprocess import VideoPatches, VisionPreset, preprocess_frames
 
 log = logging.getLogger("streamer")
 TOP_LOGPROBS = 5
+# a stream's frame rate when its caller states none: qwen-vl-utils' default sampling rate
+DEFAULT_FPS = 2.0
 
 
 @dataclass
@@ -104,6 +106,15 @@ class Runner:
     def device(self) -> torch.device:
         return self.model.device
 
+    def pair_step(self, fps: float) -> float:
+        """Temporal M-RoPE positions per frame pair (docs/DESIGN.md section 4): 1 in Qwen2-VL; in Qwen2.5-VL
+        absolute time, tokens_per_second x the seconds a pair spans (temporal_patch_size / fps), the seconds
+        in float32 as transformers' processor hands them over (second_per_grid_ts)."""
+        vision = self.model.config.vision_config
+        if not hasattr(vision, "tokens_per_second"):  # Qwen2-VL
+            return 1.0
+        return vision.tokens_per_second * float(torch.tensor(vision.temporal_patch_size / fps))
+
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False).input_ids
 
@@ -146,14 +157,17 @@ class Runner:
 
     @torch.inference_mode()
     def ingest(self, memory: KVMemory, frames: Sequence[np.ndarray], policy: MemoryPolicy,
-               preset: VisionPreset | None = None) -> dict:
+               preset: VisionPreset | None = None, fps: float | None = None) -> dict:
         """Prefill one chunk of frames against the memory, let the policy prune it, commit it.
 
         The first chunk of a stream also carries the prompt prefix (system turn and <|vision_start|>).
         An odd number of frames is padded with the last frame (Qwen2-VL encodes frame pairs).
-        `preset` overrides the runner's frame resolution for this stream. Returns the chunk's report.
+        `preset` overrides the runner's frame resolution for this stream. `fps`: the rate the frames were
+        sampled at, fixed by the stream's first chunk (default DEFAULT_FPS). Returns the chunk's report.
         """
         preset = preset or self.preset
+        fps = fps if fps is not None else memory.fps or DEFAULT_FPS
+        memory.check_fps(fps)
         timer = Timer(self.device)
         with timer:
             patches = preprocess_frames(frames, preset)
@@ -169,7 +183,7 @@ class Runner:
         prefix_ids = self.prefix_ids if first else []
         video_start = memory.next_position + len(prefix_ids) if first else memory.video_start
         positions = torch.cat([text_positions(memory.next_position, len(prefix_ids)), video_positions(
-            video_start, memory.temporal_groups, grid_t, grid_h // merge, grid_w // merge)])
+            video_start, memory.temporal_groups, grid_t, grid_h // merge, grid_w // merge, self.pair_step(fps))])
         prefix = self.embed_tokens(prefix_ids).to(video.dtype) if first else video[:, :0]
         hidden = torch.cat([prefix, video], dim=1)
         protected = torch.zeros(positions.shape[0], dtype=torch.bool)
@@ -185,7 +199,7 @@ class Runner:
             selection = policy.select(ChunkContext(memory, positions, protected, model))
             new_kv = [view.new_tokens(layer, chunk_len) for layer in range(self.num_layers)]
             record = memory.commit(new_kv, positions, protected, selection.kept, selection.scores,
-                                   frames=len(frames), grid_thw=patches.grid_thw, video_start=video_start,
+                                   frames=len(frames), grid_thw=patches.grid_thw, fps=fps, video_start=video_start,
                                    report=dict(frames=len(frames), tokens=chunk_len, **selection.report),
                                    forget_before=selection.forget_before)
         record["timings"] = dict(preprocess=preprocess_s, vision=vision_s, prefill=prefill_s, policy=timer.seconds,

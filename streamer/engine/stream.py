@@ -31,14 +31,14 @@ def batched(items: Iterable[T], size: int) -> Iterator[list[T]]:
 
 def ingest_video(runner: Runner, frames: Iterable[np.ndarray | Frame], policy: MemoryPolicy, chunk_frames: int,
                  memory: KVMemory | None = None, on_chunk: Callable[[int, list, dict], None] | None = None,
-                 preset: VisionPreset | None = None) -> KVMemory:
+                 preset: VisionPreset | None = None, fps: float | None = None) -> KVMemory:
     """Ingest `frames` (arrays, or video_io Frames) `chunk_frames` at a time into `memory` (default: a new,
     unbounded one) and return it.
 
     Frames are pulled lazily, so a file is decoded chunk by chunk; each chunk's record gets
     timings["read"], the seconds spent waiting for its frames. on_chunk(number, chunk, record) is
     called after each chunk (numbers from 1), e.g. for progress lines. `preset` overrides the runner's
-    frame resolution for this video.
+    frame resolution for this video; `fps`: the rate the frames were sampled at (Runner.ingest).
     """
     memory = memory if memory is not None else runner.new_memory()
     chunks = batched(frames, chunk_frames)
@@ -51,7 +51,7 @@ def ingest_video(runner: Runner, frames: Iterable[np.ndarray | Frame], policy: M
         read_s = time.perf_counter() - started
         number += 1
         images = [frame.image if isinstance(frame, Frame) else frame for frame in chunk]
-        record = runner.ingest(memory, images, policy, preset)
+        record = runner.ingest(memory, images, policy, preset, fps)
         record["timings"]["read"] = read_s
         if on_chunk is not None:
             on_chunk(number, chunk, record)

@@ -1,4 +1,4 @@
-"""Qwen2-VL's vision tower on one video chunk, its frame pairs batched into one attention call.
+"""The vision tower (Qwen2-VL or Qwen2.5-VL) on one video chunk, its frame pairs batched into one attention call.
 
 The stock tower attends within each frame pair (temporal patch) separately, and without a flash
 attention build it does so in a Python loop: one attention call per frame pair and layer, 6,144
@@ -8,6 +8,13 @@ scaled_dot_product_attention. The model's own modules do the rest (patch embeddi
 and output projections, MLPs, merger); only the orchestration and the 2-D rotary angles, which
 are the same for every pair, are computed here. tests/test_vision.py checks the result against
 the stock tower.
+
+Qwen2.5-VL's tower attends within windows of the merged-token grid in every block but
+`fullatt_block_indexes`, where it attends over the whole frame pair. Both stay within one frame
+pair, so a chunk is still encoded exactly on its own. The stock tower permutes the patches into
+window order and back; here the windows are a mask over the pair's patches in the processor's
+order instead, which gives the same result (attention does not depend on the order of its keys,
+and the permutation moves whole merge blocks, so the merger sees the same patches together).
 """
 
 from __future__ import annotations
@@ -36,16 +43,28 @@ def patch_rotary(inv_freq: torch.Tensor, grid_h: int, grid_w: int, merge: int) -
     return angles.cos(), angles.sin()
 
 
+def window_mask(grid_h: int, grid_w: int, merge: int, window: int) -> torch.Tensor:
+    """bool [h*w, h*w]: which patches of one frame pair see each other in a window block. Windows are
+    `window` x `window` merged tokens from the top left corner (cut by the frame's edge), as in the
+    stock tower's window index."""
+    rows = torch.arange(grid_h)[:, None].expand(grid_h, grid_w) // (merge * window)
+    cols = torch.arange(grid_w)[None, :].expand(grid_h, grid_w) // (merge * window)
+    blocks = (rows * grid_w + cols).reshape(grid_h // merge, merge, grid_w // merge, merge).permute(0, 2, 1, 3)
+    windows = blocks.flatten()  # each patch's window, in the processor's patch order
+    return windows[:, None] == windows[None, :]
+
+
 def batched_attention(attn: torch.nn.Module, hidden: torch.Tensor, pairs: int, cos: torch.Tensor,
-                      sin: torch.Tensor) -> torch.Tensor:
-    """One VisionAttention module over hidden [pairs * h*w, dim], each pair attending to itself."""
+                      sin: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """One VisionAttention module over hidden [pairs * h*w, dim], each pair attending to itself
+    (within `mask` [h*w, h*w], if given)."""
     heads = attn.num_heads
     q, k, v = attn.qkv(hidden).reshape(pairs, -1, 3, heads, attn.head_dim).unbind(2)  # [pairs, h*w, heads, d]
     q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)  # in float32, as the stock tower
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [pairs, heads, h*w, d]
     step = pairs if hidden.is_cuda else max(1, MAX_SCORES // (heads * q.shape[2] ** 2))
     out = torch.cat([F.scaled_dot_product_attention(q[i:i + step], k[i:i + step], v[i:i + step],
-                                                    scale=attn.scaling)
+                                                    attn_mask=mask, scale=attn.scaling)
                      for i in range(0, pairs, step)])
     return attn.proj(out.transpose(1, 2).reshape(hidden.shape))
 
@@ -56,8 +75,15 @@ def encode_pairs(visual: torch.nn.Module, pixels: torch.Tensor, grid_thw: tuple[
     pairs, grid_h, grid_w = grid_thw
     merge = visual.spatial_merge_size
     cos, sin = patch_rotary(visual.rotary_pos_emb.inv_freq.float(), grid_h, grid_w, merge)
+    full_blocks = range(len(visual.blocks))  # Qwen2-VL: every block attends over the whole pair
+    windows = None
+    if hasattr(visual, "fullatt_block_indexes"):  # Qwen2.5-VL
+        full_blocks = visual.fullatt_block_indexes
+        window = visual.window_size // merge // visual.patch_size
+        windows = window_mask(grid_h, grid_w, merge, window).to(pixels.device)
     hidden = visual.patch_embed(pixels)
-    for block in visual.blocks:
-        hidden = hidden + batched_attention(block.attn, block.norm1(hidden), pairs, cos, sin)
+    for index, block in enumerate(visual.blocks):
+        mask = None if index in full_blocks else windows
+        hidden = hidden + batched_attention(block.attn, block.norm1(hidden), pairs, cos, sin, mask)
         hidden = hidden + block.mlp(block.norm2(hidden))
     return visual.merger(hidden)
