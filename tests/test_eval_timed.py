@@ -5,6 +5,7 @@ import json
 import pytest
 
 from streamer.evaluation import ovobench, streamingbench
+from streamer.evaluation import timed
 from streamer.evaluation.timed import TimedQuestion, ask_order
 
 OVO_ITEMS = [
@@ -249,3 +250,25 @@ def test_streamingbench_end_to_end_with_the_recent_memory(capsys, videos, tmp_pa
     with pytest.raises(AssertionError, match="outside the videos folder"):
         escaping = write(tmp_path, "escape.json", [{**data[0], "video_path": "../../etc/passwd"}])
         streamer(capsys, "streamingbench", escaping, videos / "clips", tmp_path / "e.jsonl", *switches)
+
+
+def test_the_sampled_rate_reaches_qwen25_vl_positions(capsys, videos, tmp_path, monkeypatch):
+    """Qwen2.5-VL's time positions follow the sampling rate: each clip states the rate it was read at, and
+    the stream's memory runs at it."""
+    from streamer.config import load_config
+    from memory.store import KVMemory
+    from video_io.preprocess import VisionPreset
+
+    config = load_config("stream_default")
+    config.video.fps = 2.0
+    clip = timed.read_until(videos / "clips" / "a.mp4", config, VisionPreset(), until=3.0)
+    assert len(clip.frames) == 7 and clip.fps == pytest.approx(7 / 3.25)  # 13 of the 4 fps frames, 7 taken
+    rates = []
+    original = KVMemory.check_fps
+    monkeypatch.setattr(KVMemory, "check_fps", lambda self, fps: rates.append(fps) or original(self, fps))
+    data = [{"video_path": "a.mp4", "questions": [
+        {"task_type": "Counting", "question": "How many?", "time_stamp": "00:00:03", "answer": "A",
+         "options": ["A. 1", "B. 2", "C. 3", "D. 4"]}]}]
+    _, lines = streamer(capsys, "streamingbench", write(tmp_path, "q.json", data), videos / "clips",
+                        tmp_path / "q25.jsonl", "--model", "tiny-random-qwen2.5-vl", *UNIFORM)
+    assert lines["0.0"]["error"] is None and rates and all(r == pytest.approx(7 / 3.25) for r in rates)

@@ -89,9 +89,9 @@ def rescore_results(out: Path, scoring: str) -> list[dict]:
     return rescored
 
 
-def read_video(path: Path, config: Config, preset: VisionPreset) -> list[np.ndarray]:
-    """The sampled frames of one video, at model resolution: waiting in the prefetch queue, a frame
-    takes ~0.3 MB at the VideoMME setting instead of ~6 MB at 1080p."""
+def read_video(path: Path, config: Config, preset: VisionPreset) -> tuple[list[np.ndarray], float]:
+    """The sampled frames of one video, at model resolution (waiting in the prefetch queue, a frame takes
+    ~0.3 MB at the VideoMME setting instead of ~6 MB at 1080p), and the rate they were sampled at."""
     sampling = Sampling(frames=config.video.frames, fps=config.video.fps, max_frames=config.video.max_frames,
                         spread=config.video.spread)
     source = FileSource(path, sampling, backend=config.video.backend)
@@ -99,10 +99,10 @@ def read_video(path: Path, config: Config, preset: VisionPreset) -> list[np.ndar
     frames: list[np.ndarray] = []
     for chunk in batched(source, config.memory.chunk_frames):  # resized chunk by chunk: bounded peak
         frames.extend(resize_frames([frame.image for frame in chunk], preset))
-    return frames
+    return frames, source.sampled_fps
 
 
-def answer_video(runner: Runner, config: Config, frames: list[np.ndarray], questions: Sequence[Question],
+def answer_video(runner: Runner, config: Config, video: tuple[list[np.ndarray], float], questions: Sequence[Question],
                  wait_s: float, read_s: float, scoring: str, progress: harness.Progress) -> Iterator[dict]:
     """Results for one video's questions, each yielded once answered, its reply read by the rule `scoring`.
 
@@ -115,7 +115,7 @@ def answer_video(runner: Runner, config: Config, frames: list[np.ndarray], quest
     for question in questions:
         prompt = build_prompt(question)
         if memory is None or per_question:
-            memory, ingest_s = build_memory(runner, config, frames, prompt, progress)
+            memory, ingest_s = build_memory(runner, config, video, prompt, progress)
         answer = runner.answer(memory, prompt, config.generation.max_new_tokens)
         prefill_s, decode_s = answer.timings["question_prefill"], answer.timings["decode"]
         share = wait_s / len(questions) + ingest_s / (1 if per_question else len(questions))
@@ -129,14 +129,17 @@ def answer_video(runner: Runner, config: Config, frames: list[np.ndarray], quest
         )
 
 
-def build_memory(runner: Runner, config: Config, frames: list[np.ndarray], prompt: str, progress: harness.Progress):
+def build_memory(runner: Runner, config: Config, video: tuple[list[np.ndarray], float], prompt: str,
+                 progress: harness.Progress):
     """The video's memory, chunk by chunk; `prompt` is the probe in question mode. Returns (memory, seconds)."""
+    frames, fps = video
     started = time.perf_counter()
     policy = config.make_policy(prompt)
     chunk = config.memory.chunk_frames
     memory = ingest_video(runner, frames, policy, chunk, runner.new_memory(budget=config.memory.budget or None),
                           on_chunk=lambda number, _, __: progress.chunk(number, min(number * chunk, len(frames)),
-                                                                         len(frames)))
+                                                                         len(frames)),
+                          fps=fps)  # Qwen2.5-VL's positions follow the frames' time
     return memory, time.perf_counter() - started
 
 

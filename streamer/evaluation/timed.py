@@ -29,7 +29,7 @@ from streamer.engine.stream import ingest_video
 from streamer.evaluation.harness import Benchmark, Progress
 from video_io.frames import Frame
 from video_io.preprocess import VisionPreset, resize_frames
-from video_io.readers import frame_times, iter_frames
+from video_io.readers import frame_times, iter_frames, probe
 from video_io.sampling import Sampling
 
 MODES = ("stream", "clip")
@@ -76,7 +76,13 @@ def check_config(config: Config, mode: str) -> None:
                          "cannot be the question: use probe mode generic, or --mode clip")
 
 
-def read_until(path, config: Config, preset: VisionPreset, until: float) -> list[Frame]:
+@dataclass
+class Clip:
+    frames: list[Frame]  # at model resolution
+    fps: float  # frames per second of video time they were sampled at (Qwen2.5-VL's positions follow it)
+
+
+def read_until(path, config: Config, preset: VisionPreset, until: float) -> Clip:
     """The frames sampled as configured (video.fps, or video.frames spread as video.spread) over the video up
     to `until` seconds, resized to model resolution chunk by chunk (bounded peak memory); decoding stops there."""
     times = [t for t in frame_times(path) if t <= until] or frame_times(path)[:1]
@@ -89,7 +95,9 @@ def read_until(path, config: Config, preset: VisionPreset, until: float) -> list
     while batch := [frame for _, frame in zip(range(config.memory.chunk_frames), decoded)]:
         images = resize_frames([frame.image for frame in batch], preset)
         frames.extend(replace(frame, image=image) for frame, image in zip(batch, images))
-    return frames
+    info = probe(path)
+    # frames over the duration of the part read, as transformers' video metadata computes a sampled rate
+    return Clip(frames, len(indices) / (info.duration * len(times) / info.num_frames))
 
 
 def ask_order(questions: Sequence[TimedQuestion]) -> list[TimedQuestion]:
@@ -100,8 +108,9 @@ def ask_order(questions: Sequence[TimedQuestion]) -> list[TimedQuestion]:
 class _Stream:
     """One memory fed the video's frames up to a moment, chunk by chunk."""
 
-    def __init__(self, runner: Runner, config: Config, policy, frames: list[Frame], progress: Progress):
-        self.runner, self.config, self.policy, self.frames, self.progress = runner, config, policy, frames, progress
+    def __init__(self, runner: Runner, config: Config, policy, clip: Clip, progress: Progress):
+        self.runner, self.config, self.policy, self.progress = runner, config, policy, progress
+        self.frames, self.fps = clip.frames, clip.fps
         self.memory: KVMemory = runner.new_memory(budget=config.memory.budget or None)
         self.read = 0  # frames ingested
 
@@ -117,12 +126,12 @@ class _Stream:
         while end < len(self.frames) and self.frames[end].ts <= until:
             end += 1
         ingest_video(self.runner, self.frames[self.read:end], self.policy, self.config.memory.chunk_frames, self.memory,
-                     on_chunk=lambda _, chunk, __: self._ingested(len(chunk)))
+                     on_chunk=lambda _, chunk, __: self._ingested(len(chunk)), fps=self.fps)
         return time.perf_counter() - started
 
 
 def read_clips(path, config: Config, preset: VisionPreset, mode: str,
-               questions: Sequence[TimedQuestion]) -> dict[float, list[Frame]]:
+               questions: Sequence[TimedQuestion]) -> dict[float, Clip]:
     """cut -> the frames a question with that clip_end is answered from. Sampled by rate, one read up to
     the last question serves every question (each takes the frames up to its own cut); a frame count
     (clip mode) is spread over each clip, so each cut is read on its own, as the papers cut their clips."""
@@ -132,17 +141,18 @@ def read_clips(path, config: Config, preset: VisionPreset, mode: str,
     return {last: read_until(path, config, preset, last)}
 
 
-def answer_video(runner: Runner, config: Config, clips: dict[float, list[Frame]], questions: Sequence[TimedQuestion],
+def answer_video(runner: Runner, config: Config, clips: dict[float, Clip], questions: Sequence[TimedQuestion],
                  score: Scorer, mode: str, wait_s: float, read_s: float, progress: Progress) -> Iterator[dict]:
     """Results for one video's questions in the order they are asked, each yielded once answered."""
     stream = None
     for question in ask_order(questions):
-        frames = clips.get(question.clip_end) or clips[max(clips)]
+        clip = clips.get(question.clip_end) or clips[max(clips)]
+        frames = clip.frames
         if mode == "stream":
-            stream = stream or _Stream(runner, config, config.make_policy(), frames, progress)
+            stream = stream or _Stream(runner, config, config.make_policy(), clip, progress)
             ingest_s = stream.advance(question.time)
         else:
-            stream = _Stream(runner, config, config.make_policy(question.prompt), frames, progress)
+            stream = _Stream(runner, config, config.make_policy(question.prompt), clip, progress)
             ingest_s = stream.advance(question.clip_end)
         if stream.read == 0:
             yield failed(question, f"asked at {question.time:g} s, before the first sampled frame "
@@ -215,7 +225,7 @@ def benchmark(name: str, questions: Sequence[TimedQuestion], videos: str | Path,
     if not videos.is_dir():
         raise FileNotFoundError(f"{videos}: no such folder; pass the folder holding the benchmark's videos")
 
-    def read(runner: Runner, path: Path, asked: Sequence[TimedQuestion]) -> dict[float, list[Frame]]:
+    def read(runner: Runner, path: Path, asked: Sequence[TimedQuestion]) -> dict[float, Clip]:
         return read_clips(path, config, runner.preset, mode, asked)
 
     def answer(runner, clips, asked, wait_s, read_s, progress):
