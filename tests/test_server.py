@@ -98,15 +98,19 @@ def clip(tmp_path_factory):
     return root
 
 
-def test_answer_through_the_server_equals_streamer_ask(tiny_runner, clip):
+def test_answer_through_the_server_equals_streamer_ask(family_runner, clip):
+    """Pushed frames (at the rate the client states) and a server-side read both answer as `streamer ask`,
+    on each family (Qwen2.5-VL's positions follow the rate: 12 frames over the 3 s clip, 4 fps)."""
     config = server_config()
     config.video.frames, config.video.fps = 12, None
-    expected, memory = ask_video(tiny_runner, str(clip / "clip.mp4"), "What happens?", config)
-    frames = [f.image for f in FileSource(clip / "clip.mp4", Sampling(frames=12))]
+    expected, memory = ask_video(family_runner, str(clip / "clip.mp4"), "What happens?", config)
+    source = FileSource(clip / "clip.mp4", Sampling(frames=12))
+    frames = [f.image for f in source]
+    assert source.sampled_fps == 4.0 and memory.fps in (None, 4.0)
 
     async def scenario(url):
         async with StreamerClient(url) as client:  # frames pushed as lossless PNG
-            await client.start()
+            await client.start(fps=source.sampled_fps)
             await push(client, frames)
             await client.flush()
             pushed_stats = await client.wait_ingested()
@@ -119,7 +123,7 @@ def test_answer_through_the_server_equals_streamer_ask(tiny_runner, clip):
             read = await client.ask("What happens?")
         return pushed, pushed_stats, read, read_stats, done
 
-    with running_server(tiny_runner, ServerLimits(allowed_roots=[clip]), config) as (_, url):
+    with running_server(family_runner, ServerLimits(allowed_roots=[clip]), config) as (_, url):
         pushed, pushed_stats, read, read_stats, done = asyncio.run(scenario(url))
     assert done["frames_read"] == 12
     for answer, stats in ((pushed, pushed_stats), (read, read_stats)):
@@ -187,6 +191,7 @@ BAD_START = [
     ({"ratios": [0.1, 1.5]}, "bad_option"), ({"policy": "magic"}, "bad_option"), ({"chunk_frames": 3}, "bad_option"),
     ({"probe": "question"}, "bad_option"), ({"delta": "abc"}, "bad_option"), ({"budget": 10**9}, "bad_option"),
     ({"policy": "emloc", "ratio": 0.2}, "bad_option"), ({"max_pixels": 10**9}, "bad_option"),
+    ({"fps": 0}, "bad_option"), ({"fps": -2.5}, "bad_option"), ({"fps": "fast"}, "bad_option"),
 ]
 
 

@@ -26,6 +26,7 @@ SESSION_OPTIONS = {  # start option -> (config section, key, type)
     "min_pixels": ("video", "min_pixels", int),
     "max_pixels": ("video", "max_pixels", int),
     "probe": ("probe", "mode", str),
+    "fps": ("video", "fps", float),  # the rate the client's frames are sampled at (Qwen2.5-VL's positions follow it)
 }
 POLICY_OPTIONS = {name: kind for policy in POLICIES for name, kind in policy_options(policy).items()}
 
@@ -144,6 +145,10 @@ def session_config(defaults: Config, options: dict, limits: ServerLimits) -> Con
         if name in SESSION_OPTIONS:
             section, key, kind = SESSION_OPTIONS[name]
             override(config, section, **{key: typed(name, value, kind)})
+    if "fps" in options:
+        if not config.video.fps > 0:
+            raise ProtocolError("bad_option", f"option 'fps' must be > 0, got {config.video.fps}")
+        config.video.frames = None  # a session's frames come at a rate, not as a count
     policy = config.memory.policy
     if policy not in POLICIES:
         raise ProtocolError("bad_option", f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")

@@ -251,6 +251,7 @@ class StreamServer:
             if not self.limits.allow_urls:
                 raise ProtocolError("urls_disabled", "this server does not open network streams (start it with "
                                     "--allow-urls); send frames instead")
+            session.fps = fps or session.fps
             session.start_reader(lambda: StreamSource(source, fps=fps, max_frames=max_frames), live=True,
                                  label=source)
             return
@@ -261,7 +262,13 @@ class StreamServer:
         if not path.is_file():
             raise ProtocolError("not_found", f"no video file at {source!r} under the allowed roots")
         sampling = Sampling(frames=frames, fps=None if frames else (fps or 1.0), max_frames=max_frames)
-        session.start_reader(lambda: iter(FileSource(path, sampling)), live=False, label=source)
+
+        def open_file():  # on the reader thread: opening a file reads its packet table
+            file = FileSource(path, sampling)
+            session.fps = file.sampled_fps  # before any of its frames is queued
+            return iter(file)
+
+        session.start_reader(open_file, live=False, label=source)
 
     def _allowed_path(self, value, for_writing: bool) -> Path:
         """A path inside one of the allowed roots (after resolving links and '..'), or a refusal.

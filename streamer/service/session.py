@@ -55,6 +55,8 @@ class StreamSession:
         self.policy = config.make_policy()
         self.preset = config.vision_preset(shared.runner.preset)
         self.memory = self.runner.new_memory(budget=config.memory.budget or None)
+        # the rate of the frames ingested: the start option (or config), or the source a server-side ingest reads
+        self.fps = config.video.fps
         self.chunk_frames = config.memory.chunk_frames
         limits = shared.limits
         # room for at least one chunk, or a waiting file reader could never complete one
@@ -145,7 +147,7 @@ class StreamSession:
             async with self.room:
                 self.room.notify_all()
             report = await self.shared.scheduler.submit(
-                INGEST, self.runner.ingest, self.memory, [f.image for f in frames], self.policy, self.preset)
+                INGEST, self.runner.ingest, self.memory, [f.image for f in frames], self.policy, self.preset, self.fps)
             self.send(dict(type="progress", frames=self.memory.frames, chunks=len(self.memory.chunks),
                            chunk_frames=len(frames), until_ts=frames[-1].ts, pending=len(self.pending),
                            memory_tokens=self.memory.mean_tokens(), full_tokens=self.memory.full_tokens,
