@@ -60,3 +60,24 @@ def test_flop_counts_of_the_7b_architecture():
     assert 500e12 < prefill < 560e12  # docs/DESIGN.md section 8 quotes ~560 TFLOP/s for this prefill at 0.97 s
     vision = vision_flops(config.vision_config, 192, 18, 32)  # 384 frames of 252x448
     assert 100e12 < vision < 400e12
+
+
+def test_vision_flops_of_the_qwen25_vl_7b_tower():
+    """Qwen2.5-VL's tower: a gated MLP, and attention within 8x8-patch windows except in 4 full blocks;
+    the count, worked by hand for one frame pair of 16x16 patches (four windows)."""
+    config = builtin_config("qwen2.5-vl-7b-random", tiny_tokenizer()).vision_config
+    patches, dim = 256, 1280
+    linear = 2 * patches * (4 * dim * dim + 3 * dim * 3420)
+    attention = 4 * patches * dim * (28 * 64 + 4 * 256)
+    merger = 2 * 64 * (5120 * 5120 + 5120 * 3584)
+    embed = 2 * patches * (3 * 2 * 14 * 14) * dim
+    assert vision_flops(config, 1, 16, 16) == pytest.approx(embed + 32 * linear + attention + merger)
+
+
+def test_bench_runs_on_qwen25_vl(tmp_path):
+    out = tmp_path / "bench.json"
+    assert main(["-q", "bench", "--model", "tiny-random-qwen2.5-vl", "--device", "cpu", "--frames", "8",
+                 "--tokens-per-pair", "4", "--chunk-frames", "4", "--policies", "full", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["options"]["model"] == "tiny-random-qwen2.5-vl" and report["video_tokens"] == 16
+    assert report["vision"]["seconds"] > 0 and report["vision"]["stock_seconds"] > 0

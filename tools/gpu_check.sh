@@ -29,3 +29,6 @@ timeout 100 python3 -m streamer bench --model qwen2-vl-7b-random --fixed-ratios 
 # The probe without generated answer tokens (each costs a weight-bound decode step per chunk).
 timeout 100 python3 -m streamer bench --model qwen2-vl-7b-random --policies emloc --answer-tokens 0 \
     --out "$OUT/bench_7b_probe0.json" --markdown "$OUT/bench_7b_probe0.md" 2>&1 | tee "$OUT/bench_7b_probe0.log"
+# Last, if time is left: Qwen2.5-VL-7B (windowed vision tower, time-following positions), full and emloc.
+timeout 120 python3 -m streamer bench --model qwen2.5-vl-7b-random --policies full,emloc \
+    --out "$OUT/bench_25_7b.json" --markdown "$OUT/bench_25_7b.md" 2>&1 | tee "$OUT/bench_25_7b.log"

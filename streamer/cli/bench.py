@@ -69,14 +69,23 @@ def llm_prefill_flops(text_config, new: int, context: int) -> float:
 
 
 def vision_flops(vision_config, grid_t: int, grid_h: int, grid_w: int) -> float:
-    """Patch embedding, blocks (attention within each frame pair) and the 2x2 merger."""
+    """Patch embedding, blocks (attention within each frame pair; Qwen2.5-VL's windowed blocks within their
+    window) and the 2x2 merger."""
     patches, group = grid_t * grid_h * grid_w, grid_h * grid_w
-    dim, mlp = vision_config.embed_dim, vision_config.embed_dim * vision_config.mlp_ratio
+    if hasattr(vision_config, "embed_dim"):  # Qwen2-VL: a plain MLP, every block attends to the whole pair
+        dim, out = vision_config.embed_dim, vision_config.hidden_size
+        mlp_weights = 2 * dim * dim * vision_config.mlp_ratio
+        attended = [group] * vision_config.depth
+    else:  # Qwen2.5-VL: a gated MLP, full attention only in fullatt_block_indexes
+        dim, out = vision_config.hidden_size, vision_config.out_hidden_size
+        mlp_weights = 3 * dim * vision_config.intermediate_size
+        window = min(group, (vision_config.window_size // vision_config.patch_size) ** 2)
+        attended = [group if i in vision_config.fullatt_block_indexes else window for i in range(vision_config.depth)]
     patch_dim = vision_config.in_channels * vision_config.temporal_patch_size * vision_config.patch_size ** 2
-    block = 2 * patches * (4 * dim * dim + 2 * dim * mlp) + 4 * patches * group * dim
+    blocks = sum(2 * patches * (4 * dim * dim + mlp_weights) + 4 * patches * keys * dim for keys in attended)
     merged, wide = patches // vision_config.spatial_merge_size ** 2, dim * vision_config.spatial_merge_size ** 2
-    merger = 2 * merged * (wide * wide + wide * vision_config.hidden_size)
-    return 2 * patches * patch_dim * dim + vision_config.depth * block + merger
+    merger = 2 * merged * (wide * wide + wide * out)
+    return 2 * patches * patch_dim * dim + blocks + merger
 
 
 # --- measurement ----------------------------------------------------------------------------
