@@ -100,7 +100,9 @@ class KVMemory:
         chunk_len = positions.shape[0]
         heads = self.layers[0].keys.shape[1]
         incoming = [chunk_len] * len(self.layers) if kept is None else [k.shape[1] for k in kept]
-        check_room(self, incoming)  # forgetting frees only what eviction could: the same chunks fit either way
+        # every layer before any changes, so a refused chunk leaves the memory as it was; forgetting frees only
+        # what eviction could, so the same chunks fit either way
+        check_room(self, incoming)
         forgotten = self.forget(forget_before) if forget_before is not None else [0] * len(self.layers)
         evicted = [a + b for a, b in zip(forgotten, make_room(self, incoming))]
         for idx, (layer, (keys, values)) in enumerate(zip(self.layers, new_kv)):
@@ -170,12 +172,11 @@ def make_room(memory: KVMemory, incoming: list[int]) -> list[int]:
     """Evict old tokens so that each layer can take `incoming[l]` new ones within the budget.
 
     Per layer and head, the tokens with the lowest stored importance go first, the oldest first
-    among equals (so scoreless policies get a sliding window). Prompt text is never evicted.
-    Returns the number of tokens evicted per layer.
+    among equals (so scoreless policies get a sliding window). Prompt text is never evicted. The
+    caller has checked that they fit (check_room). Returns the number of tokens evicted per layer.
     """
     if memory.budget is None:
         return [0] * len(memory.layers)
-    check_room(memory, incoming)  # every layer before any changes, so a refused chunk leaves the memory as it was
     excesses = [max(len(layer) + count - memory.budget, 0) for layer, count in zip(memory.layers, incoming)]
     for layer, excess in zip(memory.layers, excesses):
         if excess == 0:

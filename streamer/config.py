@@ -14,7 +14,7 @@ from pathlib import Path
 from memory.probe import ProbeConfig
 from memory.registry import POLICIES, make_policy
 from video_io.preprocess import QWEN_VL_UTILS_PRESET, QWEN_VL_UTILS_TOTAL_PIXELS, VisionPreset, within_total_pixels
-from video_io.sampling import SPREADS
+from video_io.sampling import SPREADS, Sampling
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
@@ -40,10 +40,14 @@ class VideoOptions:
     # 128..768*28*28 pixels; None: no budget
     total_pixels: int | str | None = None
 
+    def sampling(self) -> Sampling:
+        """Which frames of a file to read, as configured."""
+        return Sampling(frames=self.frames, fps=self.fps, max_frames=self.max_frames, spread=self.spread)
+
 
 @dataclass
 class MemoryOptions:
-    policy: str = "full"  # full | emloc | uniform | pyramid | window | random; options in [emloc], [uniform], ...
+    policy: str = "full"  # full | emloc | uniform | pyramid | window | recent | random; options in [emloc], [uniform], ...
     chunk_frames: int = 16  # frames per prefill chunk; a multiple of 2 (frames are encoded in pairs)
     budget: int = 0  # most tokens a layer's memory may hold; 0 = unbounded
 

@@ -19,24 +19,29 @@ from .sampling import Sampling
 
 
 class FileSource:
-    """The frames of a local video file chosen by `sampling`, in order."""
+    """The frames of a local video file chosen by `sampling`, in order; with `until`, chosen over the part
+    of the video up to that many seconds only (at least its first frame), as if the file ended there."""
 
-    def __init__(self, path: str | Path, sampling: Sampling, backend: str = "pyav"):
+    def __init__(self, path: str | Path, sampling: Sampling, backend: str = "pyav", until: float | None = None):
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
         self.path = os.fspath(path)
         self.backend = backend
         self.info = probe(self.path)
-        self.indices = sampling.indices(frame_times(self.path))
+        times = frame_times(self.path)
+        if until is not None:
+            times = [t for t in times if t <= until] or times[:1]
+        self.duration = self.info.duration * len(times) / self.info.num_frames  # of the part read
+        self.indices = sampling.indices(times)
 
     def __len__(self) -> int:
         return len(self.indices)
 
     @property
     def sampled_fps(self) -> float:
-        """Frames per second of video time this source yields: its frame count over the video's duration,
-        as transformers' VideoMetadata.sampled_fps and qwen-vl-utils compute it."""
-        return len(self.indices) / self.info.duration
+        """Frames per second of video time this source yields: its frame count over the duration of the part
+        read, as transformers' VideoMetadata.sampled_fps and qwen-vl-utils compute it."""
+        return len(self.indices) / self.duration
 
     def __iter__(self) -> Iterator[Frame]:
         return iter_frames(self.path, self.indices, self.backend)

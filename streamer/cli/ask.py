@@ -18,7 +18,6 @@ from streamer.cli.switches import add_run_switches, config_from_args
 from streamer.config import Config, override
 from streamer.engine.runner import Answer, Runner, load_runner
 from streamer.engine.stream import ingest_video
-from video_io.sampling import Sampling
 from video_io.sources import FileSource
 
 log = logging.getLogger("streamer")
@@ -54,9 +53,7 @@ def ask_video(runner: Runner, video: str, question: str, config: Config,
     """Answer `question` about the video file at `video`; returns (result record, memory)."""
     started = time.perf_counter()
     policy = config.make_policy(question)
-    sampling = Sampling(frames=config.video.frames, fps=config.video.fps, max_frames=config.video.max_frames,
-                        spread=config.video.spread)
-    source = FileSource(video, sampling, backend=config.video.backend)
+    source = FileSource(video, config.video.sampling(), backend=config.video.backend)
     chunk_frames = config.memory.chunk_frames
     total_chunks = math.ceil(len(source) / chunk_frames)
 

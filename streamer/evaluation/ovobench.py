@@ -19,6 +19,7 @@ import math
 import re
 from pathlib import Path
 
+from streamer.evaluation.results import tally
 from streamer.evaluation.timed import TimedQuestion, read_list
 
 BACKWARD = ("EPM", "ASI", "HLD")
@@ -126,10 +127,8 @@ def summarize(records: list[dict]) -> dict:
     tasks = {}
     for category, names in CATEGORIES.items():
         for task in names:
-            mine = [r for r in records if r["task"] == task]
-            if mine:
-                tasks[task] = dict(category=category, questions=len(mine), correct=sum(bool(r["correct"]) for r in mine),
-                                   accuracy=100 * sum(bool(r["correct"]) for r in mine) / len(mine))
+            if mine := [r for r in records if r["task"] == task]:
+                tasks[task] = dict(category=category, **tally(mine))
     categories = {}
     for category in CATEGORIES:
         scores = [t["accuracy"] for t in tasks.values() if t["category"] == category]

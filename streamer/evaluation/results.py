@@ -139,40 +139,46 @@ def summarize(records: Sequence[dict]) -> dict:
     durations = sorted({r["duration"] for r in records},
                        key=lambda d: (DURATIONS.index(d) if d in DURATIONS else len(DURATIONS), d))
     return dict(
-        **_score(records),
+        **tally(records),
         errors=len(records) - len(answered),
         videos=len({r["video"] for r in records}),
-        by_duration={d: _score([r for r in records if r["duration"] == d]) for d in durations},
-        by_task_type={t: _score([r for r in records if r["task_type"] == t])
+        by_duration={d: tally([r for r in records if r["duration"] == d]) for d in durations},
+        by_task_type={t: tally([r for r in records if r["task_type"] == t])
                       for t in sorted({r["task_type"] for r in records})},
-        mean_memory_tokens=_mean([r["memory_tokens"] for r in answered]),
-        mean_full_tokens=_mean([r["full_tokens"] for r in answered]),
-        mean_retention=_mean([r["memory_tokens"] / r["full_tokens"] for r in answered]),
-        mean_seconds_per_video=_mean(list(seconds_per_video.values())),
+        mean_memory_tokens=mean_of([r["memory_tokens"] for r in answered]),
+        mean_full_tokens=mean_of([r["full_tokens"] for r in answered]),
+        mean_retention=mean_of([r["memory_tokens"] / r["full_tokens"] for r in answered]),
+        mean_seconds_per_video=mean_of(list(seconds_per_video.values())),
     )
 
 
-def _score(records: Sequence[dict]) -> dict:
+def tally(records: Sequence[dict]) -> dict:
+    """questions, correct and accuracy (percent; None for no questions) of result lines."""
     correct = sum(bool(r["correct"]) for r in records)
     return dict(questions=len(records), correct=correct,
                 accuracy=100 * correct / len(records) if records else None)
 
 
-def _mean(values: list[float]) -> float | None:
+def mean_of(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
 def format_table(summary: dict) -> str:
-    rows = [("overall", summary), *((f"duration {d}", s) for d, s in summary["by_duration"].items()),
-            *((f"task {t}", s) for t, s in summary["by_task_type"].items())]
-    width = max(len(name) for name, _ in rows)
-    lines = [f"{'':{width}}  questions  correct  accuracy"]
-    for name, score in rows:
-        accuracy = f"{score['accuracy']:7.1f}%" if score["accuracy"] is not None else "       -"
-        lines.append(f"{name:{width}}  {score['questions']:9d}  {score['correct']:7d}  {accuracy}")
+    lines = format_rows([("overall", summary), *((f"duration {d}", s) for d, s in summary["by_duration"].items()),
+                         *((f"task {t}", s) for t, s in summary["by_task_type"].items())])
     lines.append(f"{summary['videos']} videos, {summary['errors']} failed questions (counted wrong)")
     if summary["mean_memory_tokens"] is not None:
         lines.append(f"memory: mean {summary['mean_memory_tokens']:.0f} of {summary['mean_full_tokens']:.0f} tokens, "
                      f"retention {100 * summary['mean_retention']:.1f}%; {summary['mean_seconds_per_video']:.2f} s "
                      "per video")
     return "\n".join(lines)
+
+
+def format_rows(rows: Sequence[tuple[str, dict]], title: str = "") -> list[str]:
+    """A table of (name, tally) rows: questions, correct, accuracy."""
+    width = max(len(name) for name, _ in [(title, None), *rows])
+    lines = [f"{title:{width}}  questions  correct  accuracy"]
+    for name, score in rows:
+        accuracy = f"{score['accuracy']:7.1f}%" if score["accuracy"] is not None else "       -"
+        lines.append(f"{name:{width}}  {score['questions']:9d}  {score['correct']:7d}  {accuracy}")
+    return lines

@@ -15,20 +15,18 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-import numpy as np
-
 from memory.policy import ProbedPolicy
 from memory.registry import POLICIES
 from streamer.config import Config
 from streamer.engine.runner import Runner
-from streamer.engine.stream import batched, ingest_video
+from streamer.engine.stream import ingest_video
 from streamer.evaluation import harness
 from streamer.evaluation.answers import DEFAULT_SCORING, SCORING
 from streamer.evaluation.results import read_results, summarize, write_results
 from streamer.evaluation.videomme import (LETTERS, Question, build_prompt, index_videos, load_questions,
                                           missing_video_message)
-from video_io.preprocess import VisionPreset, resize_frames
-from video_io.sampling import Sampling
+from video_io.frames import Frame
+from video_io.preprocess import VisionPreset
 from video_io.sources import FileSource
 
 log = logging.getLogger("streamer")
@@ -89,20 +87,13 @@ def rescore_results(out: Path, scoring: str) -> list[dict]:
     return rescored
 
 
-def read_video(path: Path, config: Config, preset: VisionPreset) -> tuple[list[np.ndarray], float]:
-    """The sampled frames of one video, at model resolution (waiting in the prefetch queue, a frame takes
-    ~0.3 MB at the VideoMME setting instead of ~6 MB at 1080p), and the rate they were sampled at."""
-    sampling = Sampling(frames=config.video.frames, fps=config.video.fps, max_frames=config.video.max_frames,
-                        spread=config.video.spread)
-    source = FileSource(path, sampling, backend=config.video.backend)
-    preset = config.video_preset(preset, len(source))
-    frames: list[np.ndarray] = []
-    for chunk in batched(source, config.memory.chunk_frames):  # resized chunk by chunk: bounded peak
-        frames.extend(resize_frames([frame.image for frame in chunk], preset))
-    return frames, source.sampled_fps
+def read_video(path: Path, config: Config, preset: VisionPreset) -> tuple[list[Frame], float]:
+    """The sampled frames of one video at model resolution, and the rate they were sampled at."""
+    source = FileSource(path, config.video.sampling(), backend=config.video.backend)
+    return harness.read_resized(source, config, preset), source.sampled_fps
 
 
-def answer_video(runner: Runner, config: Config, video: tuple[list[np.ndarray], float], questions: Sequence[Question],
+def answer_video(runner: Runner, config: Config, video: tuple[list[Frame], float], questions: Sequence[Question],
                  wait_s: float, read_s: float, scoring: str, progress: harness.Progress) -> Iterator[dict]:
     """Results for one video's questions, each yielded once answered, its reply read by the rule `scoring`.
 
@@ -129,7 +120,7 @@ def answer_video(runner: Runner, config: Config, video: tuple[list[np.ndarray], 
         )
 
 
-def build_memory(runner: Runner, config: Config, video: tuple[list[np.ndarray], float], prompt: str,
+def build_memory(runner: Runner, config: Config, video: tuple[list[Frame], float], prompt: str,
                  progress: harness.Progress):
     """The video's memory, chunk by chunk; `prompt` is the probe in question mode. Returns (memory, seconds)."""
     frames, fps = video

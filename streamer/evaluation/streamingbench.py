@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from streamer.evaluation.results import format_rows, tally
 from streamer.evaluation.timed import TimedQuestion, read_list
 
 PROMPT = """You are an advanced video question-answering AI assistant. You have been provided with some frames from the video and a multiple-choice question related to the video. Your task is to carefully analyze the video and provide the best answer to question, choosing from the four options provided. Respond with only the letter (A, B, C, or D) of the correct option.
@@ -108,18 +109,9 @@ def score(question: TimedQuestion, reply: str) -> tuple[str | None, bool]:
 
 def summarize(records: list[dict]) -> dict:
     """Accuracy (percent) per task type and over all questions; failed questions count wrong."""
-    def score_of(rows):
-        correct = sum(bool(r["correct"]) for r in rows)
-        return dict(questions=len(rows), correct=correct, accuracy=100 * correct / len(rows) if rows else None)
-    tasks = {task: score_of([r for r in records if r["task"] == task]) for task in dict.fromkeys(r["task"] for r in records)}
-    return dict(tasks=tasks, overall=score_of(records))
+    tasks = {task: tally([r for r in records if r["task"] == task]) for task in dict.fromkeys(r["task"] for r in records)}
+    return dict(tasks=tasks, overall=tally(records))
 
 
 def format_table(summary: dict) -> str:
-    rows = [*summary["tasks"].items(), ("overall", summary["overall"])]
-    width = max(len(name) for name, _ in rows)
-    lines = [f"{'task':{width}}  questions  correct  accuracy"]
-    for name, row in rows:
-        accuracy = f"{row['accuracy']:7.1f}%" if row["accuracy"] is not None else "       -"
-        lines.append(f"{name:{width}}  {row['questions']:9d}  {row['correct']:7d}  {accuracy}")
-    return "\n".join(lines)
+    return "\n".join(format_rows([*summary["tasks"].items(), ("overall", summary["overall"])], title="task"))

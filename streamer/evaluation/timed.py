@@ -19,18 +19,18 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from memory.store import KVMemory
 from streamer.config import Config
 from streamer.engine.runner import Runner
 from streamer.engine.stream import ingest_video
-from streamer.evaluation.harness import Benchmark, Progress
+from streamer.evaluation.harness import Benchmark, Progress, read_resized
+from streamer.evaluation.results import mean_of
 from video_io.frames import Frame
-from video_io.preprocess import VisionPreset, resize_frames
-from video_io.readers import frame_times, iter_frames, probe
-from video_io.sampling import Sampling
+from video_io.preprocess import VisionPreset
+from video_io.sources import FileSource
 
 MODES = ("stream", "clip")
 
@@ -84,20 +84,9 @@ class Clip:
 
 def read_until(path, config: Config, preset: VisionPreset, until: float) -> Clip:
     """The frames sampled as configured (video.fps, or video.frames spread as video.spread) over the video up
-    to `until` seconds, resized to model resolution chunk by chunk (bounded peak memory); decoding stops there."""
-    times = [t for t in frame_times(path) if t <= until] or frame_times(path)[:1]
-    video = config.video
-    indices = Sampling(frames=video.frames, fps=video.fps, max_frames=video.max_frames,
-                       spread=video.spread).indices(times)
-    preset = config.video_preset(preset, len(indices))
-    frames: list[Frame] = []
-    decoded = iter_frames(path, indices, config.video.backend)
-    while batch := [frame for _, frame in zip(range(config.memory.chunk_frames), decoded)]:
-        images = resize_frames([frame.image for frame in batch], preset)
-        frames.extend(replace(frame, image=image) for frame, image in zip(batch, images))
-    info = probe(path)
-    # frames over the duration of the part read, as transformers' video metadata computes a sampled rate
-    return Clip(frames, len(indices) / (info.duration * len(times) / info.num_frames))
+    to `until` seconds, at model resolution; decoding stops there."""
+    source = FileSource(path, config.video.sampling(), backend=config.video.backend, until=until)
+    return Clip(read_resized(source, config, preset), source.sampled_fps)
 
 
 def ask_order(questions: Sequence[TimedQuestion]) -> list[TimedQuestion]:
@@ -193,12 +182,11 @@ def format_run(summary: dict) -> str:
 def run_summary(records: Sequence[dict]) -> dict:
     """What every timed benchmark's table adds: errors, mean memory and answer latency."""
     answered = [r for r in records if r.get("error") is None]
-    mean = (lambda values: sum(values) / len(values) if values else None)
     return dict(questions=len(records), errors=len(records) - len(answered), videos=len({r["video"] for r in records}),
-                mean_memory_tokens=mean([r["memory_tokens"] for r in answered]),
-                mean_full_tokens=mean([r["full_tokens"] for r in answered]),
-                mean_ttft_s=mean([r["ttft_s"] for r in answered]),
-                mean_frames_seen=mean([r["frames_seen"] for r in answered]))
+                mean_memory_tokens=mean_of([r["memory_tokens"] for r in answered]),
+                mean_full_tokens=mean_of([r["full_tokens"] for r in answered]),
+                mean_ttft_s=mean_of([r["ttft_s"] for r in answered]),
+                mean_frames_seen=mean_of([r["frames_seen"] for r in answered]))
 
 
 
