@@ -16,7 +16,7 @@ from streamer.engine.models import load_model
 from streamer.engine.prompt import SYSTEM_PROMPT, question_suffix, video_prefix
 from streamer.engine.runner import Runner, load_runner
 from streamer.service.protocol import ServerLimits
-from streamer.service.server import StreamServer
+from streamer.service.service import StreamService
 from video_io.preprocess import (QWEN_VL_UTILS_PRESET, QWEN_VL_UTILS_TOTAL_PIXELS, VisionPreset, smart_resize,
                                  within_total_pixels)
 
@@ -85,7 +85,7 @@ def test_the_qwen_vl_utils_budget_shares_pixels_among_frames():
 def test_the_server_refuses_a_whole_video_pixel_budget(tiny_runner):
     config = override(Config(), "video", total_pixels=10**8)
     with pytest.raises(ValueError, match="live stream"):
-        StreamServer(tiny_runner, config, ServerLimits())
+        StreamService(tiny_runner, config, ServerLimits())
 
 
 def test_generation_settings_come_from_the_checkpoint(checkpoint):

@@ -30,7 +30,8 @@ from websockets.exceptions import InvalidStatus
 from streamer.cli.ask import ask_video
 from streamer.service.client import ServerError, StreamerClient
 from streamer.config import load_config, override
-from streamer.service.server import StreamServer
+from streamer.service.server import serve_websockets
+from streamer.service.service import StreamService
 from streamer.service.protocol import ServerLimits
 from video_io.sampling import Sampling
 from video_io.sources import FileSource
@@ -52,8 +53,8 @@ def server_config(policy="emloc"):
 
 @contextmanager
 def running_server(runner, limits=None, config=None):
-    """A StreamServer on a free loopback port, served by its own event loop on a thread."""
-    server = StreamServer(runner, config or server_config(), limits or ServerLimits())
+    """A StreamService on a free loopback port, served by its own event loop on a thread."""
+    server = StreamService(runner, config or server_config(), limits or ServerLimits())
     ready: concurrent.futures.Future = concurrent.futures.Future()
     loop = asyncio.new_event_loop()
     stop = asyncio.Event()
@@ -61,7 +62,7 @@ def running_server(runner, limits=None, config=None):
     async def serve():
         started = loop.create_future()
         started.add_done_callback(lambda f: ready.set_result(f.result()))
-        await server.serve("127.0.0.1", 0, ready=started, stop=stop)
+        await serve_websockets(server, "127.0.0.1", 0, ready=started, stop=stop)
 
     thread = threading.Thread(target=loop.run_until_complete, args=(serve(),), daemon=True)
     thread.start()

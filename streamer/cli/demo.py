@@ -22,7 +22,8 @@ from streamer.config import load_config, override
 from streamer.engine.runner import load_runner
 from streamer.service.client import StreamerClient, stream_frames
 from streamer.service.protocol import ServerLimits
-from streamer.service.server import StreamServer
+from streamer.service.server import serve_websockets
+from streamer.service.service import StreamService
 from video_io.sampling import Sampling
 from video_io.sources import FileSource
 from video_io.synthetic import write_video
@@ -45,9 +46,9 @@ async def run_demo(args) -> int:
         events = ", ".join(f"{e.name} at {e.start / 8:.1f} s" for e in synthetic.events)
         print(f"video: {args.frames} frames of {FRAME}x{FRAME} at 8 fps ({args.frames / 8:.0f} s): {events}\n"
               f"model {config.model.name}, memory policy {config.memory.policy}")
-        server = StreamServer(runner, config, ServerLimits(allowed_roots=[Path(tmp)]))
+        service = StreamService(runner, config, ServerLimits(allowed_roots=[Path(tmp)]))
         ready, stop = asyncio.get_running_loop().create_future(), asyncio.Event()
-        serving = asyncio.create_task(server.serve("127.0.0.1", 0, ready=ready, stop=stop))
+        serving = asyncio.create_task(serve_websockets(service, "127.0.0.1", 0, ready=ready, stop=stop))
         port = await ready
         try:
             async with StreamerClient(f"ws://127.0.0.1:{port}") as client:

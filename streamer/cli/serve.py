@@ -9,7 +9,8 @@ from pathlib import Path
 from streamer.config import load_config, override
 from streamer.engine.runner import load_runner
 from streamer.service.protocol import ServerLimits
-from streamer.service.server import StreamServer
+from streamer.service.server import serve_websockets
+from streamer.service.service import StreamService
 
 
 def add_parser(sub) -> None:
@@ -47,6 +48,6 @@ def run(args) -> int:
                           max_message_bytes=int(args.max_message_mb * 2**20), idle_timeout=args.idle_timeout,
                           overflow=args.overflow, allowed_roots=roots, allow_urls=args.allow_urls, token=args.token)
     runner, _ = load_runner(config)
-    server = StreamServer(runner, config, limits)
-    asyncio.run(server.serve(args.host, args.port))
+    service = StreamService(runner, config, limits)
+    asyncio.run(serve_websockets(service, args.host, args.port))
     return 0

@@ -1,323 +1,76 @@
-"""`streamer serve`: the websocket front end (protocol in README.md, "Websocket protocol").
+"""`streamer serve`: the service (streamer.service.service) on the `websockets` library's asyncio server.
 
-Plain asyncio on the `websockets` server: one connection is one session; JSON text messages
-carry commands, binary messages carry JPEG/PNG frames. Every refusal is a JSON error with a
-stable code, and the connection stays open wherever it can. Model work is serialised by the
-ModelScheduler; image decoding runs on worker threads; the event loop only routes messages.
+Plain asyncio: /health and the bearer-token check are answered in the HTTP handshake, and each
+accepted connection is handed to the service for its life.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import ctypes.util
-import gc
-import hmac
 import json
 import logging
 import signal
-import time
 from http import HTTPStatus
-from pathlib import Path
-from urllib.parse import urlparse
 
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
-from memory.snapshot import model_identity
-from streamer.config import Config
-from streamer.engine.runner import Runner
-from streamer.service.protocol import (MESSAGE_TYPES, ProtocolError, ServerLimits, error, number, parse_message,
-                                       request_id, session_config)
-from streamer.service.scheduler import ModelScheduler
-from streamer.service.session import Shared, StreamSession
-from video_io.images import decode_image
-from video_io.sampling import Sampling
-from video_io.sources import FileSource, StreamSource
+from streamer.service.service import Disconnected, StreamService
 
 log = logging.getLogger("streamer")
 
-URL_SCHEMES = ("rtsp", "rtmp", "http", "https", "srt", "udp")
-MAX_PATH_CHARS = 4096
 
+class WebsocketConnection:
+    """A websockets ServerConnection as the service's Connection."""
 
-def _libc():
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc if hasattr(libc, "malloc_trim") else None  # glibc only
-    except OSError:
-        return None
+    def __init__(self, websocket: ServerConnection):
+        self.websocket = websocket
 
-
-LIBC = _libc()
-
-
-def give_memory_back() -> None:
-    """Free what a closed session left in reference cycles, then return freed heap memory to the OS:
-    glibc keeps large freed blocks (decoded frames, a session's memory) in its heap, so without this
-    the server's RSS stays at its peak."""
-    gc.collect()
-    if LIBC is not None:
-        LIBC.malloc_trim(0)
-
-
-def decode_frame(data: bytes, session: StreamSession, max_pixels: int):
-    """A pushed JPEG/PNG -> (frame at the session's model resolution, size as sent); runs on a worker thread."""
-    try:
-        image = decode_image(data, max_pixels)
-    except ValueError as exc:
-        raise ProtocolError("bad_image", f"the binary message is not a readable JPEG/PNG image: {exc}") from None
-    return session.model_frame(image)
-
-
-class StreamServer:
-    def __init__(self, runner: Runner, defaults: Config, limits: ServerLimits):
-        if defaults.video.total_pixels is not None:
-            raise ValueError("video.total_pixels shares a pixel budget among a video's frames, and a live stream's "
-                             "frame count is not known: leave it unset for the server (set max_pixels instead)")
-        self.limits = limits
-        self.defaults = defaults
-        self.roots = [root.resolve() for root in limits.allowed_roots]
-        self.shared = Shared(runner=runner, scheduler=ModelScheduler(), limits=limits, defaults=defaults,
-                             model_name=runner.model_name, identity=model_identity(runner.model, runner.model_name))
-        self.sessions: dict[str, StreamSession] = {}
-        self.unstarted = 0  # open connections that have not started a session yet
-
-    # --- HTTP side: health and the bearer token ---------------------------------------------
-
-    def process_request(self, connection: ServerConnection, request):
-        if request.path.split("?")[0] == "/health":
-            return connection.respond(HTTPStatus.OK, json.dumps(dict(
-                status="ok", model=self.shared.model_name, sessions=len(self.sessions),
-                queued_jobs=self.shared.scheduler.pending())) + "\n")
-        if self.limits.token is not None:
-            headers = request.headers.get_all("Authorization")
-            header = headers[0] if len(headers) == 1 else ""  # none, or several: refused alike
-            given = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else None
-            if given is None or not hmac.compare_digest(given.encode(), self.limits.token.encode()):
-                body = error("unauthorized", "a valid bearer token is required: send 'Authorization: Bearer TOKEN'")
-                return connection.respond(HTTPStatus.UNAUTHORIZED, json.dumps(body) + "\n")
-        return None
-
-    # --- one connection ----------------------------------------------------------------------
-
-    async def handle(self, websocket: ServerConnection) -> None:
-        outbox: asyncio.Queue = asyncio.Queue()
-        writer = asyncio.create_task(self._write(websocket, outbox))
-        send = outbox.put_nowait
-        session: StreamSession | None = None
-        frame_ts: float | None = None
-        if self.unstarted >= self.limits.max_unstarted:
-            send(error("too_many_connections", f"{self.unstarted} connections are open without a session; "
-                       "try again later"))
-            outbox.put_nowait(None)
-            await writer
-            return
-        self.unstarted += 1
+    async def recv(self) -> str | bytes:
         try:
-            while True:
-                timeout = self.limits.idle_timeout if session is not None else self.limits.start_timeout
-                try:
-                    message = await asyncio.wait_for(websocket.recv(), timeout=timeout)
-                except TimeoutError:
-                    if session is None:
-                        send(error("start_timeout", f"no start message within {timeout:g} s; the connection "
-                                   "is closed"))
-                        break
-                    if session.busy():  # e.g. a long server-side ingest
-                        continue
-                    send(error("idle_timeout", f"no message for {timeout:g} s; the session is closed"))
-                    break
-                try:
-                    if len(message) > self.limits.max_message_bytes:
-                        raise ProtocolError("message_too_large", f"message of {len(message)} bytes is over the "
-                                            f"limit of {self.limits.max_message_bytes}")
-                    if isinstance(message, bytes):
-                        if session is None:
-                            raise ProtocolError("not_started", "send a start message before frames")
-                        image, shape = await asyncio.to_thread(decode_frame, message, session,
-                                                               self.limits.max_frame_pixels)
-                        await session.add_frame(image, shape, frame_ts)
-                        frame_ts = None
-                        continue
-                    request = parse_message(message)
-                    kind = request["type"]
-                    if kind == "start":
-                        if session is not None:
-                            raise ProtocolError("already_started", f"this connection is session {session.id} already")
-                        session = self._start(request, send)
-                        self.unstarted -= 1
-                    elif kind == "ping":
-                        send(dict(type="pong", time=time.time()))
-                    elif session is None:
-                        raise ProtocolError("not_started", f"send a start message before {kind!r}")
-                    elif kind == "frame":
-                        frame_ts = number(request, "ts", minimum=0.0)
-                    else:
-                        await self._dispatch(session, kind, request, send)
-                except ProtocolError as exc:
-                    send(error(exc.code, str(exc), **({"id": ask_id} if (ask_id := request_id(message)) is not None
-                                                      else {})))
-                except ConnectionClosed:
-                    raise
-                except Exception as exc:  # a bug must cost the client one message, never the connection (1011)
-                    log.exception("session %s: unexpected error on a message", session.id if session else "-")
-                    send(error("internal_error", f"the server failed on this message ({type(exc).__name__}); "
-                               "the connection goes on -- please report it"))
+            return await self.websocket.recv()
         except ConnectionClosed:
-            pass
-        finally:
-            if session is None:
-                self.unstarted -= 1
-            else:
-                self.sessions.pop(session.id, None)
-                await session.close()
-                log.info("session %s closed (%d sessions open)", session.id, len(self.sessions))
-                session = None  # this frame's reference too, before the collection
-                await asyncio.to_thread(give_memory_back)
-            outbox.put_nowait(None)
-            await writer
+            raise Disconnected from None
 
-    async def _write(self, websocket: ServerConnection, outbox: asyncio.Queue) -> None:
-        """The only sender of a connection: messages leave in the order they were queued."""
-        while (message := await outbox.get()) is not None:
-            try:
-                await websocket.send(json.dumps(message))
-            except ConnectionClosed:
-                return
-
-    def _start(self, request: dict, send) -> StreamSession:
-        if len(self.sessions) >= self.limits.max_sessions:
-            raise ProtocolError("too_many_sessions", f"the server is at its limit of {self.limits.max_sessions} "
-                                "sessions; try again later")
-        config = session_config(self.defaults, request, self.limits)
-        session = StreamSession(self.shared, config, send)
-        self.sessions[session.id] = session
-        log.info("session %s started (%s, %d sessions open)", session.id, config.memory.policy, len(self.sessions))
-        send(dict(type="ready", session=session.id, model=self.shared.model_name, policy=config.memory.policy,
-                  chunk_frames=config.memory.chunk_frames, budget=session.memory.budget,
-                  limits=dict(max_frames=self.limits.max_frames_per_session,
-                              max_message_bytes=self.limits.max_message_bytes,
-                              max_new_tokens=self.limits.max_new_tokens,
-                              max_pending_frames=session.max_pending)))
-        return session
-
-    async def _dispatch(self, session: StreamSession, kind: str, request: dict, send) -> None:
-        if kind == "ask":
-            question = request.get("question")
-            if not isinstance(question, str) or not question.strip():
-                raise ProtocolError("bad_question", "'question' must be a non-empty string")
-            try:
-                question.encode("utf-8")
-            except UnicodeEncodeError:
-                raise ProtocolError("bad_question", "'question' holds a lone surrogate (not valid Unicode text)") \
-                    from None
-            if len(question) > self.limits.max_question_chars:
-                raise ProtocolError("bad_question", f"question of {len(question)} characters is over the limit of "
-                                    f"{self.limits.max_question_chars}")
-            max_new = number(request, "max_new_tokens", 1, self.limits.max_new_tokens, integer=True,
-                                   default=self.defaults.generation.max_new_tokens)
-            await session.ask(request.get("id"), question, max_new)
-        elif kind == "ingest":
-            self._ingest(session, request)
-        elif kind == "flush":
-            session.flush()
-        elif kind == "stats":
-            send(session.stats())
-        elif kind in ("save", "load"):
-            path = self._allowed_path(request.get("path"), for_writing=kind == "save")
-            if kind == "save" and path.is_dir():
-                raise ProtocolError("bad_option", f"{request['path']!r} is a directory; give a file name to save to")
-            if kind == "load" and not path.is_file():
-                raise ProtocolError("not_found", f"no snapshot file at {request['path']!r} under the allowed roots")
-            try:
-                send(await (session.save(path) if kind == "save" else session.load(path)))
-            except (ValueError, OSError) as exc:  # a damaged or foreign file, a full disk, a vanished file
-                raise ProtocolError("bad_snapshot", str(exc)) from None
-        else:
-            raise ProtocolError("unknown_type", f"unknown message type {kind!r}; known: {', '.join(MESSAGE_TYPES)}")
-
-    def _ingest(self, session: StreamSession, request: dict) -> None:
-        source = request.get("source")
-        if not isinstance(source, str) or not source:
-            raise ProtocolError("bad_option", "'source' must be a file path or a stream URL")
-        fps = number(request, "fps", minimum=1e-3)
-        frames = number(request, "frames", minimum=1, integer=True)
-        max_frames = number(request, "max_frames", minimum=1, integer=True)
-        if fps is not None and frames is not None:
-            raise ProtocolError("bad_option", "give 'fps' or 'frames', not both")
-        scheme = urlparse(source).scheme.lower()
-        if scheme in URL_SCHEMES:
-            if not self.limits.allow_urls:
-                raise ProtocolError("urls_disabled", "this server does not open network streams (start it with "
-                                    "--allow-urls); send frames instead")
-            session.fps = fps or session.fps
-            session.start_reader(lambda: StreamSource(source, fps=fps, max_frames=max_frames), live=True,
-                                 label=source)
-            return
-        if scheme and len(scheme) > 1:  # file:, data:, ... (one letter is a Windows drive)
-            raise ProtocolError("forbidden_path", f"source scheme {scheme!r} is not allowed; give a path under the "
-                                "allowed roots or a stream URL")
-        path = self._allowed_path(source, for_writing=False)
-        if not path.is_file():
-            raise ProtocolError("not_found", f"no video file at {source!r} under the allowed roots")
-        sampling = Sampling(frames=frames, fps=None if frames else (fps or 1.0), max_frames=max_frames)
-
-        def open_file():  # on the reader thread: opening a file reads its packet table
-            file = FileSource(path, sampling)
-            session.fps = file.sampled_fps  # before any of its frames is queued
-            return iter(file)
-
-        session.start_reader(open_file, live=False, label=source)
-
-    def _allowed_path(self, value, for_writing: bool) -> Path:
-        """A path inside one of the allowed roots (after resolving links and '..'), or a refusal.
-        Paths the OS would refuse (a NUL byte, too long, a name over 255 bytes) are refused here."""
-        if not isinstance(value, str) or not value:
-            raise ProtocolError("bad_option", "'path' must be a non-empty string")
-        if "\0" in value or len(value) > MAX_PATH_CHARS:
-            raise ProtocolError("bad_option", f"'path' must have no NUL byte and at most {MAX_PATH_CHARS} characters")
-        if not self.roots:
-            raise ProtocolError("forbidden_path", "this server allows no server-side files (start it with "
-                                "--allow-root DIR)")
-        path = Path(value)
+    async def send(self, text: str) -> None:
         try:
-            if path.is_absolute():
-                resolved = path.resolve()
-            else:  # relative to a root: the first where it exists, else the first root
-                options = [(root / path).resolve() for root in self.roots]
-                resolved = next((option for option in options if option.exists()), options[0])
-            resolved.exists()  # raises for what the OS cannot look up (e.g. a name over 255 bytes)
-        except (OSError, ValueError) as exc:
-            raise ProtocolError("bad_option", f"'path' cannot be used: {exc}") from None
-        target = resolved.parent if for_writing else resolved
-        if not any(target.is_relative_to(root) for root in self.roots):
-            raise ProtocolError("forbidden_path", f"{value!r} is outside the allowed roots")
-        return resolved
+            await self.websocket.send(text)
+        except ConnectionClosed:
+            raise Disconnected from None
 
-    # --- lifecycle ---------------------------------------------------------------------------
 
-    async def serve(self, host: str, port: int, ready: asyncio.Future | None = None,
-                    stop: asyncio.Event | None = None) -> None:
-        """Serve until `stop` is set (or SIGINT/SIGTERM when running in the main thread)."""
-        stop = stop or asyncio.Event()
-        loop = asyncio.get_running_loop()
-        try:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, stop.set)
-        except (RuntimeError, ValueError):  # not the main thread: the caller stops us
-            pass
-        self.shared.scheduler.start()
-        # the hard size cap is above the soft limit so that an oversized message gets a JSON error
-        async with serve(self.handle, host, port, process_request=self.process_request,
-                         max_size=2 * self.limits.max_message_bytes, ping_interval=20, ping_timeout=20) as server:
-            sockets = [s.getsockname() for s in server.sockets]
-            log.info("serving %s on %s", self.shared.model_name, ", ".join(f"ws://{h}:{p}" for h, p, *_ in sockets))
-            if ready is not None:
-                ready.set_result(sockets[0][1])
-            await stop.wait()
-            log.info("shutting down: closing %d sessions", len(self.sessions))
-            server.close(close_connections=True)
-            await server.wait_closed()
-        await self.shared.scheduler.close()
+async def serve_websockets(service: StreamService, host: str, port: int, ready: asyncio.Future | None = None,
+                           stop: asyncio.Event | None = None) -> None:
+    """Serve until `stop` is set (or SIGINT/SIGTERM when running in the main thread); `ready` gets the port."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+    except (RuntimeError, ValueError):  # not the main thread: the caller stops us
+        pass
 
+    def process_request(connection: ServerConnection, request):
+        if request.path.split("?")[0] == "/health":
+            return connection.respond(HTTPStatus.OK, json.dumps(service.health()) + "\n")
+        refused = service.refusal(request.headers.get_all("Authorization"))
+        if refused is not None:
+            return connection.respond(HTTPStatus.UNAUTHORIZED, json.dumps(refused) + "\n")
+        return None
+
+    async def handle(websocket: ServerConnection) -> None:
+        await service.handle(WebsocketConnection(websocket))
+
+    service.start()
+    # the hard size cap is above the soft limit so that an oversized message gets a JSON error
+    async with serve(handle, host, port, process_request=process_request,
+                     max_size=2 * service.limits.max_message_bytes, ping_interval=20, ping_timeout=20) as server:
+        sockets = [s.getsockname() for s in server.sockets]
+        log.info("serving %s on %s", service.shared.model_name, ", ".join(f"ws://{h}:{p}" for h, p, *_ in sockets))
+        if ready is not None:
+            ready.set_result(sockets[0][1])
+        await stop.wait()
+        log.info("shutting down: closing %d sessions", len(service.sessions))
+        server.close(close_connections=True)
+        await server.wait_closed()
+    await service.close()

@@ -43,11 +43,12 @@ class Shared:
     defaults: Config
     model_name: str
     identity: dict = field(default_factory=dict)
+    name: str = ""  # prefixes session ids: replicas of one service give distinct ids
 
 
 class StreamSession:
     def __init__(self, shared: Shared, config: Config, send: Callable[[dict], None]):
-        self.id = f"s{next(session_ids)}"
+        self.id = f"{shared.name}s{next(session_ids)}"
         self.shared = shared
         self.config = config
         self.send = send
