@@ -30,6 +30,7 @@ from websockets.exceptions import InvalidStatus
 from streamer.cli.ask import ask_video
 from streamer.service.client import ServerError, StreamerClient
 from streamer.config import load_config, override
+from streamer.service.asgi import asgi_app
 from streamer.service.server import serve_websockets
 from streamer.service.service import StreamService
 from streamer.service.protocol import ServerLimits
@@ -51,10 +52,18 @@ def server_config(policy="emloc"):
     return config.validate()
 
 
+TRANSPORTS = ("websockets", "asgi")
+
+
 @contextmanager
-def running_server(runner, limits=None, config=None):
-    """A StreamService on a free loopback port, served by its own event loop on a thread."""
+def running_server(runner, limits=None, config=None, transport="websockets"):
+    """A StreamService on a free loopback port, served on a thread by its own event loop: on the websockets
+    server (`streamer serve`) or as the ASGI app on uvicorn (the app Ray Serve's replicas run)."""
     server = StreamService(runner, config or server_config(), limits or ServerLimits())
+    if transport == "asgi":
+        with serving_asgi(server) as port:
+            yield server, f"ws://127.0.0.1:{port}"
+        return
     ready: concurrent.futures.Future = concurrent.futures.Future()
     loop = asyncio.new_event_loop()
     stop = asyncio.Event()
@@ -73,6 +82,22 @@ def running_server(runner, limits=None, config=None):
         loop.call_soon_threadsafe(stop.set)
         thread.join(timeout=30)
         assert not thread.is_alive(), "the server did not shut down"
+
+
+@contextmanager
+def serving_asgi(service):
+    uvicorn = pytest.importorskip("uvicorn")
+    server = uvicorn.Server(uvicorn.Config(asgi_app(service), host="127.0.0.1", port=0, log_level="warning",
+                                           ws_max_size=2 * service.limits.max_message_bytes, lifespan="on"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    wait_until(lambda: server.started, timeout=30)
+    try:
+        yield server.servers[0].sockets[0].getsockname()[1]
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        assert not thread.is_alive(), "the ASGI server did not shut down"
 
 
 def wait_until(condition, timeout=10.0):
@@ -196,11 +221,17 @@ BAD_START = [
 ]
 
 
-def test_bad_inputs_are_refused_with_codes_and_the_session_goes_on(tiny_runner, clip):
-    limits = ServerLimits(allowed_roots=[clip], max_message_bytes=200_000, max_frames_per_session=40)
-    (clip / "adir").mkdir(exist_ok=True)
-    outside = clip.parent / "outside.mp4"
-    write_video(outside, 4, size=(112, 56))
+def hostile_limits(root) -> ServerLimits:
+    """The limits refuse_hostile_inputs runs under, with its files made under `root` (the clip fixture's)."""
+    (root / "adir").mkdir(exist_ok=True)
+    write_video(root.parent / "outside.mp4", 4, size=(112, 56))
+    return ServerLimits(allowed_roots=[root], max_message_bytes=200_000, max_frames_per_session=40)
+
+
+async def refuse_hostile_inputs(url: str, root) -> list[str]:
+    """Every kind of bad input on one connection, each refused with its code while the session goes on;
+    returns the codes in order."""
+    outside = root.parent / "outside.mp4"
     gif = io.BytesIO()
     Image.new("RGB", (112, 56)).save(gif, format="GIF")
 
@@ -214,89 +245,94 @@ def test_bad_inputs_are_refused_with_codes_and_the_session_goes_on(tiny_runner, 
                 return reply
             assert reply["type"] in ("progress", "warning", "ingest_done"), reply
 
-    async def scenario(url):
-        codes = []
-        async with connect(url, max_size=None) as ws:
-            for payload, code in [
-                ("{bad json", "bad_json"), ("[1, 2]", "bad_message"), ('{"no": "type"}', "bad_message"),
-                ("1" * 5000, "bad_json"), ("[" * 200_000, "bad_json"),
-                ('{"type": "ask", "id": ' + "9" * 5000 + ', "question": "Hi?"}', "bad_json"),
-                ('{"type": 5}', "bad_message"), (png(random_frames(1)[0]), "not_started"),
-                ('{"type": "ask", "id": 1, "question": "Hi?"}', "not_started"),
-            ] + [(json.dumps(dict(type="start", **opts)), code) for opts, code in BAD_START]:
-                codes.append((await expect(ws, payload, code))["code"])
-            await ws.send(json.dumps(dict(type="start")))
-            assert json.loads(await ws.recv())["type"] == "ready"
-            frame = random_frames(1)[0]
-            for payload, code in [
-                (json.dumps(dict(type="start")), "already_started"),
-                ('{"type": "dance"}', "unknown_type"),
-                (json.dumps(dict(type="ask", id="early", question="What?")), "no_video"),
-                (json.dumps(dict(type="load", path="clip.mp4")), "bad_snapshot"),
-                (os.urandom(500), "bad_image"),
-                (gif.getvalue(), "bad_image"),
-                (png_claiming(60000, 60000), "bad_image"), (jpeg_claiming(60000, 60000), "bad_image"),
-                (json.dumps(dict(type="ask", id=5, question="\ud800?")), "bad_question"),
-                (json.dumps(dict(type="ingest", source="clip.mp4", fps=float("nan"))), "bad_option"),
-                (json.dumps(dict(type="ingest", source="clip\0.mp4")), "bad_option"),
-                (json.dumps(dict(type="ingest", source="x" * 100_000)), "bad_option"),
-                (json.dumps(dict(type="ingest", source="y" * 300 + ".mp4")), "bad_option"),
-                (json.dumps(dict(type="save", path="adir")), "bad_option"),  # a directory
-                (json.dumps(dict(type="load", path="missing.safetensors")), "not_found"),
-                (b"x" * 250_000, "message_too_large"),
-                (json.dumps(dict(type="frame", ts=-1)), "bad_option"),
-                (png(frame), None),
-                (png(random_frames(1, size=(56, 56))[0]), "frame_size_changed"),
-                (json.dumps(dict(type="ask", id=2, question="  ")), "bad_question"),
-                (json.dumps(dict(type="ask", id=3, question="Q?", max_new_tokens=0)), "bad_option"),
-                (json.dumps(dict(type="ask", id=4, question="Q?", max_new_tokens=10**6)), "bad_option"),
-                (json.dumps(dict(type="ingest", source="missing.mp4")), "not_found"),
-                (json.dumps(dict(type="ingest", source=str(outside))), "forbidden_path"),
-                (json.dumps(dict(type="ingest", source="../outside.mp4")), "forbidden_path"),
-                (json.dumps(dict(type="ingest", source="file:///etc/passwd")), "forbidden_path"),
-                (json.dumps(dict(type="ingest", source="rtsp://127.0.0.1:9/x")), "urls_disabled"),
-                (json.dumps(dict(type="ingest", source="clip.mp4", fps=1, frames=3)), "bad_option"),
-                (json.dumps(dict(type="save", path="/tmp/elsewhere.safetensors")), "forbidden_path"),
-                (json.dumps(dict(type="load", path="clip.mp4")), "busy"),  # a frame is pending
-                (json.dumps(dict(type="ingest", source="corrupt.mp4")), "bad_video"),
-            ]:
-                if code is None:
-                    await ws.send(payload)
-                    continue
-                reply = await expect(ws, payload, code)
-                codes.append(reply["code"])
-                if '"id": "early"' in str(payload):
-                    assert reply["id"] == "early"
-            for _ in range(39):  # the frame limit (40 per session)
-                await ws.send(png(frame))
-            codes.append((await expect(ws, png(frame), "frame_limit"))["code"])
-            await ws.send(json.dumps(dict(type="flush")))
-            while True:  # until every frame is ingested
-                await ws.send(json.dumps(dict(type="stats")))
-                while (reply := json.loads(await asyncio.wait_for(ws.recv(), 60)))["type"] != "stats":
-                    assert reply["type"] in ("progress", "warning", "ingest_done"), reply
-                if reply["frames_pending"] == 0 and reply["chunks_queued"] == 0:
-                    break
-                await asyncio.sleep(0.05)
-            # the connection still works after all of that; a null max_new_tokens takes the default
-            await ws.send(json.dumps(dict(type="ask", id="null", question="What happens?", max_new_tokens=None)))
-            while (reply := json.loads(await asyncio.wait_for(ws.recv(), 60)))["type"] != "answer":
-                assert reply["type"] in ("token", "progress", "warning", "ingest_done"), reply
-            assert reply["id"] == "null" and reply["stats"]["tokens"] >= 1
-            await ws.send(json.dumps(dict(type="ask", id="ok", question="What happens?", max_new_tokens=3)))
-            while (reply := json.loads(await asyncio.wait_for(ws.recv(), 60)))["type"] != "answer":
-                assert reply["type"] in ("token", "progress", "warning", "ingest_done"), reply
-            assert reply["id"] == "ok"
-        return codes
+    codes = []
+    async with connect(url, max_size=None) as ws:
+        for payload, code in [
+            ("{bad json", "bad_json"), ("[1, 2]", "bad_message"), ('{"no": "type"}', "bad_message"),
+            ("1" * 5000, "bad_json"), ("[" * 200_000, "bad_json"),
+            ('{"type": "ask", "id": ' + "9" * 5000 + ', "question": "Hi?"}', "bad_json"),
+            ('{"type": 5}', "bad_message"), (png(random_frames(1)[0]), "not_started"),
+            ('{"type": "ask", "id": 1, "question": "Hi?"}', "not_started"),
+        ] + [(json.dumps(dict(type="start", **opts)), code) for opts, code in BAD_START]:
+            codes.append((await expect(ws, payload, code))["code"])
+        await ws.send(json.dumps(dict(type="start")))
+        assert json.loads(await ws.recv())["type"] == "ready"
+        frame = random_frames(1)[0]
+        for payload, code in [
+            (json.dumps(dict(type="start")), "already_started"),
+            ('{"type": "dance"}', "unknown_type"),
+            (json.dumps(dict(type="ask", id="early", question="What?")), "no_video"),
+            (json.dumps(dict(type="load", path="clip.mp4")), "bad_snapshot"),
+            (os.urandom(500), "bad_image"),
+            (gif.getvalue(), "bad_image"),
+            (png_claiming(60000, 60000), "bad_image"), (jpeg_claiming(60000, 60000), "bad_image"),
+            (json.dumps(dict(type="ask", id=5, question="\ud800?")), "bad_question"),
+            (json.dumps(dict(type="ingest", source="clip.mp4", fps=float("nan"))), "bad_option"),
+            (json.dumps(dict(type="ingest", source="clip\0.mp4")), "bad_option"),
+            (json.dumps(dict(type="ingest", source="x" * 100_000)), "bad_option"),
+            (json.dumps(dict(type="ingest", source="y" * 300 + ".mp4")), "bad_option"),
+            (json.dumps(dict(type="save", path="adir")), "bad_option"),  # a directory
+            (json.dumps(dict(type="load", path="missing.safetensors")), "not_found"),
+            (b"x" * 250_000, "message_too_large"),
+            (json.dumps(dict(type="frame", ts=-1)), "bad_option"),
+            (png(frame), None),
+            (png(random_frames(1, size=(56, 56))[0]), "frame_size_changed"),
+            (json.dumps(dict(type="ask", id=2, question="  ")), "bad_question"),
+            (json.dumps(dict(type="ask", id=3, question="Q?", max_new_tokens=0)), "bad_option"),
+            (json.dumps(dict(type="ask", id=4, question="Q?", max_new_tokens=10**6)), "bad_option"),
+            (json.dumps(dict(type="ingest", source="missing.mp4")), "not_found"),
+            (json.dumps(dict(type="ingest", source=str(outside))), "forbidden_path"),
+            (json.dumps(dict(type="ingest", source="../outside.mp4")), "forbidden_path"),
+            (json.dumps(dict(type="ingest", source="file:///etc/passwd")), "forbidden_path"),
+            (json.dumps(dict(type="ingest", source="rtsp://127.0.0.1:9/x")), "urls_disabled"),
+            (json.dumps(dict(type="ingest", source="clip.mp4", fps=1, frames=3)), "bad_option"),
+            (json.dumps(dict(type="save", path="/tmp/elsewhere.safetensors")), "forbidden_path"),
+            (json.dumps(dict(type="load", path="clip.mp4")), "busy"),  # a frame is pending
+            (json.dumps(dict(type="ingest", source="corrupt.mp4")), "bad_video"),
+        ]:
+            if code is None:
+                await ws.send(payload)
+                continue
+            reply = await expect(ws, payload, code)
+            codes.append(reply["code"])
+            if '"id": "early"' in str(payload):
+                assert reply["id"] == "early"
+        for _ in range(39):  # the frame limit (40 per session)
+            await ws.send(png(frame))
+        codes.append((await expect(ws, png(frame), "frame_limit"))["code"])
+        await ws.send(json.dumps(dict(type="flush")))
+        while True:  # until every frame is ingested
+            await ws.send(json.dumps(dict(type="stats")))
+            while (reply := json.loads(await asyncio.wait_for(ws.recv(), 60)))["type"] != "stats":
+                assert reply["type"] in ("progress", "warning", "ingest_done"), reply
+            if reply["frames_pending"] == 0 and reply["chunks_queued"] == 0:
+                break
+            await asyncio.sleep(0.05)
+        # the connection still works after all of that; a null max_new_tokens takes the default
+        await ws.send(json.dumps(dict(type="ask", id="null", question="What happens?", max_new_tokens=None)))
+        while (reply := json.loads(await asyncio.wait_for(ws.recv(), 60)))["type"] != "answer":
+            assert reply["type"] in ("token", "progress", "warning", "ingest_done"), reply
+        assert reply["id"] == "null"
+        codes.append(reply["text"])  # what the session answers after all of that, for comparing transports
+        await ws.send(json.dumps(dict(type="ask", id="ok", question="What happens?", max_new_tokens=3)))
+        while (reply := json.loads(await asyncio.wait_for(ws.recv(), 60)))["type"] != "answer":
+            assert reply["type"] in ("token", "progress", "warning", "ingest_done"), reply
+        assert reply["id"] == "ok"
+    return codes
 
-    with running_server(tiny_runner, limits) as (server, url):
-        codes = asyncio.run(scenario(url))
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_bad_inputs_are_refused_with_codes_and_the_session_goes_on(tiny_runner, clip, transport):
+    with running_server(tiny_runner, hostile_limits(clip), transport=transport) as (server, url):
+        codes = asyncio.run(refuse_hostile_inputs(url, clip))
         health = json.loads(urllib.request.urlopen(url.replace("ws://", "http://") + "/health", timeout=10).read())
         assert health["status"] == "ok"
     assert len(codes) >= 20
 
 
-def test_session_limit_token_and_health(tiny_runner):
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_session_limit_token_and_health(tiny_runner, transport):
     async def scenario(url):
         async with StreamerClient(url, token="secret") as first:
             await first.start()
@@ -315,7 +351,7 @@ def test_session_limit_token_and_health(tiny_runner):
             refusals.append(wrong.value.response)
         return refusals
 
-    with running_server(tiny_runner, ServerLimits(max_sessions=1, token="secret")) as (_, url):
+    with running_server(tiny_runner, ServerLimits(max_sessions=1, token="secret"), transport=transport) as (_, url):
         refusals = asyncio.run(scenario(url))
         health = urllib.request.urlopen(url.replace("ws://", "http://") + "/health", timeout=10)
         assert health.status == 200 and json.loads(health.read())["model"] == "tiny-random"

@@ -24,6 +24,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
 
 from video_io.frames import Frame
 from video_io.images import encode_image
@@ -69,6 +70,8 @@ class StreamerClient:
         try:
             async for raw in self.connection:
                 self._route(json.loads(raw))
+        except ConnectionClosed as exc:  # closed without a close frame: the server's process died, or the network
+            log.warning("the connection to %s was lost (%s)", self.url, exc)
         finally:  # the connection is gone: nobody waiting may hang
             closed = ServerError({"code": "connection_closed", "message": "the server closed the connection"})
             for futures in self.waiting.values():

@@ -25,7 +25,9 @@ class ModelScheduler:
         self.task: asyncio.Task | None = None
 
     def start(self) -> None:
-        self.task = asyncio.get_running_loop().create_task(self._run())
+        """Start on the running event loop; once (later calls do nothing)."""
+        if self.task is None:
+            self.task = asyncio.get_running_loop().create_task(self._run())
 
     async def submit(self, priority: int, fn: Callable[..., Any], *args) -> Any:
         """Run fn(*args) on the model thread when its turn comes; cancelling the await drops the job."""

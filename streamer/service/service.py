@@ -317,7 +317,7 @@ class StreamService:
     # --- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start the model thread's scheduler on the running event loop (before the first connection)."""
+        """Start the model thread's scheduler on the running event loop (before the first connection; once)."""
         self.shared.scheduler.start()
 
     def drain(self, reason: str, seconds: float) -> None:

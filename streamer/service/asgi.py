@@ -1,0 +1,75 @@
+"""The service (streamer.service.service) as an ASGI app, for ASGI servers: Ray Serve's proxy, uvicorn.
+
+The same protocol as `streamer serve`: a websocket at any path but /health is one session, and
+GET /health reports the service. A connection without the bearer token is refused in the
+handshake with 401 and the JSON error, where the server supports ASGI's denial-response
+extension (uvicorn does); elsewhere it is closed before it opens (code 1008, which a client sees
+as HTTP 403).
+"""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+from typing import Callable
+
+from starlette.applications import Starlette
+from starlette.responses import JSONResponse
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
+
+from streamer.service.service import Disconnected, StreamService
+
+POLICY_VIOLATION = 1008
+
+
+class AsgiConnection:
+    """A Starlette WebSocket as the service's Connection."""
+
+    def __init__(self, websocket: WebSocket):
+        self.websocket = websocket
+
+    async def recv(self) -> str | bytes:
+        message = await self.websocket.receive()
+        if message["type"] == "websocket.disconnect":
+            raise Disconnected
+        return message["text"] if message.get("text") is not None else message.get("bytes") or b""
+
+    async def send(self, text: str) -> None:
+        try:
+            await self.websocket.send_text(text)
+        except (WebSocketDisconnect, RuntimeError, OSError):  # closed, or the client went away mid-send
+            raise Disconnected from None
+
+
+def asgi_app(service: StreamService, health: Callable[[], dict] | None = None) -> Starlette:
+    """The ASGI app serving `service`; `health` (default service.health) answers GET /health."""
+    health = health or service.health
+
+    async def health_route(request):
+        return JSONResponse(health())
+
+    async def session_route(websocket: WebSocket):
+        service.start()  # a server that runs no lifespan starts it here
+        refused = service.refusal(websocket.headers.getlist("authorization"))
+        if refused is not None:
+            if "websocket.http.response" in websocket.scope.get("extensions", {}):
+                await websocket.send_denial_response(JSONResponse(refused, status_code=401))
+            else:
+                await websocket.close(code=POLICY_VIOLATION, reason="unauthorized")
+            return
+        await websocket.accept()
+        await service.handle(AsgiConnection(websocket))
+        if WebSocketState.CONNECTED == websocket.client_state == websocket.application_state:
+            try:  # the service ended the session (a timeout, a refused connection): close it from here
+                await websocket.close()
+            except (RuntimeError, OSError):  # the client closed first
+                pass
+
+    @asynccontextmanager
+    async def lifespan(app):
+        service.start()
+        yield
+        await service.close()
+
+    return Starlette(routes=[Route("/health", health_route), WebSocketRoute("/{path:path}", session_route)],
+                     lifespan=lifespan)

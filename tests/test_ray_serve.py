@@ -1,0 +1,209 @@
+"""The service on Ray Serve: two replicas of the built-in model behind Serve's proxy on a local Ray
+cluster, shared by this module's tests (the cluster and its replicas take ~15 s to start), each
+compared with the standalone websockets server on the same model and frames."""
+
+import asyncio
+import json
+import socket
+import threading
+import time
+import urllib.request
+from dataclasses import replace
+
+import pytest
+import ray
+from ray import serve
+from test_server import (TRANSPORTS, clip, hostile_limits, png, refuse_hostile_inputs, running_server,  # noqa: F401
+                         wait_until)
+
+from streamer.builtin.videos import make_video
+from streamer.config import load_config, override
+from streamer.engine.runner import load_runner
+from streamer.service.client import ServerError, StreamerClient
+from streamer.service.ray_serve import APP, DEPLOYMENT, application, replica_states, serve_on_ray
+
+SESSIONS = 8
+DRAIN_S = 10.0
+
+
+def replica_config():
+    config = load_config("stream_default")
+    override(config, "model", name="builtin", device="cpu", dtype="float32")
+    override(config, "memory", chunk_frames=8)
+    override(config, "generation", max_new_tokens=8)
+    return config.validate()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def health(url: str) -> dict:
+    return json.loads(urllib.request.urlopen(url.replace("ws://", "http://") + "/health", timeout=30).read())
+
+
+def running(count: int) -> bool:
+    return [r["state"] for r in replica_states()].count("RUNNING") == count
+
+
+def routed_to(url: str, count: int) -> None:
+    """Wait until `count` replicas are running and the proxy sends requests to each of them."""
+    wait_until(lambda: serve.status().applications.get(APP) is not None and running(count), timeout=120)
+    wait_until(lambda: len({health(url)["replica"] for _ in range(4 * count)}) == count, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def cluster(clip):
+    """`streamer serve --ray`'s entry (serve_on_ray) on a thread, with 2 replicas on this machine's CPUs."""
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 * 2**20)
+    limits = hostile_limits(clip)
+    limits.max_sessions = SESSIONS // 2 + 1
+    port, stop = free_port(), threading.Event()
+    thread = threading.Thread(target=serve_on_ray, args=(replica_config(), limits, "127.0.0.1", port, 2),
+                              kwargs=dict(drain_s=DRAIN_S, stop=stop), daemon=True)
+    thread.start()
+    url = f"ws://127.0.0.1:{port}"
+    routed_to(url, 2)
+    try:
+        yield url, limits
+    finally:
+        stop.set()
+        thread.join(timeout=60)
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def standalone(cluster):
+    """The websockets server on the same model, config and limits (room for all sessions: it is one)."""
+    runner, _ = load_runner(replica_config())
+    limits = replace(cluster[1], max_sessions=SESSIONS)
+    with running_server(runner, limits, replica_config(), transport=TRANSPORTS[0]) as (_, url):
+        yield url
+
+
+def video(seed: int):
+    synthetic = make_video(seed, 24)
+    return synthetic.frames(), synthetic.questions()[0].question
+
+
+async def one_session(url: str, seed: int) -> tuple[str, str]:
+    """(session id, answer) for video `seed` pushed as lossless PNG, then its first question."""
+    frames, question = video(seed)
+    async with StreamerClient(url) as client:
+        ready = await client.start()
+        for i, image in enumerate(frames):
+            await client.send_frame(png(image), ts=i * 0.5)
+        await client.flush()
+        await client.wait_ingested()
+        return ready["session"], (await client.ask(question))["text"]
+
+
+def replica_of(session: str) -> str:
+    return session.split("-")[0]
+
+
+def test_concurrent_sessions_spread_over_replicas_and_answer_as_the_standalone_server(cluster, standalone):
+    async def sessions(url):
+        return await asyncio.gather(*[one_session(url, seed) for seed in range(SESSIONS)])
+
+    started = time.perf_counter()
+    through_serve = asyncio.run(sessions(cluster[0]))
+    seconds = time.perf_counter() - started
+    alone = asyncio.run(sessions(standalone))
+    assert [answer for _, answer in through_serve] == [answer for _, answer in alone]
+    assert any(answer for _, answer in alone)  # the built-in model says something about its videos
+    assert len({replica_of(session) for session, _ in through_serve}) == 2, through_serve
+    report = health(cluster[0])
+    assert report["transport"] == "ray" and [r["state"] for r in report["replicas"]] == ["RUNNING"] * 2
+    print(f"{SESSIONS} sessions through Serve in {seconds:.1f} s")
+
+
+def test_hostile_inputs_are_refused_through_serve_as_by_the_standalone_server(cluster, standalone, clip):
+    through_serve = asyncio.run(refuse_hostile_inputs(cluster[0], clip))
+    assert through_serve == asyncio.run(refuse_hostile_inputs(standalone, clip))
+
+
+async def one_per_replica(url: str, frames) -> tuple[list[StreamerClient], list[str]]:
+    """Two clients with `frames` ingested, whose sessions are on different replicas (the proxy sends a
+    new connection to the replica with fewer open ones)."""
+    clients = [await StreamerClient(url).__aenter__() for _ in range(2)]
+    sessions = [(await client.start())["session"] for client in clients]
+    assert len({replica_of(s) for s in sessions}) == 2, sessions
+    for client in clients:
+        for i, image in enumerate(frames):
+            await client.send_frame(png(image), ts=i * 0.5)
+        await client.flush()
+        await client.wait_ingested()
+    return clients, sessions
+
+
+async def resume(url: str, snapshot: str, question: str) -> tuple[str, str]:
+    """(session id, answer) of a new connection that loads `snapshot` and asks."""
+    async with StreamerClient(url) as client:
+        session = (await client.start())["session"]
+        await client.load(snapshot)
+        return session, (await client.ask(question))["text"]
+
+
+def test_a_killed_replica_closes_only_its_sessions_and_a_saved_memory_resumes_on_another(cluster):
+    url, _ = cluster
+    frames, question = video(200)
+
+    async def scenario():
+        clients, sessions = await one_per_replica(url, frames)
+        before = [(await client.ask(question))["text"] for client in clients]
+        await clients[0].save("killed.safetensors")
+        killed = replica_of(sessions[0])
+        ray.kill(ray.get_actor(f"SERVE_REPLICA::{APP}#{DEPLOYMENT}#{killed}", namespace="serve"), no_restart=True)
+        await asyncio.wait_for(clients[0].reader, 60)  # its connection closes
+        staying = (await clients[1].ask(question))["text"]  # the other replica's session goes on
+        for _ in range(20):  # until the proxy stops sending new connections to the dead replica
+            try:
+                session, after = await resume(url, "killed.safetensors", question)
+                break
+            except (ServerError, OSError) as exc:
+                print("reconnect:", exc)
+                await asyncio.sleep(0.5)
+        await clients[1].close()
+        return before, staying, killed, session, after
+
+    before, staying, killed, session, after = asyncio.run(scenario())
+    assert staying == before[1]
+    assert replica_of(session) != killed and after == before[0]
+    routed_to(url, 2)  # Serve replaces the killed replica
+
+
+def test_a_stopped_replica_tells_its_sessions_which_resume_elsewhere_from_a_snapshot(cluster):
+    """Scale 2 -> 1: the replica being stopped sends `draining`; its client saves its memory, closes,
+    reconnects (the proxy sends it to the running replica) and loads it there. (The last test: it
+    leaves one replica.)"""
+    url, limits = cluster
+    frames, question = video(300)
+
+    async def scenario():
+        clients, sessions = await one_per_replica(url, frames)
+        before = [(await client.ask(question))["text"] for client in clients]
+        # the same deployment with one replica fewer (the same CPUs each: else Serve replaces both)
+        scaled = application(replica_config(), limits, 1, DRAIN_S, cpus_per_replica=1.0)
+        update = asyncio.create_task(asyncio.to_thread(serve.run, scaled, name=APP, route_prefix="/"))
+        waits = [asyncio.create_task(client.next_event("draining")) for client in clients]
+        done, others = await asyncio.wait(waits, timeout=60, return_when=asyncio.FIRST_COMPLETED)
+        for task in others:
+            task.cancel()
+        told = waits.index(done.pop())
+        notice = waits[told].result()
+        await clients[told].save("drained.safetensors")
+        await clients[told].close()
+        session, after = await resume(url, "drained.safetensors", question)
+        staying = (await clients[1 - told].ask(question))["text"]
+        await clients[1 - told].close()
+        await update
+        return before, told, notice, sessions, session, after, staying
+
+    before, told, notice, sessions, session, after, staying = asyncio.run(scenario())
+    assert notice["seconds"] == DRAIN_S and "save" in notice["message"]
+    assert replica_of(session) == replica_of(sessions[1 - told])
+    assert after == before[told] and staying == before[1 - told]
+    assert [r["state"] for r in replica_states()] == ["RUNNING"]
