@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -9,6 +11,7 @@ from streamer.engine.runner import Runner
 from streamer.engine.stream import ingest_video
 from streamer.engine.view import MemoryView
 from video_io.preprocess import VisionPreset
+from video_io.synthetic import write_video
 
 # 56 x 112 frames at exactly that many pixels: a 4 x 8 patch grid, 8 tokens per frame pair.
 TEST_PRESET = VisionPreset(min_pixels=56 * 112, max_pixels=56 * 112)
@@ -50,3 +53,12 @@ def question_logits(runner: Runner, memory, question: str) -> torch.Tensor:
     view = MemoryView(memory.context(), extra=len(ids))
     hidden = runner.forward_layers(runner.embed_tokens(ids), text_positions(memory.next_position, len(ids)), view)
     return runner.logits(hidden)[0]
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    """A folder with a short clip (24 frames of 112 x 56 at 8 fps) and a corrupt file, for server-side reads."""
+    root = tmp_path_factory.mktemp("videos")
+    write_video(root / "clip.mp4", 24, fps=8.0, size=(112, 56))
+    (root / "corrupt.mp4").write_bytes(os.urandom(4000))
+    return root

@@ -13,8 +13,7 @@ from dataclasses import replace
 import pytest
 import ray
 from ray import serve
-from test_server import (TRANSPORTS, clip, hostile_limits, png, refuse_hostile_inputs, running_server,  # noqa: F401
-                         wait_until)
+from test_server import TRANSPORTS, hostile_limits, png, refuse_hostile_inputs, running_server, wait_until
 
 from streamer.builtin.videos import make_video
 from streamer.config import load_config, override
@@ -123,6 +122,29 @@ def test_concurrent_sessions_spread_over_replicas_and_answer_as_the_standalone_s
 def test_hostile_inputs_are_refused_through_serve_as_by_the_standalone_server(cluster, standalone, clip):
     through_serve = asyncio.run(refuse_hostile_inputs(cluster[0], clip))
     assert through_serve == asyncio.run(refuse_hostile_inputs(standalone, clip))
+
+
+def test_when_every_replica_is_full_a_new_connection_waits_for_a_session_to_end(cluster):
+    url, limits = cluster
+
+    async def scenario():
+        full = 2 * limits.max_sessions
+        clients = [await StreamerClient(url).__aenter__() for _ in range(full)]
+        sessions = [(await client.start())["session"] for client in clients]
+        waiting = asyncio.create_task(StreamerClient(url).__aenter__())
+        await asyncio.sleep(3)
+        queued = not waiting.done()  # the handshake waits in Serve's proxy, refused by neither replica
+        await clients[0].close()
+        late = await asyncio.wait_for(waiting, 30)
+        session = (await late.start())["session"]
+        for client in (late, *clients[1:]):
+            await client.close()
+        return sessions, queued, session
+
+    sessions, queued, session = asyncio.run(scenario())
+    replicas = [replica_of(s) for s in sessions]
+    assert len(set(replicas)) == 2 and replicas.count(replicas[0]) == len(sessions) // 2  # 5 on each
+    assert queued and replica_of(session) == replica_of(sessions[0])  # the slot that was freed
 
 
 async def one_per_replica(url: str, frames) -> tuple[list[StreamerClient], list[str]]:

@@ -116,14 +116,6 @@ async def push(client, frames, ts0=0.0):
         await client.send_frame(png(image), ts=ts0 + i * 0.5)
 
 
-@pytest.fixture(scope="module")
-def clip(tmp_path_factory):
-    root = tmp_path_factory.mktemp("videos")
-    write_video(root / "clip.mp4", 24, fps=8.0, size=(112, 56))
-    (root / "corrupt.mp4").write_bytes(os.urandom(4000))
-    return root
-
-
 def test_answer_through_the_server_equals_streamer_ask(family_runner, clip):
     """Pushed frames (at the rate the client states) and a server-side read both answer as `streamer ask`,
     on each family (Qwen2.5-VL's positions follow the rate: 12 frames over the 3 s clip, 4 fps)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 from pathlib import Path
@@ -33,7 +34,30 @@ def add_parser(sub) -> None:
     p.add_argument("--idle-timeout", type=float, default=600.0, help="seconds before an idle session is closed")
     p.add_argument("--overflow", choices=["subsample", "drop"], default="subsample",
                    help="when frames arrive faster than they are ingested")
+    ray = p.add_argument_group("Ray Serve", "serve the same protocol from model replicas on a Ray cluster "
+                               "(pip install '.[ray]'); --max-sessions is then per replica")
+    ray.add_argument("--ray", action="store_true", help="serve through Ray Serve's proxy, one model per replica")
+    ray.add_argument("--replicas", type=replicas, metavar="N|MIN-MAX",
+                     help="replicas: N, or MIN-MAX autoscaled on open sessions (default: one per GPU of the "
+                          "cluster, or 1 without GPUs)")
+    ray.add_argument("--ray-address", help="join a running Ray cluster ('auto': the one `ray start` began on this "
+                                           "machine; default: $RAY_ADDRESS, else start one here)")
+    ray.add_argument("--cpus-per-replica", type=float,
+                     help="without GPUs: CPUs (and torch threads) per replica (default: an equal share)")
+    ray.add_argument("--drain-seconds", type=float, default=60.0,
+                     help="how long a replica being stopped keeps its sessions after telling them (default 60)")
     p.set_defaults(run=run)
+
+
+def replicas(text: str) -> int | tuple[int, int]:
+    low, _, high = text.partition("-")
+    try:
+        counts = (int(low), int(high)) if high else (int(low),)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give N or MIN-MAX, e.g. 4 or 1-8") from None
+    if min(counts) < (0 if high else 1) or (high and counts[0] > counts[1]) or max(counts) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: need N >= 1, or 0 <= MIN <= MAX with MAX >= 1")
+    return counts if high else counts[0]
 
 
 def run(args) -> int:
@@ -47,6 +71,11 @@ def run(args) -> int:
     limits = ServerLimits(max_sessions=args.max_sessions, max_frames_per_session=args.max_frames,
                           max_message_bytes=int(args.max_message_mb * 2**20), idle_timeout=args.idle_timeout,
                           overflow=args.overflow, allowed_roots=roots, allow_urls=args.allow_urls, token=args.token)
+    if args.ray:
+        from streamer.service.ray_serve import serve_on_ray  # Ray is an optional dependency
+        serve_on_ray(config, limits, args.host, args.port, args.replicas, args.ray_address, args.drain_seconds,
+                     args.cpus_per_replica)
+        return 0
     runner, _ = load_runner(config)
     service = StreamService(runner, config, limits)
     asyncio.run(serve_websockets(service, args.host, args.port))

@@ -131,15 +131,15 @@ def serve_on_ray(config: Config, limits: ServerLimits, host: str, port: int, rep
     host:port, and serve until `stop` is set or SIGINT/SIGTERM; then shut Serve down."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage reports from machines without network
     ray.init(address=address, include_dashboard=False, ignore_reinit_error=True)
+    stop = stop or threading.Event()
+    if threading.current_thread() is threading.main_thread():  # after ray.init, which sets its own handlers
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
     serve.start(http_options=dict(host=host, port=port))
     serve.run(application(config, limits, replicas, drain_s, cpus_per_replica), name=APP, route_prefix="/")
     states = replica_states()
     log.info("serving %s on ws://%s:%d through Ray Serve: %d replicas (%s)", config.model.name, host, port,
              len(states), ", ".join(f"{r['replica']} on {r['node']}" for r in states))
-    stop = stop or threading.Event()
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: stop.set())
     stop.wait()
     log.info("shutting down Serve")
     serve.shutdown()
