@@ -16,6 +16,7 @@ from ray import serve
 from test_server import TRANSPORTS, hostile_limits, png, refuse_hostile_inputs, running_server, wait_until
 
 from streamer.builtin.videos import make_video
+from streamer.cli import main
 from streamer.config import load_config, override
 from streamer.engine.runner import load_runner
 from streamer.service.client import ServerError, StreamerClient
@@ -195,6 +196,12 @@ def test_a_killed_replica_closes_only_its_sessions_and_a_saved_memory_resumes_on
     assert staying == before[1]
     assert replica_of(session) != killed and after == before[0]
     routed_to(url, 2)  # Serve replaces the killed replica
+
+
+def test_the_demo_runs_against_serve_unchanged(cluster, capsys):
+    assert main(["demo", "--url", cluster[0], "--frames", "48", "--max-new-tokens", "6"]) == 0
+    out = capsys.readouterr().out
+    assert f"on {cluster[0]}" in out and " of 5 right" in out
 
 
 def test_a_stopped_replica_tells_its_sessions_which_resume_elsewhere_from_a_snapshot(cluster):

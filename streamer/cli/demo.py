@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -37,55 +38,64 @@ async def run_demo(args) -> int:
     override(config, "memory", policy=args.memory, chunk_frames=args.chunk_frames)
     override(config, "emloc", group_size=args.group_size, delta=args.delta)
     config.validate()
-    runner, _ = load_runner(config)
     synthetic = make_video(args.seed, args.frames)
     images = synthetic.frames()
     with tempfile.TemporaryDirectory() as tmp:
         video = Path(tmp) / "demo.mp4"
         write_video(video, args.frames, fps=8.0, size=(FRAME, FRAME), content=images.__getitem__)
         events = ", ".join(f"{e.name} at {e.start / 8:.1f} s" for e in synthetic.events)
+        model = "the server's" if args.url else config.model.name
         print(f"video: {args.frames} frames of {FRAME}x{FRAME} at 8 fps ({args.frames / 8:.0f} s): {events}\n"
-              f"model {config.model.name}, memory policy {config.memory.policy}")
+              f"model {model}, memory policy {config.memory.policy}")
+        if args.url:  # a running server, standalone or on Ray Serve
+            await demo_session(args, config, video, synthetic, args.url)
+            return 0
+        runner, _ = load_runner(config)
         service = StreamService(runner, config, ServerLimits(allowed_roots=[Path(tmp)]))
         ready, stop = asyncio.get_running_loop().create_future(), asyncio.Event()
         serving = asyncio.create_task(serve_websockets(service, "127.0.0.1", 0, ready=ready, stop=stop))
         port = await ready
         try:
-            async with StreamerClient(f"ws://127.0.0.1:{port}") as client:
-                session = await client.start(policy=config.memory.policy, chunk_frames=config.memory.chunk_frames)
-                print(f"session {session['session']} on ws://127.0.0.1:{port}, {session['chunk_frames']} frames "
-                      "per chunk\n")
-                frames = list(FileSource(video, Sampling(frames=args.frames)))
-                started = time.perf_counter()
-                half = len(frames) // 2
-                await stream_frames(client, iter(frames[:half]), realtime=False)
-                await client.wait_ingested()
-                print("halfway through the stream:")
-                during = asyncio.create_task(ask_and_print(client, GENERIC_PROMPTS[0], args.max_new_tokens))
-                await stream_frames(client, iter(frames[half:]), realtime=False)  # the question overtakes these
-                await during
-                await client.flush()
-                stats = await client.wait_ingested()
-                ingest_s = time.perf_counter() - started
-                print("\nafter the stream:")
-                right = 0
-                for qa in synthetic.questions():
-                    answer = await ask_and_print(client, qa.question, args.max_new_tokens)
-                    correct = answer["text"].strip().lower().startswith(qa.answer.lower())
-                    right += correct
-                    print(f"   expected {qa.answer!r}: {'right' if correct else 'wrong'} "
-                          f"({qa.family}; chance 1 in {qa.choices})")
-                print(f"{right} of {len(synthetic.questions())} right")
-                progress = []
-                while not client.events.empty():
-                    event = client.events.get_nowait()
-                    if event.get("type") == "progress":
-                        progress.append(event)
-            print_summary(stats, progress, ingest_s)
+            await demo_session(args, config, video, synthetic, f"ws://127.0.0.1:{port}")
         finally:
             stop.set()
             await serving
     return 0
+
+
+async def demo_session(args, config, video: Path, synthetic, url: str) -> None:
+    """Stream the video's frames to `url` as a client, ask while streaming and after, print the summary."""
+    async with StreamerClient(url, token=args.token) as client:
+        session = await client.start(policy=config.memory.policy, chunk_frames=config.memory.chunk_frames)
+        print(f"session {session['session']} on {url}, {session['chunk_frames']} frames per chunk\n")
+        frames = list(FileSource(video, Sampling(frames=args.frames)))
+        started = time.perf_counter()
+        half = len(frames) // 2
+        await stream_frames(client, iter(frames[:half]), realtime=False)
+        await client.flush()  # up to halfway, even if that is not a whole number of chunks
+        await client.wait_ingested()
+        print("halfway through the stream:")
+        during = asyncio.create_task(ask_and_print(client, GENERIC_PROMPTS[0], args.max_new_tokens))
+        await stream_frames(client, iter(frames[half:]), realtime=False)  # the question overtakes these
+        await during
+        await client.flush()
+        stats = await client.wait_ingested()
+        ingest_s = time.perf_counter() - started
+        print("\nafter the stream:")
+        right = 0
+        for qa in synthetic.questions():
+            answer = await ask_and_print(client, qa.question, args.max_new_tokens)
+            correct = answer["text"].strip().lower().startswith(qa.answer.lower())
+            right += correct
+            print(f"   expected {qa.answer!r}: {'right' if correct else 'wrong'} "
+                  f"({qa.family}; chance 1 in {qa.choices})")
+        print(f"{right} of {len(synthetic.questions())} right")
+        progress = []
+        while not client.events.empty():
+            event = client.events.get_nowait()
+            if event.get("type") == "progress":
+                progress.append(event)
+    print_summary(stats, progress, ingest_s)
 
 
 def print_summary(stats: dict, progress: list[dict], ingest_s: float) -> None:
@@ -103,6 +113,9 @@ def print_summary(stats: dict, progress: list[dict], ingest_s: float) -> None:
 def add_parser(sub) -> None:
     p = sub.add_parser("demo", help="stream a synthetic video through an in-process server and ask questions")
     p.add_argument("--model", help="default: the built-in trained model (builtin)")
+    p.add_argument("--url", help="stream to this running server (streamer serve, with or without --ray) instead "
+                                 "of one started here; it should serve the built-in model for the answers to hold")
+    p.add_argument("--token", default=os.environ.get("STREAMER_TOKEN"), help="bearer token for --url")
     p.add_argument("--device")
     p.add_argument("--memory", default="emloc", help="memory policy (default emloc)")
     p.add_argument("--frames", type=int, default=192, help="frames in the synthetic video (8 fps, all sent)")
