@@ -154,7 +154,8 @@ def test_every_policy_runs_and_keeps_prompt_text(family_runner, name):
     if name == "full":
         assert memory.mean_tokens() == memory.full_tokens
     elif name != "emloc":
-        assert memory.mean_tokens() < 0.6 * memory.full_tokens
+        text = int(torch.isinf(memory.layers[0].importance[0]).sum())  # prompt text (Qwen3-VL: frame text too)
+        assert memory.mean_tokens() - text < 0.6 * (memory.full_tokens - text)
 
 
 def test_uniform_and_pyramid_spend_the_same_total(tiny_runner):
