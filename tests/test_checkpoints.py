@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from checkpoints import PREPROCESSOR, published_checkpoint
-from conftest import FAMILY_MODELS, TEST_PRESET, random_frames, stream
+from conftest import FAMILY_MODELS, TEST_PRESET, family_test_preset, random_frames, stream
 from reference import one_video_inputs, one_shot_logits
 from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
@@ -17,10 +17,11 @@ from streamer.engine.prompt import SYSTEM_PROMPT, question_suffix, video_prefix
 from streamer.engine.runner import Runner, load_runner
 from streamer.service.protocol import ServerLimits
 from streamer.service.server import StreamServer
-from video_io.preprocess import (QWEN_VL_UTILS_PRESET, QWEN_VL_UTILS_TOTAL_PIXELS, VisionPreset, smart_resize,
-                                 within_total_pixels)
+from video_io.preprocess import (QWEN3_PRESET, QWEN_VL_UTILS_PRESET, QWEN_VL_UTILS_TOTAL_PIXELS, VisionPreset,
+                                 smart_resize, within_total_pixels)
 
 QUESTION = "What happens in the video?"
+MODEL_OF = {"qwen2_vl": "tiny-random", "qwen2_5_vl": "tiny-random-qwen2.5-vl", "qwen3_vl": "tiny-random-qwen3-vl"}
 
 
 @pytest.fixture(scope="module", params=FAMILY_MODELS)
@@ -40,7 +41,8 @@ def test_a_checkpoint_loads_in_its_own_dtype_unless_told(checkpoint):
     assert load_model(str(checkpoint), device="cpu", dtype="float32").dtype == torch.float32
 
 
-def test_frame_resolution_follows_the_preprocessor_config(checkpoint, tmp_path):
+def test_frame_resolution_follows_the_preprocessor_config(tmp_path):
+    checkpoint = published_checkpoint(tmp_path / "Instruct")
     loaded = load_model(str(checkpoint), device="cpu", dtype="float32")
     assert (loaded.preset.min_pixels, loaded.preset.max_pixels) == (3136, 12845056)
     runner = Runner(loaded)
@@ -54,8 +56,18 @@ def test_frame_resolution_follows_the_preprocessor_config(checkpoint, tmp_path):
     preset = load_model(str(other), device="cpu").preset
     assert (preset.min_pixels, preset.max_pixels) == (128 * 28 * 28, 256 * 28 * 28)
     odd = published_checkpoint(tmp_path / "odd", preprocessor={**PREPROCESSOR, "image_mean": [0.5, 0.5, 0.5]})
-    with pytest.raises(ValueError, match="preprocessor_config.json: image_mean"):
-        load_model(str(odd), device="cpu")
+    assert load_model(str(odd), device="cpu").preset.mean == (0.5, 0.5, 0.5)  # normalised as the file says
+
+
+def test_a_qwen3_checkpoint_brings_its_patch_size_and_normalisation(tmp_path):
+    loaded = load_model(str(published_checkpoint(tmp_path / "Instruct", model_name="tiny-random-qwen3-vl")), device="cpu")
+    preset = loaded.preset
+    assert (preset.patch_size, preset.merge_size, preset.mean, preset.std) == (16, 2, (0.5,) * 3, (0.5,) * 3)
+    assert (preset.min_pixels, preset.max_pixels) == (65536, 16777216)
+    assert Runner(loaded).preset == preset
+    # without a processor config, the family's defaults (qwen-vl-utils' per-frame bounds, 32 x 32 pixel tokens)
+    (tmp_path / "Instruct" / "preprocessor_config.json").unlink()
+    assert Runner(load_model(str(tmp_path / "Instruct"), device="cpu")).preset == QWEN3_PRESET
 
 
 def test_transformers_video_processor_from_the_checkpoint_agrees(checkpoint):
@@ -65,7 +77,12 @@ def test_transformers_video_processor_from_the_checkpoint_agrees(checkpoint):
     frames = torch.from_numpy(np.stack(random_frames(2, size=(720, 1280))))
     grid = processor(videos=[frames.permute(0, 3, 1, 2)], return_tensors="pt")["video_grid_thw"][0].tolist()
     preset = load_model(str(checkpoint), device="cpu").preset
-    assert grid[1] * grid[2] // 4 == tokens_per_pair(preset, 720, 1280)
+    factor = preset.patch_size * preset.merge_size
+    low, high = preset.min_pixels, preset.max_pixels
+    if factor == 32:  # Qwen3-VL's processor bounds the clip's pixels (its 2 frames), the preset each frame
+        low, high = low / 2, high / 2
+    h, w = smart_resize(720, 1280, factor, low, high)
+    assert grid[1] * grid[2] // 4 == (h // factor) * (w // factor)
 
 
 def test_the_qwen_vl_utils_budget_shares_pixels_among_frames():
@@ -90,11 +107,11 @@ def test_the_server_refuses_a_whole_video_pixel_budget(tiny_runner):
 
 def test_generation_settings_come_from_the_checkpoint(checkpoint):
     loaded = load_model(str(checkpoint), device="cpu", dtype="float32")
-    runner = Runner(loaded, preset=TEST_PRESET)
+    runner = Runner(loaded, preset=family_test_preset(loaded.model))
     ids = runner.tokenizer.convert_tokens_to_ids
     assert runner.stop_ids == {ids("<|im_end|>"), ids("<|endoftext|>")}
     assert runner.repetition_penalty == 1.05
-    assert Runner(loaded, preset=TEST_PRESET, repetition_penalty=1.0).repetition_penalty == 1.0
+    assert Runner(loaded, preset=family_test_preset(loaded.model), repetition_penalty=1.0).repetition_penalty == 1.0
     config = override(Config(), "model", name=str(checkpoint), device="cpu")
     override(config, "generation", repetition_penalty=1.2)
     assert load_runner(config)[0].repetition_penalty == 1.2
@@ -128,22 +145,32 @@ def runner_without_penalty_tokens(frames) -> list[int]:
 
 
 def test_the_prompt_is_laid_out_by_the_checkpoint_chat_template(checkpoint, tmp_path):
-    runner = Runner(load_model(str(checkpoint), device="cpu"), preset=TEST_PRESET)
+    loaded = load_model(str(checkpoint), device="cpu")
+    preset = family_test_preset(loaded.model)
+    runner = Runner(loaded, preset=preset)
     assert runner.layout.source == "chat template"
     messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": QUESTION}]}]
     expected = runner.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    assert runner.layout.prefix + "<|video_pad|>" + runner.layout.question_suffix(QUESTION) == expected
-    assert runner.layout.prefix == video_prefix(SYSTEM_PROMPT)  # the Instruct template is the built-in layout
-    assert runner.layout.question_suffix(QUESTION) == question_suffix(QUESTION)
+    # Qwen3-VL: the frames replace the template's <|vision_start|><|video_pad|><|vision_end|>
+    video = "<|vision_start|><|video_pad|><|vision_end|>" if runner.family.timestamps else "<|video_pad|>"
+    assert runner.layout.prefix + video + runner.layout.question_suffix(QUESTION) == expected
+    assert runner.layout.prefix + video == video_prefix(SYSTEM_PROMPT) + video.removeprefix("<|vision_start|>")
+    assert video + runner.layout.question_suffix(QUESTION) == \
+        video.removesuffix("<|vision_end|>") + question_suffix(QUESTION)
     # another layout (a base-model style template) is followed, not overridden
     plain = "{% for m in messages %}{% if m['role'] == 'user' %}{% for c in m['content'] %}{% if c['type'] == " \
             "'video' %}<|vision_start|><|video_pad|><|vision_end|>{% else %}Q: {{ c['text'] }}{% endif %}{% endfor " \
             "%}{% endif %}{% endfor %} A:"
-    base = Runner(load_model(str(published_checkpoint(tmp_path / "base", template=plain)), device="cpu"),
-                  preset=TEST_PRESET)
-    assert base.layout.prefix == "<|vision_start|>" and base.layout.question_suffix("Why?") == "<|vision_end|>Q: Why? A:"
+    base = Runner(load_model(str(published_checkpoint(tmp_path / "base", template=plain, model_name=MODEL_OF[
+        runner.model.config.model_type])), device="cpu"), preset=preset)
+    if base.family.timestamps:
+        assert base.layout.prefix == "" and base.layout.question_suffix("Why?") == "Q: Why? A:"
+    else:
+        assert base.layout.prefix == "<|vision_start|>"
+        assert base.layout.question_suffix("Why?") == "<|vision_end|>Q: Why? A:"
     memory = stream(base, random_frames(2), 2)
-    assert memory.layers[0].positions.shape[-2] == len(base.prefix_ids) + 8
+    frame_text = len(base.encode("<0.2 seconds><|vision_start|><|vision_end|>")) if base.family.timestamps else 0
+    assert memory.layers[0].positions.shape[-2] == len(base.prefix_ids) + 8 + frame_text
     broken = published_checkpoint(tmp_path / "broken", template="{{ messages[0]['content'][0]['text'] }}")
     with pytest.raises(ValueError, match="chat template"):
         Runner(load_model(str(broken), device="cpu"), preset=TEST_PRESET)
