@@ -77,7 +77,8 @@ class Config:
         return make_policy(self.memory.policy, self.policies.get(self.memory.policy), probe)
 
     def vision_preset(self, model_preset: VisionPreset | None) -> VisionPreset:
-        """The frame resolution: the configured pixel range over the model's own (or the processor's)."""
+        """The frame resolution: the configured pixel range over the model's own (or, given None, Qwen2-VL's
+        processor defaults)."""
         preset = model_preset or VisionPreset()
         if self.video.total_pixels == "qwen-vl-utils":
             preset = replace(preset, min_pixels=QWEN_VL_UTILS_PRESET.min_pixels,

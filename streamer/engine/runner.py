@@ -335,7 +335,8 @@ def load_runner(config: Config, device: str | None = None) -> tuple[Runner, floa
     loaded = load_model(config.model.name, device=device or config.model.device, dtype=config.model.dtype)
     seconds = time.perf_counter() - started
     log.info("model on %s (%s), loaded in %.1f s", loaded.device, loaded.dtype, seconds)
-    runner = Runner(loaded, config.vision_preset(loaded.preset), repetition_penalty=config.generation.repetition_penalty)
+    preset = config.vision_preset(loaded.preset or family_of(loaded.model).preset)
+    runner = Runner(loaded, preset, repetition_penalty=config.generation.repetition_penalty)
     if loaded.name in RANDOM_MODELS:
         log.warning("model %s has RANDOM WEIGHTS: its answers are noise, good for exactness and speed "
                     "measurements only; give --model a checkpoint directory (or builtin) for real answers",
