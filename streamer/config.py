@@ -13,7 +13,7 @@ from pathlib import Path
 
 from memory.probe import ProbeConfig
 from memory.registry import POLICIES, make_policy
-from video_io.preprocess import QWEN_VL_UTILS_PRESET, QWEN_VL_UTILS_TOTAL_PIXELS, VisionPreset, within_total_pixels
+from video_io.preprocess import VisionPreset, qwen_vl_utils_video, within_total_pixels
 from video_io.sampling import SPREADS, Sampling
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -81,8 +81,7 @@ class Config:
         processor defaults)."""
         preset = model_preset or VisionPreset()
         if self.video.total_pixels == "qwen-vl-utils":
-            preset = replace(preset, min_pixels=QWEN_VL_UTILS_PRESET.min_pixels,
-                             max_pixels=QWEN_VL_UTILS_PRESET.max_pixels)
+            preset = qwen_vl_utils_video(preset)[0]
         given = {k: v for k, v in (("min_pixels", self.video.min_pixels), ("max_pixels", self.video.max_pixels))
                  if v is not None}
         preset = replace(preset, **given)
@@ -95,7 +94,7 @@ class Config:
         budget = self.video.total_pixels
         if budget is None:
             return preset
-        return within_total_pixels(preset, QWEN_VL_UTILS_TOTAL_PIXELS if budget == "qwen-vl-utils" else budget,
+        return within_total_pixels(preset, qwen_vl_utils_video(preset)[1] if budget == "qwen-vl-utils" else budget,
                                    frames)
 
     def validate(self) -> "Config":

@@ -17,8 +17,7 @@ from streamer.engine.prompt import SYSTEM_PROMPT, question_suffix, video_prefix
 from streamer.engine.runner import Runner, load_runner
 from streamer.service.protocol import ServerLimits
 from streamer.service.server import StreamServer
-from video_io.preprocess import (QWEN3_PRESET, QWEN_VL_UTILS_PRESET, QWEN_VL_UTILS_TOTAL_PIXELS, VisionPreset,
-                                 smart_resize, within_total_pixels)
+from video_io.preprocess import QWEN3_PRESET, VisionPreset, qwen_vl_utils_video, smart_resize, within_total_pixels
 
 QUESTION = "What happens in the video?"
 MODEL_OF = {"qwen2_vl": "tiny-random", "qwen2_5_vl": "tiny-random-qwen2.5-vl", "qwen3_vl": "tiny-random-qwen3-vl"}
@@ -89,12 +88,14 @@ def test_the_qwen_vl_utils_budget_shares_pixels_among_frames():
     # qwen-vl-utils on 720p: 576 tokens per frame pair at 384 frames, 276 at 768 (measured, issue 16); at 32
     # frames the per-frame cap of 768 x 28 x 28 pixels binds (720 tokens)
     for frames, tokens in ((384, 576), (768, 276), (32, 720)):
-        preset = within_total_pixels(QWEN_VL_UTILS_PRESET, QWEN_VL_UTILS_TOTAL_PIXELS, frames)
+        preset = within_total_pixels(*qwen_vl_utils_video(VisionPreset()), frames)
         assert tokens_per_pair(preset, 720, 1280) == tokens
     config = override(Config(), "video", total_pixels="qwen-vl-utils").validate()
     preset = config.video_preset(config.vision_preset(None), 384)
     assert tokens_per_pair(preset, 720, 1280) == 576
     assert Config().video_preset(VisionPreset(), 384) == VisionPreset()  # no budget: unchanged
+    # Qwen3-VL's tokens are 32 x 32 pixels: its per-frame bounds are its family default, its budget scales too
+    assert qwen_vl_utils_video(QWEN3_PRESET) == (QWEN3_PRESET, int(128000 * 32 * 32 * 0.9))
     with pytest.raises(ValueError, match="total_pixels"):
         override(Config(), "video", total_pixels="lots").validate()
 

@@ -85,9 +85,12 @@ class VisionPreset:
 QWEN3_PRESET = VisionPreset(min_pixels=128 * 32 * 32, max_pixels=768 * 32 * 32, patch_size=16, mean=HALF, std=HALF)
 
 
-# qwen-vl-utils' video defaults (its VIDEO_MIN_PIXELS, VIDEO_MAX_PIXELS and VIDEO_TOTAL_PIXELS)
-QWEN_VL_UTILS_PRESET = VisionPreset(min_pixels=128 * 28 * 28, max_pixels=768 * 28 * 28)
-QWEN_VL_UTILS_TOTAL_PIXELS = int(128000 * 28 * 28 * 0.9)
+def qwen_vl_utils_video(preset: VisionPreset) -> tuple[VisionPreset, int]:
+    """qwen-vl-utils' video defaults for the preset's token size (patch x merge pixels: 28 for Qwen2-VL and
+    Qwen2.5-VL, 32 for Qwen3-VL): `preset` with 128 .. 768 tokens per frame (its VIDEO_MIN/MAX_TOKEN_NUM), and
+    the whole video's pixel budget, 0.9 x 128,000 tokens' worth (its MODEL_SEQ_LEN)."""
+    token = (preset.patch_size * preset.merge_size) ** 2
+    return replace(preset, min_pixels=128 * token, max_pixels=768 * token), int(128000 * token * 0.9)
 
 
 def within_total_pixels(preset: VisionPreset, total_pixels: int, frames: int) -> VisionPreset:
