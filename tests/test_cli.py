@@ -66,7 +66,7 @@ def test_ask_fps_sampling(capsys, video):
     (["--chunk-frames", "3"], "multiple of 2"),
     (["--max-new-tokens", "0"], "max_new_tokens"),
     (["--config", "no-such-config"], "no config file"),
-    (["--model", "/no/such/checkpoint"], "no Qwen2-VL or Qwen2.5-VL checkpoint"),
+    (["--model", "/no/such/checkpoint"], "no Qwen2-VL, Qwen2.5-VL or Qwen3-VL checkpoint"),
 ])
 def test_ask_bad_options_are_clear_errors(capsys, video, switches, message):
     assert main(["-q", "ask", str(video), "Q?", *SMALL, *switches]) == 2

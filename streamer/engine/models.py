@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 from transformers import (AutoTokenizer, GenerationConfig, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase,
                           Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
-                          Qwen2VLForConditionalGeneration, Qwen3VLConfig, Qwen3VLForConditionalGeneration)
+                          Qwen2VLForConditionalGeneration, Qwen3VLConfig, Qwen3VLForConditionalGeneration,
+                          Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration)
 
 from streamer.engine.attention import MEMORY_ATTENTION, register_memory_attention
 from video_io.preprocess import QWEN3_PRESET, VisionPreset
@@ -93,7 +94,10 @@ class Family:
 # by the model_type of a checkpoint's config.json
 FAMILIES = {"qwen2_vl": Family(Qwen2VLConfig, Qwen2VLForConditionalGeneration),
             "qwen2_5_vl": Family(Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration),
-            "qwen3_vl": Family(Qwen3VLConfig, Qwen3VLForConditionalGeneration, QWEN3_PRESET, timestamps=True)}
+            "qwen3_vl": Family(Qwen3VLConfig, Qwen3VLForConditionalGeneration, QWEN3_PRESET, timestamps=True),
+            # Qwen3-VL's MoE checkpoints: the same tower, layout and positions; the decoder layers' MLPs are experts
+            "qwen3_vl_moe": Family(Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration, QWEN3_PRESET,
+                                   timestamps=True)}
 
 
 @dataclass
