@@ -59,7 +59,8 @@ def test_frame_resolution_follows_the_preprocessor_config(tmp_path):
 
 
 def test_a_qwen3_checkpoint_brings_its_patch_size_and_normalisation(tmp_path):
-    loaded = load_model(str(published_checkpoint(tmp_path / "Instruct", model_name="tiny-random-qwen3-vl")), device="cpu")
+    path = published_checkpoint(tmp_path / "Instruct", model_name="tiny-random-qwen3-vl")
+    loaded = load_model(str(path), device="cpu")
     preset = loaded.preset
     assert (preset.patch_size, preset.merge_size, preset.mean, preset.std) == (16, 2, (0.5,) * 3, (0.5,) * 3)
     assert (preset.min_pixels, preset.max_pixels) == (65536, 16777216)

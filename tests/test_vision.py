@@ -34,7 +34,8 @@ MODELS = ["tiny-random", "builtin", "tiny-random-qwen2.5-vl", "tiny-random-qwen3
 # Qwen3-VL's frames are resized to multiples of 32 (64 x 64 .. 96 x 160), its 4 x 4 position table resampled
 # down to 2 x 2 patches as well as up
 @pytest.mark.parametrize("frames,size",
-                         [(2, (56, 56)), (6, (56, 112)), (8, (112, 56)), (4, (112, 168)), (4, (84, 140)), (2, (32, 32))])
+                         [(2, (56, 56)), (6, (56, 112)), (8, (112, 56)), (4, (112, 168)), (4, (84, 140)),
+                          (2, (32, 32))])
 def test_batched_tower_equals_the_stock_tower(model_name, frames, size):
     stock, batched = stock_and_batched(model_name, frames, size)
     assert len(batched) == len(stock) == (3 if model_name == "tiny-random-qwen3-vl" else 1)

@@ -1,4 +1,4 @@
-"""Model loading: local Qwen2-VL, Qwen2.5-VL and Qwen3-VL checkpoints and built-in offline models.
+"""Model loading: local Qwen2-VL, Qwen2.5-VL and Qwen3-VL (dense or MoE) checkpoints and built-in models.
 
 Nothing here downloads anything. A real checkpoint is a local directory; the built-in
 models ship with the package or are built from a config with seeded random weights:
@@ -48,7 +48,8 @@ RANDOM_ARCHITECTURES = {f"{family}-{size}-random": f"{family}-{size}.json"
                         for family, sizes in (("qwen2-vl", ("2b", "7b", "72b")), ("qwen2.5-vl", ("3b", "7b", "72b")),
                                               ("qwen3-vl", ("2b", "4b", "8b", "32b")))
                         for size in sizes}
-RANDOM_MODELS = (TINY_RANDOM, TINY_RANDOM_QWEN25, TINY_RANDOM_QWEN3, *RANDOM_ARCHITECTURES)  # seeded random weights: no meaningful answers
+# seeded random weights: no meaningful answers
+RANDOM_MODELS = (TINY_RANDOM, TINY_RANDOM_QWEN25, TINY_RANDOM_QWEN3, *RANDOM_ARCHITECTURES)
 BUILTIN_MODELS = (BUILTIN, *RANDOM_MODELS)
 RANDOM_SEED = 0
 
@@ -196,7 +197,8 @@ def builtin_config(name: str, tokenizer: PreTrainedTokenizerBase) -> PretrainedC
     bos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     # Qwen3-VL's text config states head_dim (default 128); the others derive it from the widths
     qwen3_text = dict(head_dim=TINY_TEXT["hidden_size"] // TINY_TEXT["num_attention_heads"])
-    tiny = {TINY_RANDOM: (Qwen2VLConfig, TINY_VISION, {}), TINY_RANDOM_QWEN25: (Qwen2_5_VLConfig, TINY_VISION_QWEN25, {}),
+    tiny = {TINY_RANDOM: (Qwen2VLConfig, TINY_VISION, {}),
+            TINY_RANDOM_QWEN25: (Qwen2_5_VLConfig, TINY_VISION_QWEN25, {}),
             TINY_RANDOM_QWEN3: (Qwen3VLConfig, TINY_VISION_QWEN3, qwen3_text)}
     if name in tiny:
         config, vision, own_text = tiny[name]
@@ -234,8 +236,9 @@ def load_model(name_or_path: str, device: str | None = None, dtype: str | None =
         path = BUILTIN_DIR if name_or_path == BUILTIN else Path(name_or_path).expanduser()
         if not (path / "config.json").is_file():
             raise FileNotFoundError(
-                f"no Qwen2-VL, Qwen2.5-VL or Qwen3-VL checkpoint at {str(path)!r} (expected a directory with config.json and "
-                f"*.safetensors). Give a local checkpoint directory or a built-in model: {', '.join(BUILTIN_MODELS)}"
+                f"no Qwen2-VL, Qwen2.5-VL or Qwen3-VL checkpoint at {str(path)!r} (expected a directory with "
+                f"config.json and *.safetensors). Give a local checkpoint directory or a built-in model: "
+                f"{', '.join(BUILTIN_MODELS)}"
             )
         torch_dtype = resolve_dtype(dtype, torch_device, path)
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)

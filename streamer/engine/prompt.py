@@ -61,7 +61,8 @@ class ChatLayout:
         return self.suffix.replace(_QUESTION, question)
 
 
-def chat_layout(tokenizer: PreTrainedTokenizerBase, system: str = SYSTEM_PROMPT, timestamps: bool = False) -> ChatLayout:
+def chat_layout(tokenizer: PreTrainedTokenizerBase, system: str = SYSTEM_PROMPT,
+                timestamps: bool = False) -> ChatLayout:
     """The layout of one video question: from the tokenizer's chat template when it has one, else the
     built-in Instruct layout above; `timestamps`: Qwen3-VL's, whose frame pairs bring their own vision tokens."""
     layout = template_layout(tokenizer, system)
