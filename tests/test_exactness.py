@@ -102,3 +102,11 @@ def test_stream_tokens_equal_one_video(family_runner, monkeypatch):
                             lambda *args: (result := layout(*args), streamed.extend(result[0]))[0])
         stream(family_runner, frames, chunk_frames, fps=FAMILY_FPS)
         assert streamed + family_runner.suffix_ids(QUESTION) == ids
+
+
+def test_prompt_ids_are_the_one_video_prompts(family_runner):
+    """What the repetition penalty counts: every token id of the one-video prompt (Qwen3-VL: each pair's time)."""
+    frames = random_frames(11, seed=6)
+    ids, _, _, _ = one_video_inputs(family_runner, frames, QUESTION, FAMILY_FPS)
+    memory = stream(family_runner, frames, 4, fps=FAMILY_FPS)
+    assert family_runner.prompt_ids(memory, family_runner.suffix_ids(QUESTION)) == set(ids)
