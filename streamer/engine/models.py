@@ -74,8 +74,8 @@ TINY_VISION_QWEN25 = dict(
     spatial_merge_size=2, temporal_patch_size=2, hidden_act="silu", out_hidden_size=64,
     window_size=56, fullatt_block_indexes=[1], tokens_per_second=2, initializer_range=0.1,
 )
-# Qwen3-VL's tower: patch 16, a 4 x 4 table of learned position embeddings (resampled up and down to a test
-# frame's 4 x 8 patches), and DeepStack features from two blocks, added after decoder layers 0 and 1.
+# Qwen3-VL's tower: patch 16, a 4 x 4 table of learned position embeddings (resampled to a test frame's 4 x 8
+# patches), and DeepStack features from two blocks, added after decoder layers 0 and 1.
 TINY_VISION_QWEN3 = dict(
     depth=3, hidden_size=32, intermediate_size=64, num_heads=2, in_channels=3, patch_size=16,
     spatial_merge_size=2, temporal_patch_size=2, hidden_act="gelu_pytorch_tanh", out_hidden_size=64,
@@ -90,15 +90,19 @@ class Family:
     preset: VisionPreset = VisionPreset()  # the processor's defaults: patch size, pixel range, normalisation
     # Qwen3-VL: every frame pair is a vision block of its own after a text timestamp (docs/DESIGN.md section 4)
     timestamps: bool = False
+    # whether a processor config's pixel bounds are per frame; Qwen3-VL's bound a whole clip (frames x pixels),
+    # which a stream cannot share out, so its frames keep the family's per-frame bounds
+    frame_pixels: bool = True
 
 
 # by the model_type of a checkpoint's config.json
 FAMILIES = {"qwen2_vl": Family(Qwen2VLConfig, Qwen2VLForConditionalGeneration),
             "qwen2_5_vl": Family(Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration),
-            "qwen3_vl": Family(Qwen3VLConfig, Qwen3VLForConditionalGeneration, QWEN3_PRESET, timestamps=True),
+            "qwen3_vl": Family(Qwen3VLConfig, Qwen3VLForConditionalGeneration, QWEN3_PRESET, timestamps=True,
+                               frame_pixels=False),
             # Qwen3-VL's MoE checkpoints: the same tower, layout and positions; the decoder layers' MLPs are experts
             "qwen3_vl_moe": Family(Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration, QWEN3_PRESET,
-                                   timestamps=True)}
+                                   timestamps=True, frame_pixels=False)}
 
 
 @dataclass
@@ -147,10 +151,10 @@ def checkpoint_dtype(path: Path) -> torch.dtype | None:
     return DTYPE_NAMES.get(name) if isinstance(name, str) else None
 
 
-def processor_preset(path: Path, default: VisionPreset) -> VisionPreset | None:
+def processor_preset(path: Path, known: Family) -> VisionPreset | None:
     """The frame resolution and normalisation of a checkpoint's video (or image) preprocessor config over its
-    family's `default`, as transformers' video processor loaded from the same directory uses them; None
-    without such a file."""
+    family's defaults, as transformers' video processor loaded from the same directory uses them (the pixel
+    bounds only where they are per frame); None without such a file."""
     for name in PROCESSOR_FILES:
         if (path / name).is_file():
             config = json.loads((path / name).read_text())
@@ -162,10 +166,12 @@ def processor_preset(path: Path, default: VisionPreset) -> VisionPreset | None:
                   max_pixels=config.get("max_pixels", size.get("longest_edge")),
                   patch_size=config.get("patch_size"), temporal_patch_size=config.get("temporal_patch_size"),
                   merge_size=config.get("merge_size"))
+    if not known.frame_pixels:
+        del pixels["min_pixels"], pixels["max_pixels"]
     given = {k: int(v) for k, v in pixels.items() if v is not None}
     given.update({field: tuple(config[key]) for field, key in (("mean", "image_mean"), ("std", "image_std"))
                   if key in config})
-    return replace(default, **given)
+    return replace(known.preset, **given)
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerBase:
@@ -249,7 +255,7 @@ def load_model(name_or_path: str, device: str | None = None, dtype: str | None =
         if (path / PRESET_FILE).is_file():
             preset = VisionPreset(**json.loads((path / PRESET_FILE).read_text()))
         else:
-            preset = processor_preset(path, known.preset)
+            preset = processor_preset(path, known)
         if (path / "generation_config.json").is_file():
             generation = GenerationConfig.from_pretrained(path, local_files_only=True)
     # Only the language model uses the memory-aware attention; the vision tower keeps its default.

@@ -169,8 +169,8 @@ class Runner:
                preset: VisionPreset | None = None, fps: float | None = None) -> dict:
         """Prefill one chunk of frames against the memory, let the policy prune it, commit it.
 
-        The first chunk of a stream also carries the prompt prefix (system turn and, but in Qwen3-VL,
-        <|vision_start|>). An odd number of frames is padded with the last frame (the tower encodes frame
+        The first chunk of a stream also carries the prompt prefix (the system turn, and <|vision_start|> but in
+        Qwen3-VL, whose frame pairs bring their own). An odd number of frames is padded with the last frame (the tower encodes frame
         pairs). `preset` overrides the runner's frame resolution for this stream. `fps`: the rate the frames
         were sampled at, fixed by the stream's first chunk (default DEFAULT_FPS). Returns the chunk's report.
         """
