@@ -34,10 +34,10 @@ class VideoOptions:
     max_frames: int | None = None  # cap for fps sampling
     backend: str = "pyav"  # pyav | decord
     min_pixels: int | None = None  # per frame after smart resize; None: the checkpoint's own (preset.json, else
-    max_pixels: int | None = None  # its preprocessor config), else Qwen2-VL's processor defaults 128..768*28*28
+    max_pixels: int | None = None  # its preprocessor config), else its family's defaults (Qwen2-VL 128..768*28*28)
     # pixels of the whole video, shared by its frames as qwen-vl-utils shares them (a file's frame count must
     # be known: not for live streams); "qwen-vl-utils": its defaults, 128000*28*28*0.9 over frames of
-    # 128..768*28*28 pixels; None: no budget
+    # 128..768*28*28 pixels (32 for Qwen3-VL); None: no budget
     total_pixels: int | str | None = None
 
     def sampling(self) -> Sampling:
