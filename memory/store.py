@@ -32,7 +32,7 @@ class KVMemory:
     layers: list[LayerMemory]
     budget: int | None = None  # most tokens a layer may hold; None = unbounded
     next_position: int = 0  # first position of the next text token: 1 + the largest position used
-    video_start: int | None = None  # position s of the open vision block, once the prefix is in
+    video_start: int | None = None  # where the video starts (the open vision block of Qwen2-VL), once the prefix is in
     temporal_groups: int = 0  # frame pairs ingested so far: the next pair's temporal index
     grid_hw: tuple[int, int] | None = None  # patch grid of every frame in this stream
     fps: float | None = None  # frames per second of video time it is sampled at (Qwen2.5-VL's positions follow it)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from memory.probe import ProbeConfig
 from memory.registry import POLICIES, make_policy
-from video_io.preprocess import QWEN_VL_UTILS_PRESET, QWEN_VL_UTILS_TOTAL_PIXELS, VisionPreset, within_total_pixels
+from video_io.preprocess import VisionPreset, qwen_vl_utils_video, within_total_pixels
 from video_io.sampling import SPREADS, Sampling
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -34,10 +34,10 @@ class VideoOptions:
     max_frames: int | None = None  # cap for fps sampling
     backend: str = "pyav"  # pyav | decord
     min_pixels: int | None = None  # per frame after smart resize; None: the checkpoint's own (preset.json, else
-    max_pixels: int | None = None  # its preprocessor config), else Qwen2-VL's processor defaults 128..768*28*28
+    max_pixels: int | None = None  # its preprocessor config), else its family's defaults (Qwen2-VL 128..768*28*28)
     # pixels of the whole video, shared by its frames as qwen-vl-utils shares them (a file's frame count must
     # be known: not for live streams); "qwen-vl-utils": its defaults, 128000*28*28*0.9 over frames of
-    # 128..768*28*28 pixels; None: no budget
+    # 128..768*28*28 pixels (32 for Qwen3-VL); None: no budget
     total_pixels: int | str | None = None
 
     def sampling(self) -> Sampling:
@@ -77,11 +77,11 @@ class Config:
         return make_policy(self.memory.policy, self.policies.get(self.memory.policy), probe)
 
     def vision_preset(self, model_preset: VisionPreset | None) -> VisionPreset:
-        """The frame resolution: the configured pixel range over the model's own (or the processor's)."""
+        """The frame resolution: the configured pixel range over the model's own (or, given None, Qwen2-VL's
+        processor defaults)."""
         preset = model_preset or VisionPreset()
         if self.video.total_pixels == "qwen-vl-utils":
-            preset = replace(preset, min_pixels=QWEN_VL_UTILS_PRESET.min_pixels,
-                             max_pixels=QWEN_VL_UTILS_PRESET.max_pixels)
+            preset = qwen_vl_utils_video(preset)[0]
         given = {k: v for k, v in (("min_pixels", self.video.min_pixels), ("max_pixels", self.video.max_pixels))
                  if v is not None}
         preset = replace(preset, **given)
@@ -94,7 +94,7 @@ class Config:
         budget = self.video.total_pixels
         if budget is None:
             return preset
-        return within_total_pixels(preset, QWEN_VL_UTILS_TOTAL_PIXELS if budget == "qwen-vl-utils" else budget,
+        return within_total_pixels(preset, qwen_vl_utils_video(preset)[1] if budget == "qwen-vl-utils" else budget,
                                    frames)
 
     def validate(self) -> "Config":

@@ -1,6 +1,6 @@
 """Checkpoint directories laid out like the published Qwen2-VL-*-Instruct repositories (config.json,
 tokenizer with its chat template, generation_config.json, preprocessor_config.json, bfloat16
-safetensors), with a tiny random model of either family and the project's small tokenizer."""
+safetensors), with a tiny random model of any family and the project's small tokenizer."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from streamer.engine.models import build_random_model, builtin_config, tiny_tokenizer
-from video_io.preprocess import CLIP_MEAN, CLIP_STD
+from video_io.preprocess import CLIP_MEAN, CLIP_STD, HALF
 
 # tokenizer_config.json's chat_template in Qwen/Qwen2-VL-{2B,7B}-Instruct
 INSTRUCT_TEMPLATE = (
@@ -31,6 +31,10 @@ INSTRUCT_GENERATION = dict(do_sample=True, repetition_penalty=1.05, temperature=
 PREPROCESSOR = dict(min_pixels=3136, max_pixels=12845056, patch_size=14, temporal_patch_size=2, merge_size=2,
                     image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD), image_processor_type="Qwen2VLImageProcessor",
                     processor_class="Qwen2VLProcessor")
+# Qwen/Qwen3-VL-*-Instruct's preprocessor_config.json (its pixel bounds are transformers' per image)
+QWEN3_PREPROCESSOR = dict(size=dict(shortest_edge=65536, longest_edge=16777216), patch_size=16, temporal_patch_size=2,
+                          merge_size=2, image_mean=list(HALF), image_std=list(HALF),
+                          image_processor_type="Qwen2VLImageProcessorFast", processor_class="Qwen3VLProcessor")
 
 
 def published_checkpoint(path: Path, template: str | None = INSTRUCT_TEMPLATE, generation: dict | None = None,
@@ -46,5 +50,6 @@ def published_checkpoint(path: Path, template: str | None = INSTRUCT_TEMPLATE, g
     end, text_end = tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")
     ids = dict(bos_token_id=text_end, pad_token_id=text_end, eos_token_id=[end, text_end])
     (path / "generation_config.json").write_text(json.dumps({**ids, **(generation or INSTRUCT_GENERATION)}))
-    (path / "preprocessor_config.json").write_text(json.dumps(preprocessor or PREPROCESSOR))
+    published = QWEN3_PREPROCESSOR if model.config.model_type == "qwen3_vl" else PREPROCESSOR
+    (path / "preprocessor_config.json").write_text(json.dumps(preprocessor or published))
     return path

@@ -1,11 +1,12 @@
 import os
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
 from memory.baselines import FullPolicy
-from streamer.engine.models import load_model
+from streamer.engine.models import FAMILIES, load_model
 from streamer.engine.positions import text_positions
 from streamer.engine.runner import Runner
 from streamer.engine.stream import ingest_video
@@ -17,9 +18,18 @@ from video_io.synthetic import write_video
 TEST_PRESET = VisionPreset(min_pixels=56 * 112, max_pixels=56 * 112)
 
 
+def family_test_preset(runner_or_model) -> VisionPreset:
+    """The 4 x 8 patch grid in the family's own patch size and normalisation (Qwen3-VL: 64 x 128 pixels, so
+    the 56 x 112 test frames are resized)."""
+    model = getattr(runner_or_model, "model", runner_or_model)
+    preset = FAMILIES[model.config.model_type].preset
+    pixels = 4 * 8 * preset.patch_size ** 2
+    return replace(preset, min_pixels=pixels, max_pixels=pixels)
+
+
 # one tiny model per supported family; FAMILY_FPS is not an integer, so that Qwen2.5-VL's temporal
-# positions (1.6 per frame pair) floor to uneven steps
-FAMILY_MODELS = ("tiny-random", "tiny-random-qwen2.5-vl")
+# positions (1.6 per frame pair) floor to uneven steps and Qwen3-VL's times are not whole tenths
+FAMILY_MODELS = ("tiny-random", "tiny-random-qwen2.5-vl", "tiny-random-qwen3-vl")
 FAMILY_FPS = 2.5
 
 
@@ -28,11 +38,20 @@ def tiny_runner() -> Runner:
     return Runner(load_model("tiny-random", device="cpu", dtype="float32"), preset=TEST_PRESET)
 
 
+@pytest.fixture(scope="session")
+def qwen3_runner() -> Runner:
+    loaded = load_model("tiny-random-qwen3-vl", device="cpu", dtype="float32")
+    return Runner(loaded, preset=family_test_preset(loaded.model))
+
+
 @pytest.fixture(scope="session", params=FAMILY_MODELS)
-def family_runner(request, tiny_runner) -> Runner:
+def family_runner(request, tiny_runner, qwen3_runner) -> Runner:
     if request.param == "tiny-random":
         return tiny_runner
-    return Runner(load_model(request.param, device="cpu", dtype="float32"), preset=TEST_PRESET)
+    if request.param == "tiny-random-qwen3-vl":
+        return qwen3_runner
+    loaded = load_model(request.param, device="cpu", dtype="float32")
+    return Runner(loaded, preset=family_test_preset(loaded.model))
 
 
 def random_frames(count: int, seed: int = 0, size=(56, 112)) -> list[np.ndarray]:

@@ -23,7 +23,10 @@ REFERENCE_ATTENTION = "test_reference_masked"
 
 
 def one_video_inputs(runner: Runner, frames: list[np.ndarray], question: str, fps: float = DEFAULT_FPS):
+    """Token ids, positions [n, 3], patches and the suffix length of one prompt of the whole video."""
     patches = preprocess_frames(frames, runner.preset)
+    if runner.family.timestamps:
+        return qwen3_inputs(runner, patches, len(frames), question, fps)
     grid_t, grid_h, grid_w = patches.grid_thw
     merge = runner.preset.merge_size
     prefix, suffix = runner.prefix_ids, runner.suffix_ids(question)
@@ -32,6 +35,23 @@ def one_video_inputs(runner: Runner, frames: list[np.ndarray], question: str, fp
     video = video_positions(len(prefix), 0, grid_t, grid_h // merge, grid_w // merge, runner.pair_step(fps))
     positions = torch.cat([text_positions(0, len(prefix)), video, text_positions(int(video.max()) + 1, len(suffix))])
     return ids, positions, patches, len(suffix)
+
+
+def qwen3_inputs(runner: Runner, patches, frames: int, question: str, fps: float):
+    """Qwen3-VL's prompt as its processor writes it -- each frame pair's time (frame index / fps, averaged over
+    the pair, the last frame repeated if odd) as text, then the pair's own vision block -- tokenized whole,
+    at the positions transformers' get_rope_index gives it."""
+    grid_t, grid_h, grid_w = patches.grid_thw
+    indices = [min(i, frames - 1) for i in range(2 * grid_t)]  # frame pairs
+    times = [(indices[2 * k] / fps + indices[2 * k + 1] / fps) / 2 for k in range(grid_t)]
+    frame = "<|video_pad|>" * (patches.num_tokens // grid_t)
+    video = "".join(f"<{seconds:.1f} seconds><|vision_start|>{frame}<|vision_end|>" for seconds in times)
+    text = runner.layout.prefix + video + runner.layout.question_suffix(question)
+    ids = runner.tokenizer(text, add_special_tokens=False).input_ids
+    types = (torch.tensor([ids]) == runner.model.config.video_token_id).int() * 2  # text 0, video 2
+    positions, _ = runner.model.model.get_rope_index(torch.tensor([ids]), types,
+                                                     video_grid_thw=torch.tensor([patches.grid_thw]))
+    return ids, positions[:, 0].t(), patches, len(runner.suffix_ids(question))
 
 
 @torch.inference_mode()

@@ -81,3 +81,34 @@ def test_bench_runs_on_qwen25_vl(tmp_path):
     report = json.loads(out.read_text())
     assert report["options"]["model"] == "tiny-random-qwen2.5-vl" and report["video_tokens"] == 16
     assert report["vision"]["seconds"] > 0 and report["vision"]["stock_seconds"] > 0
+
+
+def test_flop_counts_of_the_qwen3_vl_8b_architecture():
+    """Qwen3-VL: query width heads x head_dim (4096 here, as hidden), a plain-MLP tower attending over the whole
+    pair in all 27 blocks, and a merger per DeepStack feature besides the final one; worked by hand."""
+    config = builtin_config("qwen3-vl-8b-random", tiny_tokenizer())
+    linear_params = 36 * (2 * 4096 * 4096 + 2 * 4096 * 1024 + 3 * 4096 * 12288)
+    assert llm_prefill_flops(config.text_config, 1000, 0) == pytest.approx(
+        2 * 1000 * linear_params + 36 * 4 * 1000 * 1001 / 2 * 4096)
+    patches, dim = 256, 1152
+    blocks = 27 * (2 * patches * (4 * dim * dim + 2 * dim * 4304) + 4 * patches * patches * dim)
+    merger = 2 * 64 * (4608 * 4608 + 4608 * 4096)
+    embed = 2 * patches * (3 * 2 * 16 * 16) * dim
+    assert vision_flops(config.vision_config, 1, 16, 16) == pytest.approx(embed + blocks + 4 * merger)
+
+
+def test_flop_count_follows_head_dim_where_it_is_not_hidden_over_heads():
+    text = builtin_config("qwen3-vl-4b-random", tiny_tokenizer()).text_config  # 32 heads of 128 over 2560
+    linear_params = 36 * (2 * 2560 * 4096 + 2 * 2560 * 1024 + 3 * 2560 * 9728)
+    assert llm_prefill_flops(text, 10, 0) == pytest.approx(2 * 10 * linear_params + 36 * 4 * 10 * 11 / 2 * 4096)
+
+
+def test_bench_runs_on_qwen3_vl(tmp_path):
+    out = tmp_path / "bench.json"
+    assert main(["-q", "bench", "--model", "tiny-random-qwen3-vl", "--device", "cpu", "--frames", "8",
+                 "--tokens-per-pair", "4", "--chunk-frames", "4", "--policies", "full,emloc", "--repeats", "1",
+                 "--warmup", "0", "--decode-tokens", "2", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["frame_size"] == [64, 64] and report["video_tokens"] == 16  # 2 x 2 tokens of 32 x 32 pixels
+    assert report["policies"]["full"]["video_retention"] == 1.0  # the frame text is not counted as video
+    assert report["vision"]["tflops"] > 0

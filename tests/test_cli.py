@@ -45,6 +45,18 @@ def test_ask_json_fields_and_chunk_invariance(capsys, video):
     assert set(small["timings"]) >= {"load_model", "read_frames", "vision", "prefill", "question_prefill", "decode"}
 
 
+def test_ask_on_qwen3_is_chunk_invariant(capsys, video):
+    """Qwen3-VL at its own resolution (frames resized to 64 x 128) and the file's sampled rate, whose frame
+    times are text in every chunk: chunks of 4 frames answer as the whole video at once."""
+    qwen3 = ["--model", "tiny-random-qwen3-vl", "--min-pixels", str(64 * 128), "--max-pixels", str(64 * 128)]
+    small = ask_json(capsys, video, "--frames", "11", "--chunk-frames", "4", "--max-new-tokens", "3", *qwen3)
+    whole = ask_json(capsys, video, "--frames", "11", "--chunk-frames", "10000", "--max-new-tokens", "3", *qwen3)
+    assert len(small["chunks"]) == 3 and small["full_tokens"] == whole["full_tokens"]
+    for a, b in zip(small["first_token_logprobs"], whole["first_token_logprobs"]):
+        assert a["id"] == b["id"] and a["logprob"] == pytest.approx(b["logprob"], abs=1e-5)
+    assert small["answer"] == whole["answer"]
+
+
 def test_ask_fps_sampling(capsys, video):
     result = ask_json(capsys, video, "--fps", "2", "--max-frames", "5", "--chunk-frames", "2", "--max-new-tokens", "1")
     assert result["frames"] == 5  # 3 s at 2 fps is 6 frames, capped to 5 uniform frames
@@ -54,7 +66,7 @@ def test_ask_fps_sampling(capsys, video):
     (["--chunk-frames", "3"], "multiple of 2"),
     (["--max-new-tokens", "0"], "max_new_tokens"),
     (["--config", "no-such-config"], "no config file"),
-    (["--model", "/no/such/checkpoint"], "no Qwen2-VL or Qwen2.5-VL checkpoint"),
+    (["--model", "/no/such/checkpoint"], "no Qwen2-VL, Qwen2.5-VL or Qwen3-VL checkpoint"),
 ])
 def test_ask_bad_options_are_clear_errors(capsys, video, switches, message):
     assert main(["-q", "ask", str(video), "Q?", *SMALL, *switches]) == 2

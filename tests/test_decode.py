@@ -47,11 +47,14 @@ def test_static_answer_equals_one_shot_greedy(static_runner):
     assert static_runner.static_decoder.buffers is not None, "the answer should have gone through the buffers"
 
 
-def test_static_steps_equal_eager_on_ragged_memory(tiny_runner):
-    """Layers of different lengths: each layer's mask must show exactly its own memory slots."""
-    memory = stream(tiny_runner, random_frames(8, seed=3), 2, RaggedSubsetPolicy(seed=0))
+@pytest.mark.parametrize("model", ["tiny-random", "tiny-random-qwen3-vl"])
+def test_static_steps_equal_eager_on_ragged_memory(request, model):
+    """Layers of different lengths: each layer's mask must show exactly its own memory slots (Qwen3-VL: its
+    head_dim, q/k norms and interleaved rotary through the buffers too)."""
+    runner = request.getfixturevalue("tiny_runner" if model == "tiny-random" else "qwen3_runner")
+    memory = stream(runner, random_frames(8, seed=3), 2, RaggedSubsetPolicy(seed=0))
     assert len(set(memory.tokens_per_layer())) > 1
-    assert_same_steps(tiny_runner, memory, StaticDecoder(tiny_runner))
+    assert_same_steps(runner, memory, StaticDecoder(runner))
 
 
 def test_buffers_grow_and_stay_exact_for_smaller_memories(tiny_runner):

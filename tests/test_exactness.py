@@ -88,3 +88,25 @@ def test_a_stream_keeps_the_rate_of_its_first_chunk(family_runner):
     assert memory.next_position == whole.next_position
     torch.testing.assert_close(question_logits(family_runner, memory, QUESTION),
                                question_logits(family_runner, whole, QUESTION), atol=1e-5, rtol=0)
+
+
+def test_stream_tokens_equal_one_video(family_runner, monkeypatch):
+    """The chunks' token ids, one after the other, are the one-video prompt's (Qwen3-VL: each pair's time
+    and vision tokens as its processor writes them, tokenized as one text), whatever the chunking."""
+    frames = random_frames(11, seed=5)
+    ids, _, _, suffix_len = one_video_inputs(family_runner, frames, QUESTION, FAMILY_FPS)
+    layout = family_runner.chunk_layout
+    for chunk_frames in (2, 4, 10000):
+        streamed = []
+        monkeypatch.setattr(family_runner, "chunk_layout",
+                            lambda *args: (result := layout(*args), streamed.extend(result[0]))[0])
+        stream(family_runner, frames, chunk_frames, fps=FAMILY_FPS)
+        assert streamed + family_runner.suffix_ids(QUESTION) == ids
+
+
+def test_prompt_ids_are_the_one_video_prompts(family_runner):
+    """What the repetition penalty counts: every token id of the one-video prompt (Qwen3-VL: each pair's time)."""
+    frames = random_frames(11, seed=6)
+    ids, _, _, _ = one_video_inputs(family_runner, frames, QUESTION, FAMILY_FPS)
+    memory = stream(family_runner, frames, 4, fps=FAMILY_FPS)
+    assert family_runner.prompt_ids(memory, family_runner.suffix_ids(QUESTION)) == set(ids)

@@ -1,13 +1,13 @@
 import pytest
 import torch
-from conftest import TEST_PRESET, question_logits, random_frames
+from conftest import FAMILY_MODELS, family_test_preset, question_logits, random_frames
 
 from memory.baselines import FullPolicy
 from streamer.engine.models import BUILTIN_MODELS, build_random_model, builtin_config, load_model, tiny_tokenizer
 from streamer.engine.runner import Runner
 
 
-@pytest.mark.parametrize("name", ["tiny-random", "tiny-random-qwen2.5-vl"])
+@pytest.mark.parametrize("name", FAMILY_MODELS)
 def test_tiny_random_is_deterministic(name):
     a, b = load_model(name, device="cpu"), load_model(name, device="cpu")
     for (name, x), y in zip(a.model.state_dict().items(), b.model.state_dict().values()):
@@ -22,9 +22,9 @@ def test_tiny_tokenizer_has_qwen_special_tokens():
     assert tokenizer.decode(ids) == text
 
 
-@pytest.mark.parametrize("name", ["tiny-random", "tiny-random-qwen2.5-vl"])
+@pytest.mark.parametrize("name", FAMILY_MODELS)
 def test_save_and_load_round_trip(tmp_path, name):
-    """A saved checkpoint of either family loads by path, recognised by its config's model_type."""
+    """A saved checkpoint of each family loads by path, recognised by its config's model_type."""
     loaded = load_model(name, device="cpu")
     loaded.model.save_pretrained(tmp_path)
     loaded.tokenizer.save_pretrained(tmp_path)
@@ -33,7 +33,7 @@ def test_save_and_load_round_trip(tmp_path, name):
     frames = random_frames(4)
     logits = []
     for model in (loaded, reloaded):
-        runner = Runner(model, preset=TEST_PRESET)
+        runner = Runner(model, preset=family_test_preset(model.model))
         memory = runner.new_memory()
         runner.ingest(memory, frames, FullPolicy())
         logits.append(question_logits(runner, memory, "What is it?"))
@@ -41,13 +41,15 @@ def test_save_and_load_round_trip(tmp_path, name):
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no Qwen2-VL or Qwen2.5-VL checkpoint at .*built-in model"):
+    with pytest.raises(FileNotFoundError, match="no Qwen2-VL, Qwen2.5-VL or Qwen3-VL checkpoint at .*built-in model"):
         load_model(str(tmp_path / "nowhere"), device="cpu")
 
 
 @pytest.mark.parametrize("name, billions, layers, kv_heads", [
     ("qwen2-vl-2b-random", 2.21, 28, 2), ("qwen2-vl-7b-random", 8.29, 28, 4), ("qwen2-vl-72b-random", 73.4, 80, 8),
     ("qwen2.5-vl-3b-random", 3.75, 36, 2), ("qwen2.5-vl-7b-random", 8.29, 28, 4), ("qwen2.5-vl-72b-random", 73.4, 80, 8),
+    ("qwen3-vl-2b-random", 2.13, 28, 8), ("qwen3-vl-4b-random", 4.44, 36, 8), ("qwen3-vl-8b-random", 8.77, 36, 8),
+    ("qwen3-vl-32b-random", 33.4, 64, 8),
 ])
 def test_architecture_configs_match_the_released_sizes(name, billions, layers, kv_heads):
     assert name in BUILTIN_MODELS

@@ -5,6 +5,7 @@ import torch
 from conftest import FAMILY_FPS
 
 from streamer.engine.positions import as_position_ids, text_positions, video_positions
+from streamer.engine.prompt import pair_opening, pair_seconds
 
 
 def test_text_positions_are_equal_on_all_axes():
@@ -45,7 +46,8 @@ def test_pair_step(family_runner):
 
 def test_video_block_matches_transformers(family_runner):
     """transformers computes the same positions inside a vision block (it differs only after it), for
-    Qwen2.5-VL with the time step its processor derives from the fps (second_per_grid_ts, float32)."""
+    Qwen2.5-VL with the time step its processor derives from the fps (second_per_grid_ts, float32). (Qwen3-VL's
+    blocks hold one pair each: its stream is checked against get_rope_index in test_exactness.)"""
     model = family_runner.model
     merge = family_runner.preset.merge_size
     grid = torch.tensor([7, 4, 6])  # patches; merged grid 2 x 3
@@ -71,3 +73,26 @@ def test_position_ids_layout():
     ids = as_position_ids(video_positions(0, 0, 1, 1, 2), "cpu")
     assert ids.shape == (3, 1, 2)
     assert ids[:, 0].tolist() == [[0, 0], [0, 0], [0, 1]]
+
+
+def test_qwen3_pair_times_are_the_processors():
+    # frame k at k / fps, a pair at the mean of its two frames, an odd last frame paired with itself
+    assert pair_seconds(0, 5, 2.5) == [0.2, 1.0, 1.6]
+    assert pair_seconds(4, 4, 2.0) == [2.25, 3.25]  # a later chunk continues the stream's frame count
+    assert [pair_opening(t) for t in (0.25, 1.0)] == ["<0.2 seconds><|vision_start|>", "<1.0 seconds><|vision_start|>"]
+
+
+def test_qwen3_chunk_layout_literal(qwen3_runner):
+    """Each frame pair: its time as text, <|vision_start|>, a block of its own at temporal index 0 (positions
+    (s, s + h, s + w)), <|vision_end|> at 1 + the largest position used; later chunks continue at next_position."""
+    memory = qwen3_runner.new_memory()
+    prefix = len(qwen3_runner.prefix_ids)
+    ids, positions, video_start = qwen3_runner.chunk_layout(memory, 2, 1, 2, 3, 2.0)
+    opening = qwen3_runner.encode(pair_opening(0.25))
+    assert video_start == prefix
+    assert ids == qwen3_runner.prefix_ids + opening + [qwen3_runner.model.config.video_token_id] * 6 + \
+        qwen3_runner.encode("<|vision_end|>")
+    s = prefix + len(opening)
+    expected = text_positions(0, s).tolist() + [[s, s + h, s + w] for h in range(2) for w in range(3)] + \
+        [[s + 3] * 3]
+    assert positions.tolist() == expected

@@ -42,9 +42,9 @@ from video_io.synthetic import write_video
 PIXELS = 56 * 112
 
 
-def server_config(policy="emloc"):
+def server_config(policy="emloc", pixels=PIXELS):
     config = load_config("stream_default")
-    override(config, "video", min_pixels=PIXELS, max_pixels=PIXELS)
+    override(config, "video", min_pixels=pixels, max_pixels=pixels)
     override(config, "memory", policy=policy, chunk_frames=4, budget=0)
     override(config, "emloc", group_size=2, delta=0.05)
     override(config, "probe", js_positions=3, answer_tokens=2)
@@ -118,8 +118,9 @@ async def push(client, frames, ts0=0.0):
 
 def test_answer_through_the_server_equals_streamer_ask(family_runner, clip):
     """Pushed frames (at the rate the client states) and a server-side read both answer as `streamer ask`,
-    on each family (Qwen2.5-VL's positions follow the rate: 12 frames over the 3 s clip, 4 fps)."""
-    config = server_config()
+    on each family (Qwen2.5-VL's positions and Qwen3-VL's frame times follow the rate: 12 frames over the 3 s
+    clip, 4 fps)."""
+    config = server_config(pixels=family_runner.preset.max_pixels)  # Qwen3-VL's frames are 64 x 128
     config.video.frames, config.video.fps = 12, None
     expected, memory = ask_video(family_runner, str(clip / "clip.mp4"), "What happens?", config)
     source = FileSource(clip / "clip.mp4", Sampling(frames=12))

@@ -6,6 +6,7 @@ import io
 import math
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import av
@@ -41,7 +42,7 @@ from video_io import (
     uniform_indices,
     write_video,
 )
-from video_io.preprocess import CLIP_MEAN, CLIP_STD
+from video_io.preprocess import CLIP_MEAN, CLIP_STD, QWEN3_PRESET
 
 FPS, NUM_FRAMES, GOP, SIZE = 8.0, 60, 12, (112, 112)
 BACKENDS = ["pyav", "decord"]
@@ -512,13 +513,20 @@ def test_odd_frame_count_repeats_last_frame():
     assert torch.equal(padded.pixel_values, preprocess_frames(frames + frames[-1:], preset).pixel_values)
 
 
-def test_normalisation_values():
-    preset = VisionPreset(min_pixels=56 * 56, max_pixels=56 * 56)
-    frame = np.empty((56, 56, 3), np.uint8)
+@pytest.mark.parametrize("preset, mean, std", [
+    (VisionPreset(min_pixels=56 * 56, max_pixels=56 * 56), CLIP_MEAN, CLIP_STD),
+    # Qwen3-VL: 16-pixel patches (64 x 64 frames: 4 x 4 patches), mean and std 0.5
+    (replace(QWEN3_PRESET, min_pixels=64 * 64, max_pixels=64 * 64), (0.5,) * 3, (0.5,) * 3),
+])
+def test_normalisation_values(preset, mean, std):
+    side = 4 * preset.patch_size
+    frame = np.empty((side, side, 3), np.uint8)
     frame[...] = (0, 128, 255)
-    values = preprocess_frames([frame, frame], preset).pixel_values.view(16, 3, -1)  # (rows, channel, rest)
+    patches = preprocess_frames([frame, frame], preset)
+    assert patches.grid_thw == (1, 4, 4) and patches.pixel_values.shape[1] == 3 * 2 * preset.patch_size ** 2
+    values = patches.pixel_values.view(16, 3, -1)  # (rows, channel, rest)
     for channel, value in enumerate((0, 128, 255)):
-        expected = (value / 255 - CLIP_MEAN[channel]) / CLIP_STD[channel]
+        expected = (value / 255 - mean[channel]) / std[channel]
         np.testing.assert_allclose(values[:, channel].numpy(), expected, atol=1e-6)
 
 

@@ -32,3 +32,6 @@ timeout 100 python3 -m streamer bench --model qwen2-vl-7b-random --policies emlo
 # Last, if time is left: Qwen2.5-VL-7B (windowed vision tower, time-following positions), full and emloc.
 timeout 120 python3 -m streamer bench --model qwen2.5-vl-7b-random --policies full,emloc \
     --out "$OUT/bench_25_7b.json" --markdown "$OUT/bench_25_7b.md" 2>&1 | tee "$OUT/bench_25_7b.log"
+# Then Qwen3-VL-8B (learned position embeddings, DeepStack, each frame pair's time as text), full and emloc.
+timeout 120 python3 -m streamer bench --model qwen3-vl-8b-random --policies full,emloc \
+    --out "$OUT/bench_3_8b.json" --markdown "$OUT/bench_3_8b.md" 2>&1 | tee "$OUT/bench_3_8b.log"

@@ -1,11 +1,15 @@
-"""Qwen2-VL video preprocessing in plain torch, matching transformers' Qwen2VLVideoProcessor (given the
-pixel range of the checkpoint's processor config, as streamer.engine.models.processor_preset reads it).
+"""Qwen-VL video preprocessing in plain torch, matching transformers' Qwen2VLVideoProcessor and
+Qwen3VLVideoProcessor (given the pixel range of the checkpoint's processor config, as
+streamer.engine.models.processor_preset reads it).
 
 The processor needs torchvision, which has no CPU build here. Its steps, reproduced exactly:
 smart_resize the frame size to multiples of patch*merge within [min_pixels, max_pixels]; resize
 each uint8 frame with bicubic + antialias (torchvision's v2 resize runs torch's native uint8
-kernel on CPU); rescale by 1/255 and normalise with the CLIP mean/std (fused, in float32); pad
-to an even frame count by repeating the last frame; cut into patches in the processor's order.
+kernel on CPU); rescale by 1/255 and normalise with the preset's mean/std (fused, in float32: CLIP's
+for Qwen2-VL and Qwen2.5-VL, 0.5 for Qwen3-VL); pad to an even frame count by repeating the last frame;
+cut into patches in the processor's order. Qwen3-VL's processor bounds the pixels of the whole clip
+(frames x height x width) where Qwen2-VL's bounds each frame; a stream has no length to share, so
+here the bounds are always per frame (qwen-vl-utils' per-frame bounds for Qwen3-VL are these).
 """
 
 import math
@@ -18,6 +22,7 @@ import torch.nn.functional as F
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+HALF = (0.5, 0.5, 0.5)  # Qwen3-VL's mean and std (transformers' IMAGENET_STANDARD_MEAN / _STD)
 MAX_ASPECT_RATIO = 200
 
 
@@ -67,11 +72,25 @@ class VisionPreset:
     patch_size: int = 14
     temporal_patch_size: int = 2
     merge_size: int = 2
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+
+    def __post_init__(self):  # tuples, also when read from JSON lists (a checkpoint's preset.json)
+        object.__setattr__(self, "mean", tuple(self.mean))
+        object.__setattr__(self, "std", tuple(self.std))
 
 
-# qwen-vl-utils' video defaults (its VIDEO_MIN_PIXELS, VIDEO_MAX_PIXELS and VIDEO_TOTAL_PIXELS)
-QWEN_VL_UTILS_PRESET = VisionPreset(min_pixels=128 * 28 * 28, max_pixels=768 * 28 * 28)
-QWEN_VL_UTILS_TOTAL_PIXELS = int(128000 * 28 * 28 * 0.9)
+# Qwen3-VL: patch 16, so frames are multiples of 32; per frame qwen-vl-utils' 128 .. 768 tokens of 32 x 32
+# pixels (transformers' video processor has the same numbers for a whole clip)
+QWEN3_PRESET = VisionPreset(min_pixels=128 * 32 * 32, max_pixels=768 * 32 * 32, patch_size=16, mean=HALF, std=HALF)
+
+
+def qwen_vl_utils_video(preset: VisionPreset) -> tuple[VisionPreset, int]:
+    """qwen-vl-utils' video defaults for the preset's token size (patch x merge pixels: 28 for Qwen2-VL and
+    Qwen2.5-VL, 32 for Qwen3-VL): `preset` with 128 .. 768 tokens per frame (its VIDEO_MIN/MAX_TOKEN_NUM), and
+    the whole video's pixel budget, 0.9 x 128,000 tokens' worth (its MODEL_SEQ_LEN)."""
+    token = (preset.patch_size * preset.merge_size) ** 2
+    return replace(preset, min_pixels=128 * token, max_pixels=768 * token), int(128000 * token * 0.9)
 
 
 def within_total_pixels(preset: VisionPreset, total_pixels: int, frames: int) -> VisionPreset:
@@ -135,7 +154,7 @@ def resize_frames(frames: Sequence[np.ndarray], preset: VisionPreset = VisionPre
 
 
 def preprocess_frames(frames: Sequence[np.ndarray], preset: VisionPreset = VisionPreset()) -> VideoPatches:
-    """(H, W, 3) uint8 RGB frames of one size -> Qwen2-VL video patches and grid."""
+    """(H, W, 3) uint8 RGB frames of one size -> Qwen-VL video patches and grid."""
     if len(frames) == 0:
         raise ValueError("preprocess_frames needs at least one frame")
     shapes = {np.shape(frame) for frame in frames}
@@ -152,8 +171,8 @@ def preprocess_frames(frames: Sequence[np.ndarray], preset: VisionPreset = Visio
     if (resized_height, resized_width) != (height, width):
         video = _resize_uint8(video, (resized_height, resized_width))
     # fused rescale + normalise as the processor does: (x - 255 * mean) / (255 * std)
-    mean = (torch.tensor(CLIP_MEAN) * 255.0).view(1, 3, 1, 1)
-    std = (torch.tensor(CLIP_STD) * 255.0).view(1, 3, 1, 1)
+    mean = (torch.tensor(preset.mean) * 255.0).view(1, 3, 1, 1)
+    std = (torch.tensor(preset.std) * 255.0).view(1, 3, 1, 1)
     video = video.to(torch.float32).sub_(mean).div_(std)
 
     if pad := -video.shape[0] % temporal:
@@ -161,7 +180,7 @@ def preprocess_frames(frames: Sequence[np.ndarray], preset: VisionPreset = Visio
     grid_t = video.shape[0] // temporal
     grid_h, grid_w = resized_height // patch, resized_width // patch
     # the processor's order: rows run over (t, merge-block row, merge-block col, row in block,
-    # col in block); each row holds (channel, frame in pair, y, x) of one 14x14 patch
+    # col in block); each row holds (channel, frame in pair, y, x) of one patch
     patches = video.view(grid_t, temporal, 3, grid_h // merge, merge, patch, grid_w // merge, merge, patch)
     patches = patches.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
     pixel_values = patches.reshape(grid_t * grid_h * grid_w, 3 * temporal * patch * patch)

@@ -20,7 +20,7 @@ import platform
 import shlex
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from functools import partial
 from typing import Callable
@@ -31,10 +31,10 @@ import transformers
 from memory.probe import ProbeConfig
 from memory.registry import make_policy
 from streamer.config import load_config
-from streamer.engine.models import load_model
+from streamer.engine.models import family_of, load_model
 from streamer.engine.runner import Runner, Timer
 from streamer.engine.stream import ingest_video
-from video_io.preprocess import VisionPreset, pixels_for_tokens, preprocess_frames
+from video_io.preprocess import preprocess_frames
 from video_io.synthetic import demo_frame
 
 log = logging.getLogger("streamer")
@@ -62,20 +62,28 @@ class BenchOptions:
 def llm_prefill_flops(text_config, new: int, context: int) -> float:
     """Decoder layers for `new` tokens after `context` cached ones (causal inside the new ones)."""
     hidden, inter = text_config.hidden_size, text_config.intermediate_size
-    kv = hidden // text_config.num_attention_heads * text_config.num_key_value_heads
-    linear = 2 * new * (hidden * hidden * 2 + hidden * kv * 2 + 3 * hidden * inter)  # q, o, k, v, mlp
-    attention = 4 * new * (context + (new + 1) / 2) * hidden  # scores and weighted sum, all query heads
+    # Qwen3-VL states head_dim, and its query width heads x head_dim need not be the hidden size
+    head_dim = getattr(text_config, "head_dim", None) or hidden // text_config.num_attention_heads
+    queries, kv = head_dim * text_config.num_attention_heads, head_dim * text_config.num_key_value_heads
+    linear = 2 * new * (hidden * queries * 2 + hidden * kv * 2 + 3 * hidden * inter)  # q, o, k, v, mlp
+    attention = 4 * new * (context + (new + 1) / 2) * queries  # scores and weighted sum, all query heads
     return text_config.num_hidden_layers * (linear + attention)
 
 
 def vision_flops(vision_config, grid_t: int, grid_h: int, grid_w: int) -> float:
     """Patch embedding, blocks (attention within each frame pair; Qwen2.5-VL's windowed blocks within their
-    window) and the 2x2 merger."""
+    window) and the 2x2 merger (Qwen3-VL: one more per DeepStack feature)."""
     patches, group = grid_t * grid_h * grid_w, grid_h * grid_w
+    mergers = 1
     if hasattr(vision_config, "embed_dim"):  # Qwen2-VL: a plain MLP, every block attends to the whole pair
         dim, out = vision_config.embed_dim, vision_config.hidden_size
         mlp_weights = 2 * dim * dim * vision_config.mlp_ratio
         attended = [group] * vision_config.depth
+    elif hasattr(vision_config, "deepstack_visual_indexes"):  # Qwen3-VL: a plain MLP, the whole pair everywhere
+        dim, out = vision_config.hidden_size, vision_config.out_hidden_size
+        mlp_weights = 2 * dim * vision_config.intermediate_size
+        attended = [group] * vision_config.depth
+        mergers += len(vision_config.deepstack_visual_indexes)
     else:  # Qwen2.5-VL: a gated MLP, full attention only in fullatt_block_indexes
         dim, out = vision_config.hidden_size, vision_config.out_hidden_size
         mlp_weights = 3 * dim * vision_config.intermediate_size
@@ -85,16 +93,17 @@ def vision_flops(vision_config, grid_t: int, grid_h: int, grid_w: int) -> float:
     blocks = sum(2 * patches * (4 * dim * dim + mlp_weights) + 4 * patches * keys * dim for keys in attended)
     merged, wide = patches // vision_config.spatial_merge_size ** 2, dim * vision_config.spatial_merge_size ** 2
     merger = 2 * merged * (wide * wide + wide * out)
-    return 2 * patches * patch_dim * dim + blocks + merger
+    return 2 * patches * patch_dim * dim + blocks + mergers * merger
 
 
 # --- measurement ----------------------------------------------------------------------------
 
-def frame_size(tokens_per_pair: int) -> tuple[int, int]:
-    """(height, width) in pixels giving exactly that many tokens, closest to 16:9."""
+def frame_size(tokens_per_pair: int, block: int = 28) -> tuple[int, int]:
+    """(height, width) in pixels giving exactly that many tokens of `block` x `block` pixels (patch x merge:
+    28 in Qwen2-VL and Qwen2.5-VL, 32 in Qwen3-VL), closest to 16:9."""
     rows = min((r for r in range(1, tokens_per_pair + 1) if tokens_per_pair % r == 0),
                key=lambda r: abs(math.log((tokens_per_pair / r) / r / (16 / 9))))
-    return 28 * rows, 28 * (tokens_per_pair // rows)
+    return block * rows, block * (tokens_per_pair // rows)
 
 
 def median_run(fn: Callable, device: torch.device, repeats: int, warmup: int):
@@ -149,7 +158,7 @@ def bench_policy(runner: Runner, frames, chunk_frames: int, policy_factory: Call
     for chunk in memory.chunks:  # each chunk attends to the memory left by the chunks before it
         flops += llm_prefill_flops(runner.model.config.text_config, chunk["tokens"], context)
         context = chunk["memory_tokens"]
-    protected = len(runner.prefix_ids)
+    protected = int(torch.isinf(memory.layers[0].importance[0]).sum())  # prompt text (Qwen3-VL: frame text too)
     return dict(ingest_s=ingest_s, stages_s=stages, chunks=len(memory.chunks), memory_tokens=memory.mean_tokens(),
                 full_tokens=memory.full_tokens, retention=memory.mean_tokens() / memory.full_tokens,
                 video_retention=(memory.mean_tokens() - protected) / (memory.full_tokens - protected),
@@ -170,10 +179,12 @@ def answer_speed(runner: Runner, memory, opts: BenchOptions) -> tuple[float, flo
 
 def run_bench(opts: BenchOptions) -> dict:
     loaded = load_model(opts.model, device=opts.device, dtype=opts.dtype)
-    pixels = pixels_for_tokens(opts.tokens_per_pair)
-    preset = VisionPreset(min_pixels=pixels, max_pixels=pixels)
+    family = family_of(loaded.model).preset
+    block = family.patch_size * family.merge_size
+    pixels = opts.tokens_per_pair * block * block
+    preset = replace(family, min_pixels=pixels, max_pixels=pixels)
     runner = Runner(loaded, preset)
-    height, width = frame_size(opts.tokens_per_pair)
+    height, width = frame_size(opts.tokens_per_pair, block)
     frames = [demo_frame(i, (width, height)) for i in range(opts.frames)]
     config = loaded.model.config
     log.info("bench: %s on %s (%s), %d frames of %dx%d, %d tokens per frame pair", opts.model, loaded.device,

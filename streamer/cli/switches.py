@@ -43,7 +43,7 @@ def add_run_switches(p: argparse.ArgumentParser, config_default: str | None = No
     p.add_argument("--max-pixels", type=int, help="maximum pixels per frame after resize")
     p.add_argument("--total-pixels", type=total_pixels, metavar="N|qwen-vl-utils",
                    help="pixels of the whole video, shared by its frames (qwen-vl-utils' budget); qwen-vl-utils: "
-                        "its defaults (128000*28*28*0.9 over frames of 128-768 x 28 x 28)")
+                        "its defaults (128000*28*28*0.9 over frames of 128-768 x 28 x 28; 32 for Qwen3-VL)")
     p.add_argument("--chunk-frames", type=int, help="frames per prefill chunk (a multiple of 2)")
     p.add_argument("--memory", choices=list(POLICIES), help="memory policy")
     p.add_argument("--delta", type=float, help="emloc: JS divergence bound per chunk (nats)")

@@ -1,4 +1,4 @@
-"""Model loading: local Qwen2-VL and Qwen2.5-VL checkpoints and built-in offline models.
+"""Model loading: local Qwen2-VL, Qwen2.5-VL and Qwen3-VL (dense or MoE) checkpoints and built-in models.
 
 Nothing here downloads anything. A real checkpoint is a local directory; the built-in
 models ship with the package or are built from a config with seeded random weights:
@@ -6,12 +6,12 @@ models ship with the package or are built from a config with seeded random weigh
 - ``builtin``: a small Qwen2-VL trained here on procedural videos (streamer.builtin.train), shipped in
   streamer/assets/builtin with the vision preset it was trained at; it really answers questions
   about streamer.builtin.videos videos, so the memory's effect on answers can be measured offline.
-- ``tiny-random`` / ``tiny-random-qwen2.5-vl``: a few-layer Qwen2-VL / Qwen2.5-VL with the project's
-  small tokenizer, for exactness tests.
-- ``qwen2-vl-{2b,7b,72b}-random``, ``qwen2.5-vl-{3b,7b,72b}-random``: the real architectures
-  (configs/models/*.json) with random weights, for speed measurement.
+- ``tiny-random`` / ``tiny-random-qwen2.5-vl`` / ``tiny-random-qwen3-vl``: a few-layer model of each family
+  with the project's small tokenizer, for exactness tests.
+- ``qwen2-vl-{2b,7b,72b}-random``, ``qwen2.5-vl-{3b,7b,72b}-random``, ``qwen3-vl-{2b,4b,8b,32b}-random``: the
+  real architectures (configs/models/*.json) with random weights, for speed measurement.
 
-The family (FAMILIES) comes from a config's model_type, so a checkpoint of either loads by path.
+The family (FAMILIES) comes from a config's model_type, so a checkpoint of any of them loads by path.
 
 A checkpoint directory's own settings are honoured as transformers would honour them: the dtype
 of its config.json, the frame resolution of its (video_)preprocessor_config.json, the stop tokens
@@ -22,16 +22,17 @@ and repetition penalty of its generation_config.json, and the prompt layout of i
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from transformers import (AutoTokenizer, GenerationConfig, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase,
                           Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
-                          Qwen2VLForConditionalGeneration)
+                          Qwen2VLForConditionalGeneration, Qwen3VLConfig, Qwen3VLForConditionalGeneration,
+                          Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration)
 
 from streamer.engine.attention import MEMORY_ATTENTION, register_memory_attention
-from video_io.preprocess import CLIP_MEAN, CLIP_STD, VisionPreset
+from video_io.preprocess import QWEN3_PRESET, VisionPreset
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 TINY_TOKENIZER = ASSETS / "tiny-tokenizer"
@@ -42,10 +43,13 @@ PRESET_FILE = "preset.json"  # optional in a checkpoint: VisionPreset fields (th
 PROCESSOR_FILES = ("video_preprocessor_config.json", "preprocessor_config.json")  # transformers' order
 TINY_RANDOM = "tiny-random"
 TINY_RANDOM_QWEN25 = "tiny-random-qwen2.5-vl"
+TINY_RANDOM_QWEN3 = "tiny-random-qwen3-vl"
 RANDOM_ARCHITECTURES = {f"{family}-{size}-random": f"{family}-{size}.json"
-                        for family, sizes in (("qwen2-vl", ("2b", "7b", "72b")), ("qwen2.5-vl", ("3b", "7b", "72b")))
+                        for family, sizes in (("qwen2-vl", ("2b", "7b", "72b")), ("qwen2.5-vl", ("3b", "7b", "72b")),
+                                              ("qwen3-vl", ("2b", "4b", "8b", "32b")))
                         for size in sizes}
-RANDOM_MODELS = (TINY_RANDOM, TINY_RANDOM_QWEN25, *RANDOM_ARCHITECTURES)  # seeded random weights: no meaningful answers
+# seeded random weights: no meaningful answers
+RANDOM_MODELS = (TINY_RANDOM, TINY_RANDOM_QWEN25, TINY_RANDOM_QWEN3, *RANDOM_ARCHITECTURES)
 BUILTIN_MODELS = (BUILTIN, *RANDOM_MODELS)
 RANDOM_SEED = 0
 
@@ -70,17 +74,35 @@ TINY_VISION_QWEN25 = dict(
     spatial_merge_size=2, temporal_patch_size=2, hidden_act="silu", out_hidden_size=64,
     window_size=56, fullatt_block_indexes=[1], tokens_per_second=2, initializer_range=0.1,
 )
+# Qwen3-VL's tower: patch 16, a 4 x 4 table of learned position embeddings (resampled to a test frame's 4 x 8
+# patches), and DeepStack features from two blocks, added after decoder layers 0 and 1.
+TINY_VISION_QWEN3 = dict(
+    depth=3, hidden_size=32, intermediate_size=64, num_heads=2, in_channels=3, patch_size=16,
+    spatial_merge_size=2, temporal_patch_size=2, hidden_act="gelu_pytorch_tanh", out_hidden_size=64,
+    num_position_embeddings=16, deepstack_visual_indexes=[0, 2], initializer_range=0.1,
+)
 
 
 @dataclass(frozen=True)
 class Family:
     config: type[PretrainedConfig]
     model: type[PreTrainedModel]
+    preset: VisionPreset = VisionPreset()  # the processor's defaults: patch size, pixel range, normalisation
+    # Qwen3-VL: every frame pair is a vision block of its own after a text timestamp (docs/DESIGN.md section 4)
+    timestamps: bool = False
+    # whether a processor config's pixel bounds are per frame; Qwen3-VL's bound a whole clip (frames x pixels),
+    # which a stream cannot share out, so its frames keep the family's per-frame bounds
+    frame_pixels: bool = True
 
 
 # by the model_type of a checkpoint's config.json
 FAMILIES = {"qwen2_vl": Family(Qwen2VLConfig, Qwen2VLForConditionalGeneration),
-            "qwen2_5_vl": Family(Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration)}
+            "qwen2_5_vl": Family(Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration),
+            "qwen3_vl": Family(Qwen3VLConfig, Qwen3VLForConditionalGeneration, QWEN3_PRESET, timestamps=True,
+                               frame_pixels=False),
+            # Qwen3-VL's MoE checkpoints: the same tower, layout and positions; the decoder layers' MLPs are experts
+            "qwen3_vl_moe": Family(Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration, QWEN3_PRESET,
+                                   timestamps=True, frame_pixels=False)}
 
 
 @dataclass
@@ -88,7 +110,7 @@ class LoadedModel:
     model: PreTrainedModel  # a FAMILIES model
     tokenizer: PreTrainedTokenizerBase
     name: str  # a built-in name, or the checkpoint's absolute path (what loads it from any directory)
-    preset: VisionPreset | None = None  # the checkpoint's frame resolution, when it states one
+    preset: VisionPreset | None = None  # the frame resolution: the checkpoint's, else its family's defaults
     generation: GenerationConfig | None = None  # the checkpoint's generation_config.json, when it has one
 
     @property
@@ -129,9 +151,10 @@ def checkpoint_dtype(path: Path) -> torch.dtype | None:
     return DTYPE_NAMES.get(name) if isinstance(name, str) else None
 
 
-def processor_preset(path: Path) -> VisionPreset | None:
-    """The frame resolution of a checkpoint's video (or image) preprocessor config, as transformers'
-    Qwen2-VL video processor loaded from the same directory uses it; None without such a file."""
+def processor_preset(path: Path, known: Family) -> VisionPreset | None:
+    """The frame resolution and normalisation of a checkpoint's video (or image) preprocessor config over its
+    family's defaults, as transformers' video processor loaded from the same directory uses them (the pixel
+    bounds only where they are per frame); None without such a file."""
     for name in PROCESSOR_FILES:
         if (path / name).is_file():
             config = json.loads((path / name).read_text())
@@ -143,11 +166,12 @@ def processor_preset(path: Path) -> VisionPreset | None:
                   max_pixels=config.get("max_pixels", size.get("longest_edge")),
                   patch_size=config.get("patch_size"), temporal_patch_size=config.get("temporal_patch_size"),
                   merge_size=config.get("merge_size"))
-    for key, expected in (("image_mean", CLIP_MEAN), ("image_std", CLIP_STD)):
-        if key in config and not all(abs(a - b) < 1e-6 for a, b in zip(config[key], expected, strict=True)):
-            raise ValueError(f"{path / name}: {key} {config[key]} is not Qwen2-VL's {list(expected)}, which is "
-                             "the only normalisation video_io.preprocess implements")
-    return VisionPreset(**{k: int(v) for k, v in pixels.items() if v is not None})
+    if not known.frame_pixels:
+        del pixels["min_pixels"], pixels["max_pixels"]
+    given = {k: int(v) for k, v in pixels.items() if v is not None}
+    given.update({field: tuple(config[key]) for field, key in (("mean", "image_mean"), ("std", "image_std"))
+                  if key in config})
+    return replace(known.preset, **given)
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerBase:
@@ -168,15 +192,23 @@ def family(model_type: str | None, where: str) -> Family:
     return FAMILIES[model_type]
 
 
+def family_of(model: PreTrainedModel) -> Family:
+    return FAMILIES[model.config.model_type]
+
+
 def builtin_config(name: str, tokenizer: PreTrainedTokenizerBase) -> PretrainedConfig:
     """Config of a built-in model, with special-token ids taken from `tokenizer`."""
     specials = special_token_ids(tokenizer)
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     bos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    tiny = {TINY_RANDOM: (Qwen2VLConfig, TINY_VISION), TINY_RANDOM_QWEN25: (Qwen2_5_VLConfig, TINY_VISION_QWEN25)}
+    # Qwen3-VL's text config states head_dim (default 128); the others derive it from the widths
+    qwen3_text = dict(head_dim=TINY_TEXT["hidden_size"] // TINY_TEXT["num_attention_heads"])
+    tiny = {TINY_RANDOM: (Qwen2VLConfig, TINY_VISION, {}),
+            TINY_RANDOM_QWEN25: (Qwen2_5_VLConfig, TINY_VISION_QWEN25, {}),
+            TINY_RANDOM_QWEN3: (Qwen3VLConfig, TINY_VISION_QWEN3, qwen3_text)}
     if name in tiny:
-        config, vision = tiny[name]
-        text = dict(TINY_TEXT, vocab_size=len(tokenizer), eos_token_id=eos, bos_token_id=bos)
+        config, vision, own_text = tiny[name]
+        text = dict(TINY_TEXT, **own_text, vocab_size=len(tokenizer), eos_token_id=eos, bos_token_id=bos)
         return config(text_config=text, vision_config=dict(vision), tie_word_embeddings=False, **specials)
     if name in RANDOM_ARCHITECTURES:
         path = MODEL_CONFIGS / RANDOM_ARCHITECTURES[name]
@@ -198,7 +230,7 @@ def build_random_model(config: PretrainedConfig, device: torch.device, dtype: to
 
 
 def load_model(name_or_path: str, device: str | None = None, dtype: str | None = None) -> LoadedModel:
-    """Load a built-in model by name or a Qwen2-VL / Qwen2.5-VL checkpoint from a local directory."""
+    """Load a built-in model by name or a Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoint from a local directory."""
     register_memory_attention()
     torch_device = resolve_device(device)
     preset = generation = None
@@ -210,19 +242,20 @@ def load_model(name_or_path: str, device: str | None = None, dtype: str | None =
         path = BUILTIN_DIR if name_or_path == BUILTIN else Path(name_or_path).expanduser()
         if not (path / "config.json").is_file():
             raise FileNotFoundError(
-                f"no Qwen2-VL or Qwen2.5-VL checkpoint at {str(path)!r} (expected a directory with config.json and "
-                f"*.safetensors). Give a local checkpoint directory or a built-in model: {', '.join(BUILTIN_MODELS)}"
+                f"no Qwen2-VL, Qwen2.5-VL or Qwen3-VL checkpoint at {str(path)!r} (expected a directory with "
+                f"config.json and *.safetensors). Give a local checkpoint directory or a built-in model: "
+                f"{', '.join(BUILTIN_MODELS)}"
             )
         torch_dtype = resolve_dtype(dtype, torch_device, path)
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         model_type = json.loads((path / "config.json").read_text()).get("model_type")
-        model_class = family(model_type, str(path / "config.json")).model
-        model = model_class.from_pretrained(path, dtype=torch_dtype, local_files_only=True)
+        known = family(model_type, str(path / "config.json"))
+        model = known.model.from_pretrained(path, dtype=torch_dtype, local_files_only=True)
         model = model.to(torch_device).eval()
         if (path / PRESET_FILE).is_file():
             preset = VisionPreset(**json.loads((path / PRESET_FILE).read_text()))
         else:
-            preset = processor_preset(path)
+            preset = processor_preset(path, known)
         if (path / "generation_config.json").is_file():
             generation = GenerationConfig.from_pretrained(path, local_files_only=True)
     # Only the language model uses the memory-aware attention; the vision tower keeps its default.

@@ -7,6 +7,8 @@ whose temporal positions follow absolute time (pair_step: positions per frame pa
 Runner.pair_step). The first text token after the block gets 1 + the largest position
 used so far. A stream is one open vision block whose temporal index keeps counting across
 chunks, so a chunked stream gets exactly the positions of the same frames given as one video.
+Qwen3-VL's frame pairs are each a block of one pair (temporal index 0) between text tokens, laid out
+by Runner.chunk_layout with these two functions.
 Positions are returned as [n, 3] int64 tensors in token order.
 """
 

@@ -1,4 +1,4 @@
-"""Qwen2-VL / Qwen2.5-VL driven layer by layer: chunked video prefill into a KV memory, then questions.
+"""Qwen2-VL / Qwen2.5-VL / Qwen3-VL driven layer by layer: chunked video prefill into a KV memory, then questions.
 
 The model's own modules do all the maths (vision tower, embeddings, rotary tables, decoder
 layers, final norm, LM head); this file only decides what each forward sees. Positions come
@@ -22,10 +22,10 @@ from memory.store import KVMemory
 from streamer.config import Config
 from streamer.engine.attention import run_layer
 from streamer.engine.decode import EagerDecoder, StaticDecoder
-from streamer.engine.models import BUILTIN_MODELS, RANDOM_MODELS, LoadedModel, load_model
+from streamer.engine.models import BUILTIN_MODELS, RANDOM_MODELS, LoadedModel, family_of, load_model
 from streamer.engine.positions import as_position_ids, text_positions, video_positions
 from streamer.engine.probing import ChunkProbes
-from streamer.engine.prompt import SYSTEM_PROMPT, chat_layout
+from streamer.engine.prompt import SYSTEM_PROMPT, VISION_END, chat_layout, pair_opening, pair_seconds
 from streamer.engine.view import MemoryView
 from streamer.engine.vision import encode_pairs
 from video_io.preprocess import VideoPatches, VisionPreset, preprocess_frames
@@ -68,25 +68,27 @@ class Timer:
 class Runner:
     def __init__(self, loaded: LoadedModel, preset: VisionPreset | None = None, system_prompt: str = SYSTEM_PROMPT,
                  cuda_graphs: bool = True, repetition_penalty: float | None = None):
-        """preset: frame resolution; default the checkpoint's own, else the processor's defaults.
+        """preset: frame resolution; default the checkpoint's own, else its family's processor defaults.
         cuda_graphs: on a GPU, answer from static buffers replayed as CUDA graphs (streamer.engine.decode).
         repetition_penalty: default the checkpoint's generation_config.json's, else 1.0 (none)."""
         self.model = loaded.model
         self.model_name = loaded.name  # a built-in name or an absolute path
         self.tokenizer = loaded.tokenizer
-        self.preset = preset or loaded.preset or VisionPreset()
+        self.family = family_of(self.model)
+        self.preset = preset or loaded.preset or self.family.preset
         self.language_model = self.model.model.language_model
         self.visual = self.model.model.visual
         text = self.model.config.text_config
         self.num_layers = text.num_hidden_layers
         self.kv_heads = text.num_key_value_heads
         self.hidden_size = text.hidden_size
-        self.head_dim = text.hidden_size // text.num_attention_heads
+        # Qwen3-VL states head_dim (128, wider than hidden / heads in its 4B); the others derive it
+        self.head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         vision = self.model.config.vision_config
         if (vision.patch_size, vision.temporal_patch_size, vision.spatial_merge_size) != (
                 self.preset.patch_size, self.preset.temporal_patch_size, self.preset.merge_size):
             raise ValueError("the vision preset's patch sizes do not match the model's vision config")
-        self.layout = chat_layout(self.tokenizer, system_prompt)
+        self.layout = chat_layout(self.tokenizer, system_prompt, timestamps=self.family.timestamps)
         self.prefix_ids = self.encode(self.layout.prefix)
         self.static_decoder = StaticDecoder(self) if cuda_graphs and self.device.type == "cuda" else None
         # what transformers' generate() would take from the checkpoint: its eos ids and repetition penalty
@@ -107,7 +109,8 @@ class Runner:
         return self.model.device
 
     def pair_step(self, fps: float) -> float:
-        """Temporal M-RoPE positions per frame pair (docs/DESIGN.md section 4): 1 in Qwen2-VL; in Qwen2.5-VL
+        """Temporal M-RoPE positions per frame pair in an open vision block (docs/DESIGN.md section 4): 1 in
+        Qwen2-VL (and Qwen3-VL, whose blocks hold one pair each); in Qwen2.5-VL
         absolute time, tokens_per_second x the seconds a pair spans (temporal_patch_size / fps), the seconds
         in float32 as transformers' processor hands them over (second_per_grid_ts)."""
         vision = self.model.config.vision_config
@@ -127,26 +130,32 @@ class Runner:
     def embed_tokens(self, ids: Sequence[int]) -> torch.Tensor:
         return self.language_model.embed_tokens(torch.tensor([list(ids)], device=self.device))
 
-    def encode_video(self, patches: VideoPatches) -> torch.Tensor:
-        """Vision tower on one chunk of frames -> [tokens, hidden] (exact per chunk: its attention
-        never crosses frame pairs), the pairs batched into one attention call per layer."""
+    def encode_video(self, patches: VideoPatches) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Vision tower on one chunk of frames -> [tokens, hidden] and Qwen3-VL's DeepStack features (exact
+        per chunk: the tower never crosses frame pairs), the pairs batched into one attention call per layer."""
         pixels = patches.pixel_values.to(self.device, self.visual.dtype)
         return encode_pairs(self.visual, pixels, patches.grid_thw)
 
     def forward_layers(self, hidden: torch.Tensor, positions: torch.Tensor, view: MemoryView,
                        layers: range | None = None, layer_inputs: list | None = None,
+                       deepstack: tuple[torch.Tensor, list[torch.Tensor]] | None = None,
                        **attention_kwargs) -> torch.Tensor:
         """Run decoder layers on hidden [1, n, hidden] at absolute positions [n, 3], attending to `view`.
 
-        layer_inputs, if given, collects the hidden state entering each layer run; attention_kwargs
-        (key_masks, attention_recorder) reach streamer.engine.attention through the layers.
+        layer_inputs, if given, collects the hidden state entering each layer run; deepstack, Qwen3-VL's
+        (video token indices [k], features [k, hidden] per layer), is added at those tokens after layers
+        0, 1, ... as the stock text model adds it; attention_kwargs (key_masks, attention_recorder) reach
+        streamer.engine.attention through the layers.
         """
         rotary = self.language_model.rotary_emb(hidden, as_position_ids(positions, self.device))
+        index, features = deepstack if deepstack is not None else (None, [])
         for idx in layers if layers is not None else range(self.num_layers):
             if layer_inputs is not None:
                 layer_inputs.append(hidden)
             hidden = run_layer(self.language_model.layers[idx], hidden, view, attention_mask=None,
                                position_embeddings=rotary, **attention_kwargs)
+            if idx < len(features):
+                hidden = hidden.index_add(1, index, features[idx].unsqueeze(0).to(hidden.dtype))
         return hidden
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -160,10 +169,10 @@ class Runner:
                preset: VisionPreset | None = None, fps: float | None = None) -> dict:
         """Prefill one chunk of frames against the memory, let the policy prune it, commit it.
 
-        The first chunk of a stream also carries the prompt prefix (system turn and <|vision_start|>).
-        An odd number of frames is padded with the last frame (Qwen2-VL encodes frame pairs).
-        `preset` overrides the runner's frame resolution for this stream. `fps`: the rate the frames were
-        sampled at, fixed by the stream's first chunk (default DEFAULT_FPS). Returns the chunk's report.
+        The first chunk of a stream also carries the prompt prefix (the system turn, and <|vision_start|> but in
+        Qwen3-VL, whose frame pairs bring their own). An odd number of frames is padded with the last frame (the tower encodes frame
+        pairs). `preset` overrides the runner's frame resolution for this stream. `fps`: the rate the frames
+        were sampled at, fixed by the stream's first chunk (default DEFAULT_FPS). Returns the chunk's report.
         """
         preset = preset or self.preset
         fps = fps if fps is not None else memory.fps or DEFAULT_FPS
@@ -175,24 +184,21 @@ class Runner:
         grid_t, grid_h, grid_w = patches.grid_thw
         memory.check_grid((grid_h, grid_w))
         with timer:
-            video = self.encode_video(patches).unsqueeze(0)
+            video, deepstack = self.encode_video(patches)
         vision_s = timer.seconds
 
-        merge = preset.merge_size
-        first = memory.video_start is None  # the first chunk of a stream carries the prompt prefix
-        prefix_ids = self.prefix_ids if first else []
-        video_start = memory.next_position + len(prefix_ids) if first else memory.video_start
-        positions = torch.cat([text_positions(memory.next_position, len(prefix_ids)), video_positions(
-            video_start, memory.temporal_groups, grid_t, grid_h // merge, grid_w // merge, self.pair_step(fps))])
-        prefix = self.embed_tokens(prefix_ids).to(video.dtype) if first else video[:, :0]
-        hidden = torch.cat([prefix, video], dim=1)
-        protected = torch.zeros(positions.shape[0], dtype=torch.bool)
-        protected[:len(prefix_ids)] = True
+        ids, positions, video_start = self.chunk_layout(memory, len(frames), grid_t, grid_h // preset.merge_size,
+                                                        grid_w // preset.merge_size, fps)
+        is_video = torch.tensor(ids) == self.model.config.video_token_id
+        hidden = self.embed_tokens(ids)
+        index = is_video.nonzero()[:, 0].to(self.device)
+        hidden[0, index] = video.to(hidden.dtype)
+        protected = ~is_video  # prompt text, and in Qwen3-VL each frame pair's time and vision tokens
 
         chunk_len = positions.shape[0]
         view = MemoryView(memory.context(), extra=chunk_len)
         with timer:
-            self.forward_layers(hidden, positions, view)
+            self.forward_layers(hidden, positions, view, deepstack=(index, deepstack))
         prefill_s = timer.seconds
         with timer:
             model = ChunkProbes(self, view, chunk_len, memory.position_after(positions))
@@ -205,6 +211,32 @@ class Runner:
         record["timings"] = dict(preprocess=preprocess_s, vision=vision_s, prefill=prefill_s, policy=timer.seconds,
                                  **selection.timings)
         return record
+
+    def chunk_layout(self, memory: KVMemory, frames: int, pairs: int, merged_h: int, merged_w: int,
+                     fps: float) -> tuple[list[int], torch.Tensor, int]:
+        """A chunk's token ids (video tokens as <|video_pad|>), their positions [n, 3] and where the stream's
+        video starts (docs/DESIGN.md section 4), as one prompt of the whole video would lay them out: the
+        prefix first if the stream has none yet; then in Qwen2-VL and Qwen2.5-VL the pairs' tokens, in the
+        stream's one open vision block, and in Qwen3-VL each pair as a block of its own between its time
+        and vision tokens."""
+        video_token = self.model.config.video_token_id
+        first = memory.video_start is None
+        ids = list(self.prefix_ids) if first else []
+        video_start = memory.next_position + len(ids) if first else memory.video_start
+        if not self.family.timestamps:
+            positions = torch.cat([text_positions(memory.next_position, len(ids)), video_positions(
+                video_start, memory.temporal_groups, pairs, merged_h, merged_w, self.pair_step(fps))])
+            return ids + [video_token] * (pairs * merged_h * merged_w), positions, video_start
+        parts = [text_positions(memory.next_position, len(ids))]
+        cursor = memory.next_position + len(ids)
+        for seconds in pair_seconds(memory.frames, frames, fps, self.model.config.vision_config.temporal_patch_size):
+            opening = self.encode(pair_opening(seconds))
+            block = video_positions(cursor + len(opening), 0, 1, merged_h, merged_w)
+            end = int(block.max()) + 1
+            ids += opening + [video_token] * (merged_h * merged_w) + self.encode(VISION_END)
+            parts += [text_positions(cursor, len(opening)), block, text_positions(end, 1)]
+            cursor = end + 1
+        return ids, torch.cat(parts), video_start
 
     # --- questions out ----------------------------------------------------------------------
 
@@ -222,6 +254,20 @@ class Runner:
         if memory.video_start is None:
             raise ValueError("the memory holds no video yet: ingest at least one chunk of frames first")
         return self.suffix_ids(question)
+
+    def prompt_ids(self, memory: KVMemory, question_ids: list[int]) -> set[int]:
+        """The token ids of the prompt as transformers' generate() sees it, which its repetition penalty
+        counts: the prefix, the video tokens (in Qwen3-VL each pair's time and vision tokens too), the question."""
+        seen = {*self.prefix_ids, self.model.config.video_token_id, *question_ids}
+        if self.family.timestamps:
+            first = 0
+            for chunk in memory.chunks:
+                for seconds in pair_seconds(first, chunk["frames"], memory.fps,
+                                            self.model.config.vision_config.temporal_patch_size):
+                    seen.update(self.encode(pair_opening(seconds)))
+                first += chunk["frames"]
+            seen.update(self.encode(VISION_END))
+        return seen
 
     def _choose(self, logits: torch.Tensor, seen: set[int]) -> int:
         """Greedy choice after transformers' repetition penalty over every token id of the prompt and
@@ -257,8 +303,7 @@ class Runner:
         tokens: list[int] = []
         steps = 0
         sent = ""
-        # the prompt as transformers' generate() sees it: prefix, every video token, the question
-        seen = {*self.prefix_ids, self.model.config.video_token_id, *ids}
+        seen = self.prompt_ids(memory, ids) if self.repetition_penalty != 1.0 else set()
         with timer:
             token = self._choose(logits, seen)
             while not (stop_at_end and token in self.stop_ids):
@@ -290,7 +335,8 @@ def load_runner(config: Config, device: str | None = None) -> tuple[Runner, floa
     loaded = load_model(config.model.name, device=device or config.model.device, dtype=config.model.dtype)
     seconds = time.perf_counter() - started
     log.info("model on %s (%s), loaded in %.1f s", loaded.device, loaded.dtype, seconds)
-    runner = Runner(loaded, config.vision_preset(loaded.preset), repetition_penalty=config.generation.repetition_penalty)
+    preset = config.vision_preset(loaded.preset or family_of(loaded.model).preset)
+    runner = Runner(loaded, preset, repetition_penalty=config.generation.repetition_penalty)
     if loaded.name in RANDOM_MODELS:
         log.warning("model %s has RANDOM WEIGHTS: its answers are noise, good for exactness and speed "
                     "measurements only; give --model a checkpoint directory (or builtin) for real answers",

@@ -1,4 +1,5 @@
-"""The vision tower (Qwen2-VL or Qwen2.5-VL) on one video chunk, its frame pairs batched into one attention call.
+"""The vision tower (Qwen2-VL, Qwen2.5-VL or Qwen3-VL) on one video chunk, its frame pairs batched into one
+attention call.
 
 The stock tower attends within each frame pair (temporal patch) separately, and without a flash
 attention build it does so in a Python loop: one attention call per frame pair and layer, 6,144
@@ -15,6 +16,13 @@ pair, so a chunk is still encoded exactly on its own. The stock tower permutes t
 window order and back; here the windows are a mask over the pair's patches in the processor's
 order instead, which gives the same result (attention does not depend on the order of its keys,
 and the permutation moves whole merge blocks, so the merger sees the same patches together).
+
+Qwen3-VL's tower attends over the whole frame pair in every block too. It adds learned position
+embeddings, a square table resampled (bilinear, corners aligned) to the pair's patch grid -- the same for
+every pair, so computed once here -- and returns DeepStack features besides the merged tokens: the hidden
+state after each of `deepstack_visual_indexes`' blocks through its own merger, which the runner adds to
+the decoder's hidden state after its first layers (Runner.forward_layers). All of it stays within a frame
+pair, so a chunk is still encoded exactly on its own.
 """
 
 from __future__ import annotations
@@ -69,9 +77,24 @@ def batched_attention(attn: torch.nn.Module, hidden: torch.Tensor, pairs: int, c
     return attn.proj(out.transpose(1, 2).reshape(hidden.shape))
 
 
-def encode_pairs(visual: torch.nn.Module, pixels: torch.Tensor, grid_thw: tuple[int, int, int]) -> torch.Tensor:
+def learned_positions(visual: torch.nn.Module, grid_h: int, grid_w: int) -> torch.Tensor:
+    """Qwen3-VL's position embeddings of one frame pair's patches [h*w, dim], in the processor's order: the
+    learned square table resampled to the patch grid as the stock tower resamples it (float32)."""
+    side = visual.num_grid_per_side
+    table = visual.pos_embed.weight.float().view(side, side, -1).permute(2, 0, 1)[None]  # [1, dim, side, side]
+    # the tower's own settings where it states them (bilinear with aligned corners in the releases)
+    grid = F.interpolate(table, size=(grid_h, grid_w), mode=getattr(visual, "interpolation_mode", "bilinear"),
+                         align_corners=getattr(visual, "interpolation_align_corners", True))[0]
+    merge = visual.spatial_merge_size
+    blocks = grid.permute(1, 2, 0).reshape(grid_h // merge, merge, grid_w // merge, merge, -1).permute(0, 2, 1, 3, 4)
+    return blocks.reshape(grid_h * grid_w, -1)
+
+
+def encode_pairs(visual: torch.nn.Module, pixels: torch.Tensor,
+                 grid_thw: tuple[int, int, int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Vision tower on one chunk's patches (pixels [t*h*w, channels*patch volume]) -> the merged
-    video tokens [t*h*w / merge^2, hidden], equal to the stock tower's pooler output."""
+    video tokens [t*h*w / merge^2, hidden], equal to the stock tower's pooler output, and Qwen3-VL's
+    DeepStack features (one [t*h*w / merge^2, hidden] per feature layer; none for the other families)."""
     pairs, grid_h, grid_w = grid_thw
     merge = visual.spatial_merge_size
     cos, sin = patch_rotary(visual.rotary_pos_emb.inv_freq.float(), grid_h, grid_w, merge)
@@ -82,8 +105,14 @@ def encode_pairs(visual: torch.nn.Module, pixels: torch.Tensor, grid_thw: tuple[
         window = visual.window_size // merge // visual.patch_size
         windows = window_mask(grid_h, grid_w, merge, window).to(pixels.device)
     hidden = visual.patch_embed(pixels)
+    deepstack = getattr(visual, "deepstack_visual_indexes", [])  # Qwen3-VL
+    if deepstack:
+        hidden = hidden + learned_positions(visual, grid_h, grid_w).to(hidden.dtype).repeat(pairs, 1)
+    features = []
     for index, block in enumerate(visual.blocks):
         mask = None if index in full_blocks else windows
         hidden = hidden + batched_attention(block.attn, block.norm1(hidden), pairs, cos, sin, mask)
         hidden = hidden + block.mlp(block.norm2(hidden))
-    return visual.merger(hidden)
+        if index in deepstack:
+            features.append(visual.deepstack_merger_list[deepstack.index(index)](hidden))
+    return visual.merger(hidden), features

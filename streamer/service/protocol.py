@@ -51,7 +51,7 @@ class ServerLimits:
     max_new_tokens: int = 512
     max_question_chars: int = 4000
     max_budget: int = 65536  # tokens per layer
-    max_pixels: int = 768 * 28 * 28  # per frame after resize
+    max_pixels: int = 768 * 32 * 32  # per frame after resize (the largest family default: Qwen3-VL's)
     max_frame_pixels: int = MAX_IMAGE_PIXELS  # per pushed JPEG/PNG as sent, checked from its header
     max_chunk_frames: int = 256  # a session's chunk_frames (waiting frames are bounded by 4 chunks)
     idle_timeout: float = 600.0  # seconds without a message before a session is closed
