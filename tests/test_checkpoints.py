@@ -17,7 +17,8 @@ from streamer.engine.prompt import SYSTEM_PROMPT, question_suffix, video_prefix
 from streamer.engine.runner import Runner, load_runner
 from streamer.service.protocol import ServerLimits
 from streamer.service.service import StreamService
-from video_io.preprocess import QWEN3_PRESET, VisionPreset, qwen_vl_utils_video, smart_resize, within_total_pixels
+from video_io.preprocess import (QWEN3_PRESET, VisionPreset, qwen_vl_utils_video, smart_resize,
+                                 within_total_pixels)
 
 QUESTION = "What happens in the video?"
 MODEL_OF = {"qwen2_vl": "tiny-random", "qwen2_5_vl": "tiny-random-qwen2.5-vl", "qwen3_vl": "tiny-random-qwen3-vl"}
