@@ -149,11 +149,22 @@ def test_when_every_replica_is_full_a_new_connection_waits_for_a_session_to_end(
 
 
 async def one_per_replica(url: str, frames) -> tuple[list[StreamerClient], list[str]]:
-    """Two clients with `frames` ingested, whose sessions are on different replicas (the proxy sends a
-    new connection to the replica with fewer open ones)."""
-    clients = [await StreamerClient(url).__aenter__() for _ in range(2)]
-    sessions = [(await client.start())["session"] for client in clients]
-    assert len({replica_of(s) for s in sessions}) == 2, sessions
+    """Two clients with `frames` ingested, whose sessions are on different replicas. Serve's router
+    places a connection by its cached count of each replica's open requests, which lags sessions
+    that just ended, so a connection that lands beside the first is closed and tried again."""
+    clients, sessions = [], []
+    for _ in range(20):
+        client = await StreamerClient(url).__aenter__()
+        session = (await client.start())["session"]
+        if sessions and replica_of(session) == replica_of(sessions[0]):
+            await client.close()
+            await asyncio.sleep(0.5)
+            continue
+        clients.append(client)
+        sessions.append(session)
+        if len(clients) == 2:
+            break
+    assert len(clients) == 2, sessions
     for client in clients:
         for i, image in enumerate(frames):
             await client.send_frame(png(image), ts=i * 0.5)
