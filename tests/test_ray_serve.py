@@ -12,6 +12,8 @@ from dataclasses import replace
 
 import pytest
 import ray
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
 from ray import serve
 from test_server import TRANSPORTS, hostile_limits, png, refuse_hostile_inputs, running_server, wait_until
 
@@ -56,13 +58,14 @@ def routed_to(url: str, count: int) -> None:
 
 @pytest.fixture(scope="module")
 def cluster(clip):
-    """`streamer serve --ray`'s entry (serve_on_ray) on a thread, with 2 replicas on this machine's CPUs."""
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 * 2**20)
+    """`streamer serve --ray`'s entry (serve_on_ray) on a thread, with 2 replicas of one CPU each."""
+    # a CPU more than the two replicas take, for the token test's third one
+    ray.init(num_cpus=3, include_dashboard=False, object_store_memory=256 * 2**20)
     limits = hostile_limits(clip)
     limits.max_sessions = SESSIONS // 2 + 1
     port, stop = free_port(), threading.Event()
     thread = threading.Thread(target=serve_on_ray, args=(replica_config(), limits, "127.0.0.1", port, 2),
-                              kwargs=dict(drain_s=DRAIN_S, stop=stop), daemon=True)
+                              kwargs=dict(drain_s=DRAIN_S, cpus_per_replica=1.0, stop=stop), daemon=True)
     thread.start()
     url = f"ws://127.0.0.1:{port}"
     routed_to(url, 2)
@@ -123,6 +126,35 @@ def test_concurrent_sessions_spread_over_replicas_and_answer_as_the_standalone_s
 def test_hostile_inputs_are_refused_through_serve_as_by_the_standalone_server(cluster, standalone, clip):
     through_serve = asyncio.run(refuse_hostile_inputs(cluster[0], clip))
     assert through_serve == asyncio.run(refuse_hostile_inputs(standalone, clip))
+
+
+def test_the_token_is_checked_through_serve_as_by_the_standalone_server(cluster):
+    """A second application behind the same proxy, with a token: refused in the handshake with 401 and the
+    JSON error, whatever is wrong with the header; accepted with it."""
+    url, limits = cluster
+    guarded = application(replica_config(), replace(limits, token="secret"), 1, DRAIN_S, cpus_per_replica=1.0)
+    serve.run(guarded, name="guarded", route_prefix="/guarded")
+
+    async def scenario():
+        refusals = []
+        for attempt in (dict(), dict(additional_headers={"Authorization": "Bearer guess"}),
+                        dict(additional_headers=[("Authorization", "Bearer secret")] * 2),
+                        dict(uri=url + "/guarded/?token=secret")):
+            with pytest.raises(InvalidStatus) as refused:
+                async with connect(attempt.pop("uri", url + "/guarded/"), **attempt):
+                    pass
+            refusals.append(refused.value.response)
+        async with StreamerClient(url + "/guarded/", token="secret") as client:
+            session = (await client.start())["session"]
+        return refusals, session
+
+    try:
+        refusals, session = asyncio.run(scenario())
+    finally:
+        serve.delete("guarded")
+    for response in refusals:
+        assert response.status_code == 401 and json.loads(response.body)["code"] == "unauthorized"
+    assert "-s" in session  # a replica's session
 
 
 def test_when_every_replica_is_full_a_new_connection_waits_for_a_session_to_end(cluster):

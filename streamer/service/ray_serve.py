@@ -53,7 +53,8 @@ class StreamReplica:
         if threads is not None:  # a CPU replica uses its share of the machine's cores
             torch.set_num_threads(threads)
         runner, _ = await asyncio.to_thread(load_runner, config)
-        self.replica = serve.get_replica_context().replica_tag
+        context = serve.get_replica_context()
+        self.replica, self.app_name = context.replica_tag, context.app_name  # (the wrapper owns `app`)
         self.service = StreamService(runner, config, limits, name=f"{self.replica}-")
         self.service.start()
         self.drain_s = drain_s
@@ -69,7 +70,7 @@ class StreamReplica:
     async def _watch(self) -> None:
         while True:
             try:
-                self.replicas = await asyncio.to_thread(replica_states)
+                self.replicas = await asyncio.to_thread(replica_states, self.app_name)
             except Exception as exc:  # e.g. a Ray release whose controller answers differently
                 if self.service.draining is None:
                     log.warning("replica %s cannot look up replica states (%s): sessions get no drain notice",
@@ -82,10 +83,10 @@ class StreamReplica:
             await asyncio.sleep(POLL_S)
 
 
-def replica_states() -> list[dict]:
-    """Every replica of the deployment (id, state, node); none while the application is being deleted."""
+def replica_states(app: str = APP) -> list[dict]:
+    """Every replica of the application's deployment (id, state, node); none while it is being deleted."""
     details = ServeInstanceDetails(**_get_global_client().get_serve_details())
-    application = details.applications.get(APP)
+    application = details.applications.get(app)
     deployment = application.deployments.get(DEPLOYMENT) if application is not None else None
     replicas = deployment.replicas if deployment is not None else []
     return [dict(replica=r.replica_id, state=r.state.value, node=r.node_ip) for r in replicas]
