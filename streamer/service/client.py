@@ -174,6 +174,8 @@ def log_event(event: dict) -> None:
                  event["chunks"], event["memory_tokens"], event["full_tokens"], event.get("ratios"))
     elif kind in ("warning", "error"):
         log.warning("%s %s: %s", kind, event.get("code"), event.get("message"))
+    elif kind == "draining":  # the server's replica is being stopped (Ray Serve)
+        log.warning("the server is draining: %s", event.get("message"))
     else:
         log.info("%s", event)
 
