@@ -4,7 +4,6 @@ compared with the standalone websockets server on the same model and frames."""
 
 import asyncio
 import json
-import socket
 import threading
 import time
 import urllib.request
@@ -12,17 +11,19 @@ from dataclasses import replace
 
 import pytest
 import ray
+from ray import serve
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
-from ray import serve
-from test_server import TRANSPORTS, hostile_limits, png, refuse_hostile_inputs, running_server, wait_until
+from test_server import TRANSPORTS, hostile_limits, png, refuse_hostile_inputs, running_server
 
 from streamer.builtin.videos import make_video
 from streamer.cli import main
+from streamer.cli.bench_serve import free_port
 from streamer.config import load_config, override
 from streamer.engine.runner import load_runner
 from streamer.service.client import ServerError, StreamerClient
-from streamer.service.ray_serve import APP, DEPLOYMENT, application, replica_states, serve_on_ray
+from streamer.service.ray_serve import (APP, DEPLOYMENT, application, replica_states, serve_on_ray,
+                                         wait_until_routed)
 
 SESSIONS = 8
 DRAIN_S = 10.0
@@ -36,24 +37,12 @@ def replica_config():
     return config.validate()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def health(url: str) -> dict:
     return json.loads(urllib.request.urlopen(url.replace("ws://", "http://") + "/health", timeout=30).read())
 
 
-def running(count: int) -> bool:
-    return [r["state"] for r in replica_states()].count("RUNNING") == count
-
-
 def routed_to(url: str, count: int) -> None:
-    """Wait until `count` replicas are running and the proxy sends requests to each of them."""
-    wait_until(lambda: serve.status().applications.get(APP) is not None and running(count), timeout=120)
-    wait_until(lambda: len({health(url)["replica"] for _ in range(4 * count)}) == count, timeout=60)
+    wait_until_routed(url.replace("ws://", "http://"), count)
 
 
 @pytest.fixture(scope="module")

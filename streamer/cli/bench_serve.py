@@ -15,8 +15,6 @@ import json
 import logging
 import socket
 import time
-import urllib.request
-from dataclasses import replace
 
 from streamer.builtin.videos import make_video
 from streamer.config import load_config, override
@@ -35,7 +33,7 @@ async def measure(url: str, sessions: int, frames: int, questions: int, max_new_
 
     async def accept(client):
         await client.__aenter__()
-        return (await client.start())["session"]
+        await client.start()
 
     async def ingest(client, images):
         for i, data in enumerate(images):
@@ -49,7 +47,7 @@ async def measure(url: str, sessions: int, frames: int, questions: int, max_new_
 
     try:
         started = time.perf_counter()
-        ids = await asyncio.gather(*[accept(client) for client in clients])
+        await asyncio.gather(*[accept(client) for client in clients])
         accept_s = time.perf_counter() - started
         started = time.perf_counter()
         await asyncio.gather(*[ingest(client, images) for client, images in zip(clients, pushed)])
@@ -60,8 +58,7 @@ async def measure(url: str, sessions: int, frames: int, questions: int, max_new_
     finally:
         await asyncio.gather(*[client.close() for client in clients], return_exceptions=True)
     answers = sum(len(texts) for texts in asked)
-    return dict(sessions=sessions, replicas_used=len({i.split("-")[0] for i in ids}) if "-" in ids[0] else 1,
-                sessions_per_s=sessions / accept_s, frames_per_s=sessions * frames / ingest_s,
+    return dict(sessions=sessions, sessions_per_s=sessions / accept_s, frames_per_s=sessions * frames / ingest_s,
                 answers=answers, answers_per_s=answers / answer_s)
 
 
@@ -75,28 +72,24 @@ def measure_on_ray(args, replica_counts: list[int]) -> list[dict]:
     import ray
     from ray import serve
 
-    from streamer.service.ray_serve import APP, application, replica_states
+    from streamer.service.ray_serve import APP, application, start_serve, wait_until_routed
 
     config = load_config(args.config)
     override(config, "model", name=args.model, dtype=args.dtype)
     override(config, "memory", chunk_frames=args.chunk_frames)
     config.validate()
     limits = ServerLimits(max_sessions=args.sessions)  # one replica takes the whole load
-    ray.init(address=args.ray_address, include_dashboard=False, ignore_reinit_error=True)
     port = free_port()
     url = f"ws://127.0.0.1:{port}"
-    serve.start(http_options=dict(host="127.0.0.1", port=port))
+    start_serve("127.0.0.1", port, args.ray_address)
     most = max(replica_counts)
     cpus = ray.cluster_resources().get("CPU", 1) / most  # the same share per replica for every count
     rows = []
     try:
         for count in replica_counts:
             log.info("bench-serve: %d replica(s) of %s", count, args.model)
-            serve.run(application(config, replace(limits), count, 5.0, cpus), name=APP, route_prefix="/")
-            while [r["state"] for r in replica_states()].count("RUNNING") < count or len({
-                    json.loads(urllib.request.urlopen(url.replace("ws", "http", 1) + "/health").read())["replica"]
-                    for _ in range(4 * count)}) < count:  # until the proxy routes to every replica
-                time.sleep(0.5)
+            serve.run(application(config, limits, count, 5.0, cpus), name=APP, route_prefix="/")
+            wait_until_routed(f"http://127.0.0.1:{port}", count)
             asyncio.run(measure(url, args.sessions, args.frames, args.questions, args.max_new_tokens))  # warm-up
             row = asyncio.run(measure(url, args.sessions, args.frames, args.questions, args.max_new_tokens))
             rows.append(dict(replicas=count, cpus_per_replica=cpus, **row))

@@ -21,10 +21,13 @@ a private client call (the public serve.status() counts replicas but does not na
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import signal
 import threading
+import time
+import urllib.request
 from dataclasses import replace
 
 import ray
@@ -56,7 +59,6 @@ class StreamReplica:
         context = serve.get_replica_context()
         self.replica, self.app_name = context.replica_tag, context.app_name  # (the wrapper owns `app`)
         self.service = StreamService(runner, config, limits, name=f"{self.replica}-")
-        self.service.start()
         self.drain_s = drain_s
         self.replicas: list[dict] = []  # every replica of the deployment: id and state, as of the last lookup
         self.watcher = asyncio.get_running_loop().create_task(self._watch())
@@ -125,18 +127,45 @@ def application(config: Config, limits: ServerLimits, replicas: int | tuple[int,
     return StreamReplica.options(**options).bind(config, limits, threads, drain_s)
 
 
+def start_serve(host: str, port: int, address: str | None = None) -> None:
+    """Start (or join, address="auto"; default $RAY_ADDRESS) a Ray cluster and Serve's proxy on host:port."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage reports from machines without network
+    ray.init(address=address, include_dashboard=False, ignore_reinit_error=True)
+    serve.start(http_options=dict(host=host, port=port))
+
+
+def wait_until_routed(url: str, count: int, timeout: float = 120.0) -> None:
+    """Wait until `count` replicas run and the proxy at `url` (http://host:port) sends requests to each:
+    it learns of a new replica a moment after the controller reports it running."""
+    deadline = time.monotonic() + timeout
+
+    def answering() -> set[str]:
+        return {json.loads(urllib.request.urlopen(url + "/health", timeout=30).read())["replica"]
+                for _ in range(4 * count)}
+
+    last = None
+    while True:
+        try:  # Serve or its proxy may not be up yet
+            if [r["state"] for r in replica_states()].count("RUNNING") == count and len(answering()) == count:
+                return
+        except Exception as exc:
+            last = exc
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{count} replicas were not all running and routed to within {timeout:.0f} s"
+                               + (f" (last: {last})" if last else ""))
+        time.sleep(0.5)
+
+
 def serve_on_ray(config: Config, limits: ServerLimits, host: str, port: int, replicas=None,
                  address: str | None = None, drain_s: float = 60.0, cpus_per_replica: float | None = None,
                  stop: threading.Event | None = None) -> None:
-    """Start (or join, address="auto") a Ray cluster, run the application behind Serve's proxy on
-    host:port, and serve until `stop` is set or SIGINT/SIGTERM; then shut Serve down."""
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage reports from machines without network
-    ray.init(address=address, include_dashboard=False, ignore_reinit_error=True)
+    """Start (or join) a Ray cluster, run the application behind Serve's proxy on host:port, and serve
+    until `stop` is set or SIGINT/SIGTERM; then shut Serve down."""
+    start_serve(host, port, address)
     stop = stop or threading.Event()
     if threading.current_thread() is threading.main_thread():  # after ray.init, which sets its own handlers
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
-    serve.start(http_options=dict(host=host, port=port))
     serve.run(application(config, limits, replicas, drain_s, cpus_per_replica), name=APP, route_prefix="/")
     states = replica_states()
     log.info("serving %s on ws://%s:%d through Ray Serve: %d replicas (%s)", config.model.name, host, port,
