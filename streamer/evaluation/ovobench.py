@@ -19,6 +19,7 @@ import math
 import re
 from pathlib import Path
 
+from streamer.engine.benchmark_prompts import OVO_CRR_PROMPT, OVO_SSR_PROMPT, ovo_choice_prompt, ovo_count_prompt
 from streamer.evaluation.results import tally
 from streamer.evaluation.timed import TimedQuestion, read_list
 
@@ -27,51 +28,12 @@ REALTIME = ("OCR", "ACR", "ATR", "STU", "FPD", "OJR")
 FORWARD = ("REC", "SSR", "CRR")
 CATEGORIES = {"backward": BACKWARD, "realtime": REALTIME, "forward": FORWARD}
 
-# The prompts of the repository's constant.py, unchanged (its blank lines and spacing included).
-CHOICE_PROMPT = """
-Question: {}
-Options:
-{}
-
-Respond only with the letter corresponding to your chosen option (e.g., A, B, C). 
-Do not include any additional text or explanation in your response.
-"""
-REC_PROMPT = """
-You're watching a video in which people may perform a certain type of action repetively. 
-The person performing this kind of action are referred to as 'they' in the following statement.
-You're task is to count how many times have different people in the video perform this kind of action in total.
-One complete motion counts as one. 
-Now, answer the following question: {}
-Provide your answer as a single number (e.g., 0, 1, 2, 3…) indicating the total count.
-Do not include any additional text or explanation in your response.
-"""
-SSR_PROMPT = """
-You're watching a tutorial video which contain a sequential of steps. 
-The following is one step from the whole procedures: 
-{}
-Your task is to determine if the man or woman in the video is currently performing this step.
-Answer only with “Yes” or “No”.
-Do not include any additional text or explanation in your response.
-"""
-CRR_PROMPT = """
-You're responsible of answering questions based on the video content. 
-The following question are relevant to the latest frames, i.e. the end of the video.
-{}
-Decide whether existing visual content, especially latest frames, i.e. frames that near the end of the video, provide enough information for answering the question.
-Answer only with “Yes” or “No”.
-Do not include any additional text or explanation in your response.
-"""
-
 
 def category_of(task: str) -> str:
     for category, tasks in CATEGORIES.items():
         if task in tasks:
             return category
     raise ValueError(f"unknown OVO-Bench task {task!r}; known: {', '.join(t for ts in CATEGORIES.values() for t in ts)}")
-
-
-def choice_prompt(question: str, options: list[str]) -> str:
-    return CHOICE_PROMPT.format(question, "; ".join(f"{chr(65 + i)}. {o}" for i, o in enumerate(options)) + ";")
 
 
 def load_questions(path: str | Path) -> list[TimedQuestion]:
@@ -93,15 +55,15 @@ def _questions(item: dict) -> list[TimedQuestion]:
     if category != "forward":
         time = float(item["realtime"])
         return [TimedQuestion(id=ident, video=video, task=task, category=category, time=time,
-                              clip_end=math.ceil(time), prompt=choice_prompt(item["question"], item["options"]),
+                              clip_end=math.ceil(time), prompt=ovo_choice_prompt(item["question"], item["options"]),
                               answer=chr(65 + int(item["gt"])))]
     questions = []
     for index, probe in enumerate(item["test_info"]):
         if task == "REC":
-            prompt, answer = REC_PROMPT.format(f"How many times did they {item['activity']}?"), str(probe["count"])
+            prompt, answer = ovo_count_prompt(item["activity"]), str(probe["count"])
         else:
             text = probe["step"] if task == "SSR" else item["question"]
-            prompt = (SSR_PROMPT if task == "SSR" else CRR_PROMPT).format(text)
+            prompt = (OVO_SSR_PROMPT if task == "SSR" else OVO_CRR_PROMPT).format(text)
             answer = "Yes" if int(probe["type"]) == 1 else "No"
         time = float(probe["realtime"])
         questions.append(TimedQuestion(id=f"{ident}_{index}", video=video, task=task, category=category, time=time,

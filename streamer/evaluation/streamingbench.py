@@ -18,46 +18,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from streamer.engine.benchmark_prompts import (STREAMINGBENCH_SQA_CONTEXT, STREAMINGBENCH_SQA_PROMPT, lettered,
+                                               streamingbench_prompt)
 from streamer.evaluation.results import format_rows, tally
 from streamer.evaluation.timed import TimedQuestion, read_list
-
-PROMPT = """You are an advanced video question-answering AI assistant. You have been provided with some frames from the video and a multiple-choice question related to the video. Your task is to carefully analyze the video and provide the best answer to question, choosing from the four options provided. Respond with only the letter (A, B, C, or D) of the correct option.
-
-Question: {}
-
-Options:
-{}
-{}
-{}
-{}
-
-The best option is:"""
-SQA_PROMPT = """You are an advanced video question-answering AI assistant. You have been provided with a video and a multiple-choice question related to the video. Your task is to carefully analyze the video and the provided context to answer the question, choosing from the four options provided. Respond with only the letter (A, B, C, or D) of the correct option.
-
-{}
-
-Here is the question. Answer it and don't confuse it with the previous conversation.
-Question: {}
-
-Options:
-{}
-{}
-{}
-{}
-
-The best option is:"""
-SQA_CONTEXT = ("Here are the contextual information related to the video. Please answer the questions based on the "
-               "contextual information: ")
 
 
 def seconds(stamp: str) -> int:
     """'HH:MM:SS' (or 'MM:SS', 'SS') -> seconds."""
     return sum(int(part) * 60 ** i for i, part in enumerate(reversed(stamp.split(":"))))
-
-
-def lettered(options: list[str]) -> list[str]:
-    """The options as the prompt shows them: "A. ..." (the sqa file gives them without letters)."""
-    return list(options) if options[0].startswith("A.") else [f"{chr(65 + i)}. {o}" for i, o in enumerate(options)]
 
 
 def load_questions(path: str | Path) -> list[TimedQuestion]:
@@ -80,7 +49,7 @@ def _entry(entry: dict, prefix: str) -> list[TimedQuestion]:
         time = seconds(item["time_stamp"])
         questions.append(TimedQuestion(id=f"{prefix}{q}", video=entry["video_path"], task=item["task_type"],
                                        category="", time=time, clip_end=time,
-                                       prompt=PROMPT.format(item["question"], *lettered(item["options"])),
+                                       prompt=streamingbench_prompt(item["question"], item["options"]),
                                        answer=item["answer"]))
     return questions
 
@@ -93,9 +62,9 @@ def _sequential(entries: list[dict], prefix: str) -> list[TimedQuestion]:
             time = seconds(item["time_stamp"])
             questions.append(TimedQuestion(id=f"{prefix}{e}.{q}", video=entry["video_path"], task=item["task_type"],
                                            category="", time=time, clip_end=time,
-                                           prompt=SQA_PROMPT.format(context, item["question"], *options),
+                                           prompt=STREAMINGBENCH_SQA_PROMPT.format(context, item["question"], *options),
                                            answer=item["answer"]))
-            context = context or SQA_CONTEXT
+            context = context or STREAMINGBENCH_SQA_CONTEXT
             context += (f"At timestamp {item['time_stamp']}, the following question and answer occurred: Question: "
                         f"{item['question']}; Options: {', '.join(options)}; Answer: {item['answer']}; ")
     return questions

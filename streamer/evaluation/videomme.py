@@ -2,8 +2,8 @@
 
 The prompt follows lmms-eval's `videomme` task (no subtitles): its doc_to_text puts an
 instruction line, the question, the options one per line (they arrive as "A. ..."), and the
-task's default post_prompt; greedy decoding, at most 16 new tokens. Its instruction mentions
-"the subtitles" even for the task without them; kept as is, so that numbers stay comparable.
+task's default post_prompt (the wording: streamer/engine/benchmark_prompts.py); greedy decoding,
+at most 16 new tokens.
 """
 
 from __future__ import annotations
@@ -12,9 +12,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-INSTRUCTION = ("Select the best answer to the following multiple-choice question based on the video and the "
-               "subtitles. Respond with only the letter (A, B, C, or D) of the correct option.")
-POST_PROMPT = "\nAnswer with the option's letter from the given choices directly."
+from streamer.engine.benchmark_prompts import videomme_prompt
+
 FIELDS = ("videoID", "question_id", "duration", "domain", "sub_category", "task_type", "question", "options",
           "answer")
 LETTERS = "ABCD"
@@ -35,7 +34,7 @@ class Question:
 
 
 def build_prompt(question: Question) -> str:
-    return "\n".join([INSTRUCTION, question.question, *question.options, POST_PROMPT])
+    return videomme_prompt(question.question, list(question.options))
 
 
 def load_questions(path: str | Path) -> list[Question]:
