@@ -79,6 +79,8 @@ class TrainConfig:
     # questions packed after each video; repeats get different draws (more signal for the hard families)
     questions: list[str] = field(default_factory=lambda: list(TRAIN_FAMILIES))
     seed: int = 0
+    # a model directory to start from (a fine-tune: its weights, the same [model]); "": from scratch
+    init: str = ""
     threads: int = 1  # CPU threads (the machines here share 2 cores)
     device: str = "auto"  # auto: cuda when available
     log_every: int = 25
@@ -335,12 +337,17 @@ def same_run(config: dict) -> dict:
 
 def train(config: TrainConfig, out: Path | None, log=print,
           checkpoint: Path | None = None) -> tuple[Qwen2VLForConditionalGeneration, dict]:
-    """Train from scratch, or from `checkpoint` when that file exists; it is rewritten at every log
-    step (the batches are fixed by (seed, step), so a resumed run continues the same run)."""
+    """Train from scratch or from `config.init`, or resume from `checkpoint` when that file exists; it is
+    rewritten at every log step (the batches are fixed by (seed, step), so a resumed run continues the same run)."""
     torch.set_num_threads(config.threads)
     device = resolve_device(config.device)
     tokenizer = tiny_tokenizer()
-    model = build_model(config.model, tokenizer, config.seed).to(device).train()
+    model = build_model(config.model, tokenizer, config.seed)
+    base = None
+    if config.init:
+        base = start_from(model, Path(config.init))
+        log(f"fine-tuning {config.init}")
+    model = model.to(device).train()
     probes = Probes(config.model.hidden).to(device) if config.probe_weight > 0 else None
     trained = [*model.parameters(), *(probes.parameters() if probes else [])]
     optimizer = torch.optim.AdamW(trained, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.98))
@@ -394,12 +401,27 @@ def train(config: TrainConfig, out: Path | None, log=print,
                     torch.save(state, checkpoint.with_suffix(".tmp"))
                     checkpoint.with_suffix(".tmp").replace(checkpoint)  # never half-written
     record = dict(config=asdict(config), parameters=params, seconds=time.perf_counter() - started, history=history,
-                  torch=torch.__version__, transformers=transformers.__version__)
+                  torch=torch.__version__, transformers=transformers.__version__, base=base)
     model = model.cpu().eval()
     if out is not None:
         save(model, record, out)
         log(f"saved to {out}")
     return model, record
+
+
+def start_from(model: Qwen2VLForConditionalGeneration, directory: Path) -> dict | None:
+    """Load a saved model's weights into `model` (built from the same [model] config); returns the
+    training record it was saved with, kept in the fine-tune's record."""
+    if not (directory / "model.safetensors").is_file():
+        raise ValueError(f"init {directory}: no model.safetensors there; give a directory `--out` wrote")
+    saved = Qwen2VLForConditionalGeneration.from_pretrained(directory, dtype=torch.float32)
+    try:
+        model.load_state_dict(saved.state_dict())
+    except RuntimeError as exc:
+        raise ValueError(f"init {directory}: its weights do not fit the [model] config; copy its [model] table "
+                         f"({str(exc).splitlines()[0]})") from None
+    record = directory / "training.json"
+    return json.loads(record.read_text()) if record.is_file() else None
 
 
 def save(model: Qwen2VLForConditionalGeneration, record: dict, out: Path) -> None:
@@ -428,12 +450,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="directory for the weights (default: none, nothing saved)")
     parser.add_argument("--checkpoint", type=Path,
                         help="file to resume from if it exists, rewritten at every log step (default: none)")
+    parser.add_argument("--init", help="model directory to fine-tune (overrides the config's init)")
     parser.add_argument("--threads", type=int, help="CPU threads (overrides the config)")
     parser.add_argument("--device", help="auto | cpu | cuda (overrides the config)")
     parser.add_argument("--scale", type=float, default=1.0,
                         help="multiply every stage's steps (e.g. 0.01 for a smoke run)")
     args = parser.parse_args(argv)
     config = TrainConfig.from_dict(tomllib.loads(args.config.read_text()))
+    if args.init:
+        config.init = args.init
     if args.threads:
         config.threads = args.threads
     if args.device:

@@ -16,7 +16,11 @@ not every event, and one that keeps the wrong cells holds none.
 Everything is deterministic by seed: make_video(seed, frames) gives the same events, pixels and
 questions on every machine. Answers are words of the tiny tokenizer (colour, place, digits),
 except `describe`, which lists the events and exists so that the memory's generic probe
-("Describe what happens in the video.") is a question the model knows.
+("Describe what happens in the video.") is a question the model knows, and `choice`, a question
+of another family put as one of the benchmarks' multiple-choice prompts (Video-MME, OVO-Bench,
+StreamingBench: streamer/engine/benchmark_prompts.py) and answered with the option's letter, so
+that the builtin model can be evaluated with those benchmarks' own prompts and scoring. `recount`
+is `count` in OVO-Bench's counting (REC) prompt.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from memory.probe import GENERIC_PROMPTS
+from streamer.engine.benchmark_prompts import (lettered, ovo_choice_prompt, ovo_count_prompt, streamingbench_prompt,
+                                               videomme_prompt)
 from video_io.preprocess import VisionPreset
 
 FRAME = 84
@@ -48,10 +54,14 @@ SHAPES = ("circle", "square", "triangle", "star")
 PLACES = ("top left", "top", "top right", "left", "middle", "right", "bottom left", "bottom", "bottom right")
 COUNT_ANSWERS = tuple(str(n) for n in range(MAX_REPEATS + 1))
 
-# Question families scored by the evaluation, and `describe`, trained but not scored.
+# Question families scored by the synthetic evaluation, and those trained for the benchmark sets and the probe.
 FAMILIES = ("first", "where", "duration", "together", "count")
 DESCRIBE = "describe"
-TRAIN_FAMILIES = (*FAMILIES, DESCRIBE)
+TRAIN_FAMILIES = (*FAMILIES, DESCRIBE, "last", "choice", "recount")
+CHOICE_BASES = (*FAMILIES, "last")  # the families a `choice` question puts as multiple choice
+CHOICE_PROMPTS = {"videomme": lambda question, options: videomme_prompt(question, lettered(options)),
+                  "ovobench": ovo_choice_prompt, "streamingbench": streamingbench_prompt}
+OPTIONS = 4  # as Video-MME and StreamingBench have; OVO-Bench's items have 2 to 5
 
 
 @dataclass(frozen=True)
@@ -213,6 +223,10 @@ def ask_first(video: SyntheticVideo, rng: np.random.Generator) -> QA:
     return QA("first", "What colour appeared first?", video.events[0].colour, len(COLOURS))
 
 
+def ask_last(video: SyntheticVideo, rng: np.random.Generator) -> QA:
+    return QA("last", "What colour appeared last?", video.events[-1].colour, len(COLOURS))
+
+
 def ask_where(video: SyntheticVideo, rng: np.random.Generator) -> QA:
     event = video.events[int(rng.integers(len(video.events)))]
     return QA("where", f"Where was the {event.name}?", PLACES[event.cell], len(PLACES))
@@ -244,5 +258,32 @@ def ask_describe(video: SyntheticVideo, rng: np.random.Generator) -> QA:
     return QA(DESCRIBE, GENERIC_PROMPTS[0], ", ".join(e.name for e in video.events), 0)
 
 
+def answer_space(family: str) -> tuple[str, ...]:
+    """Every answer a question of `family` can have."""
+    return {"first": tuple(COLOURS), "last": tuple(COLOURS), "together": tuple(COLOURS), "where": PLACES,
+            "duration": tuple(str(d) for d in DURATIONS), "count": COUNT_ANSWERS}[family]
+
+
+def multiple_choice(qa: QA, rng: np.random.Generator, options: int = OPTIONS) -> tuple[list[str], int]:
+    """`qa`'s answer among `options - 1` others of its family, shuffled: (options, index of the right one)."""
+    others = [a for a in answer_space(qa.family) if a != qa.answer]
+    chosen = [qa.answer, *rng.choice(others, size=options - 1, replace=False).tolist()]
+    order = rng.permutation(options)
+    return [chosen[i] for i in order], int(np.argmax(order == 0))
+
+
+def ask_choice(video: SyntheticVideo, rng: np.random.Generator) -> QA:
+    qa = ASK[CHOICE_BASES[int(rng.integers(len(CHOICE_BASES)))]](video, rng)
+    options, right = multiple_choice(qa, rng)
+    prompt = CHOICE_PROMPTS[list(CHOICE_PROMPTS)[int(rng.integers(len(CHOICE_PROMPTS)))]]
+    return QA("choice", prompt(qa.question, options), chr(65 + right), len(options))
+
+
+def ask_recount(video: SyntheticVideo, rng: np.random.Generator) -> QA:
+    count = ask_count(video, rng)
+    colour = count.question.split()[-3]  # "How many times did a {colour} shape appear?"
+    return QA("recount", ovo_count_prompt(f"show a {colour} shape"), count.answer, count.choices)
+
+
 ASK = {"first": ask_first, "where": ask_where, "duration": ask_duration, "together": ask_together,
-       "count": ask_count, DESCRIBE: ask_describe}
+       "count": ask_count, DESCRIBE: ask_describe, "last": ask_last, "choice": ask_choice, "recount": ask_recount}

@@ -96,7 +96,7 @@ def ovo_count_prompt(activity: str) -> str:
 
 
 def lettered(options: list[str]) -> list[str]:
-    """StreamingBench's options as its prompt shows them: "A. ..." (the sqa file gives them without letters)."""
+    """Options as the prompts show them: "A. ..." (StreamingBench's sqa file gives them without letters)."""
     return list(options) if options[0].startswith("A.") else [f"{chr(65 + i)}. {o}" for i, o in enumerate(options)]
 
 
