@@ -8,7 +8,7 @@ import argparse
 import logging
 import sys
 
-from streamer.cli import ask, bench, bench_serve, client, demo, evaluate, serve, video
+from streamer.cli import ask, bench, bench_serve, client, demo, evaluate, serve, sets, video
 from video_io.errors import VideoError
 
 
@@ -17,7 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "Qwen2-VL with a pruned key/value memory.")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
     sub = parser.add_subparsers(dest="command", required=True)
-    for command in (ask, serve, client, demo, bench, bench_serve, evaluate, video):
+    for command in (ask, serve, client, demo, bench, bench_serve, evaluate, video, sets):
         command.add_parser(sub)
     return parser
 
