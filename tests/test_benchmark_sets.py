@@ -67,3 +67,4 @@ def test_the_same_seed_writes_the_same_questions(sets, tmp_path):
     first = [item for item in json.loads((sets / "ovo_bench_new.json").read_text())
              if item["video"] == f"builtin_{FIRST_SEED}.mp4"]
     assert json.loads((tmp_path / "ovo_bench_new.json").read_text()) == first
+

@@ -10,9 +10,9 @@ from safetensors.torch import load_file
 from conftest import question_logits, stream
 
 from memory.baselines import FullPolicy
-from streamer.builtin.train import (DEFAULT_CONFIG, QUESTION_HEADS, VIDEO_HEADS, ModelConfig, Packer, Stage, TrainConfig,
-                                    batch_loss, build_model, main, make_batch, token_labels, train)
-from streamer.builtin.videos import (BUILTIN_PRESET, COLOURS, DURATIONS, FAMILIES, Event,
+from streamer.builtin.train import (DEFAULT_CONFIG, NAMED_HEADS, QUESTION_HEADS, VIDEO_HEADS, ModelConfig, Packer, Stage,
+                                    TrainConfig, batch_loss, build_model, main, make_batch, token_labels, train)
+from streamer.builtin.videos import (ANSWER_WORDS, BUILTIN_PRESET, COLOURS, DURATIONS, FAMILIES, OPTIONS, Event,
                                      SyntheticVideo, make_video)
 from streamer.engine.attention import MEMORY_ATTENTION
 from streamer.engine.models import BUILTIN_DIR, load_model
@@ -93,7 +93,7 @@ def test_training_layout_is_what_the_runner_computes(builtin):
 def test_shipped_weights_come_from_the_shipped_config():
     config = TrainConfig.from_dict(tomllib.loads(DEFAULT_CONFIG.read_text()))
     record = json.loads((BUILTIN_DIR / "training.json").read_text())
-    assert record["config"] == asdict(config)
+    assert {"init": "", **record["config"]} == asdict(config)  # from scratch; written before `init` existed
 
 
 def test_training_smoke_saves_a_loadable_checkpoint(tmp_path):
@@ -111,6 +111,17 @@ def test_training_smoke_saves_a_loadable_checkpoint(tmp_path):
     memory = runner.new_memory()
     runner.ingest(memory, make_video(0, 16).frames(), FullPolicy())
     assert runner.answer(memory, "What colour appeared first?", max_new_tokens=2).first_token_logprobs
+    # a fine-tune starts from those weights (with no learning rate it keeps them) and records what it came from
+    still = (tmp_path / "tiny.toml").read_text().replace("warmup = 1", "warmup = 1\nlr = 0.0\nfinal_lr = 0.0")
+    (tmp_path / "still.toml").write_text(still)
+    assert main(["--config", str(tmp_path / "still.toml"), "--init", str(tmp_path / "out"),
+                 "--out", str(tmp_path / "tuned")]) == 0
+    base, tuned_weights = (load_file(tmp_path / name / "model.safetensors") for name in ("out", "tuned"))
+    assert base.keys() == tuned_weights.keys() and all(torch.equal(base[k], tuned_weights[k]) for k in base)
+    tuned = json.loads((tmp_path / "tuned" / "training.json").read_text())
+    assert tuned["base"] == record and tuned["config"]["init"] == str(tmp_path / "out")
+    with pytest.raises(ValueError, match="no model.safetensors"):
+        main(["--config", str(tmp_path / "tiny.toml"), "--init", str(tmp_path)])
 
 
 def test_training_overfits_one_batch():
@@ -134,9 +145,10 @@ def test_mention_labels_name_what_the_questions_look_up():
     packer = Packer(load_model("tiny-random", device="cpu").tokenizer)
     sample = packer.sample(video, FAMILIES)
     word = packer.words
-    named = [(i, label) for i, label in enumerate(sample["mentions"]) if label != (-100,) * len(QUESTION_HEADS)]
+    named = [(i, label) for i, label in enumerate(sample["mentions"]) if label[:NAMED_HEADS] != (-100,) * NAMED_HEADS]
     events = {(e.colour, e.shape): (k, e) for k, e in enumerate(video.events, start=1)}
-    for i, (colour, count, number, cell, duration, companion) in named:
+    for i, (colour, count, number, cell, duration, companion, letter, right, _) in named:
+        assert (letter, right) == (-100, -100) and len(QUESTION_HEADS) == NAMED_HEADS + 3
         if word.get(sample["ids"][i + 1]) == "shape":  # "How many times did a {colour} shape appear?"
             assert (colour, number, cell, duration, companion) == (-100,) * 5
             assert count == sum(e.colour == word[sample["ids"][i]] for e in video.events)
@@ -148,6 +160,27 @@ def test_mention_labels_name_what_the_questions_look_up():
             assert colour == list(COLOURS).index(named_colour) and DURATIONS[duration] == event.frames
             assert companion == (0 if other is None else 1 + list(COLOURS).index(other.colour))
     assert len(named) == 4  # where, duration, together: their object; count: its colour
+
+
+def test_answer_labels_mark_the_options_and_the_asked_answer():
+    video = make_video(5, 96)
+    packer = Packer(load_model("tiny-random", device="cpu").tokenizer)
+    asked = ("choice",) * 6 + ("where", "describe")
+    sample = packer.sample(video, asked)
+    words = lambda i: packer.tokenizer.decode(sample["ids"][i]).strip()
+    options = [(i, label[-3:-1]) for i, label in enumerate(sample["mentions"]) if label[-2] != -100]
+    ends = [(i, ANSWER_WORDS[label[-1]]) for i, label in enumerate(sample["mentions"]) if label[-1] != -100]
+    questions = video.questions(asked)
+    assert len(options) == 6 * OPTIONS and len(ends) == 7, "describe asks no family's question"
+    for k, qa in enumerate(questions[:6]):
+        mine = options[k * OPTIONS:(k + 1) * OPTIONS]
+        assert [letter for _, (letter, _) in mine] == list(range(OPTIONS))
+        assert [right for _, (_, right) in mine] == [int(chr(65 + n) == qa.answer) for n in range(OPTIONS)]
+        assert [words(i) for i, _ in mine] == [option.split()[-1] for option in qa.options]
+        end, answer = ends[k]
+        assert words(end) == "?" and answer == qa.options[ord(qa.answer) - 65] and qa.asked in qa.question
+    assert ends[6][1] == questions[6].answer and words(ends[6][0]) == "?"
+    assert len({qa.question.split("\n")[0][:20] for qa in questions[:6]}) > 1, "more than one benchmark's wording"
 
 
 def test_token_labels_follow_the_events():

@@ -36,8 +36,8 @@ from transformers import PreTrainedTokenizerBase, Qwen2VLConfig, Qwen2VLForCondi
 from streamer.engine.models import PRESET_FILE, special_token_ids, resolve_device, tiny_tokenizer
 from streamer.engine.positions import text_positions, video_positions
 from streamer.engine.prompt import SYSTEM_PROMPT, question_suffix, video_prefix
-from streamer.builtin.videos import (BUILTIN_PRESET, COLOURS, DURATIONS, GRID, MAX_EVENTS, MAX_REPEATS, SHAPES,
-                                     TRAIN_FAMILIES, SyntheticVideo, make_video)
+from streamer.builtin.videos import (ANSWER_WORDS, BUILTIN_PRESET, CHOICE_BASES, COLOURS, DURATIONS, GRID, MAX_EVENTS,
+                                     MAX_REPEATS, OPTIONS, QA, SHAPES, TRAIN_FAMILIES, SyntheticVideo, make_video)
 from video_io.preprocess import preprocess_frames
 
 TRAIN_SEEDS = 10**6  # training videos use seeds from here up; evaluation uses seeds below it
@@ -139,6 +139,7 @@ class Packer:
     """Videos + questions -> packed training sequences."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase):
+        self.tokenizer = tokenizer
         self.encode = lambda text: tokenizer(text, add_special_tokens=False).input_ids
         self.prefix = self.encode(video_prefix(SYSTEM_PROMPT))
         self.video_token = tokenizer.convert_tokens_to_ids("<|video_pad|>")
@@ -168,7 +169,9 @@ class Packer:
             targets += [-100] * len(block)
             weights += [0.0] * len(block)
             family += [-1] * len(block)
-            mentions += mention_labels(video, [self.words.get(token) for token in block])
+            answering = self.answer_labels(qa)
+            mentions += [(*named, *answering.get(i, (-100,) * ANSWER_HEADS))
+                         for i, named in enumerate(mention_labels(video, [self.words.get(token) for token in block]))]
             for j, token in enumerate(answer):  # the token before each answer token predicts it
                 targets[start + len(question) - 1 + j] = token
                 weights[start + len(question) - 1 + j] = 1.0 / len(answer)
@@ -176,6 +179,23 @@ class Packer:
         return dict(ids=ids, positions=torch.cat(positions), segment=segment, targets=targets, weights=weights,
                     family=family, pixels=patches.pixel_values, grid=patches.grid_thw, labels=token_labels(video),
                     mentions=mentions)
+
+    def answer_labels(self, qa: QA) -> dict[int, tuple[int, int, int]]:
+        """Targets of the answer heads by token of the question block: on each option's last word of a
+        `choice` question, its letter's index and whether it is the right one; on the last token of the
+        question a family asks (alone, or inside a `choice` prompt), its answer in ANSWER_WORDS. The three
+        hops from the question to the letter answered: without the first two heads the letter stayed at
+        chance for 500 steps of the fine-tune, and without the third the right option was not learnt."""
+        text = question_suffix(qa.question)
+        spans = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True).offset_mapping
+        ending = lambda part: max(i for i, (start, _) in enumerate(spans) if start < text.index(part) + len(part))
+        labels = {}
+        asked, answer = (qa.asked, qa.options[ord(qa.answer) - 65]) if qa.options else (qa.question, qa.answer)
+        if qa.options or qa.family in CHOICE_BASES:
+            labels[ending(asked)] = (-100, -100, ANSWER_WORDS.index(answer))
+        for k, option in enumerate(qa.options):
+            labels[ending(f"{chr(65 + k)}. {option}")] = (k, int(chr(65 + k) == qa.answer), -100)
+        return labels
 
     def batch(self, samples: list[dict]) -> Batch:
         length = max(len(s["ids"]) for s in samples)
@@ -221,8 +241,11 @@ VIDEO_HEADS = (("colour", "vision", 1 + len(COLOURS)), ("shape", "vision", 1 + l
                ("run", 2, 1 + max(DURATIONS) // 2), ("companion", 2, 1 + len(COLOURS)))
 QUESTION_HEADS = (("named_colour", 1, len(COLOURS)), ("named_count", 3, 1 + MAX_REPEATS),
                   ("named_event", 4, 1 + MAX_EVENTS), ("named_cell", 4, GRID * GRID),
-                  ("named_duration", 4, len(DURATIONS)), ("named_companion", 4, 1 + len(COLOURS)))
+                  ("named_duration", 4, len(DURATIONS)), ("named_companion", 4, 1 + len(COLOURS)),
+                  ("option_letter", 2, OPTIONS), ("right_option", 7, 2), ("asked_answer", 5, len(ANSWER_WORDS)))
 PROBE_HEADS = tuple(name for name, _, _ in (*VIDEO_HEADS, *QUESTION_HEADS))
+NAMED_HEADS, ANSWER_HEADS = 6, 3  # QUESTION_HEADS on the words that name what to look up (mention_labels), then
+                                  # on a choice's options and the question's end (Packer.answer_labels)
 
 
 def token_labels(video: SyntheticVideo) -> torch.Tensor:
@@ -247,11 +270,11 @@ def token_labels(video: SyntheticVideo) -> torch.Tensor:
 
 
 def mention_labels(video: SyntheticVideo, words: list[str | None]) -> list[tuple[int, ...]]:
-    """Per question token, targets of QUESTION_HEADS (-100: none). Where a "{colour} {shape}" ends: the
-    colour (copied from the word before), and of the event it names the number (0 if none), cell,
-    duration and 1 + the colour shown with it (0: alone). On the colour of a "{colour} shape": how
+    """Per question token, targets of the named_* QUESTION_HEADS (-100: none). Where a "{colour} {shape}"
+    ends: the colour (copied from the word before), and of the event it names the number (0 if none),
+    cell, duration and 1 + the colour shown with it (0: alone). On the colour of a "{colour} shape": how
     many events have that colour."""
-    none = (-100,) * len(QUESTION_HEADS)
+    none = (-100,) * NAMED_HEADS
     labels = [none] * len(words)
     for i in range(1, len(words)):
         colour, second = words[i - 1], words[i]

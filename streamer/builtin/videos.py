@@ -89,6 +89,8 @@ class QA:
     question: str
     answer: str
     choices: int  # answers that were possible: chance is 1 / choices
+    options: tuple[str, ...] = ()  # a `choice` question's options, lettered A, B, ... in the prompt
+    asked: str = ""  # the question of another family that a `choice` question puts (its answer: the right option)
 
 
 def _episode_shapes(rng: np.random.Generator, count: int, doubles: int, longest: int) -> list[list[tuple[int, int]]]:
@@ -264,6 +266,10 @@ def answer_space(family: str) -> tuple[str, ...]:
             "duration": tuple(str(d) for d in DURATIONS), "count": COUNT_ANSWERS}[family]
 
 
+# every answer of the CHOICE_BASES families, once ("2" is a duration and a count)
+ANSWER_WORDS = tuple(dict.fromkeys(a for f in CHOICE_BASES for a in answer_space(f)))
+
+
 def multiple_choice(qa: QA, rng: np.random.Generator, options: int = OPTIONS) -> tuple[list[str], int]:
     """`qa`'s answer among `options - 1` others of its family, shuffled: (options, index of the right one)."""
     others = [a for a in answer_space(qa.family) if a != qa.answer]
@@ -276,7 +282,7 @@ def ask_choice(video: SyntheticVideo, rng: np.random.Generator) -> QA:
     qa = ASK[CHOICE_BASES[int(rng.integers(len(CHOICE_BASES)))]](video, rng)
     options, right = multiple_choice(qa, rng)
     prompt = CHOICE_PROMPTS[list(CHOICE_PROMPTS)[int(rng.integers(len(CHOICE_PROMPTS)))]]
-    return QA("choice", prompt(qa.question, options), chr(65 + right), len(options))
+    return QA("choice", prompt(qa.question, options), chr(65 + right), len(options), tuple(options), qa.question)
 
 
 def ask_recount(video: SyntheticVideo, rng: np.random.Generator) -> QA:
