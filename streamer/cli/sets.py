@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from streamer.builtin.sets import FIRST_SEED, FPS, write_sets
@@ -27,8 +28,11 @@ def run(args) -> int:
     if args.frames % 2 or args.frames < MIN_FRAMES:
         raise ValueError(f"--frames must be even and >= {MIN_FRAMES}, got {args.frames}")
     folder = Path(args.folder)
-    files = write_sets(folder, args.videos, args.frames, args.first_seed)
+    files = write_sets(folder, args.videos, args.frames, args.first_seed, log=logging.getLogger("streamer").info)
     print(f"wrote {args.videos} videos to {folder / 'videos'}, {files['ovobench']} and {files['streamingbench']}; run\n"
-          f"  streamer eval ovobench --questions {files['ovobench']} --videos {folder / 'videos'} --fps {FPS:g}\n"
-          f"  streamer eval streamingbench --questions {files['streamingbench']} --videos {folder} --fps {FPS:g}")
+          f"  streamer eval ovobench --questions {files['ovobench']} --videos {folder / 'videos'} --fps {FPS:g} "
+          "--model CHECKPOINT\n"
+          f"  streamer eval streamingbench --questions {files['streamingbench']} --videos {folder} --fps {FPS:g} "
+          "--model CHECKPOINT\n"
+          "(the shipped builtin model answers in words, not these benchmarks' letters: see the README)")
     return 0
