@@ -26,7 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-from streamer.builtin.videos import ASK, FRAME, QA, SyntheticVideo, make_video, multiple_choice
+from streamer.builtin.videos import (ASK, FRAME, QA, SyntheticVideo, count_activity, make_video, multiple_choice,
+                                     where_of)
+from streamer.engine.benchmark_prompts import lettered
 from video_io.synthetic import write_video
 
 FPS = 2.0  # the rate the videos are written at and should be read at (--fps 2): every frame, as trained
@@ -50,12 +52,6 @@ def moments(video: SyntheticVideo) -> list[tuple[int, SyntheticVideo]]:
     return found
 
 
-def newest_where(video: SyntheticVideo) -> QA:
-    """`where` about the newest object (ask_where asked of a video holding only it)."""
-    alone = SyntheticVideo(video.seed, video.num_frames, video.background, video.events[-1:], video.layout[-1:])
-    return ASK["where"](alone, np.random.default_rng(0))
-
-
 def earlier(video: SyntheticVideo, rng: np.random.Generator) -> str:
     """A family about any object seen so far: where, duration, or (when some object had a companion) together."""
     paired = any(video.companion(e) is not None for e in video.events)
@@ -77,11 +73,11 @@ def ovobench_items(video: SyntheticVideo, name: str, first_id: int, rng: np.rand
     choice("ASI", second, ASK["first"](seen, rng))
     for second, seen in asked:
         choice("OJR", second, ASK["last"](seen, rng))
-        choice("STU", second, newest_where(seen))
+        choice("STU", second, where_of(seen.events[-1]))
         choice("EPM", second, ASK[earlier(seen, rng)](seen, rng))
     colour = str(rng.choice([e.colour for e in video.events]))
     counts = [dict(realtime=float(second), count=sum(e.colour == colour for e in seen.events)) for second, seen in asked]
-    items.append(dict(id=first_id + len(items), task="REC", video=name, activity=f"show a {colour} shape",
+    items.append(dict(id=first_id + len(items), task="REC", video=name, activity=count_activity(colour),
                       test_info=counts))
     return items
 
@@ -98,7 +94,7 @@ def streamingbench_entry(video: SyntheticVideo, name: str, rng: np.random.Genera
             options, right = multiple_choice(qa, rng)
             questions.append(dict(task_type=STREAMINGBENCH_TASKS[family], question=qa.question,
                                   time_stamp=f"{second // 3600:02d}:{second // 60 % 60:02d}:{second % 60:02d}",
-                                  options=[f"{chr(65 + i)}. {o}" for i, o in enumerate(options)],
+                                  options=lettered(options),
                                   answer=chr(65 + right)))
     return dict(video_path=f"./videos/{name}", questions=questions)
 

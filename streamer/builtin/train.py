@@ -185,7 +185,8 @@ class Packer:
         `choice` question, its letter's index and whether it is the right one; on the last token of the
         question a family asks (alone, or inside a `choice` prompt), its answer in ANSWER_WORDS. The three
         hops from the question to the letter answered: without the first two heads the letter stayed at
-        chance for 500 steps of the fine-tune, and without the third the right option was not learnt."""
+        chance for 500 steps of the fine-tune, and without the third whether an option is right stayed at
+        chance for 350 steps (configs/train/builtin_tune.toml)."""
         text = question_suffix(qa.question)
         spans = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True).offset_mapping
         ending = lambda part: max(i for i, (start, _) in enumerate(spans) if start < text.index(part) + len(part))

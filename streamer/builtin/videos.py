@@ -230,7 +230,10 @@ def ask_last(video: SyntheticVideo, rng: np.random.Generator) -> QA:
 
 
 def ask_where(video: SyntheticVideo, rng: np.random.Generator) -> QA:
-    event = video.events[int(rng.integers(len(video.events)))]
+    return where_of(video.events[int(rng.integers(len(video.events)))])
+
+
+def where_of(event: Event) -> QA:
     return QA("where", f"Where was the {event.name}?", PLACES[event.cell], len(PLACES))
 
 
@@ -249,11 +252,21 @@ def ask_together(video: SyntheticVideo, rng: np.random.Generator) -> QA:
 
 
 def ask_count(video: SyntheticVideo, rng: np.random.Generator) -> QA:
-    """The count is drawn first (among those some colour has), so answers are spread over 0..3."""
+    colour, target = count_target(video, rng)
+    return QA("count", f"How many times did a {colour} shape appear?", str(target), len(COUNT_ANSWERS))
+
+
+def count_target(video: SyntheticVideo, rng: np.random.Generator) -> tuple[str, int]:
+    """(a colour, how many events have it). The count is drawn first (among those some colour has), so
+    answers are spread over 0..3."""
     counts = {colour: sum(e.colour == colour for e in video.events) for colour in COLOURS}
     target = int(rng.choice(sorted(set(counts.values()))))
-    colour = str(rng.choice([c for c, n in counts.items() if n == target]))
-    return QA("count", f"How many times did a {colour} shape appear?", str(target), len(COUNT_ANSWERS))
+    return str(rng.choice([c for c, n in counts.items() if n == target])), target
+
+
+def count_activity(colour: str) -> str:
+    """What OVO-Bench's REC prompt counts, in its "How many times did they {activity}?"."""
+    return f"show a {colour} shape"
 
 
 def ask_describe(video: SyntheticVideo, rng: np.random.Generator) -> QA:
@@ -286,9 +299,8 @@ def ask_choice(video: SyntheticVideo, rng: np.random.Generator) -> QA:
 
 
 def ask_recount(video: SyntheticVideo, rng: np.random.Generator) -> QA:
-    count = ask_count(video, rng)
-    colour = count.question.split()[-3]  # "How many times did a {colour} shape appear?"
-    return QA("recount", ovo_count_prompt(f"show a {colour} shape"), count.answer, count.choices)
+    colour, target = count_target(video, rng)
+    return QA("recount", ovo_count_prompt(count_activity(colour)), str(target), len(COUNT_ANSWERS))
 
 
 ASK = {"first": ask_first, "where": ask_where, "duration": ask_duration, "together": ask_together,
