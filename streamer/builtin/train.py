@@ -160,7 +160,9 @@ class Packer:
         family = [-1] * len(ids)
         mentions = [(-100,) * len(QUESTION_HEADS)] * len(ids)
         for k, qa in enumerate(video.questions(families), start=1):
-            question, answer = self.encode(question_suffix(qa.question)), self.encode(qa.answer) + [self.end]
+            text = question_suffix(qa.question)
+            encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            question, answer = encoded.input_ids, self.encode(qa.answer) + [self.end]
             block = question + answer
             start = len(ids)
             ids += block
@@ -169,7 +171,7 @@ class Packer:
             targets += [-100] * len(block)
             weights += [0.0] * len(block)
             family += [-1] * len(block)
-            answering = self.answer_labels(qa)
+            answering = self.answer_labels(qa, text, encoded.offset_mapping)
             mentions += [(*named, *answering.get(i, (-100,) * ANSWER_HEADS))
                          for i, named in enumerate(mention_labels(video, [self.words.get(token) for token in block]))]
             for j, token in enumerate(answer):  # the token before each answer token predicts it
@@ -180,15 +182,13 @@ class Packer:
                     family=family, pixels=patches.pixel_values, grid=patches.grid_thw, labels=token_labels(video),
                     mentions=mentions)
 
-    def answer_labels(self, qa: QA) -> dict[int, tuple[int, int, int]]:
-        """Targets of the answer heads by token of the question block: on each option's last word of a
-        `choice` question, its letter's index and whether it is the right one; on the last token of the
-        question a family asks (alone, or inside a `choice` prompt), its answer in ANSWER_WORDS. The three
+    def answer_labels(self, qa: QA, text: str, spans: list[tuple[int, int]]) -> dict[int, tuple[int, int, int]]:
+        """Targets of the answer heads by token of the question block (`text`, its tokens' character `spans`):
+        on each option's last word of a `choice` question, its letter's index and whether it is the right
+        one; on the last token of the question a family asks (alone, or inside a `choice` prompt), its answer in ANSWER_WORDS. The three
         hops from the question to the letter answered: without the first two heads the letter stayed at
         chance for 500 steps of the fine-tune, and without the third whether an option is right stayed at
         chance for 350 steps (configs/train/builtin_tune.toml)."""
-        text = question_suffix(qa.question)
-        spans = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True).offset_mapping
         ending = lambda part: max(i for i, (start, _) in enumerate(spans) if start < text.index(part) + len(part))
         labels = {}
         asked, answer = (qa.asked, qa.options[ord(qa.answer) - 65]) if qa.options else (qa.question, qa.answer)
