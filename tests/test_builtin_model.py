@@ -10,10 +10,11 @@ from safetensors.torch import load_file
 from conftest import question_logits, stream
 
 from memory.baselines import FullPolicy
-from streamer.builtin.train import (DEFAULT_CONFIG, NAMED_HEADS, QUESTION_HEADS, VIDEO_HEADS, ModelConfig, Packer, Stage,
-                                    TrainConfig, batch_loss, build_model, main, make_batch, token_labels, train)
-from streamer.builtin.videos import (ANSWER_WORDS, BUILTIN_PRESET, COLOURS, DURATIONS, FAMILIES, OPTIONS, Event,
-                                     SyntheticVideo, make_video)
+from streamer.builtin.train import (DEFAULT_CONFIG, NAMED_HEADS, PROBE_HEADS, QUESTION_HEADS, VIDEO_HEADS, ModelConfig,
+                                    Packer, Probes, Stage, TrainConfig, batch_loss, build_model, main, make_batch,
+                                    token_labels, train)
+from streamer.builtin.videos import (ANSWER_WORDS, BUILTIN_PRESET, COLOURS, DURATIONS, FAMILIES, OPTIONS,
+                                     TRAIN_FAMILIES, Event, SyntheticVideo, make_video)
 from streamer.engine.attention import MEMORY_ATTENTION
 from streamer.engine.models import BUILTIN_DIR, load_model
 from streamer.engine.runner import Runner
@@ -70,7 +71,7 @@ def test_training_layout_is_what_the_runner_computes(builtin):
     first token exactly as the runner does after streaming that video."""
     video = make_video(3, 48)
     packer = Packer(builtin.tokenizer)
-    batch = packer.batch([packer.sample(video, FAMILIES)])
+    batch = packer.batch([packer.sample(video, video.questions(FAMILIES))])
     model = builtin.model
     model.set_attn_implementation({"text_config": "sdpa"})
     try:
@@ -90,10 +91,13 @@ def test_training_layout_is_what_the_runner_computes(builtin):
         torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
 
 
-def test_shipped_weights_come_from_the_shipped_config():
-    config = TrainConfig.from_dict(tomllib.loads(DEFAULT_CONFIG.read_text()))
+def test_shipped_weights_come_from_the_shipped_configs():
+    """builtin.toml trained v2 from scratch; builtin_tune.toml fine-tuned it into the shipped weights (v3)."""
+    recorded = lambda config: asdict(TrainConfig.from_dict(config))  # fields added since take their defaults
+    shipped = lambda name: asdict(TrainConfig.from_dict(tomllib.loads(DEFAULT_CONFIG.with_name(name).read_text())))
     record = json.loads((BUILTIN_DIR / "training.json").read_text())
-    assert {"init": "", **record["config"]} == asdict(config)  # from scratch; written before `init` existed
+    assert {**recorded(record["config"]), "init": ""} == shipped("builtin_tune.toml") and record["config"]["init"]
+    assert recorded(record["base"]["config"]) == shipped("builtin.toml") and "base" not in record["base"]
 
 
 def test_training_smoke_saves_a_loadable_checkpoint(tmp_path):
@@ -140,10 +144,28 @@ def test_training_overfits_one_batch():
     assert losses[-1] < 0.35 * losses[0], losses
 
 
+def test_a_text_only_stage_packs_questions_without_a_video():
+    packer = Packer(load_model("tiny-random", device="cpu").tokenizer)
+    batch = make_batch(packer, seed=0, step=0, stage=Stage(0, 0, 1, 3, ["pick", "pick"]))
+    assert batch.grids.shape == (0, 3) and not (batch.ids == packer.video_token).any() and len(batch.labels) == 0
+    letters = batch.targets[batch.targets != -100].view(6, 2)  # a letter and <|im_end|> per question
+    assert (letters[:, 1] == packer.end).all() and {packer.tokenizer.decode(t) for t in letters[:, 0]} <= set("ABCD")
+    asked = batch.mentions[..., -1][batch.mentions[..., -1] != -100]
+    assert len(asked) == 6, "the asked word is labelled at each question's end"
+    model = build_model(TINY, packer.tokenizer, seed=0)
+    answer, aux, per_family = batch_loss(model, batch, Probes(TINY.hidden))
+    assert math.isfinite(answer.item()) and aux[PROBE_HEADS.index("asked_answer")] > 0 and per_family[TRAIN_FAMILIES.index("pick")] > 0
+    assert make_batch(packer, 0, 0, Stage(0, 0, 1, 3, ["pick", "pick"])).ids.equal(batch.ids)  # by (seed, step)
+    with pytest.raises(ValueError, match="need no video"):
+        Stage(0, 0, 1, 3, ["where"])
+    with pytest.raises(ValueError, match="not families"):
+        Stage(16, 32, 1, 3, ["wher"])
+
+
 def test_mention_labels_name_what_the_questions_look_up():
     video = make_video(5, 96)
     packer = Packer(load_model("tiny-random", device="cpu").tokenizer)
-    sample = packer.sample(video, FAMILIES)
+    sample = packer.sample(video, video.questions(FAMILIES))
     word = packer.words
     named = [(i, label) for i, label in enumerate(sample["mentions"]) if label[:NAMED_HEADS] != (-100,) * NAMED_HEADS]
     events = {(e.colour, e.shape): (k, e) for k, e in enumerate(video.events, start=1)}
@@ -166,7 +188,7 @@ def test_answer_labels_mark_the_options_and_the_asked_answer():
     video = make_video(5, 96)
     packer = Packer(load_model("tiny-random", device="cpu").tokenizer)
     asked = ("choice",) * 6 + ("where", "describe")
-    sample = packer.sample(video, asked)
+    sample = packer.sample(video, video.questions(asked))
     words = lambda i: packer.tokenizer.decode(sample["ids"][i]).strip()
     options = [(i, label[-3:-1]) for i, label in enumerate(sample["mentions"]) if label[-2] != -100]
     ends = [(i, ANSWER_WORDS[label[-1]]) for i, label in enumerate(sample["mentions"]) if label[-1] != -100]

@@ -1,9 +1,10 @@
 import numpy as np
 import pytest
 
-from streamer.builtin.videos import (ASK, CELL, COLOURS, DURATIONS, FAMILIES, FRAME, GRID, MAX_EPISODES, MAX_EVENTS,
-                                     MAX_REPEATS, MIN_EPISODES, MIN_FRAMES, PLACES, SHAPES, TRAIN_FAMILIES, Event,
-                                     SyntheticVideo, background, make_video, shape_mask)
+from streamer.builtin.videos import (ASK, CELL, CHOICE_PROMPTS, COLOURS, DURATIONS, FAMILIES, FRAME, GRID, MAX_EPISODES,
+                                     MAX_EVENTS, MAX_REPEATS, MIN_EPISODES, MIN_FRAMES, OPTIONS, PLACES, SHAPES,
+                                     TEXT_FAMILIES, TRAIN_FAMILIES, Event, SyntheticVideo, background, make_video,
+                                     shape_mask)
 from streamer.engine.models import tiny_tokenizer
 
 
@@ -132,3 +133,15 @@ def test_event_tokens_mark_the_cells_that_show_an_object():
     cells = departs.reshape(48, 2, GRID, CELL, GRID, CELL).any(axis=(1, 3, 5))
     assert np.array_equal(shows, cells)
     assert shows.sum() == sum(e.frames // 2 for e in video.events)
+
+
+def test_pick_asks_for_the_option_that_says_a_word_without_a_video():
+    rng = np.random.default_rng(0)
+    wordings = set()
+    for _ in range(200):
+        qa = ASK["pick"](None, rng)
+        word = qa.asked.removeprefix("Which option is ").removesuffix("?")
+        assert qa.family == "pick" and qa.options[ord(qa.answer) - 65] == word and len(set(qa.options)) == OPTIONS
+        assert qa.asked in qa.question and f"{qa.answer}. {word}" in qa.question
+        wordings.add(next(k for k, prompt in CHOICE_PROMPTS.items() if prompt(qa.asked, list(qa.options)) == qa.question))
+    assert wordings == set(CHOICE_PROMPTS) and set(TEXT_FAMILIES) <= set(TRAIN_FAMILIES)

@@ -12,7 +12,9 @@ and itself only (a 4-D attention mask) and starts at the same position, so every
 exactly the sequence the runner builds for that question, at the price of one video forward.
 The loss is on the answer tokens and <|im_end|>, averaged per question so that the long
 `describe` answers weigh as much as a one-word answer. Lengths follow a curriculum: short videos
-first (the vision tower and the question logic are learnt cheaply), then up to 384 frames.
+first (the vision tower and the question logic are learnt cheaply), then up to 384 frames. A
+stage with `max_frames = 0` is text-only: the prefix, no video, then questions that need none
+(`pick`), many per step for the price of a few video tokens.
 """
 
 from __future__ import annotations
@@ -36,8 +38,9 @@ from transformers import PreTrainedTokenizerBase, Qwen2VLConfig, Qwen2VLForCondi
 from streamer.engine.models import PRESET_FILE, special_token_ids, resolve_device, tiny_tokenizer
 from streamer.engine.positions import text_positions, video_positions
 from streamer.engine.prompt import SYSTEM_PROMPT, question_suffix, video_prefix
-from streamer.builtin.videos import (ANSWER_WORDS, BUILTIN_PRESET, CHOICE_BASES, COLOURS, DURATIONS, GRID, MAX_EVENTS,
-                                     MAX_REPEATS, OPTIONS, QA, SHAPES, TRAIN_FAMILIES, SyntheticVideo, make_video)
+from streamer.builtin.videos import (ANSWER_WORDS, ASK, BUILTIN_PRESET, CHOICE_BASES, COLOURS, DURATIONS, GRID,
+                                     MAX_EVENTS, MAX_REPEATS, OPTIONS, QA, SHAPES, TEXT_FAMILIES, TRAIN_FAMILIES,
+                                     SyntheticVideo, make_video)
 from video_io.preprocess import preprocess_frames
 
 TRAIN_SEEDS = 10**6  # training videos use seeds from here up; evaluation uses seeds below it
@@ -60,10 +63,18 @@ class ModelConfig:
 
 @dataclass
 class Stage:
-    min_frames: int  # each batch draws one even length in [min_frames, max_frames]
+    min_frames: int  # each batch draws one even length in [min_frames, max_frames]; 0 and 0: text only
     max_frames: int
     steps: int
-    batch: int  # videos per step
+    batch: int  # videos (or text-only samples) per step
+    questions: list[str] = field(default_factory=list)  # packed after each sample; empty: the config's
+
+    def __post_init__(self):
+        if unknown := set(self.questions) - set(TRAIN_FAMILIES):
+            raise ValueError(f"stage questions {sorted(unknown)}: not families of {TRAIN_FAMILIES}")
+        if self.max_frames == 0 and not (self.questions and set(self.questions) <= set(TEXT_FAMILIES)):
+            raise ValueError(f"a text-only stage (max_frames = 0) needs its own `questions`, of the families "
+                             f"that need no video: {TEXT_FAMILIES}")
 
 
 @dataclass
@@ -147,19 +158,24 @@ class Packer:
         self.pad = tokenizer.convert_tokens_to_ids("<|endoftext|>")
         self.words = {self.encode(f" {word}")[0]: word for word in (*COLOURS, *SHAPES, "shape")}
 
-    def sample(self, video: SyntheticVideo, families: tuple[str, ...] = TRAIN_FAMILIES) -> dict:
-        patches = preprocess_frames(video.frames(), BUILTIN_PRESET)
-        grid_t, grid_h, grid_w = patches.grid_thw
-        merge = BUILTIN_PRESET.merge_size
-        tokens = video_positions(len(self.prefix), 0, grid_t, grid_h // merge, grid_w // merge)
-        ids = self.prefix + [self.video_token] * patches.num_tokens
-        positions = [text_positions(0, len(self.prefix)), tokens]
+    def sample(self, video: SyntheticVideo | None, questions: list[QA]) -> dict:
+        """The prefix, the video (None: a text-only sample), then a block per question."""
+        ids, positions, after = list(self.prefix), [text_positions(0, len(self.prefix))], len(self.prefix)
+        pixels, grid, labels = None, None, torch.zeros(0, len(VIDEO_HEADS), dtype=torch.long)
+        if video is not None:
+            patches = preprocess_frames(video.frames(), BUILTIN_PRESET)
+            grid_t, grid_h, grid_w = patches.grid_thw
+            merge = BUILTIN_PRESET.merge_size
+            tokens = video_positions(len(self.prefix), 0, grid_t, grid_h // merge, grid_w // merge)
+            ids += [self.video_token] * patches.num_tokens
+            positions.append(tokens)
+            after = int(tokens.max()) + 1
+            pixels, grid, labels = patches.pixel_values, patches.grid_thw, token_labels(video)
         segment = [0] * len(ids)
         targets, weights = [-100] * len(ids), [0.0] * len(ids)
-        after = int(tokens.max()) + 1
         family = [-1] * len(ids)
         mentions = [(-100,) * len(QUESTION_HEADS)] * len(ids)
-        for k, qa in enumerate(video.questions(families), start=1):
+        for k, qa in enumerate(questions, start=1):
             text = question_suffix(qa.question)
             encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
             question, answer = encoded.input_ids, self.encode(qa.answer) + [self.end]
@@ -172,15 +188,15 @@ class Packer:
             weights += [0.0] * len(block)
             family += [-1] * len(block)
             answering = self.answer_labels(qa, text, encoded.offset_mapping)
-            mentions += [(*named, *answering.get(i, (-100,) * ANSWER_HEADS))
-                         for i, named in enumerate(mention_labels(video, [self.words.get(token) for token in block]))]
+            named = (mention_labels(video, [self.words.get(token) for token in block]) if video is not None
+                     else [(-100,) * NAMED_HEADS] * len(block))
+            mentions += [(*named[i], *answering.get(i, (-100,) * ANSWER_HEADS)) for i in range(len(block))]
             for j, token in enumerate(answer):  # the token before each answer token predicts it
                 targets[start + len(question) - 1 + j] = token
                 weights[start + len(question) - 1 + j] = 1.0 / len(answer)
                 family[start + len(question) - 1 + j] = TRAIN_FAMILIES.index(qa.family)
         return dict(ids=ids, positions=torch.cat(positions), segment=segment, targets=targets, weights=weights,
-                    family=family, pixels=patches.pixel_values, grid=patches.grid_thw, labels=token_labels(video),
-                    mentions=mentions)
+                    family=family, pixels=pixels, grid=grid, labels=labels, mentions=mentions)
 
     def answer_labels(self, qa: QA, text: str, spans: list[tuple[int, int]]) -> dict[int, tuple[int, int, int]]:
         """Targets of the answer heads by token of the question block (`text`, its tokens' character `spans`):
@@ -220,18 +236,24 @@ class Packer:
         causal = torch.ones(length, length, dtype=torch.bool).tril()
         # a query sees the shared context (segment 0) and its own block; padding (-1) sees padding
         visible = (segment[:, None, :] == 0) | (segment[:, None, :] == segment[:, :, None])
-        return Batch(ids, positions, (visible & causal)[:, None], torch.cat([s["pixels"] for s in samples]),
-                     torch.tensor([s["grid"] for s in samples]), targets, weights, family,
+        videos = [s for s in samples if s["grid"] is not None]
+        pixels = torch.cat([s["pixels"] for s in videos]) if videos else torch.zeros(0)
+        return Batch(ids, positions, (visible & causal)[:, None], pixels,
+                     torch.tensor([s["grid"] for s in videos], dtype=torch.long).view(-1, 3), targets, weights, family,
                      torch.cat([s["labels"] for s in samples]), mentions)
 
 
 def make_batch(packer: Packer, seed: int, step: int, stage: Stage,
                questions: tuple[str, ...] = TRAIN_FAMILIES) -> Batch:
-    """Deterministic in (seed, step): the length and the videos of this step."""
+    """Deterministic in (seed, step): the length and the videos of this step, or its text-only samples."""
     rng = np.random.default_rng([seed, step])
+    questions = tuple(stage.questions) or questions
+    if stage.max_frames == 0:
+        return packer.batch([packer.sample(None, [ASK[family](None, own) for family in questions])
+                             for own in rng.spawn(stage.batch)])
     frames = 2 * int(rng.integers(stage.min_frames // 2, stage.max_frames // 2 + 1))
     videos = [make_video(TRAIN_SEEDS + seed * 10**7 + step * stage.batch + i, frames) for i in range(stage.batch)]
-    return packer.batch([packer.sample(video, questions) for video in videos])
+    return packer.batch([packer.sample(video, video.questions(questions)) for video in videos])
 
 
 # Training-only heads (Probes): (name, where they read, classes). "vision": the video tokens entering
@@ -328,9 +350,10 @@ class Probes(torch.nn.Module):
 def batch_loss(model: Qwen2VLForConditionalGeneration, batch: Batch, probes: Probes | None = None):
     """(answer loss: mean over questions of the mean cross-entropy of their answer tokens,
     probe losses [len(PROBE_HEADS)] (zeros without probes), per-family answer loss [len(TRAIN_FAMILIES)])."""
-    video = model.model.get_video_features(batch.pixels, batch.grids)
+    video = model.model.get_video_features(batch.pixels, batch.grids) if len(batch.grids) else None  # text only
+    encoded = {"mm_encoder_outputs": {"video": video}} if video is not None else {}
     out = model.model(input_ids=batch.ids, attention_mask=batch.mask, position_ids=batch.positions,
-                      mm_encoder_outputs={"video": video}, output_hidden_states=probes is not None)
+                      output_hidden_states=probes is not None, **encoded)
     where = batch.targets != -100
     logits = model.lm_head(out.last_hidden_state[where]).float()  # only where there is a loss
     losses = F.cross_entropy(logits, batch.targets[where], reduction="none") * batch.weights[where]
@@ -342,7 +365,9 @@ def batch_loss(model: Qwen2VLForConditionalGeneration, batch: Batch, probes: Pro
     if probes is None:
         return answer, answer.new_zeros(len(PROBE_HEADS)), per_family
     named = (batch.mentions != -100).any(dim=-1)
-    aux = probes(torch.cat(video.pooler_output), out.hidden_states, batch.ids == model.config.video_token_id, named,
+    hidden = out.hidden_states[0]
+    vision = torch.cat(video.pooler_output) if video is not None else hidden.new_zeros(0, hidden.shape[-1])
+    aux = probes(vision, out.hidden_states, batch.ids == model.config.video_token_id, named,
                  batch.labels, batch.mentions[named])
     return answer, aux, per_family
 

@@ -20,7 +20,9 @@ except `describe`, which lists the events and exists so that the memory's generi
 of another family put as one of the benchmarks' multiple-choice prompts (Video-MME, OVO-Bench,
 StreamingBench: streamer/engine/benchmark_prompts.py) and answered with the option's letter, so
 that the builtin model can be evaluated with those benchmarks' own prompts and scoring. `recount`
-is `count` in OVO-Bench's counting (REC) prompt.
+is `count` in OVO-Bench's counting (REC) prompt. `pick` ("Which option is red?") needs no video: it
+teaches the hop `choice` ends with, from the answer to the option that says it and its letter, on its
+own, cheaply (text-only training stages ask it alone).
 """
 
 from __future__ import annotations
@@ -57,10 +59,14 @@ COUNT_ANSWERS = tuple(str(n) for n in range(MAX_REPEATS + 1))
 # Question families scored by the synthetic evaluation, and those trained for the benchmark sets and the probe.
 FAMILIES = ("first", "where", "duration", "together", "count")
 DESCRIBE = "describe"
-TRAIN_FAMILIES = (*FAMILIES, DESCRIBE, "last", "choice", "recount")
+TRAIN_FAMILIES = (*FAMILIES, DESCRIBE, "last", "choice", "recount", "pick")
+TEXT_FAMILIES = ("pick",)  # those that need no video
 CHOICE_BASES = (*FAMILIES, "last")  # the families a `choice` question puts as multiple choice
+# "plain" is how a user might write a multiple-choice question; the builtin learns its letter first and
+# fastest (configs/train/builtin_tune.toml), the benchmarks' longer wordings after it
 CHOICE_PROMPTS = {"videomme": lambda question, options: videomme_prompt(question, lettered(options)),
-                  "ovobench": ovo_choice_prompt, "streamingbench": streamingbench_prompt}
+                  "ovobench": ovo_choice_prompt, "streamingbench": streamingbench_prompt,
+                  "plain": lambda question, options: "\n".join([question, *lettered(options)])}
 OPTIONS = 4  # as Video-MME and StreamingBench have; OVO-Bench's items have 2 to 5
 
 
@@ -292,10 +298,21 @@ def multiple_choice(qa: QA, rng: np.random.Generator, options: int = OPTIONS) ->
 
 
 def ask_choice(video: SyntheticVideo, rng: np.random.Generator) -> QA:
-    qa = ASK[CHOICE_BASES[int(rng.integers(len(CHOICE_BASES)))]](video, rng)
+    return as_choice("choice", ASK[CHOICE_BASES[int(rng.integers(len(CHOICE_BASES)))]](video, rng), rng)
+
+
+def ask_pick(video: SyntheticVideo | None, rng: np.random.Generator) -> QA:
+    """Which option is a word of a CHOICE_BASES family's answers: `choice` without the video."""
+    family = CHOICE_BASES[int(rng.integers(len(CHOICE_BASES)))]
+    word = str(rng.choice(answer_space(family)))
+    return as_choice("pick", QA(family, f"Which option is {word}?", word, len(answer_space(family))), rng)
+
+
+def as_choice(family: str, qa: QA, rng: np.random.Generator) -> QA:
+    """`qa` put as multiple choice in one of CHOICE_PROMPTS' wordings, answered with the right option's letter."""
     options, right = multiple_choice(qa, rng)
     prompt = CHOICE_PROMPTS[list(CHOICE_PROMPTS)[int(rng.integers(len(CHOICE_PROMPTS)))]]
-    return QA("choice", prompt(qa.question, options), chr(65 + right), len(options), tuple(options), qa.question)
+    return QA(family, prompt(qa.question, options), chr(65 + right), len(options), tuple(options), qa.question)
 
 
 def ask_recount(video: SyntheticVideo, rng: np.random.Generator) -> QA:
@@ -304,4 +321,5 @@ def ask_recount(video: SyntheticVideo, rng: np.random.Generator) -> QA:
 
 
 ASK = {"first": ask_first, "where": ask_where, "duration": ask_duration, "together": ask_together,
-       "count": ask_count, DESCRIBE: ask_describe, "last": ask_last, "choice": ask_choice, "recount": ask_recount}
+       "count": ask_count, DESCRIBE: ask_describe, "last": ask_last, "choice": ask_choice, "recount": ask_recount,
+       "pick": ask_pick}

@@ -459,10 +459,17 @@ def model_note(name: str) -> str:
     if not (path / "training.json").is_file():
         return ""
     record = json.loads((path / "training.json").read_text())
-    stages = ", ".join(f"{s['steps']} steps of {s['batch']} videos of {s['min_frames']}-{s['max_frames']} frames"
-                       for s in record["config"]["stages"])
     return (f" The model ({record['parameters'] / 1e6:.2f} M parameters) was trained by `python -m "
-            f"streamer.builtin.train` in {record['seconds'] / 60:.0f} min: {stages}.")
+            f"streamer.builtin.train`: {training_note(record)}.")
+
+
+def training_note(record: dict) -> str:
+    """A training record's stages and time; a fine-tune's after its base's."""
+    def stage(s: dict) -> str:
+        samples = "text-only samples" if s["max_frames"] == 0 else f"videos of {s['min_frames']}-{s['max_frames']} frames"
+        return f"{s['steps']} steps of {s['batch']} {samples}"
+    note = f"{', '.join(stage(s) for s in record['config']['stages'])} ({record['seconds'] / 60:.0f} min)"
+    return f"{training_note(record['base'])}; then fine-tuned by {note}" if record.get("base") else note
 
 
 TASK = """\
