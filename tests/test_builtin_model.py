@@ -4,6 +4,7 @@ import tomllib
 from collections import Counter
 from dataclasses import asdict
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -158,6 +159,20 @@ def test_a_text_only_stage_packs_questions_without_a_video():
         Stage(0, 0, 1, 3, ["where"])
     with pytest.raises(ValueError, match="not families"):
         Stage(16, 32, 1, 3, ["wher"])
+
+
+def test_pruned_questions_see_the_objects_and_some_of_the_rest():
+    packer = Packer(load_model("tiny-random", device="cpu").tokenizer)
+    video = make_video(5, 48)
+    shown = torch.from_numpy(video.event_tokens().reshape(-1))
+    columns = slice(len(packer.prefix), len(packer.prefix) + len(shown))
+    for pruned in (0.0, 1.0):
+        sample = packer.sample(video, video.questions(FAMILIES), pruned, np.random.default_rng(0))
+        visible, segment = packer.batch([sample]).mask[0, 0], torch.tensor(sample["segment"])
+        for k in range(1, len(FAMILIES) + 1):
+            sees = visible[segment == k][:, columns]
+            assert (sees == sees[-1]).all(), "every token of a question sees the same video tokens"
+            assert sees[-1][shown].all() and (sees[-1].all() if pruned == 0 else sees[-1].float().mean() < 0.5)
 
 
 def test_mention_labels_name_what_the_questions_look_up():

@@ -87,6 +87,9 @@ class TrainConfig:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     probe_weight: float = 1.0  # training-only heads on the video tokens (Probes; 0: none)
+    # share of questions that see the video pruned: the tokens showing an object and a random 2-30% of the
+    # others, as a memory keeps them, so that a pruned memory reads as a video and not as none
+    pruned: float = 0.0
     # questions packed after each video; repeats get different draws (more signal for the hard families)
     questions: list[str] = field(default_factory=lambda: list(TRAIN_FAMILIES))
     seed: int = 0
@@ -158,8 +161,10 @@ class Packer:
         self.pad = tokenizer.convert_tokens_to_ids("<|endoftext|>")
         self.words = {self.encode(f" {word}")[0]: word for word in (*COLOURS, *SHAPES, "shape")}
 
-    def sample(self, video: SyntheticVideo | None, questions: list[QA]) -> dict:
-        """The prefix, the video (None: a text-only sample), then a block per question."""
+    def sample(self, video: SyntheticVideo | None, questions: list[QA], pruned: float = 0.0,
+               rng: np.random.Generator | None = None) -> dict:
+        """The prefix, the video (None: a text-only sample), then a block per question; a share `pruned` of
+        the blocks (drawn by `rng`) sees only some of the video (TrainConfig.pruned)."""
         ids, positions, after = list(self.prefix), [text_positions(0, len(self.prefix))], len(self.prefix)
         pixels, grid, labels = None, None, torch.zeros(0, len(VIDEO_HEADS), dtype=torch.long)
         if video is not None:
@@ -175,12 +180,17 @@ class Packer:
         targets, weights = [-100] * len(ids), [0.0] * len(ids)
         family = [-1] * len(ids)
         mentions = [(-100,) * len(QUESTION_HEADS)] * len(ids)
+        hidden = []  # (first row, end row, video columns it cannot see) per pruned block
         for k, qa in enumerate(questions, start=1):
             text = question_suffix(qa.question)
             encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
             question, answer = encoded.input_ids, self.encode(qa.answer) + [self.end]
             block = question + answer
             start = len(ids)
+            if video is not None and pruned and rng.random() < pruned:
+                shown = video.event_tokens().reshape(-1)
+                keep = shown | (rng.random(len(shown)) < rng.uniform(0.02, 0.3))
+                hidden.append((start, start + len(block), len(self.prefix) + np.flatnonzero(~keep)))
             ids += block
             positions.append(text_positions(after, len(block)))
             segment += [k] * len(block)
@@ -196,7 +206,7 @@ class Packer:
                 weights[start + len(question) - 1 + j] = 1.0 / len(answer)
                 family[start + len(question) - 1 + j] = TRAIN_FAMILIES.index(qa.family)
         return dict(ids=ids, positions=torch.cat(positions), segment=segment, targets=targets, weights=weights,
-                    family=family, pixels=pixels, grid=grid, labels=labels, mentions=mentions)
+                    family=family, pixels=pixels, grid=grid, labels=labels, mentions=mentions, hidden=hidden)
 
     def answer_labels(self, qa: QA, text: str, spans: list[tuple[int, int]]) -> dict[int, tuple[int, int, int]]:
         """Targets of the answer heads by token of the question block (`text`, its tokens' character `spans`):
@@ -236,6 +246,9 @@ class Packer:
         causal = torch.ones(length, length, dtype=torch.bool).tril()
         # a query sees the shared context (segment 0) and its own block; padding (-1) sees padding
         visible = (segment[:, None, :] == 0) | (segment[:, None, :] == segment[:, :, None])
+        for b, s in enumerate(samples):
+            for start, end, columns in s["hidden"]:
+                visible[b, start:end, torch.from_numpy(columns)] = False
         videos = [s for s in samples if s["grid"] is not None]
         pixels = torch.cat([s["pixels"] for s in videos]) if videos else torch.zeros(0)
         return Batch(ids, positions, (visible & causal)[:, None], pixels,
@@ -244,7 +257,7 @@ class Packer:
 
 
 def make_batch(packer: Packer, seed: int, step: int, stage: Stage,
-               questions: tuple[str, ...] = TRAIN_FAMILIES) -> Batch:
+               questions: tuple[str, ...] = TRAIN_FAMILIES, pruned: float = 0.0) -> Batch:
     """Deterministic in (seed, step): the length and the videos of this step, or its text-only samples."""
     rng = np.random.default_rng([seed, step])
     questions = tuple(stage.questions) or questions
@@ -253,7 +266,8 @@ def make_batch(packer: Packer, seed: int, step: int, stage: Stage,
                              for own in rng.spawn(stage.batch)])
     frames = 2 * int(rng.integers(stage.min_frames // 2, stage.max_frames // 2 + 1))
     videos = [make_video(TRAIN_SEEDS + seed * 10**7 + step * stage.batch + i, frames) for i in range(stage.batch)]
-    return packer.batch([packer.sample(video, video.questions(questions)) for video in videos])
+    draws = np.random.default_rng([seed, step, 1])
+    return packer.batch([packer.sample(video, video.questions(questions), pruned, draws) for video in videos])
 
 
 # Training-only heads (Probes): (name, where they read, classes). "vision": the video tokens entering
@@ -424,7 +438,7 @@ def train(config: TrainConfig, out: Path | None, log=print,
                 continue
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(config, step, total)
-            batch = make_batch(packer, config.seed, step, stage, tuple(config.questions)).to(device)
+            batch = make_batch(packer, config.seed, step, stage, tuple(config.questions), config.pruned).to(device)
             answer, aux, per_family = batch_loss(model, batch, probes)
             optimizer.zero_grad(set_to_none=True)
             (answer + config.probe_weight * aux.sum()).backward()
