@@ -143,5 +143,6 @@ def test_pick_asks_for_the_option_that_says_a_word_without_a_video():
         word = qa.asked.removeprefix("Which option is ").removesuffix("?")
         assert qa.family == "pick" and qa.options[ord(qa.answer) - 65] == word and len(set(qa.options)) == OPTIONS
         assert qa.asked in qa.question and f"{qa.answer}. {word}" in qa.question
-        wordings.add(next(k for k, prompt in CHOICE_PROMPTS.items() if prompt(qa.asked, list(qa.options)) == qa.question))
+        wording = (k for k, prompt in CHOICE_PROMPTS.items() if prompt(qa.asked, list(qa.options)) == qa.question)
+        wordings.add(next(wording))
     assert wordings == set(CHOICE_PROMPTS) and set(TEXT_FAMILIES) <= set(TRAIN_FAMILIES)

@@ -181,14 +181,14 @@ class Packer:
         family = [-1] * len(ids)
         mentions = [(-100,) * len(QUESTION_HEADS)] * len(ids)
         hidden = []  # (first row, end row, video columns it cannot see) per pruned block
+        shown = video.event_tokens().reshape(-1) if video is not None and pruned else None
         for k, qa in enumerate(questions, start=1):
             text = question_suffix(qa.question)
             encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
             question, answer = encoded.input_ids, self.encode(qa.answer) + [self.end]
             block = question + answer
             start = len(ids)
-            if video is not None and pruned and rng.random() < pruned:
-                shown = video.event_tokens().reshape(-1)
+            if shown is not None and rng.random() < pruned:
                 keep = shown | (rng.random(len(shown)) < rng.uniform(0.02, 0.3))
                 hidden.append((start, start + len(block), len(self.prefix) + np.flatnonzero(~keep)))
             ids += block
@@ -379,8 +379,8 @@ def batch_loss(model: Qwen2VLForConditionalGeneration, batch: Batch, probes: Pro
     if probes is None:
         return answer, answer.new_zeros(len(PROBE_HEADS)), per_family
     named = (batch.mentions != -100).any(dim=-1)
-    hidden = out.hidden_states[0]
-    vision = torch.cat(video.pooler_output) if video is not None else hidden.new_zeros(0, hidden.shape[-1])
+    last = out.last_hidden_state
+    vision = torch.cat(video.pooler_output) if video is not None else last.new_zeros(0, last.shape[-1])
     aux = probes(vision, out.hidden_states, batch.ids == model.config.video_token_id, named,
                  batch.labels, batch.mentions[named])
     return answer, aux, per_family

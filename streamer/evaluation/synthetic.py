@@ -466,7 +466,8 @@ def model_note(name: str) -> str:
 def training_note(record: dict) -> str:
     """A training record's stages and time; a fine-tune's after its base's."""
     def stage(s: dict) -> str:
-        samples = "text-only samples" if s["max_frames"] == 0 else f"videos of {s['min_frames']}-{s['max_frames']} frames"
+        frames = f"{s['min_frames']}-{s['max_frames']} frames"
+        samples = "text-only samples" if s["max_frames"] == 0 else f"videos of {frames}"
         return f"{s['steps']} steps of {s['batch']} {samples}"
     note = f"{', '.join(stage(s) for s in record['config']['stages'])} ({record['seconds'] / 60:.0f} min)"
     return f"{training_note(record['base'])}; then fine-tuned by {note}" if record.get("base") else note
