@@ -156,8 +156,17 @@ def test_a_text_only_stage_packs_questions_without_a_video():
     assert math.isfinite(answer.item()) and aux[PROBE_HEADS.index("asked_answer")] > 0
     assert per_family[TRAIN_FAMILIES.index("pick")] > 0
     assert make_batch(packer, 0, 0, Stage(0, 0, 1, 3, ["pick", "pick"])).ids.equal(batch.ids)  # by (seed, step)
+    # a video stage's `text`: that many text-only samples join its videos in each batch
+    mixed = make_batch(packer, seed=0, step=0, stage=Stage(16, 16, 1, 2, text=1))
+    assert len(mixed.ids) == 3 and len(mixed.grids) == 2
+    assert [(row == packer.video_token).any().item() for row in mixed.ids] == [True, True, False]
+    assert (mixed.family[2][mixed.family[2] != -1] == TRAIN_FAMILIES.index("pick")).all()
+    answer, _, per_family = batch_loss(model, mixed, Probes(TINY.hidden))
+    assert math.isfinite(answer.item()) and per_family[TRAIN_FAMILIES.index("pick")] > 0
     with pytest.raises(ValueError, match="need no video"):
         Stage(0, 0, 1, 3, ["where"])
+    with pytest.raises(ValueError, match="adds text-only samples to a video stage"):
+        Stage(0, 0, 1, 3, ["pick"], text=1)
     with pytest.raises(ValueError, match="not families"):
         Stage(16, 32, 1, 3, ["wher"])
 

@@ -68,6 +68,9 @@ class Stage:
     steps: int
     batch: int  # videos (or text-only samples) per step
     questions: list[str] = field(default_factory=list)  # packed after each sample; empty: the config's
+    # text-only samples (four TEXT_FAMILIES questions each) added to each batch of a video stage, so that a hop
+    # a text-only stage taught is still practised while the videos' questions train the same weights
+    text: int = 0
 
     def __post_init__(self):
         if unknown := set(self.questions) - set(TRAIN_FAMILIES):
@@ -75,6 +78,8 @@ class Stage:
         if self.max_frames == 0 and not (self.questions and set(self.questions) <= set(TEXT_FAMILIES)):
             raise ValueError(f"a text-only stage (max_frames = 0) needs its own `questions`, of the families "
                              f"that need no video: {TEXT_FAMILIES}")
+        if self.text and self.max_frames == 0:
+            raise ValueError("`text` adds text-only samples to a video stage; a text-only stage sets `batch`")
 
 
 @dataclass
@@ -267,7 +272,9 @@ def make_batch(packer: Packer, seed: int, step: int, stage: Stage,
     frames = 2 * int(rng.integers(stage.min_frames // 2, stage.max_frames // 2 + 1))
     videos = [make_video(TRAIN_SEEDS + seed * 10**7 + step * stage.batch + i, frames) for i in range(stage.batch)]
     draws = np.random.default_rng([seed, step, 1])
-    return packer.batch([packer.sample(video, video.questions(questions), pruned, draws) for video in videos])
+    texts = [packer.sample(None, [ASK[TEXT_FAMILIES[k % len(TEXT_FAMILIES)]](None, own) for k in range(4)])
+             for own in np.random.default_rng([seed, step, 2]).spawn(stage.text)]
+    return packer.batch([packer.sample(video, video.questions(questions), pruned, draws) for video in videos] + texts)
 
 
 # Training-only heads (Probes): (name, where they read, classes). "vision": the video tokens entering
