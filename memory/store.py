@@ -9,7 +9,7 @@ the same number of tokens, so a layer's cache is one dense tensor, but layers ma
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -50,6 +50,11 @@ class KVMemory:
                                torch.empty(kv_heads, 0, device=device))
 
         return cls(layers=[layer() for _ in range(num_layers)], budget=budget)
+
+    def fork(self) -> "KVMemory":
+        """A copy to extend without changing this memory. It shares the tensors: commit, forget and
+        evictions put new tensors in place of the old ones, never write into them."""
+        return replace(self, layers=[replace(layer) for layer in self.layers], chunks=list(self.chunks))
 
     def context(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per layer (keys, values): what a forward after this memory attends to."""

@@ -252,6 +252,21 @@ def test_streamingbench_end_to_end_with_the_recent_memory(capsys, videos, tmp_pa
         streamer(capsys, "streamingbench", escaping, videos / "clips", tmp_path / "e.jsonl", *switches)
 
 
+def test_stream_and_clip_answer_alike_where_the_clip_ends_at_the_question(capsys, videos, tmp_path):
+    """Questions at 1, 2 and 3 s (3, 5 and 7 frames, chunks of 4): mid-chunk each time, yet the one stream
+    answers each as a memory built afresh up to it would, for no question leaves a short chunk behind."""
+    data = [{"video_path": "a.mp4", "questions": [
+        {"task_type": "Counting", "question": f"How many by {t} s?", "time_stamp": f"00:00:0{t}", "answer": "A",
+         "options": ["A. 1", "B. 2", "C. 3", "D. 4"]} for t in (1, 2, 3)]}]
+    questions = write(tmp_path, "alike.json", data)
+    _, streamed = streamer(capsys, "streamingbench", questions, videos / "clips", tmp_path / "s.jsonl")
+    _, clipped = streamer(capsys, "streamingbench", questions, videos / "clips", tmp_path / "c.jsonl",
+                          "--mode", "clip", *UNIFORM)
+    assert [line["frames_seen"] for line in streamed.values()] == [3, 5, 7]
+    for name, line in streamed.items():
+        assert (line["reply"], line["memory_tokens"]) == (clipped[name]["reply"], clipped[name]["memory_tokens"])
+
+
 def test_the_sampled_rate_reaches_qwen25_vl_positions(capsys, videos, tmp_path, monkeypatch):
     """Qwen2.5-VL's time positions follow the sampling rate: each clip states the rate it was read at, and
     the stream's memory runs at it."""

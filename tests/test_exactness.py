@@ -6,7 +6,8 @@ import torch
 from conftest import FAMILY_FPS, question_logits, random_frames, stream
 from reference import RaggedSubsetPolicy, one_shot_greedy, one_shot_logits, one_video_inputs
 
-from memory.baselines import FullPolicy
+from memory.baselines import FullPolicy, UniformPolicy
+from streamer.engine.stream import ingest_video, with_newest
 
 QUESTION = "What happens in the video?"
 
@@ -110,3 +111,23 @@ def test_prompt_ids_are_the_one_video_prompts(family_runner):
     ids, _, _, _ = one_video_inputs(family_runner, frames, QUESTION, FAMILY_FPS)
     memory = stream(family_runner, frames, 4, fps=FAMILY_FPS)
     assert family_runner.prompt_ids(memory, family_runner.suffix_ids(QUESTION)) == set(ids)
+
+
+def test_a_question_mid_chunk_sees_a_last_chunk_and_the_memory_goes_on_without_it(family_runner):
+    """with_newest: the frames since the last chunk, seen as if the stream had ended there (a short last chunk,
+    pruned by the stream's policy), in a fork; the memory itself is untouched and continues in whole chunks."""
+    frames, policy = random_frames(12, seed=4), UniformPolicy(ratio=0.5)
+    memory = stream(family_runner, frames[:8], 4, policy, fps=FAMILY_FPS)
+    before = [(layer.keys.clone(), layer.positions.clone()) for layer in memory.layers]
+    seen = with_newest(family_runner, memory, frames[8:11], policy, 4, fps=FAMILY_FPS)
+    ended = stream(family_runner, frames[:11], 4, policy, fps=FAMILY_FPS)
+    torch.testing.assert_close(question_logits(family_runner, seen, QUESTION),
+                               question_logits(family_runner, ended, QUESTION), atol=0, rtol=0)
+    assert seen.frames == 11 and memory.frames == 8 and len(memory.chunks) == 2
+    for layer, (keys, positions) in zip(memory.layers, before):
+        assert torch.equal(layer.keys, keys) and torch.equal(layer.positions, positions)
+    ingest_video(family_runner, frames[8:], policy, 4, memory, fps=FAMILY_FPS)
+    unasked = stream(family_runner, frames, 4, policy, fps=FAMILY_FPS)
+    torch.testing.assert_close(question_logits(family_runner, memory, QUESTION),
+                               question_logits(family_runner, unasked, QUESTION), atol=0, rtol=0)
+    assert with_newest(family_runner, memory, [], policy, 4) is memory

@@ -185,6 +185,30 @@ def test_concurrent_sessions_get_their_own_answers(tiny_runner):
         assert "".join(pieces) in ("".join(want), "".join(reversed(want)))  # streamed pieces add up
 
 
+def test_a_question_mid_chunk_sees_every_frame_and_leaves_the_chunks_whole(tiny_runner):
+    """Asked with two chunks still queued and two frames pending, a question is answered as if the stream had
+    ended there; the memory then goes on in whole chunks, as if nobody had asked."""
+    frames = random_frames(12, seed=7)
+    policy = server_config().make_policy()
+    ended = stream(tiny_runner, frames[:10], 4, policy)
+    want = tiny_runner.answer(ended, "What happens?", 6)
+    unasked = stream(tiny_runner, frames, 4, policy)
+
+    async def scenario(url):
+        async with StreamerClient(url) as client:
+            await client.start()
+            await push(client, frames[:10])
+            answer = await client.ask("What happens?")
+            await push(client, frames[10:], ts0=5.0)
+            return answer, await client.wait_ingested()
+
+    with running_server(tiny_runner) as (_, url):
+        answer, stats = asyncio.run(scenario(url))
+    assert answer["text"] == want.text and answer["stats"]["frames"] == 10
+    assert answer["stats"]["memory_tokens"] == ended.mean_tokens()
+    assert stats["chunks"] == 3 and stats["memory_tokens_per_layer"] == unasked.tokens_per_layer()
+
+
 def png_claiming(width: int, height: int) -> bytes:
     """A tiny PNG whose header claims width x height pixels (an image bomb)."""
     def chunk(kind: bytes, data: bytes) -> bytes:

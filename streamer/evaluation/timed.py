@@ -2,12 +2,13 @@
 
 Streaming mode (the service's way, the default): a video is read once, at the configured
 rate, up to its last question; its frames go into one memory chunk by chunk, and when the
-stream reaches a question's time the frames read by then are ingested (a short chunk if need
-be) and the question is answered against the memory as it stands. No frame after that time has
-been seen when it is answered, and the questions of a video share the memory, as the clients
-of the service do. Clip mode (what the papers do): each question gets a memory built afresh
-from the frames up to the benchmark's own cut (`clip_end`), so its numbers compare with
-published ones.
+stream reaches a question's time the question is answered against the memory as it would stand
+had the stream ended there: the frames read since its last chunk go in as a short last chunk,
+in a copy (streamer.engine.stream.with_newest), as the service answers. No frame after that
+time has been seen when it is answered, and the questions of a video share the memory, as the
+clients of the service do. Clip mode (what the papers do): each question gets a memory built
+afresh from the frames up to the benchmark's own cut (`clip_end`) by the same rule, so with a
+deterministic policy a question whose cut is its time gets the same answer in either mode.
 
 Frames are chosen at `video.fps` over the part of the video up to the last question, so the
 rate does not depend on what comes after it; `video.max_frames` caps them (then spread evenly).
@@ -25,7 +26,7 @@ from pathlib import Path
 from memory.store import KVMemory
 from streamer.config import Config
 from streamer.engine.runner import Runner
-from streamer.engine.stream import ingest_video
+from streamer.engine.stream import ingest_video, with_newest
 from streamer.evaluation.harness import Benchmark, Progress, read_resized
 from streamer.evaluation.results import mean_of
 from video_io.frames import Frame
@@ -102,21 +103,25 @@ class _Stream:
         self.frames, self.fps = clip.frames, clip.fps
         self.memory: KVMemory = runner.new_memory(budget=config.memory.budget or None)
         self.read = 0  # frames ingested
+        self.seen = 0  # frames read up to the question's time: those ingested, then the newest, not a chunk yet
 
     def _ingested(self, frames: int) -> None:
         self.read += frames
         self.progress.chunk(len(self.memory.chunks), self.read, len(self.frames))
 
-    def advance(self, until: float) -> float:
-        """Ingest every frame up to `until` seconds (full chunks, then what is left as a short one);
-        returns the seconds it took."""
+    def advance(self, until: float) -> tuple[KVMemory, float]:
+        """Read every frame up to `until` seconds: full chunks into the memory, the rest as a short chunk
+        into the copy a question then sees (with_newest), which is returned with the seconds it took."""
         started = time.perf_counter()
-        end = self.read
-        while end < len(self.frames) and self.frames[end].ts <= until:
-            end += 1
-        ingest_video(self.runner, self.frames[self.read:end], self.policy, self.config.memory.chunk_frames, self.memory,
-                     on_chunk=lambda _, chunk, __: self._ingested(len(chunk)), fps=self.fps)
-        return time.perf_counter() - started
+        while self.seen < len(self.frames) and self.frames[self.seen].ts <= until:
+            self.seen += 1
+        chunk = self.config.memory.chunk_frames
+        whole = self.read + (self.seen - self.read) // chunk * chunk
+        ingest_video(self.runner, self.frames[self.read:whole], self.policy, chunk, self.memory,
+                     on_chunk=lambda _, frames, __: self._ingested(len(frames)), fps=self.fps)
+        seen = with_newest(self.runner, self.memory, self.frames[self.read:self.seen], self.policy, chunk,
+                           fps=self.fps)
+        return seen, time.perf_counter() - started
 
 
 def read_clips(path, config: Config, preset: VisionPreset, mode: str,
@@ -139,20 +144,20 @@ def answer_video(runner: Runner, config: Config, clips: dict[float, Clip], quest
         frames = clip.frames
         if mode == "stream":
             stream = stream or _Stream(runner, config, config.make_policy(), clip, progress)
-            ingest_s = stream.advance(question.time)
+            memory, ingest_s = stream.advance(question.time)
         else:
             stream = _Stream(runner, config, config.make_policy(question.prompt), clip, progress)
-            ingest_s = stream.advance(question.clip_end)
-        if stream.read == 0:
+            memory, ingest_s = stream.advance(question.clip_end)
+        if stream.seen == 0:
             yield failed(question, f"asked at {question.time:g} s, before the first sampled frame "
                                    f"({frames[0].ts:g} s)" if frames else "the video has no frames")
             continue
-        answer = runner.answer(stream.memory, question.prompt, config.generation.max_new_tokens)
+        answer = runner.answer(memory, question.prompt, config.generation.max_new_tokens)
         prediction, correct = score(question, answer.text)
         yield dict(
-            **describe(question), frames_seen=stream.read, last_frame_time=frames[stream.read - 1].ts,
+            **describe(question), frames_seen=stream.seen, last_frame_time=frames[stream.seen - 1].ts,
             reply=answer.text, prediction=prediction, correct=correct,
-            memory_tokens=stream.memory.mean_tokens(), full_tokens=stream.memory.full_tokens,
+            memory_tokens=memory.mean_tokens(), full_tokens=memory.full_tokens,
             ttft_s=answer.timings["question_prefill"],
             timings=dict(read_frames=read_s, read_wait=wait_s, ingest=ingest_s,
                          question_prefill=answer.timings["question_prefill"], decode=answer.timings["decode"]),

@@ -4,8 +4,10 @@ Frames arrive one by one (pushed images, or a server-side reader). Once `chunk_f
 pending a chunk is queued for the model; a session keeps at most `max_queued_chunks` chunks
 queued so that it never floods the shared model. Frames wait at model resolution, at most four
 chunks' worth and `max_pending_bytes`; beyond that they are dropped or thinned (live sources) or
-make the reader wait (files). All model work goes through the shared ModelScheduler; everything
-else runs on the event loop.
+make the reader wait (files). A question sees every frame received before it: the memory, and the
+frames not in it yet (queued or pending) as the stream's last chunks in a copy of it
+(streamer.engine.stream.with_newest). All model work goes through the shared ModelScheduler;
+everything else runs on the event loop.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import numpy as np
 from memory.snapshot import load_memory, save_memory
 from streamer.config import Config
 from streamer.engine.runner import Runner
+from streamer.engine.stream import with_newest
 from streamer.service.protocol import ProtocolError, ServerLimits
 from streamer.service.scheduler import ASK, INGEST, ModelScheduler
 from video_io.errors import VideoError
@@ -63,6 +66,8 @@ class StreamSession:
         # room for at least one chunk, or a waiting file reader could never complete one
         self.max_pending = max(limits.max_pending_frames or 4 * self.chunk_frames, self.chunk_frames)
         self.pending: list[Frame] = []
+        self.queued: list[Frame] = []  # the frames of the chunks queued for the model, in stream order
+        self.ingested_through = -1  # index of the last frame a chunk job has taken (set on the model thread)
         self.frame_shape: tuple[int, ...] | None = None
         self.received = self.dropped = self.queued_chunks = self.questions = self.answered = 0
         self.flushing = False
@@ -134,6 +139,7 @@ class StreamSession:
                 len(self.pending) >= self.chunk_frames or (self.flushing and self.pending)):
             frames, self.pending = self.pending[:self.chunk_frames], self.pending[self.chunk_frames:]
             self.queued_chunks += 1
+            self.queued += frames
             self._spawn(self._ingest(frames))
         if not self.pending:
             self.flushing = False
@@ -147,8 +153,7 @@ class StreamSession:
         try:
             async with self.room:
                 self.room.notify_all()
-            report = await self.shared.scheduler.submit(
-                INGEST, self.runner.ingest, self.memory, [f.image for f in frames], self.policy, self.preset, self.fps)
+            report = await self.shared.scheduler.submit(INGEST, self._ingest_now, frames)
             self.send(dict(type="progress", frames=self.memory.frames, chunks=len(self.memory.chunks),
                            chunk_frames=len(frames), until_ts=frames[-1].ts, pending=len(self.pending),
                            memory_tokens=self.memory.mean_tokens(), full_tokens=self.memory.full_tokens,
@@ -162,8 +167,15 @@ class StreamSession:
                                                                          f"be ingested: {exc}"))
         finally:
             self.queued_chunks -= 1
+            self.queued = [f for f in self.queued if f.index > frames[-1].index]
             if not self.closed:
                 self._schedule_chunks()
+
+    def _ingest_now(self, frames: list[Frame]) -> dict:  # on the model thread
+        try:
+            return self.runner.ingest(self.memory, [f.image for f in frames], self.policy, self.preset, self.fps)
+        finally:  # taken, in or (failed) never: a question from now on leaves these frames to the memory
+            self.ingested_through = frames[-1].index
 
     # --- server-side reading ---------------------------------------------------------------
 
@@ -208,32 +220,35 @@ class StreamSession:
     # --- questions out ---------------------------------------------------------------------
 
     async def ask(self, question_id: Any, question: str, max_new_tokens: int) -> None:
-        if self.memory.video_start is None:
-            waiting = len(self.pending) + self.queued_chunks * self.chunk_frames
-            hint = (f"{waiting} frames are waiting to be ingested; send a flush message or more frames"
-                    if waiting else "send frames or an ingest message first")
-            raise ProtocolError("no_video", f"the memory holds no video yet: {hint}")
+        waiting = self.queued + self.pending  # what it sees beyond the memory: every frame received by now
+        if self.memory.video_start is None and not waiting:
+            raise ProtocolError("no_video", "the memory holds no video yet: send frames or an ingest message first")
         if self.questions >= self.shared.limits.max_questions:
             raise ProtocolError("too_many_questions", f"{self.questions} questions are already waiting for answers "
                                 "in this session; wait for one to finish")
         self.questions += 1
-        self._spawn(self._answer(question_id, question, max_new_tokens))
+        self._spawn(self._answer(question_id, question, max_new_tokens, waiting))
 
-    async def _answer(self, question_id: Any, question: str, max_new_tokens: int) -> None:
+    async def _answer(self, question_id: Any, question: str, max_new_tokens: int, waiting: list[Frame]) -> None:
         loop = asyncio.get_running_loop()
 
         def on_text(text: str) -> None:  # called on the model thread
             loop.call_soon_threadsafe(self.send, dict(type="token", id=question_id, text=text))
 
+        def answer():  # on the model thread: the chunks that ran before it are in the memory, the rest is not
+            newest = [f for f in waiting if f.index > self.ingested_through]
+            memory = with_newest(self.runner, self.memory, newest, self.policy, self.chunk_frames, self.preset,
+                                 self.fps)
+            return memory, self.runner.answer(memory, question, max_new_tokens, on_text)
+
         try:
-            answer = await self.shared.scheduler.submit(ASK, self.runner.answer, self.memory, question,
-                                                        max_new_tokens, on_text)
+            memory, answer = await self.shared.scheduler.submit(ASK, answer)
             timings = answer.timings
             decode_rate = timings["decode_tokens_per_s"]
             self.send(dict(type="answer", id=question_id, text=answer.text, stats=dict(
                 tokens=len(answer.token_ids), ttft_s=timings["question_prefill"], decode_s=timings["decode"],
-                tokens_per_s=decode_rate, memory_tokens=self.memory.mean_tokens(),
-                full_tokens=self.memory.full_tokens, frames=self.memory.frames)))
+                tokens_per_s=decode_rate, memory_tokens=memory.mean_tokens(),
+                full_tokens=memory.full_tokens, frames=memory.frames)))
             self.answered += 1
         except asyncio.CancelledError:
             raise
