@@ -186,8 +186,8 @@ def test_concurrent_sessions_get_their_own_answers(tiny_runner):
 
 
 def test_a_question_mid_chunk_sees_every_frame_and_leaves_the_chunks_whole(tiny_runner):
-    """Asked with two chunks still queued and two frames pending, a question is answered as if the stream had
-    ended there; the memory then goes on in whole chunks, as if nobody had asked."""
+    """Asked with two frames pending (half a chunk), a question is answered as if the stream had ended there;
+    the memory then goes on in whole chunks, as if nobody had asked."""
     frames = random_frames(12, seed=7)
     policy = server_config().make_policy()
     ended = stream(tiny_runner, frames[:10], 4, policy)
@@ -197,14 +197,16 @@ def test_a_question_mid_chunk_sees_every_frame_and_leaves_the_chunks_whole(tiny_
     async def scenario(url):
         async with StreamerClient(url) as client:
             await client.start()
-            await push(client, frames[:10])
+            await push(client, frames[:8])
+            await client.wait_ingested()
+            await push(client, frames[8:10], ts0=4.0)
             answer = await client.ask("What happens?")
             await push(client, frames[10:], ts0=5.0)
             return answer, await client.wait_ingested()
 
     with running_server(tiny_runner) as (_, url):
         answer, stats = asyncio.run(scenario(url))
-    assert answer["text"] == want.text and answer["stats"]["frames"] == 10
+    assert answer["text"] == want.text and answer["stats"]["frames"] == 10 and answer["stats"]["frames_behind"] == 0
     assert answer["stats"]["memory_tokens"] == ended.mean_tokens()
     assert stats["chunks"] == 3 and stats["memory_tokens_per_layer"] == unasked.tokens_per_layer()
 
@@ -413,15 +415,16 @@ def test_questions_overtake_queued_ingestion(tiny_runner, monkeypatch):
             await push(client, random_frames(4))
             await client.wait_ingested()
             await push(client, random_frames(16, seed=1))  # four more chunks queue up
-            await client.ask("What now?", max_new_tokens=2)
+            answer = await client.ask("What now?", max_new_tokens=2)
             kinds = list(jobs)
             await client.wait_ingested()
-        return kinds
+        return kinds, answer["stats"]
 
     with running_server(tiny_runner, limits) as (server, url):
-        kinds = asyncio.run(scenario(url, server))
+        kinds, stats = asyncio.run(scenario(url, server))
     # 1 chunk before, at most 1 running when the question came (+1 for frame-decoding slack), 4 queued
     assert kinds.index("ask") <= 3, f"the question waited for the queued chunks: {kinds}"
+    assert stats["frames_behind"] >= 8 and stats["frames"] + stats["frames_behind"] == 20, stats
 
 
 def test_disconnect_mid_ingest_frees_the_session(tiny_runner, monkeypatch):

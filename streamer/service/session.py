@@ -5,8 +5,9 @@ pending a chunk is queued for the model; a session keeps at most `max_queued_chu
 queued so that it never floods the shared model. Frames wait at model resolution, at most four
 chunks' worth and `max_pending_bytes`; beyond that they are dropped or thinned (live sources) or
 make the reader wait (files). A question sees every frame received before it: the memory, and the
-frames not in it yet (queued or pending) as the stream's last chunks in a copy of it
-(streamer.engine.stream.with_newest). All model work goes through the shared ModelScheduler;
+frames not in it yet (queued or pending) as the stream's last chunk in a copy of it
+(streamer.engine.stream.with_newest), unless those are more than a chunk: then ingestion is
+behind, and it answers from the memory alone at once (saying how many frames it did not see). All model work goes through the shared ModelScheduler;
 everything else runs on the event loop.
 """
 
@@ -237,18 +238,21 @@ class StreamSession:
 
         def answer():  # on the model thread: the chunks that ran before it are in the memory, the rest is not
             newest = [f for f in waiting if f.index > self.ingested_through]
-            memory = with_newest(self.runner, self.memory, newest, self.policy, self.chunk_frames, self.preset,
+            # ingestion behind by more than a chunk: answer now from what is in, rather than prefill the backlog
+            # twice (here and in its chunks); the reply says how many frames it did not see
+            seen = newest if len(newest) <= self.chunk_frames else []
+            memory = with_newest(self.runner, self.memory, seen, self.policy, self.chunk_frames, self.preset,
                                  self.fps)
-            return memory, self.runner.answer(memory, question, max_new_tokens, on_text)
+            return memory, len(newest) - len(seen), self.runner.answer(memory, question, max_new_tokens, on_text)
 
         try:
-            memory, answer = await self.shared.scheduler.submit(ASK, answer)
+            memory, behind, answer = await self.shared.scheduler.submit(ASK, answer)
             timings = answer.timings
             decode_rate = timings["decode_tokens_per_s"]
             self.send(dict(type="answer", id=question_id, text=answer.text, stats=dict(
                 tokens=len(answer.token_ids), ttft_s=timings["question_prefill"], decode_s=timings["decode"],
                 tokens_per_s=decode_rate, memory_tokens=memory.mean_tokens(),
-                full_tokens=memory.full_tokens, frames=memory.frames)))
+                full_tokens=memory.full_tokens, frames=memory.frames, frames_behind=behind)))
             self.answered += 1
         except asyncio.CancelledError:
             raise
