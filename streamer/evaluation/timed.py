@@ -119,9 +119,9 @@ class _Stream:
         whole = self.read + (self.seen - self.read) // chunk * chunk
         ingest_video(self.runner, self.frames[self.read:whole], self.policy, chunk, self.memory,
                      on_chunk=lambda _, frames, __: self._ingested(len(frames)), fps=self.fps)
-        seen = with_newest(self.runner, self.memory, self.frames[self.read:self.seen], self.policy, chunk,
-                           fps=self.fps)
-        return seen, time.perf_counter() - started
+        asked = with_newest(self.runner, self.memory, self.frames[self.read:self.seen], self.policy, chunk,
+                            fps=self.fps)
+        return asked, time.perf_counter() - started
 
 
 def read_clips(path, config: Config, preset: VisionPreset, mode: str,
