@@ -10,6 +10,9 @@ from streamer.cli import main
 from streamer.evaluation import ovobench, streamingbench
 
 VIDEOS, FRAMES = 4, 96
+# measured on builtin-choice, full context: 43 of 64 (OVO-Bench), 23 of 30 (StreamingBench); chance is 25% on
+# the four-option questions. A floor below, so that float differences across machines can flip a few.
+MIN_RIGHT = {"ovobench": 0.55, "streamingbench": 0.6}
 
 
 @pytest.fixture(scope="module")
@@ -68,3 +71,36 @@ def test_the_same_seed_writes_the_same_questions(sets, tmp_path):
              if item["video"] == f"builtin_{FIRST_SEED}.mp4"]
     assert json.loads((tmp_path / "ovo_bench_new.json").read_text()) == first
 
+
+
+# --- end to end: the shipped builtin-choice answers the sets live, as `streamer eval` runs them -------------
+
+def answered(sets, benchmark, tmp_path, *switches):
+    """(question, its result line) for every question of one benchmark's set, run on builtin-choice."""
+    from streamer.evaluation.results import read_results
+
+    questions, videos, module = ((sets / "ovo_bench_new.json", sets / "videos", ovobench) if benchmark == "ovobench"
+                                 else (sets / "questions_real.json", sets, streamingbench))
+    out = tmp_path / f"{benchmark}.jsonl"
+    assert main(["-q", "eval", benchmark, "--questions", str(questions), "--videos", str(videos), "--fps", str(FPS),
+                 "--model", "builtin-choice", "--device", "cpu", "--out", str(out), *switches]) == 0
+    lines = {line["id"]: line for line in read_results(out, "id")}
+    return [(question, lines[question.id]) for question in module.load_questions(questions)]
+
+
+@pytest.mark.parametrize("benchmark", ["ovobench", "streamingbench"])
+def test_builtin_choice_answers_from_the_frames_so_far(sets, benchmark, tmp_path):
+    """With the full context (the one memory that keeps every frame it was given), well above chance, and
+    where the video goes on to show another colour last, that later colour is chosen less often than the
+    right one: the answers come from the frames up to each question's time."""
+    results = answered(sets, benchmark, tmp_path, "--memory", "full")
+    assert all(line["error"] is None and line["last_frame_time"] <= line["time"] for _, line in results)
+    right = sum(line["correct"] for _, line in results)
+    assert right >= MIN_RIGHT[benchmark] * len(results), (right, len(results))
+    later_chosen = last_right = 0
+    for question, line in results:
+        video, seen = seen_events(question)
+        if question.task in ("OJR", "Object Recognition") and video.events[-1].colour != seen[-1].colour:
+            later_chosen += line["prediction"] is not None and option(question, line["prediction"]) == video.events[-1].colour
+            last_right += line["correct"]
+    assert later_chosen < last_right, (later_chosen, last_right)  # measured: 1 < 4 (OVO-Bench), 0 < 6

@@ -17,7 +17,7 @@ from streamer.builtin.train import (DEFAULT_CONFIG, NAMED_HEADS, PROBE_HEADS, QU
 from streamer.builtin.videos import (ANSWER_WORDS, BUILTIN_PRESET, COLOURS, DURATIONS, FAMILIES, OPTIONS,
                                      TRAIN_FAMILIES, Event, SyntheticVideo, make_video)
 from streamer.engine.attention import MEMORY_ATTENTION
-from streamer.engine.models import BUILTIN_DIR, load_model
+from streamer.engine.models import BUILTIN, BUILTIN_CHOICE, TRAINED_MODELS, load_model
 from streamer.engine.runner import Runner
 
 TINY = ModelConfig(hidden=32, intermediate=64, layers=2, heads=2, kv_heads=1, mrope_section=[2, 3, 3],
@@ -32,7 +32,8 @@ def builtin() -> Runner:
 
 
 def test_builtin_is_small_and_offline(builtin):
-    assert sum(f.stat().st_size for f in BUILTIN_DIR.iterdir()) < 4 * 2**20  # float16 weights, run in float32
+    for directory in TRAINED_MODELS.values():
+        assert sum(f.stat().st_size for f in directory.iterdir()) < 4 * 2**20  # float16 weights, run in float32
     assert builtin.model.dtype == torch.float32
     assert builtin.model.config.text_config.vocab_size == len(builtin.tokenizer)
 
@@ -92,11 +93,16 @@ def test_training_layout_is_what_the_runner_computes(builtin):
         torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
 
 
-def test_shipped_weights_come_from_the_shipped_config():
+def test_shipped_weights_come_from_the_shipped_configs():
     config = TrainConfig.from_dict(tomllib.loads(DEFAULT_CONFIG.read_text()))
-    record = json.loads((BUILTIN_DIR / "training.json").read_text())
+    record = json.loads((TRAINED_MODELS[BUILTIN] / "training.json").read_text())
     # from scratch; written before `init` and the stages' `questions` existed (their defaults)
     assert asdict(TrainConfig.from_dict(record["config"])) == asdict(config)
+    # builtin-choice: builtin_tune.toml from exactly the shipped builtin
+    tune = TrainConfig.from_dict(tomllib.loads((DEFAULT_CONFIG.parent / "builtin_tune.toml").read_text()))
+    tuned = json.loads((TRAINED_MODELS[BUILTIN_CHOICE] / "training.json").read_text())
+    assert tuned["config"]["init"] == "streamer/assets/builtin" and tuned["base"] == record
+    assert asdict(TrainConfig.from_dict({**tuned["config"], "init": ""})) == asdict(tune)
 
 
 def test_training_smoke_saves_a_loadable_checkpoint(tmp_path):

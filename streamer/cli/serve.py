@@ -18,7 +18,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser("serve", help="serve live video QA over websockets",
                        description="Load the model once and serve sessions over websockets (protocol in README).")
     p.add_argument("--config", default="stream_default", help="TOML config for sessions' defaults")
-    p.add_argument("--model", help="builtin | tiny-random | a built-in architecture | a local checkpoint directory")
+    p.add_argument("--model", help="builtin | builtin-choice | tiny-random | a built-in architecture | a local checkpoint directory")
     p.add_argument("--device")
     p.add_argument("--dtype")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")

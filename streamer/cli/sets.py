@@ -7,6 +7,7 @@ from pathlib import Path
 
 from streamer.builtin.sets import FIRST_SEED, FPS, write_sets
 from streamer.builtin.videos import MIN_FRAMES
+from streamer.engine.models import BUILTIN_CHOICE
 
 
 def add_parser(sub) -> None:
@@ -31,8 +32,9 @@ def run(args) -> int:
     files = write_sets(folder, args.videos, args.frames, args.first_seed, log=logging.getLogger("streamer").info)
     print(f"wrote {args.videos} videos to {folder / 'videos'}, {files['ovobench']} and {files['streamingbench']}; run\n"
           f"  streamer eval ovobench --questions {files['ovobench']} --videos {folder / 'videos'} --fps {FPS:g} "
-          "--model CHECKPOINT\n"
+          f"--model {BUILTIN_CHOICE}\n"
           f"  streamer eval streamingbench --questions {files['streamingbench']} --videos {folder} --fps {FPS:g} "
-          "--model CHECKPOINT\n"
-          "(the shipped builtin model answers in words, not these benchmarks' letters: see the README)")
+          f"--model {BUILTIN_CHOICE}\n"
+          f"({BUILTIN_CHOICE} is the builtin model taught these benchmarks' lettered answers; --model takes a "
+          "checkpoint directory too)")
     return 0

@@ -28,7 +28,7 @@ def total_pixels(text: str) -> int | str:
 def add_run_switches(p: argparse.ArgumentParser, config_default: str | None = None) -> None:
     p.add_argument("--config", default=config_default,
                    help="TOML config (a path or a name in configs/); switches override it")
-    p.add_argument("--model", help="builtin (default) | tiny-random | qwen2-vl-{2b,7b,72b}-random | a local checkpoint directory")
+    p.add_argument("--model", help="builtin (default) | builtin-choice | tiny-random | qwen2-vl-{2b,7b,72b}-random | a local checkpoint directory")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--dtype", help="auto | float32 | bfloat16 | float16")
     sampling = p.add_mutually_exclusive_group()

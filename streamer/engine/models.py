@@ -6,6 +6,9 @@ models ship with the package or are built from a config with seeded random weigh
 - ``builtin``: a small Qwen2-VL trained here on procedural videos (streamer.builtin.train), shipped in
   streamer/assets/builtin with the vision preset it was trained at; it really answers questions
   about streamer.builtin.videos videos, so the memory's effect on answers can be measured offline.
+- ``builtin-choice``: that model fine-tuned (configs/train/builtin_tune.toml) to answer the
+  benchmarks' multiple-choice prompts with a letter too, for OVO-Bench and StreamingBench runs on
+  generated sets (`streamer make-sets`); under a pruned memory it keeps less than ``builtin``.
 - ``tiny-random`` / ``tiny-random-qwen2.5-vl`` / ``tiny-random-qwen3-vl``: a few-layer model of each family
   with the project's small tokenizer, for exactness tests.
 - ``qwen2-vl-{2b,7b,72b}-random``, ``qwen2.5-vl-{3b,7b,72b}-random``, ``qwen3-vl-{2b,4b,8b,32b}-random``: the
@@ -38,7 +41,9 @@ ASSETS = Path(__file__).resolve().parents[1] / "assets"
 TINY_TOKENIZER = ASSETS / "tiny-tokenizer"
 MODEL_CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "models"
 BUILTIN = "builtin"
-BUILTIN_DIR = ASSETS / "builtin"  # a checkpoint directory like any other, trained by streamer.builtin.train
+BUILTIN_CHOICE = "builtin-choice"
+# checkpoint directories like any other, trained by streamer.builtin.train
+TRAINED_MODELS = {BUILTIN: ASSETS / "builtin", BUILTIN_CHOICE: ASSETS / "builtin-choice"}
 PRESET_FILE = "preset.json"  # optional in a checkpoint: VisionPreset fields (the resolution it was trained at)
 PROCESSOR_FILES = ("video_preprocessor_config.json", "preprocessor_config.json")  # transformers' order
 TINY_RANDOM = "tiny-random"
@@ -50,7 +55,7 @@ RANDOM_ARCHITECTURES = {f"{family}-{size}-random": f"{family}-{size}.json"
                         for size in sizes}
 # seeded random weights: no meaningful answers
 RANDOM_MODELS = (TINY_RANDOM, TINY_RANDOM_QWEN25, TINY_RANDOM_QWEN3, *RANDOM_ARCHITECTURES)
-BUILTIN_MODELS = (BUILTIN, *RANDOM_MODELS)
+BUILTIN_MODELS = (*TRAINED_MODELS, *RANDOM_MODELS)
 RANDOM_SEED = 0
 
 # Small enough for 2 CPU cores, but with the features that matter: grouped KV heads
@@ -234,12 +239,12 @@ def load_model(name_or_path: str, device: str | None = None, dtype: str | None =
     register_memory_attention()
     torch_device = resolve_device(device)
     preset = generation = None
-    if name_or_path in BUILTIN_MODELS and name_or_path != BUILTIN:
+    if name_or_path in RANDOM_MODELS:
         tokenizer = tiny_tokenizer()
         torch_dtype = resolve_dtype(dtype, torch_device)
         model = build_random_model(builtin_config(name_or_path, tokenizer), torch_device, torch_dtype)
     else:
-        path = BUILTIN_DIR if name_or_path == BUILTIN else Path(name_or_path).expanduser()
+        path = TRAINED_MODELS.get(name_or_path) or Path(name_or_path).expanduser()
         if not (path / "config.json").is_file():
             raise FileNotFoundError(
                 f"no Qwen2-VL, Qwen2.5-VL or Qwen3-VL checkpoint at {str(path)!r} (expected a directory with "
