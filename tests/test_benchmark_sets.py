@@ -7,7 +7,9 @@ import pytest
 from streamer.builtin.sets import FIRST_SEED, FPS
 from streamer.builtin.videos import COLOURS, make_video
 from streamer.cli import main
+from streamer.engine.models import BUILTIN_CHOICE
 from streamer.evaluation import ovobench, streamingbench
+from streamer.evaluation.results import read_results
 
 VIDEOS, FRAMES = 4, 96
 # measured on builtin-choice, full context: 43 of 64 (OVO-Bench), 23 of 30 (StreamingBench); chance is 25% on
@@ -72,18 +74,15 @@ def test_the_same_seed_writes_the_same_questions(sets, tmp_path):
     assert json.loads((tmp_path / "ovo_bench_new.json").read_text()) == first
 
 
-
 # --- end to end: the shipped builtin-choice answers the sets live, as `streamer eval` runs them -------------
 
 def answered(sets, benchmark, tmp_path, *switches):
     """(question, its result line) for every question of one benchmark's set, run on builtin-choice."""
-    from streamer.evaluation.results import read_results
-
     questions, videos, module = ((sets / "ovo_bench_new.json", sets / "videos", ovobench) if benchmark == "ovobench"
                                  else (sets / "questions_real.json", sets, streamingbench))
     out = tmp_path / f"{benchmark}.jsonl"
     assert main(["-q", "eval", benchmark, "--questions", str(questions), "--videos", str(videos), "--fps", str(FPS),
-                 "--model", "builtin-choice", "--device", "cpu", "--out", str(out), *switches]) == 0
+                 "--model", BUILTIN_CHOICE, "--device", "cpu", "--out", str(out), *switches]) == 0
     lines = {line["id"]: line for line in read_results(out, "id")}
     return [(question, lines[question.id]) for question in module.load_questions(questions)]
 

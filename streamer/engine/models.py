@@ -234,6 +234,11 @@ def build_random_model(config: PretrainedConfig, device: torch.device, dtype: to
     return model.eval()
 
 
+def checkpoint_directory(name_or_path: str) -> Path:
+    """Where a trained built-in model or a checkpoint given by path lives."""
+    return TRAINED_MODELS.get(name_or_path) or Path(name_or_path).expanduser()
+
+
 def load_model(name_or_path: str, device: str | None = None, dtype: str | None = None) -> LoadedModel:
     """Load a built-in model by name or a Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoint from a local directory."""
     register_memory_attention()
@@ -244,7 +249,7 @@ def load_model(name_or_path: str, device: str | None = None, dtype: str | None =
         torch_dtype = resolve_dtype(dtype, torch_device)
         model = build_random_model(builtin_config(name_or_path, tokenizer), torch_device, torch_dtype)
     else:
-        path = TRAINED_MODELS.get(name_or_path) or Path(name_or_path).expanduser()
+        path = checkpoint_directory(name_or_path)
         if not (path / "config.json").is_file():
             raise FileNotFoundError(
                 f"no Qwen2-VL, Qwen2.5-VL or Qwen3-VL checkpoint at {str(path)!r} (expected a directory with "

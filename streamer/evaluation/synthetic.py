@@ -44,7 +44,7 @@ from memory.registry import make_policy
 from streamer.builtin.train import TRAIN_SEEDS
 from streamer.builtin.videos import BUILTIN_PRESET, FAMILIES, QA, make_video
 from streamer.config import load_config
-from streamer.engine.models import TRAINED_MODELS, load_model, resolve_device
+from streamer.engine.models import checkpoint_directory, load_model, resolve_device
 from streamer.engine.runner import Runner
 from streamer.engine.stream import ingest_video
 
@@ -455,7 +455,7 @@ def machine(config: EvalConfig) -> str:
 
 def model_note(name: str) -> str:
     """How the model was trained, from the training record a streamer.builtin.train checkpoint carries."""
-    path = TRAINED_MODELS.get(name) or Path(name)
+    path = checkpoint_directory(name)
     if not (path / "training.json").is_file():
         return ""
     record = json.loads((path / "training.json").read_text())
