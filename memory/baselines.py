@@ -11,6 +11,7 @@ import torch
 
 from memory.policy import ChunkContext, MemoryPolicy, ProbedPolicy, Selection, check_ratio
 from memory.probe import keep_top, kept_indices
+from memory.store import KVMemory
 
 
 @dataclass(kw_only=True)
@@ -67,8 +68,9 @@ class PyramidPolicy(ProbedPolicy):
 
 @dataclass(kw_only=True)
 class WindowPolicy(MemoryPolicy):
-    """StreamingLLM-style: attention sinks plus the most recent tokens. With a budget, older
-    tokens are evicted first (importance = age), so the memory is a sliding window."""
+    """StreamingLLM-style: attention sinks plus the most recent tokens. With a budget, the memory
+    forgets its oldest frame pairs to make room (forget_before), so it is a sliding window whatever
+    the memory's eviction rule."""
 
     name = "window"
     ratio: float = 0.1  # fraction of each chunk kept: its most recent video tokens
@@ -88,7 +90,23 @@ class WindowPolicy(MemoryPolicy):
         layers = ctx.model.num_layers
         scores = recency.expand(ctx.model.kv_heads, -1).contiguous()
         keep = keep_top(scores, ctx.protected | torch.isinf(recency), self.ratio)
-        return Selection([kept_indices(keep)] * layers, [scores] * layers, report=dict(ratios=[self.ratio] * layers))
+        return Selection([kept_indices(keep)] * layers, [scores] * layers, report=dict(ratios=[self.ratio] * layers),
+                         forget_before=window_start(ctx.memory, int(keep[0].sum())))
+
+
+def window_start(memory: KVMemory, incoming: int) -> int | None:
+    """The earliest temporal position a memory that holds the same tokens in every layer and head can keep so
+    that `incoming` more tokens per layer fit its budget (None: no budget, or no need to forget)."""
+    held = memory.layers[0]
+    if memory.budget is None or len(held) + incoming <= memory.budget:
+        return None
+    video = torch.isfinite(held.importance[0])
+    times = held.positions[0, video, 0]  # in stream order
+    room = memory.budget - incoming - int((~video).sum())  # video tokens that can stay
+    if room <= 0:
+        return int(times.max()) + 1
+    newest = times[-room:]
+    return int(newest[0]) + (1 if bool((times == newest[0]).sum() > (newest == newest[0]).sum()) else 0)
 
 
 @dataclass(kw_only=True)

@@ -21,12 +21,13 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from memory.store import KVMemory, LayerMemory
+from memory.store import TOKEN_FIELDS, KVMemory, LayerMemory, check_age_power, chunk_ranks
 
 SNAPSHOT_FORMAT = "video-streamer-memory"
-SNAPSHOT_VERSION = 1
-READABLE_VERSIONS = (1,)
-TENSOR_FIELDS = ("keys", "values", "positions", "importance")
+SNAPSHOT_VERSION = 2  # 2: each token's chunk and rank (evictions by age); 1 lacks them
+READABLE_VERSIONS = (1, 2)
+TENSOR_FIELDS = TOKEN_FIELDS
+V1_TENSOR_FIELDS = ("keys", "values", "positions", "importance")
 STREAM_FIELDS = tuple(f.name for f in dataclasses.fields(KVMemory) if f.name != "layers")
 HASHED_VALUES = 4096  # per hashed parameter: enough to tell random inits apart, cheap even for 72B
 
@@ -147,18 +148,26 @@ def _read_meta(header: dict, path: Path, tensors: int) -> dict:
                          f"{', '.join(DTYPES)}; save it again")
     layers = _field(path, "num_layers", meta["num_layers"], int, 1)
     # far more layers than tensors is refused before any per-layer work (a missing few are named later)
-    if layers != architecture["num_hidden_layers"] or layers * len(TENSOR_FIELDS) > tensors + len(TENSOR_FIELDS):
+    per_layer = len(V1_TENSOR_FIELDS if header["version"] == "1" else TENSOR_FIELDS)
+    if layers != architecture["num_hidden_layers"] or layers * per_layer > tensors + per_layer:
         raise ValueError(f"{path} is damaged: its header says {layers} layers of a "
                          f"{architecture['num_hidden_layers']}-layer model, and the file holds {tensors} tensors "
-                         f"({len(TENSOR_FIELDS)} per layer); save it again")
+                         f"({per_layer} per layer); save it again")
     _field(path, "kv_heads", meta["kv_heads"], int, 1)
     _field(path, "head_dim", meta["head_dim"], int, 1)
     stream = _field(path, "stream", meta["stream"], dict)
+    if header["version"] == "1":  # before evictions by age: every token counts as the stream's first chunk's
+        stream.setdefault("age_power", 1.0)
     differing = set(stream) ^ set(STREAM_FIELDS)
     if differing:
         raise ValueError(f"{path} stream fields differ from this build's KVMemory in {sorted(differing)}; "
                          "load it with the build that wrote it")
     _field(path, "stream.budget", stream["budget"], int, 1, optional=True)
+    power = _field(path, "stream.age_power", stream["age_power"], float)
+    try:
+        check_age_power(power)
+    except ValueError as exc:
+        raise ValueError(f"{path} is damaged: its header field stream.age_power: {exc}; save it again") from None
     _field(path, "stream.video_start", stream["video_start"], int, 0, optional=True)
     for name in ("next_position", "temporal_groups", "frames", "full_tokens", "evicted"):
         _field(path, f"stream.{name}", stream[name], int, 0)
@@ -180,12 +189,20 @@ def _check_layer(layer: LayerMemory, index: int, meta: dict, path: Path) -> None
     heads, m, dim = meta["kv_heads"], layer.importance.shape[-1], meta["head_dim"]
     keys = ((1, heads, m, dim), getattr(torch, meta["dtype"]))
     expected = dict(keys=keys, values=keys, positions=((heads, m, 3), torch.int64),
-                    importance=((heads, m), torch.float32))
+                    importance=((heads, m), torch.float32), chunk=((heads, m), torch.int64),
+                    rank=((heads, m), torch.float32))
     for name, (shape, dtype) in expected.items():
         tensor = getattr(layer, name)
         if (tuple(tensor.shape), tensor.dtype) != (shape, dtype):
             raise ValueError(f"{path} is damaged: layers.{index}.{name} is {tuple(tensor.shape)} {tensor.dtype}, "
                              f"its metadata says {shape} {dtype}; save it again")
+
+
+def _layer(keys, values, positions, importance, chunk=None, rank=None) -> LayerMemory:
+    """A stored layer; a version-1 file's tokens all count as chunk 0, ranked by their score among them all."""
+    if chunk is None:
+        chunk, rank = torch.zeros(importance.shape, dtype=torch.int64), chunk_ranks(importance)
+    return LayerMemory(keys, values, positions, importance, chunk, rank)
 
 
 def read_snapshot_meta(path) -> dict:
@@ -213,17 +230,19 @@ def load_memory(path, identity: dict | None, device="cpu", dtype=None) -> tuple[
             meta = _read_meta(f.metadata() or {}, path, len(f.keys()))
             if identity is not None:
                 _check_model(meta["model"], identity, path)
-            names = [[f"layers.{i}.{name}" for name in TENSOR_FIELDS] for i in range(meta["num_layers"])]
+            fields = V1_TENSOR_FIELDS if f.metadata()["version"] == "1" else TENSOR_FIELDS
+            names = [[f"layers.{i}.{name}" for name in fields] for i in range(meta["num_layers"])]
             missing = sorted({name for layer in names for name in layer} - set(f.keys()))
             if missing:
                 raise ValueError(f"{path} is damaged: tensors {', '.join(missing[:4])} are missing; save it again")
-            layers = [LayerMemory(*(f.get_tensor(name) for name in layer)) for layer in names]
+            layers = [_layer(*(f.get_tensor(name) for name in layer)) for layer in names]
     except SafetensorError as exc:
         raise ValueError(f"{path} is not a safetensors file ({exc}); give a file from save_memory") from None
     for i, layer in enumerate(layers):
         _check_layer(layer, i, meta, path)
         layer.keys, layer.values = layer.keys.to(device, dtype), layer.values.to(device, dtype)
-        layer.positions, layer.importance = layer.positions.to(device), layer.importance.to(device)
+        for name in ("positions", "importance", "chunk", "rank"):
+            setattr(layer, name, getattr(layer, name).to(device))
     stream = dict(meta["stream"])
     if stream["grid_hw"] is not None:
         stream["grid_hw"] = tuple(stream["grid_hw"])  # JSON has no tuples

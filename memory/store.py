@@ -4,6 +4,15 @@ Keys are stored after RoPE, so a kept token needs no re-rotation and its positio
 changes; `positions` records the (t, h, w) position each kept token was given, per KV head,
 because a policy may keep different tokens in different heads. Every head of a layer keeps
 the same number of tokens, so a layer's cache is one dense tensor, but layers may differ.
+
+Under a budget, old tokens make room for new ones by age and rank (docs/DESIGN.md section 7,
+docs/MEMORY.md): a token's eviction key is its rank within what its chunk kept (about 0 for the
+chunk's most important, about 1 for its least) times the chunk's age in chunks to the power
+`age_power`, and the largest keys go first, in all layers together. So a chunk of age a holds
+about min(1, c / a^p) of what its policy kept, in every layer alike, where c is what the budget
+allows: the newest chunk keeps its policy's choice, older ones thin out, none grows with age.
+Raw probe scores are not compared across chunks: a probe's attention to a chunk shrinks as the
+memory before it grows, so old chunks (scored against a small memory) outranked new ones.
 """
 
 from __future__ import annotations
@@ -20,6 +29,9 @@ class LayerMemory:
     values: torch.Tensor  # [1, kv_heads, M, head_dim]
     positions: torch.Tensor  # [kv_heads, M, 3] int64 absolute (t, h, w) positions
     importance: torch.Tensor  # [kv_heads, M] float32 score when kept; inf = never evicted (prompt text)
+    chunk: torch.Tensor  # [kv_heads, M] int64: the chunk each token came in with (its index in KVMemory.chunks)
+    rank: torch.Tensor  # [kv_heads, M] float32: (j - 1/2) / k for the j-th most important of the k video tokens
+    #                     its chunk kept in this layer and head (0 for prompt text)
 
     def __len__(self) -> int:
         return self.keys.shape[2]
@@ -30,7 +42,11 @@ class KVMemory:
     """The compact context of one stream: per-layer caches plus where the stream stands."""
 
     layers: list[LayerMemory]
-    budget: int | None = None  # most tokens a layer may hold; None = unbounded
+    # tokens per layer on average: the layers together hold at most budget x layers tokens; None = unbounded
+    budget: int | None = None
+    # how age weighs in evictions: a chunk of age a keeps about c / a^age_power of what it kept (1: every
+    # doubling of the past holds the same share of the memory; 0: every chunk thinned alike)
+    age_power: float = 1.0
     next_position: int = 0  # first position of the next text token: 1 + the largest position used
     video_start: int | None = None  # where the video starts (the open vision block of Qwen2-VL), once the prefix is in
     temporal_groups: int = 0  # frame pairs ingested so far: the next pair's temporal index
@@ -43,13 +59,17 @@ class KVMemory:
 
     @classmethod
     def empty(cls, num_layers: int, kv_heads: int, head_dim: int, device, dtype,
-              budget: int | None = None) -> "KVMemory":
+              budget: int | None = None, age_power: float = 1.0) -> "KVMemory":
+        check_age_power(age_power)
+
         def layer():
             kv = torch.empty(1, kv_heads, 0, head_dim, device=device, dtype=dtype)
             return LayerMemory(kv, kv.clone(), torch.empty(kv_heads, 0, 3, dtype=torch.long, device=device),
+                               torch.empty(kv_heads, 0, device=device),
+                               torch.empty(kv_heads, 0, dtype=torch.long, device=device),
                                torch.empty(kv_heads, 0, device=device))
 
-        return cls(layers=[layer() for _ in range(num_layers)], budget=budget)
+        return cls(layers=[layer() for _ in range(num_layers)], budget=budget, age_power=age_power)
 
     def fork(self) -> "KVMemory":
         """A copy to extend without changing this memory. It shares the tensors: commit, forget and
@@ -110,17 +130,20 @@ class KVMemory:
         check_room(self, incoming)
         forgotten = self.forget(forget_before) if forget_before is not None else [0] * len(self.layers)
         evicted = [a + b for a, b in zip(forgotten, make_room(self, incoming))]
+        index = len(self.chunks)
         for idx, (layer, (keys, values)) in enumerate(zip(self.layers, new_kv)):
             device = layer.positions.device
             importance = torch.zeros(heads, chunk_len, device=device) if scores is None else scores[idx].float().to(device)
             importance = importance.masked_fill(protected.to(device), float("inf"))
-            new = LayerMemory(keys, values, positions.to(device).unsqueeze(0).expand(heads, -1, -1), importance)
+            chunk = torch.full((heads, chunk_len), index, dtype=torch.long, device=device)
+            new = LayerMemory(keys, values, positions.to(device).unsqueeze(0).expand(heads, -1, -1), importance,
+                              chunk, torch.zeros(heads, chunk_len, device=device))
             if kept is not None:
                 _keep_columns(new, kept[idx].to(device))
-            layer.keys = torch.cat([layer.keys, new.keys], dim=2)
-            layer.values = torch.cat([layer.values, new.values], dim=2)
-            layer.positions = torch.cat([layer.positions, new.positions], dim=1)
-            layer.importance = torch.cat([layer.importance, new.importance], dim=1)
+            new.rank = chunk_ranks(new.importance)
+            for name in TOKEN_FIELDS:
+                dim = 2 if name in ("keys", "values") else 1
+                setattr(layer, name, torch.cat([getattr(layer, name), getattr(new, name)], dim=dim))
         self.next_position = self.position_after(positions)
         self.video_start = video_start
         self.grid_hw = tuple(grid_thw[1:])
@@ -128,7 +151,8 @@ class KVMemory:
         self.temporal_groups += grid_thw[0]
         self.frames += frames
         self.full_tokens += chunk_len
-        record = dict(report, kept=incoming, evicted=evicted, memory_tokens=self.mean_tokens())
+        record = dict(report, video_tokens=int((~protected).sum()), kept=incoming, evicted=evicted,
+                      memory_tokens=self.mean_tokens())
         self.chunks.append(record)
         return record
 
@@ -149,6 +173,9 @@ class KVMemory:
         return dropped
 
 
+TOKEN_FIELDS = ("keys", "values", "positions", "importance", "chunk", "rank")  # per-token tensors of a LayerMemory
+
+
 def _keep_columns(layer: LayerMemory, keep: torch.Tensor) -> None:
     """Keep, per head, the tokens at sorted indices keep [kv_heads, k]."""
     heads, dim = layer.keys.shape[1], layer.keys.shape[3]
@@ -156,38 +183,78 @@ def _keep_columns(layer: LayerMemory, keep: torch.Tensor) -> None:
     layer.keys = layer.keys.gather(2, gather)
     layer.values = layer.values.gather(2, gather)
     layer.positions = layer.positions.gather(1, keep[:, :, None].expand(-1, -1, 3))
-    layer.importance = layer.importance.gather(1, keep)
+    for name in ("importance", "chunk", "rank"):
+        setattr(layer, name, getattr(layer, name).gather(1, keep))
+
+
+def chunk_ranks(importance: torch.Tensor) -> torch.Tensor:
+    """[kv_heads, k] importance of the tokens one chunk kept (inf: prompt text) -> per head (j - 1/2) / n for the
+    j-th most important of its n video tokens, 0 for text. Equal scores rank the later token higher (so a scoreless chunk
+    thins from its start, as a window would)."""
+    video = torch.isfinite(importance)
+    count = int(video[0].sum())
+    rank = torch.zeros_like(importance, dtype=torch.float32)
+    if count == 0:
+        return rank
+    scores = importance.flip(1).masked_fill(~video.flip(1), float("-inf"))
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :count]
+    # the middle of each token's share: a chunk that kept one token keeps it as long as half of a chunk of many
+    places = (torch.arange(count, device=importance.device, dtype=torch.float32) + 0.5) / count
+    return rank.scatter_(1, importance.shape[1] - 1 - order, places.expand(importance.shape[0], -1).contiguous())
+
+
+def check_age_power(age_power: float) -> None:
+    if not (0 <= age_power <= MAX_AGE_POWER):
+        raise ValueError(f"memory age_power must be between 0 and {MAX_AGE_POWER}, got {age_power}")
+
+
+MAX_AGE_POWER = 8.0  # beyond this the oldest chunk goes first anyway, whatever it ranks
+
+
+def eviction_keys(memory: KVMemory, layer: LayerMemory) -> torch.Tensor:
+    """[kv_heads, M] float64: rank x age^age_power per token (largest evicted first); -inf for prompt text. Age counts
+    chunks back from the one being added (the newest stored chunk is 1 old). Every head of a layer holds the same
+    keys (each kept the same number per chunk), so every head evicts the same (chunk, rank) places."""
+    age = (len(memory.chunks) - layer.chunk).double()
+    keys = layer.rank.double() * age.pow(memory.age_power)
+    return keys.masked_fill(torch.isinf(layer.importance), float("-inf"))
 
 
 def check_room(memory: KVMemory, incoming: list[int]) -> None:
-    """Refuse a chunk that no eviction can fit: `incoming[l]` new tokens in layer l beyond the budget, or
-    more to evict than the layer holds outside the prompt text."""
+    """Refuse a chunk that no eviction can fit: `incoming[l]` new tokens in layer l and the prompt text held
+    beyond the budget of all layers together."""
     if memory.budget is None:
         return
-    for idx, (layer, count) in enumerate(zip(memory.layers, incoming)):
-        excess = len(layer) + count - memory.budget
-        if count > memory.budget or excess > int(torch.isfinite(layer.importance[0]).sum()):
-            raise ValueError(
-                f"memory budget {memory.budget} tokens per layer cannot hold layer {idx}'s new chunk "
-                f"({count} tokens kept) plus the prompt text; raise the budget or lower chunk_frames"
-            )
+    limit = memory.budget * len(memory.layers)
+    text = sum(int(torch.isinf(layer.importance[0]).sum()) for layer in memory.layers)
+    if sum(incoming) + text > limit:
+        raise ValueError(
+            f"memory budget {memory.budget} tokens per layer ({limit} over {len(memory.layers)} layers) cannot hold "
+            f"the new chunk ({sum(incoming) / len(incoming):.0f} tokens kept per layer) plus the prompt text; raise "
+            "the budget or lower chunk_frames"
+        )
 
 
 def make_room(memory: KVMemory, incoming: list[int]) -> list[int]:
-    """Evict old tokens so that each layer can take `incoming[l]` new ones within the budget.
-
-    Per layer and head, the tokens with the lowest stored importance go first, the oldest first
-    among equals (so scoreless policies get a sliding window). Prompt text is never evicted. The
-    caller has checked that they fit (check_room). Returns the number of tokens evicted per layer.
-    """
+    """Evict old tokens so that the layers can take `incoming[l]` new ones within the budget of all layers
+    together, the largest eviction keys first (eviction_keys; among equal keys the older chunk, then the lower
+    layer). Prompt text is never evicted. The caller has checked that they fit (check_room). Returns the number
+    of tokens evicted per layer."""
     if memory.budget is None:
         return [0] * len(memory.layers)
-    excesses = [max(len(layer) + count - memory.budget, 0) for layer, count in zip(memory.layers, incoming)]
-    for layer, excess in zip(memory.layers, excesses):
-        if excess == 0:
-            continue
-        order = torch.sort(layer.importance, dim=1, stable=True).indices  # stable: oldest first among ties
-        keep = order[:, excess:].sort(dim=1).values  # back to position order
-        _keep_columns(layer, keep)
-    memory.evicted += sum(excesses)
-    return excesses
+    excess = sum(len(layer) for layer in memory.layers) + sum(incoming) - memory.budget * len(memory.layers)
+    if excess <= 0:
+        return [0] * len(memory.layers)
+    keys = [eviction_keys(memory, layer) for layer in memory.layers]
+    # one ranking of head 0's keys over all layers decides how many each layer gives up; equal keys go older
+    # chunk first, then lower layer (a stable sort by chunk, then a stable one by key)
+    owner = torch.cat([torch.full((len(layer),), idx) for idx, layer in enumerate(memory.layers)])
+    by_chunk = torch.sort(torch.cat([layer.chunk[0].cpu() for layer in memory.layers]), stable=True).indices
+    by_key = torch.sort(torch.cat([k[0].cpu() for k in keys])[by_chunk], descending=True, stable=True).indices
+    counts = torch.bincount(owner[by_chunk[by_key[:excess]]], minlength=len(memory.layers)).tolist()
+    for layer, layer_keys, count in zip(memory.layers, keys, counts):
+        if count:
+            order = torch.sort(layer_keys, dim=1, descending=True, stable=True).indices
+            _keep_columns(layer, order[:, count:].sort(dim=1).values)  # back to position order
+    memory.evicted += excess
+    return counts

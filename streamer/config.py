@@ -13,6 +13,7 @@ from pathlib import Path
 
 from memory.probe import ProbeConfig
 from memory.registry import POLICIES, make_policy
+from memory.store import check_age_power
 from video_io.preprocess import VisionPreset, qwen_vl_utils_video, within_total_pixels
 from video_io.sampling import SPREADS, Sampling
 
@@ -49,7 +50,13 @@ class VideoOptions:
 class MemoryOptions:
     policy: str = "full"  # full | emloc | uniform | pyramid | window | recent | random; options in [emloc], [uniform], ...
     chunk_frames: int = 16  # frames per prefill chunk; a multiple of 2 (frames are encoded in pairs)
-    budget: int = 0  # most tokens a layer's memory may hold; 0 = unbounded
+    budget: int = 0  # tokens per layer on average the memory may hold (all layers together: budget x layers); 0 = unbounded
+    # under a budget, a chunk of age a (in chunks) keeps about c / a^age_power of what its policy kept (docs/MEMORY.md)
+    age_power: float = 1.0
+
+    def limits(self) -> dict:
+        """The keyword arguments of Runner.new_memory: what bounds a memory and how it evicts."""
+        return dict(budget=self.budget or None, age_power=float(self.age_power))
 
 
 @dataclass
@@ -122,6 +129,9 @@ class Config:
             )
         if mem.budget < 0:
             raise ValueError(f"memory.budget must be >= 0 (0 = unbounded), got {mem.budget}")
+        if isinstance(mem.age_power, bool) or not isinstance(mem.age_power, (int, float)):
+            raise ValueError(f"memory.age_power must be a number, got {mem.age_power!r}")
+        check_age_power(mem.age_power)
         self.probe.validate()
         self.make_policy(question="?")  # checks the policy name and its options
         if self.generation.max_new_tokens < 1:

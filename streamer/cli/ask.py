@@ -64,7 +64,7 @@ def ask_video(runner: Runner, video: str, question: str, config: Config,
                      f"{record['tokens']} tokens{chosen} -> memory {record['memory_tokens']:.0f} of "
                      f"{memory.full_tokens} tokens")
 
-    memory = runner.new_memory(budget=config.memory.budget or None)
+    memory = runner.new_memory(**config.memory.limits())
     preset = config.video_preset(runner.preset, len(source))
     ingest_video(runner, source, policy, chunk_frames, memory, on_chunk=on_chunk, preset=preset,
                  fps=source.sampled_fps)  # Qwen2.5-VL's positions follow the frames' time

@@ -54,7 +54,10 @@ def add_run_switches(p: argparse.ArgumentParser, config_default: str | None = No
     p.add_argument("--probe", choices=["generic", "question"],
                    help="generic: fixed probe prompts, memory reusable for any question; question: the question "
                         "is the probe (memory specific to it)")
-    p.add_argument("--budget", type=int, help="most tokens each layer's memory may hold (0 = unbounded)")
+    p.add_argument("--budget", type=int, help="tokens per layer on average the memory may hold, all layers together "
+                   "(0 = unbounded)")
+    p.add_argument("--age-power", type=float, help="under a budget, a chunk of age a keeps about c / a^P of what it "
+                   "kept (default 1: every doubling of the past holds the same share; 0: all thinned alike)")
     p.add_argument("--max-new-tokens", type=int, help="longest answer in tokens")
     p.add_argument("--repetition-penalty", type=float,
                    help="transformers' repetition penalty (default: the checkpoint's generation_config.json, else 1)")
@@ -71,7 +74,8 @@ def config_from_args(args) -> Config:
     override(config, "video", frames=args.frames, fps=args.fps, max_frames=args.max_frames, spread=args.spread,
              backend=args.backend,
              min_pixels=args.min_pixels, max_pixels=args.max_pixels, total_pixels=args.total_pixels)
-    override(config, "memory", policy=args.memory, chunk_frames=args.chunk_frames, budget=args.budget)
+    override(config, "memory", policy=args.memory, chunk_frames=args.chunk_frames, budget=args.budget,
+             age_power=args.age_power)
     override(config, "emloc", delta=args.delta, ratios=args.ratios, group_size=args.group_size)
     if args.ratio is not None:
         takes_ratio = policies_with("ratio")

@@ -121,9 +121,11 @@ class Runner:
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False).input_ids
 
-    def new_memory(self, budget: int | None = None) -> KVMemory:
-        """An empty memory; `budget` caps the tokens each layer may hold (None: unbounded)."""
-        return KVMemory.empty(self.num_layers, self.kv_heads, self.head_dim, self.device, self.model.dtype, budget)
+    def new_memory(self, budget: int | None = None, age_power: float = 1.0) -> KVMemory:
+        """An empty memory; `budget` caps the tokens per layer on average (None: unbounded), `age_power` how
+        evictions weigh age (memory.store)."""
+        return KVMemory.empty(self.num_layers, self.kv_heads, self.head_dim, self.device, self.model.dtype, budget,
+                              age_power)
 
     # --- forwards -------------------------------------------------------------------------
 

@@ -127,7 +127,7 @@ def build_memory(runner: Runner, config: Config, video: tuple[list[Frame], float
     started = time.perf_counter()
     policy = config.make_policy(prompt)
     chunk = config.memory.chunk_frames
-    memory = ingest_video(runner, frames, policy, chunk, runner.new_memory(budget=config.memory.budget or None),
+    memory = ingest_video(runner, frames, policy, chunk, runner.new_memory(**config.memory.limits()),
                           on_chunk=lambda number, _, __: progress.chunk(number, min(number * chunk, len(frames)),
                                                                          len(frames)),
                           fps=fps)  # Qwen2.5-VL's positions follow the frames' time

@@ -101,7 +101,7 @@ class _Stream:
     def __init__(self, runner: Runner, config: Config, policy, clip: Clip, progress: Progress):
         self.runner, self.config, self.policy, self.progress = runner, config, policy, progress
         self.frames, self.fps = clip.frames, clip.fps
-        self.memory: KVMemory = runner.new_memory(budget=config.memory.budget or None)
+        self.memory: KVMemory = runner.new_memory(**config.memory.limits())
         self.read = 0  # frames ingested
         self.seen = 0  # frames read up to the question's time: those ingested, then the newest, not a chunk yet
 

@@ -23,6 +23,7 @@ SESSION_OPTIONS = {  # start option -> (config section, key, type)
     "policy": ("memory", "policy", str),
     "chunk_frames": ("memory", "chunk_frames", int),
     "budget": ("memory", "budget", int),
+    "age_power": ("memory", "age_power", float),
     "min_pixels": ("video", "min_pixels", int),
     "max_pixels": ("video", "max_pixels", int),
     "probe": ("probe", "mode", str),

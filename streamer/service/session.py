@@ -59,7 +59,7 @@ class StreamSession:
         self.runner = shared.runner
         self.policy = config.make_policy()
         self.preset = config.vision_preset(shared.runner.preset)
-        self.memory = self.runner.new_memory(budget=config.memory.budget or None)
+        self.memory = self.runner.new_memory(**config.memory.limits())
         # the rate of the frames ingested: the start option (or config), or the source a server-side ingest reads
         self.fps = config.video.fps
         self.chunk_frames = config.memory.chunk_frames
