@@ -258,3 +258,36 @@ def make_room(memory: KVMemory, incoming: list[int]) -> list[int]:
             _keep_columns(layer, order[:, count:].sort(dim=1).values)  # back to position order
     memory.evicted += excess
     return counts
+
+
+def default_stretches(seconds: float) -> list[tuple[str, float, float]]:
+    """(label, from, to) in seconds of video time: the quarters of a stream `seconds` long, its last minute, last
+    10 minutes and last hour, and its first hour (each within the stream)."""
+    quarters = [(f"quarter {k + 1} of 4", seconds * k / 4, seconds * (k + 1) / 4) for k in range(4)]
+    recent = [(label, max(0.0, seconds - span), seconds)
+              for label, span in (("last minute", 60), ("last 10 minutes", 600), ("last hour", 3600))]
+    return quarters + recent + [("first hour", 0.0, min(seconds, 3600.0))]
+
+
+def coverage(memory: KVMemory, stretches: list[tuple[str, float, float]] | None = None) -> list[dict]:
+    """How much of each stretch of the stream the memory still holds, a chunk counting where its middle lies:
+    `held`, the share of the stretch's video tokens still in the memory (mean over layers), and `of_kept`, the
+    share of those its policy kept that evictions have left. Default stretches: default_stretches."""
+    fps = memory.fps or 1.0
+    counts = [0] + [record["frames"] for record in memory.chunks]
+    starts = torch.tensor(counts).cumsum(0).double() / fps
+    middles = ((starts[:-1] + starts[1:]) / 2).tolist()
+    video = torch.tensor([r.get("video_tokens", r["tokens"]) for r in memory.chunks], dtype=torch.float64)
+    text = torch.tensor([r["tokens"] for r in memory.chunks], dtype=torch.float64) - video
+    layers = len(memory.layers)
+    kept = torch.tensor([r["kept"] for r in memory.chunks], dtype=torch.float64).reshape(-1, layers) - text[:, None]
+    held = torch.stack([torch.bincount(layer.chunk[0][torch.isfinite(layer.importance[0])].cpu(),
+                                       minlength=len(memory.chunks)).double() for layer in memory.layers], dim=1)
+    report = []
+    for label, start, end in stretches if stretches is not None else default_stretches(float(starts[-1])):
+        inside = torch.tensor([start <= m < end for m in middles], dtype=torch.bool)
+        taken, policy = video[inside].sum() * layers, kept[inside].sum()
+        report.append(dict(stretch=label, start_s=round(start, 3), end_s=round(end, 3),
+                           held=round(float(held[inside].sum() / taken), 4) if taken else None,
+                           of_kept=round(float(held[inside].sum() / policy), 4) if policy else None))
+    return report

@@ -323,3 +323,29 @@ def ask_recount(video: SyntheticVideo, rng: np.random.Generator) -> QA:
 ASK = {"first": ask_first, "where": ask_where, "duration": ask_duration, "together": ask_together,
        "count": ask_count, DESCRIBE: ask_describe, "last": ask_last, "choice": ask_choice, "recount": ask_recount,
        "pick": ask_pick}
+
+
+# --- long streams: questions about what is happening now, after much else ---------------------------
+
+RECENT_FAMILIES = ("where", "duration", "together")  # families that name their object, so they can point at the end
+
+
+def long_stream(seed: int, frames: int, final_frames: int = 96) -> tuple[list[np.ndarray], list[QA]]:
+    """A stream of `frames` frames whose last `final_frames` are video `seed`, after generated videos of 384
+    frames (cut to fit), and the questions of RECENT_FAMILIES about that last video whose object never appears
+    before it: what a memory must keep of the present once it is full."""
+    if frames < final_frames or (frames - final_frames) % 2:
+        raise ValueError(f"frames must be >= final_frames and leave an even filler, got {frames}, {final_frames}")
+    final = make_video(seed, final_frames)
+    filler, earlier, piece = [], set(), 0
+    while len(filler) < frames - final_frames:
+        video = make_video(10_000_000 + 1000 * seed + piece, 384)
+        cut = min(384, frames - final_frames - len(filler))
+        filler += video.frames()[:cut]
+        earlier |= {e.name for e in video.events if e.start < cut}
+        piece += 1
+    named = {"where": lambda q: q.question.removeprefix("Where was the ").removesuffix("?"),
+             "duration": lambda q: q.question.removeprefix("How many frames did the ").removesuffix(" stay?"),
+             "together": lambda q: q.question.removeprefix("What colour was shown with the ").removesuffix("?")}
+    questions = [q for q in final.questions(RECENT_FAMILIES) if named[q.family](q) not in earlier]
+    return filler + final.frames(), questions

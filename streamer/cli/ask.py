@@ -13,7 +13,7 @@ from typing import Callable
 
 from memory.policy import ProbedPolicy
 from memory.snapshot import load_memory, model_identity, read_snapshot_meta, save_memory
-from memory.store import KVMemory
+from memory.store import KVMemory, coverage
 from streamer.cli.switches import add_run_switches, config_from_args
 from streamer.config import Config, override
 from streamer.engine.runner import Answer, Runner, load_runner
@@ -98,6 +98,7 @@ def memory_summary(memory: KVMemory) -> dict:
         memory_tokens_per_layer=memory.tokens_per_layer(),
         budget=memory.budget,
         evicted_tokens=memory.evicted,
+        coverage=coverage(memory) if memory.chunks else [],
     )
 
 

@@ -34,6 +34,12 @@ log = logging.getLogger("streamer")
 TOP_LOGPROBS = 5
 # a stream's frame rate when its caller states none: qwen-vl-utils' default sampling rate
 DEFAULT_FPS = 2.0
+# positions kept free after a stream's video for a question and its answer (docs/DESIGN.md section 4)
+POSITION_RESERVE = 512
+
+
+class PositionLimitError(ValueError):
+    """A chunk whose positions would pass what the model was trained on (max_position_embeddings)."""
 
 
 @dataclass
@@ -107,6 +113,11 @@ class Runner:
     @property
     def device(self) -> torch.device:
         return self.model.device
+
+    @property
+    def position_limit(self) -> int:
+        """The model's max_position_embeddings: no stream's positions (plus POSITION_RESERVE) pass it."""
+        return self.model.config.text_config.max_position_embeddings
 
     def pair_step(self, fps: float) -> float:
         """Temporal M-RoPE positions per frame pair in an open vision block (docs/DESIGN.md section 4): 1 in
@@ -191,6 +202,7 @@ class Runner:
 
         ids, positions, video_start = self.chunk_layout(memory, len(frames), grid_t, grid_h // preset.merge_size,
                                                         grid_w // preset.merge_size, fps)
+        self.check_positions(memory, positions, len(frames))
         is_video = torch.tensor(ids) == self.model.config.video_token_id
         hidden = self.embed_tokens(ids)
         index = is_video.nonzero()[:, 0].to(self.device)
@@ -213,6 +225,20 @@ class Runner:
         record["timings"] = dict(preprocess=preprocess_s, vision=vision_s, prefill=prefill_s, policy=timer.seconds,
                                  **selection.timings)
         return record
+
+    def check_positions(self, memory: KVMemory, positions: torch.Tensor, frames: int) -> None:
+        """Refuse a chunk that would take the stream past the model's positions: RoPE computes any position,
+        but past max_position_embeddings the model reads distances it never saw and its answers degrade with
+        no error (docs/DESIGN.md section 4)."""
+        end = memory.position_after(positions) + POSITION_RESERVE
+        if end > self.position_limit:
+            seconds = f" ({memory.frames / memory.fps / 3600:.2f} h at {memory.fps:g} fps)" if memory.fps else ""
+            raise PositionLimitError(
+                f"the stream is full: {memory.frames} frames{seconds} have taken it to position "
+                f"{memory.next_position}, and {frames} more would pass this model's {self.position_limit} positions "
+                f"(max_position_embeddings, {POSITION_RESERVE} kept for the question); questions still work on the "
+                "memory as it is; for more video start a new stream, or sample fewer frames per second or "
+                "fewer pixels per frame")
 
     def chunk_layout(self, memory: KVMemory, frames: int, pairs: int, merged_h: int, merged_w: int,
                      fps: float) -> tuple[list[int], torch.Tensor, int]:

@@ -24,8 +24,9 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from memory.snapshot import load_memory, save_memory
+from memory.store import coverage
 from streamer.config import Config
-from streamer.engine.runner import Runner
+from streamer.engine.runner import PositionLimitError, Runner
 from streamer.engine.stream import with_newest
 from streamer.service.protocol import ProtocolError, ServerLimits
 from streamer.service.scheduler import ASK, INGEST, ModelScheduler
@@ -162,6 +163,8 @@ class StreamSession:
                            seconds=sum(report["timings"].values())))
         except asyncio.CancelledError:
             raise
+        except PositionLimitError as exc:  # the stream is full; the memory stays and answers
+            self.send(dict(type="error", code="position_limit", message=str(exc)))
         except Exception as exc:
             log.exception("session %s: ingest failed", self.id)
             self.send(dict(type="error", code="ingest_failed", message=f"a chunk of {len(frames)} frames could not "
@@ -293,7 +296,8 @@ class StreamSession:
                     chunks=len(memory.chunks), chunks_queued=self.queued_chunks,
                     memory_tokens=memory.mean_tokens(), full_tokens=memory.full_tokens,
                     memory_tokens_per_layer=memory.tokens_per_layer(), budget=memory.budget,
-                    evicted_tokens=memory.evicted, last_ratios=last.get("ratios"), last_js=last.get("js"),
+                    evicted_tokens=memory.evicted, coverage=coverage(memory) if memory.chunks else [],
+                    last_ratios=last.get("ratios"), last_js=last.get("js"),
                     questions_answered=self.answered, questions_waiting=self.questions)
 
     async def close(self) -> None:
