@@ -157,7 +157,7 @@ def _read_meta(header: dict, path: Path, tensors: int) -> dict:
     _field(path, "head_dim", meta["head_dim"], int, 1)
     stream = _field(path, "stream", meta["stream"], dict)
     if header["version"] == "1":  # before evictions by age: every token counts as the stream's first chunk's
-        stream.setdefault("age_power", 1.0)
+        stream.update(age_power=stream.get("age_power", 1.0), max_positions=None, time_shift=0)
     differing = set(stream) ^ set(STREAM_FIELDS)
     if differing:
         raise ValueError(f"{path} stream fields differ from this build's KVMemory in {sorted(differing)}; "
@@ -169,7 +169,8 @@ def _read_meta(header: dict, path: Path, tensors: int) -> dict:
     except ValueError as exc:
         raise ValueError(f"{path} is damaged: its header field stream.age_power: {exc}; save it again") from None
     _field(path, "stream.video_start", stream["video_start"], int, 0, optional=True)
-    for name in ("next_position", "temporal_groups", "frames", "full_tokens", "evicted"):
+    _field(path, "stream.max_positions", stream["max_positions"], int, 1, optional=True)
+    for name in ("next_position", "temporal_groups", "frames", "full_tokens", "evicted", "time_shift"):
         _field(path, f"stream.{name}", stream[name], int, 0)
     grid = _field(path, "stream.grid_hw", stream["grid_hw"], list, optional=True)
     if grid is not None and not (len(grid) == 2 and all(_field(path, "stream.grid_hw", v, int, 1) for v in grid)):

@@ -47,6 +47,10 @@ class KVMemory:
     # how age weighs in evictions: a chunk of age a keeps about c / a^age_power of what it kept (1: every
     # doubling of the past holds the same share of the memory; 0: every chunk thinned alike)
     age_power: float = 1.0
+    # most positions the stream may span (None: the model's max_position_embeddings); past it the engine re-times
+    # the memory's past onto fewer positions (streamer/engine/compaction.py)
+    max_positions: int | None = None
+    time_shift: int = 0  # how far re-timing has moved the stream's newest positions back, in all
     next_position: int = 0  # first position of the next text token: 1 + the largest position used
     video_start: int | None = None  # where the video starts (the open vision block of Qwen2-VL), once the prefix is in
     temporal_groups: int = 0  # frame pairs ingested so far: the next pair's temporal index
@@ -59,7 +63,7 @@ class KVMemory:
 
     @classmethod
     def empty(cls, num_layers: int, kv_heads: int, head_dim: int, device, dtype,
-              budget: int | None = None, age_power: float = 1.0) -> "KVMemory":
+              budget: int | None = None, age_power: float = 1.0, max_positions: int | None = None) -> "KVMemory":
         check_age_power(age_power)
 
         def layer():
@@ -69,7 +73,8 @@ class KVMemory:
                                torch.empty(kv_heads, 0, dtype=torch.long, device=device),
                                torch.empty(kv_heads, 0, device=device))
 
-        return cls(layers=[layer() for _ in range(num_layers)], budget=budget, age_power=age_power)
+        return cls(layers=[layer() for _ in range(num_layers)], budget=budget, age_power=age_power,
+                   max_positions=max_positions)
 
     def fork(self) -> "KVMemory":
         """A copy to extend without changing this memory. It shares the tensors: commit, forget and
@@ -189,11 +194,12 @@ def _keep_columns(layer: LayerMemory, keep: torch.Tensor) -> None:
 
 def chunk_ranks(importance: torch.Tensor) -> torch.Tensor:
     """[kv_heads, k] importance of the tokens one chunk kept (inf: prompt text) -> per head (j - 1/2) / n for the
-    j-th most important of its n video tokens, 0 for text. Equal scores rank the later token higher (so a scoreless chunk
-    thins from its start, as a window would)."""
+    j-th most important of its n video tokens; its text (Qwen3-VL's frame times) ranks with its most important
+    token, so it goes with the chunk's last. Equal scores rank the later token higher (so a scoreless chunk thins
+    from its start, as a window would)."""
     video = torch.isfinite(importance)
     count = int(video[0].sum())
-    rank = torch.zeros_like(importance, dtype=torch.float32)
+    rank = torch.full_like(importance, 0.5 / count if count else 1.0, dtype=torch.float32)
     if count == 0:
         return rank
     scores = importance.flip(1).masked_fill(~video.flip(1), float("-inf"))
@@ -212,12 +218,22 @@ MAX_AGE_POWER = 8.0  # beyond this the oldest chunk goes first anyway, whatever 
 
 
 def eviction_keys(memory: KVMemory, layer: LayerMemory) -> torch.Tensor:
-    """[kv_heads, M] float64: rank x age^age_power per token (largest evicted first); -inf for prompt text. Age counts
-    chunks back from the one being added (the newest stored chunk is 1 old). Every head of a layer holds the same
-    keys (each kept the same number per chunk), so every head evicts the same (chunk, rank) places."""
+    """[kv_heads, M] float64: rank x age^age_power per token (largest evicted first); -inf for the prompt before
+    the video, which is never evicted. Age counts chunks back from the one being added (the newest stored chunk is
+    1 old). Every head of a layer holds the same keys (each kept the same number per chunk), so every head evicts
+    the same (chunk, rank) places."""
     age = (len(memory.chunks) - layer.chunk).double()
     keys = layer.rank.double() * age.pow(memory.age_power)
-    return keys.masked_fill(torch.isinf(layer.importance), float("-inf"))
+    return keys.masked_fill(prompt_tokens(memory, layer), float("-inf"))
+
+
+def prompt_tokens(memory: KVMemory, layer: LayerMemory) -> torch.Tensor:
+    """Bool [kv_heads, M]: the prompt before the video (the system turn), which no budget evicts; the text between
+    Qwen3-VL's frame pairs is evicted with its chunk. The video starts at video_start, and re-timing never moves
+    a position across it."""
+    if memory.video_start is None:
+        return torch.zeros_like(layer.importance, dtype=torch.bool)
+    return layer.positions[..., 0] < memory.video_start
 
 
 def check_room(memory: KVMemory, incoming: list[int]) -> None:
@@ -226,7 +242,7 @@ def check_room(memory: KVMemory, incoming: list[int]) -> None:
     if memory.budget is None:
         return
     limit = memory.budget * len(memory.layers)
-    text = sum(int(torch.isinf(layer.importance[0]).sum()) for layer in memory.layers)
+    text = sum(int(prompt_tokens(memory, layer)[0].sum()) for layer in memory.layers)
     if sum(incoming) + text > limit:
         raise ValueError(
             f"memory budget {memory.budget} tokens per layer ({limit} over {len(memory.layers)} layers) cannot hold "

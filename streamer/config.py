@@ -53,10 +53,12 @@ class MemoryOptions:
     budget: int = 0  # tokens per layer on average the memory may hold (all layers together: budget x layers); 0 = unbounded
     # under a budget, a chunk of age a (in chunks) keeps about c / a^age_power of what its policy kept (docs/MEMORY.md)
     age_power: float = 1.0
+    # most positions a stream spans before its past is re-timed onto fewer (0: the model's max_position_embeddings)
+    max_positions: int = 0
 
     def limits(self) -> dict:
         """The keyword arguments of Runner.new_memory: what bounds a memory and how it evicts."""
-        return dict(budget=self.budget or None, age_power=float(self.age_power))
+        return dict(budget=self.budget or None, age_power=float(self.age_power), max_positions=self.max_positions or None)
 
 
 @dataclass
@@ -132,6 +134,8 @@ class Config:
         if isinstance(mem.age_power, bool) or not isinstance(mem.age_power, (int, float)):
             raise ValueError(f"memory.age_power must be a number, got {mem.age_power!r}")
         check_age_power(mem.age_power)
+        if mem.max_positions < 0:
+            raise ValueError(f"memory.max_positions must be >= 0 (0 = the model's), got {mem.max_positions}")
         self.probe.validate()
         self.make_policy(question="?")  # checks the policy name and its options
         if self.generation.max_new_tokens < 1:

@@ -10,13 +10,15 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from memory.snapshot import load_memory, model_identity, save_memory
-from memory.store import KVMemory, coverage
+from memory.store import KVMemory
 from streamer.cli import main
 from streamer.config import load_config
-from streamer.engine.runner import POSITION_RESERVE, PositionLimitError
+from streamer.engine.compaction import move_tokens
+from streamer.engine.runner import PositionLimitError
 from tests.conftest import random_frames
 
 HEADS, DIM = 2, 4
+POLICY = load_config("stream_default").make_policy()
 
 
 def commit_chunk(memory: KVMemory, kept: list[int], video: int, generator: torch.Generator, text: int = 0) -> dict:
@@ -117,7 +119,8 @@ def test_a_version_1_snapshot_still_loads_as_one_old_chunk(tiny_runner, tmp_path
     with safe_open(path, framework="pt") as f:
         metadata = dict(f.metadata())
     meta = json.loads(metadata["meta"])
-    del meta["stream"]["age_power"]
+    for name in ("age_power", "max_positions", "time_shift"):
+        del meta["stream"][name]
     metadata.update(version="1", meta=json.dumps(meta))
     tensors = {k: v for k, v in load_file(path).items() if not k.endswith((".chunk", ".rank"))}
     save_file(tensors, old, metadata=metadata)
@@ -127,23 +130,70 @@ def test_a_version_1_snapshot_still_loads_as_one_old_chunk(tiny_runner, tmp_path
     tiny_runner.ingest(loaded, random_frames(4, seed=9), load_config("stream_default").make_policy())
 
 
-def test_positions_stop_short_of_the_models_limit(family_runner, monkeypatch):
-    """A stream that would pass max_position_embeddings is refused with a clear message (minus room for a
-    question), the memory unchanged and still answering; each family's layout is checked."""
-    policy = load_config("stream_default").make_policy()
-    chunks = [random_frames(8, seed=seed) for seed in range(4)]
-    trial = family_runner.new_memory()
-    ends = []  # where each chunk leaves the stream, learnt on an unlimited model
-    for frames in chunks:
-        family_runner.ingest(trial, frames, policy, fps=2.0)
-        ends.append(trial.next_position)
-    assert ends == sorted(set(ends)), "every chunk of 4 frame pairs takes positions"
-    monkeypatch.setattr(family_runner.model.config.text_config, "max_position_embeddings", ends[2] + POSITION_RESERVE)
+def test_moving_every_token_keeps_the_answer(family_runner):
+    """RoPE sees only differences: moving every stored token and the question by the same 1000 positions, the keys
+    re-rotated by streamer.engine.compaction, leaves the answer's logits as they were (each family's M-RoPE
+    layout); not re-rotating them does not."""
     memory = family_runner.new_memory()
-    for frames in chunks[:3]:  # up to the limit exactly
-        family_runner.ingest(memory, frames, policy, fps=2.0)
-    before = (memory.frames, memory.tokens_per_layer(), memory.next_position)
-    with pytest.raises(PositionLimitError, match="max_position_embeddings"):
-        family_runner.ingest(memory, chunks[3], policy)
-    assert (memory.frames, memory.tokens_per_layer(), memory.next_position) == before
+    for seed in range(3):
+        family_runner.ingest(memory, random_frames(8, seed=seed), POLICY, fps=2.0)
+    before = family_runner.answer(memory, "What happens?", max_new_tokens=1).first_logits
+    moved, unrotated = memory.fork(), memory.fork()
+    move_tokens(family_runner.language_model.rotary_emb, moved, [torch.full_like(l.positions, 1000) for l in moved.layers])
+    for layer in unrotated.layers:
+        layer.positions = layer.positions + 1000
+    for fork in (moved, unrotated):
+        fork.next_position += 1000
+    torch.testing.assert_close(family_runner.answer(moved, "What happens?", max_new_tokens=1).first_logits, before,
+                               atol=2e-5, rtol=1e-5)
+    assert (family_runner.answer(unrotated, "What happens?", max_new_tokens=1).first_logits - before).abs().max() > 1e-3
+
+
+def test_an_endless_stream_is_retimed_within_the_models_positions(family_runner):
+    """With few positions (max_positions), a stream goes on past them: when a chunk would pass the limit the past is
+    squeezed onto fewer positions (in order), the newest quarter keeps its exact spacing, and every position
+    stays within the limit; answers still come."""
+    chunks = [random_frames(8, seed=seed) for seed in range(12)]
+    trial = family_runner.new_memory()
+    family_runner.ingest(trial, chunks[0], POLICY, fps=2.0)
+    per_chunk = trial.next_position - trial.video_start  # about what a chunk of 4 pairs spans
+    memory = family_runner.new_memory(max_positions=trial.video_start + 6 * per_chunk)  # about 5 chunks' worth
+    limit = family_runner.position_limit(memory)
+    for frames in chunks:
+        held = memory.fork()
+        record = family_runner.ingest(memory, frames, POLICY, fps=2.0)
+        assert memory.next_position <= limit
+        if memory.time_shift != held.time_shift and held.video_start is not None:  # re-timed before this chunk
+            back = memory.time_shift - held.time_shift
+            for old, new in zip(held.layers, memory.layers):
+                count = len(old)
+                before, after = old.positions[0, :, 0], new.positions[0, :count, 0]
+                assert bool((after[1:] >= after[:-1]).all() or not bool((before[1:] >= before[:-1]).all()))
+                newest = before >= held.next_position - (limit - held.video_start) // 4
+                assert bool((before[newest] - after[newest] == back).all()), "the newest quarter moves as a block"
+                assert bool((after[before < held.video_start] == before[before < held.video_start]).all())
+        assert record["frames"] == 8
+    assert memory.time_shift > 0 and memory.frames == 96
     assert family_runner.answer(memory, "What happens?", max_new_tokens=2).token_ids
+
+
+def test_a_chunk_that_fits_in_no_retiming_is_refused(family_runner, monkeypatch):
+    """When even the re-timed past leaves no room (here: room for one chunk), the chunk is refused
+    with a clear message, the memory unchanged and still answering."""
+    chunks = [random_frames(8, seed=seed) for seed in range(2)]
+    trial = family_runner.new_memory()
+    family_runner.ingest(trial, chunks[0], POLICY, fps=2.0)
+    memory = family_runner.new_memory(max_positions=trial.next_position + trial.next_position // 7)
+    assert family_runner.position_limit(memory) == trial.next_position
+    family_runner.ingest(memory, chunks[0], POLICY, fps=2.0)
+    before = (memory.frames, memory.tokens_per_layer(), memory.next_position, memory.time_shift)
+    with pytest.raises(PositionLimitError, match="max_positions"):
+        family_runner.ingest(memory, chunks[1], POLICY)
+    assert (memory.frames, memory.tokens_per_layer(), memory.next_position, memory.time_shift) == before
+    assert family_runner.answer(memory, "What happens?", max_new_tokens=2).token_ids
+    with pytest.raises(ValueError, match="max_positions"):
+        family_runner.new_memory(max_positions=len(family_runner.prefix_ids))
+    # the model's own limit is the default
+    for model_limit, limit in ((8192, 8192 - 512), (800, 700)):  # room for a question: 512, or an eighth
+        monkeypatch.setattr(family_runner.model.config.text_config, "max_position_embeddings", model_limit)
+        assert family_runner.position_limit(family_runner.new_memory()) == limit

@@ -149,6 +149,7 @@ def test_answer_through_the_server_equals_streamer_ask(family_runner, clip):
         assert answer["text"] == expected["answer"]
         assert stats["memory_tokens_per_layer"] == expected["memory_tokens_per_layer"]
         assert stats["full_tokens"] == expected["full_tokens"]
+        assert stats["coverage"] == expected["coverage"] and stats["coverage"][0]["held"] > 0  # what each stretch holds
         assert answer["stats"]["tokens"] == expected["answer_tokens"]
 
 

@@ -4,8 +4,8 @@ stream's memory budget has filled (streamer.builtin.videos.long_stream), per mem
     python tools/newest_episode.py --lengths 768,1536 --streams 20 --budget 100 \
         --runs default:stream_default,p0:stream_default:0,p2:stream_default:2,window:window,recent:recent,full:full
 
-A run is LABEL:POLICY_OR_CONFIG[:AGE_POWER]; a config name (configs/) brings its policy and options, a policy name
-its defaults; `full` runs without a budget. Prints accuracy per run and length with a 95% bootstrap interval, and
+A run is LABEL:POLICY_OR_CONFIG[:AGE_POWER[:MAX_POSITIONS]]; a config name (configs/) brings its policy and
+options, a policy name its defaults; `full` runs without a budget. Prints accuracy per run and length with a 95% bootstrap interval, and
 each run's paired difference to the first run. --json writes every answer.
 """
 
@@ -31,8 +31,10 @@ def run_config(spec: str) -> tuple[str, Config]:
     except FileNotFoundError:
         config = override(Config(), "memory", policy=source)
     config.memory.chunk_frames = 16
-    if power:
+    if power and power[0]:
         config.memory.age_power = float(power[0])
+    if len(power) > 1:
+        config.memory.max_positions = int(power[1])
     return label, config
 
 
@@ -47,7 +49,7 @@ def main() -> int:
     p.add_argument("--streams", type=int, default=20, help="streams per length (default: 20)")
     p.add_argument("--first-seed", type=int, default=0)
     p.add_argument("--budget", type=int, default=100, help="tokens per layer on average (default: 100)")
-    p.add_argument("--runs", default="default:stream_default,window:window", help="LABEL:POLICY_OR_CONFIG[:AGE_POWER],...")
+    p.add_argument("--runs", default="default:stream_default,window:window", help="LABEL:POLICY_OR_CONFIG[:AGE_POWER[:MAX_POSITIONS]],...")
     p.add_argument("--json", help="write every answer here")
     args = p.parse_args()
     torch.set_num_threads(1)
@@ -59,7 +61,7 @@ def main() -> int:
             frames, questions = long_stream(seed, length)
             for label, config in runs:
                 budget = None if config.memory.policy == "full" else args.budget
-                memory = runner.new_memory(budget=budget, age_power=config.memory.age_power)
+                memory = runner.new_memory(**{**config.memory.limits(), "budget": budget})
                 ingest_video(runner, frames, config.make_policy(), 16, memory)
                 for qa in questions:
                     reply = runner.answer(memory, qa.question, 8).text.strip()

@@ -99,6 +99,7 @@ def memory_summary(memory: KVMemory) -> dict:
         budget=memory.budget,
         evicted_tokens=memory.evicted,
         coverage=coverage(memory) if memory.chunks else [],
+        retimed_positions=memory.time_shift,
     )
 
 

@@ -21,6 +21,7 @@ from memory.policy import ChunkContext, MemoryPolicy
 from memory.store import KVMemory
 from streamer.config import Config
 from streamer.engine.attention import run_layer
+from streamer.engine.compaction import compact
 from streamer.engine.decode import EagerDecoder, StaticDecoder
 from streamer.engine.models import BUILTIN_MODELS, RANDOM_MODELS, LoadedModel, family_of, load_model
 from streamer.engine.positions import as_position_ids, text_positions, video_positions
@@ -34,7 +35,8 @@ log = logging.getLogger("streamer")
 TOP_LOGPROBS = 5
 # a stream's frame rate when its caller states none: qwen-vl-utils' default sampling rate
 DEFAULT_FPS = 2.0
-# positions kept free after a stream's video for a question and its answer (docs/DESIGN.md section 4)
+# positions kept free after a stream's video for a question and its answer, at most (an eighth of a smaller
+# limit: a question past it still works, only further from what the model was trained on); docs/DESIGN.md section 4
 POSITION_RESERVE = 512
 
 
@@ -114,10 +116,11 @@ class Runner:
     def device(self) -> torch.device:
         return self.model.device
 
-    @property
-    def position_limit(self) -> int:
-        """The model's max_position_embeddings: no stream's positions (plus POSITION_RESERVE) pass it."""
-        return self.model.config.text_config.max_position_embeddings
+    def position_limit(self, memory: KVMemory) -> int:
+        """Where a stream's video must end: the model's max_position_embeddings, or the memory's max_positions if
+        lower, less the room kept for a question (POSITION_RESERVE, or an eighth of a smaller limit)."""
+        limit = min(self.model.config.text_config.max_position_embeddings, memory.max_positions or math.inf)
+        return limit - min(POSITION_RESERVE, limit // 8)
 
     def pair_step(self, fps: float) -> float:
         """Temporal M-RoPE positions per frame pair in an open vision block (docs/DESIGN.md section 4): 1 in
@@ -132,11 +135,15 @@ class Runner:
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False).input_ids
 
-    def new_memory(self, budget: int | None = None, age_power: float = 1.0) -> KVMemory:
+    def new_memory(self, budget: int | None = None, age_power: float = 1.0,
+                   max_positions: int | None = None) -> KVMemory:
         """An empty memory; `budget` caps the tokens per layer on average (None: unbounded), `age_power` how
-        evictions weigh age (memory.store)."""
+        evictions weigh age (memory.store), `max_positions` the positions a stream may span (None: the model's)."""
+        if max_positions is not None and max_positions < len(self.prefix_ids) + 2:
+            raise ValueError(f"max_positions {max_positions} leaves no room for a stream: give at least "
+                             f"{len(self.prefix_ids) + 2} (0 or none: the model's own)")
         return KVMemory.empty(self.num_layers, self.kv_heads, self.head_dim, self.device, self.model.dtype, budget,
-                              age_power)
+                              age_power, max_positions)
 
     # --- forwards -------------------------------------------------------------------------
 
@@ -202,7 +209,17 @@ class Runner:
 
         ids, positions, video_start = self.chunk_layout(memory, len(frames), grid_t, grid_h // preset.merge_size,
                                                         grid_w // preset.merge_size, fps)
-        self.check_positions(memory, positions, len(frames))
+        if memory.position_after(positions) > self.position_limit(memory):
+            # re-time the past onto fewer positions (streamer/engine/compaction.py) in a fork, lay the chunk out
+            # again, and keep the re-timed memory only if the chunk then fits
+            retimed = memory.fork()
+            compact(self.language_model.rotary_emb, retimed, self.position_limit(memory),
+                    moves_all=self.family.timestamps)
+            ids, positions, video_start = self.chunk_layout(retimed, len(frames), grid_t, grid_h // preset.merge_size,
+                                                            grid_w // preset.merge_size, fps)
+            self.check_positions(retimed, positions, len(frames))
+            memory.layers, memory.next_position, memory.time_shift = (retimed.layers, retimed.next_position,
+                                                                      retimed.time_shift)
         is_video = torch.tensor(ids) == self.model.config.video_token_id
         hidden = self.embed_tokens(ids)
         index = is_video.nonzero()[:, 0].to(self.device)
@@ -230,15 +247,15 @@ class Runner:
         """Refuse a chunk that would take the stream past the model's positions: RoPE computes any position,
         but past max_position_embeddings the model reads distances it never saw and its answers degrade with
         no error (docs/DESIGN.md section 4)."""
-        end = memory.position_after(positions) + POSITION_RESERVE
-        if end > self.position_limit:
+        limit = self.position_limit(memory)
+        if max(memory.next_position, int(positions.max()) + 1) > limit:
             seconds = f" ({memory.frames / memory.fps / 3600:.2f} h at {memory.fps:g} fps)" if memory.fps else ""
             raise PositionLimitError(
                 f"the stream is full: {memory.frames} frames{seconds} have taken it to position "
-                f"{memory.next_position}, and {frames} more would pass this model's {self.position_limit} positions "
-                f"(max_position_embeddings, {POSITION_RESERVE} kept for the question); questions still work on the "
-                "memory as it is; for more video start a new stream, or sample fewer frames per second or "
-                "fewer pixels per frame")
+                f"{memory.next_position}, and {frames} more would pass position {limit}, where its video must end "
+                f"(max_position_embeddings or memory.max_positions, less room for a question) even "
+                "with its past re-timed; questions still work on the memory as it is; for more video raise "
+                "max_positions, lower chunk_frames, or start a new stream")
 
     def chunk_layout(self, memory: KVMemory, frames: int, pairs: int, merged_h: int, merged_w: int,
                      fps: float) -> tuple[list[int], torch.Tensor, int]:
@@ -252,8 +269,9 @@ class Runner:
         ids = list(self.prefix_ids) if first else []
         video_start = memory.next_position + len(ids) if first else memory.video_start
         if not self.family.timestamps:
-            positions = torch.cat([text_positions(memory.next_position, len(ids)), video_positions(
-                video_start, memory.temporal_groups, pairs, merged_h, merged_w, self.pair_step(fps))])
+            video = video_positions(video_start, memory.temporal_groups, pairs, merged_h, merged_w, self.pair_step(fps))
+            video[:, 0] -= memory.time_shift  # the stream's re-timed past moved its newest pairs back this far
+            positions = torch.cat([text_positions(memory.next_position, len(ids)), video])
             return ids + [video_token] * (pairs * merged_h * merged_w), positions, video_start
         parts = [text_positions(memory.next_position, len(ids))]
         cursor = memory.next_position + len(ids)

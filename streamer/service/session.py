@@ -297,6 +297,7 @@ class StreamSession:
                     memory_tokens=memory.mean_tokens(), full_tokens=memory.full_tokens,
                     memory_tokens_per_layer=memory.tokens_per_layer(), budget=memory.budget,
                     evicted_tokens=memory.evicted, coverage=coverage(memory) if memory.chunks else [],
+                    retimed_positions=memory.time_shift,
                     last_ratios=last.get("ratios"), last_js=last.get("js"),
                     questions_answered=self.answered, questions_waiting=self.questions)
 
