@@ -129,6 +129,9 @@ class KVMemory:
         self.check_fps(fps)
         chunk_len = positions.shape[0]
         heads = self.layers[0].keys.shape[1]
+        kept, capped = cap_chunk(self, kept, scores, protected, chunk_len)
+        if capped is not None:
+            report = dict(report, capped=capped)
         incoming = [chunk_len] * len(self.layers) if kept is None else [k.shape[1] for k in kept]
         # every layer before any changes, so a refused chunk leaves the memory as it was; forgetting frees only
         # what eviction could, so the same chunks fit either way
@@ -234,6 +237,35 @@ def prompt_tokens(memory: KVMemory, layer: LayerMemory) -> torch.Tensor:
     if memory.video_start is None:
         return torch.zeros_like(layer.importance, dtype=torch.bool)
     return layer.positions[..., 0] < memory.video_start
+
+
+def cap_chunk(memory: KVMemory, kept: list[torch.Tensor] | None, scores: list[torch.Tensor] | None,
+              protected: torch.Tensor, chunk_len: int) -> tuple[list[torch.Tensor] | None, float | None]:
+    """A chunk takes at most half the budget: beyond it every layer keeps the same share of the video tokens the
+    policy chose, the most important, so that one busy chunk (EMLoC keeping all of it when no ratio stays within
+    its bound) neither empties the memory of the past nor is refused. Returns the chunk's kept indices and that
+    share (None: not capped)."""
+    layers = len(memory.layers)
+    if memory.budget is None:
+        return kept, None
+    text = int(protected.sum())
+    heads = memory.layers[0].keys.shape[1]
+    chosen = kept or [torch.arange(chunk_len).expand(heads, -1)] * layers
+    video = [k.shape[1] - text for k in chosen]
+    room = memory.budget * layers // 2 - text * layers
+    if sum(video) <= room or room <= 0:  # fits, or not even the text fits (check_room refuses it)
+        return kept, None
+    share = room / sum(video)
+    capped = []
+    for idx, count in enumerate(video):
+        indices = chosen[idx].to(protected.device)
+        score = (scores[idx].float().cpu() if scores is not None else torch.zeros(heads, chunk_len)).to(protected.device)
+        # prompt text always stays; a policy's own infinite scores (window's sinks) rank just below it
+        score = score.nan_to_num(posinf=torch.finfo(score.dtype).max).masked_fill(protected, float("inf"))
+        score = score.gather(1, indices)
+        top = score.topk(text + math.floor(count * share), dim=1, sorted=False).indices
+        capped.append(indices.gather(1, top).sort(dim=1).values)
+    return capped, share
 
 
 def check_room(memory: KVMemory, incoming: list[int]) -> None:

@@ -151,15 +151,17 @@ def test_moving_every_token_keeps_the_answer(family_runner):
     assert (family_runner.answer(unrotated, "What happens?", max_new_tokens=1).first_logits - before).abs().max() > 1e-3
 
 
-def test_an_endless_stream_is_retimed_within_the_models_positions(family_runner):
-    """With few positions (max_positions), a stream goes on past them: when a chunk would pass the limit the past is
-    squeezed onto fewer positions (in order), the newest quarter keeps its exact spacing, and every position
-    stays within the limit; answers still come."""
+def test_an_endless_stream_is_retimed_within_the_models_positions(family_runner, monkeypatch):
+    """With a model of few positions (max_position_embeddings), a stream goes on past them: when a chunk would pass
+    the limit the past is squeezed onto fewer positions (in order), the newest quarter keeps its exact spacing, and
+    every position stays within the limit; answers still come."""
     chunks = [random_frames(8, seed=seed) for seed in range(12)]
     trial = family_runner.new_memory()
     family_runner.ingest(trial, chunks[0], POLICY, fps=2.0)
     per_chunk = trial.next_position - trial.video_start  # about what a chunk of 4 pairs spans
-    memory = family_runner.new_memory(max_positions=trial.video_start + 6 * per_chunk)  # about 5 chunks' worth
+    monkeypatch.setattr(family_runner.model.config.text_config, "max_position_embeddings",
+                        trial.video_start + 6 * per_chunk)  # about 5 chunks' worth, less an eighth for questions
+    memory = family_runner.new_memory()
     limit = family_runner.position_limit(memory)
     for frames in chunks:
         held = memory.fork()

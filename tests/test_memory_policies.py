@@ -14,7 +14,7 @@ from memory.emloc import EmlocPolicy, layer_groups
 from memory.policy import ChunkContext
 from memory.probe import ProbeConfig, js_divergence
 from memory.registry import POLICIES, make_policy, policies_with
-from memory.store import KVMemory
+from memory.store import KVMemory, coverage
 from streamer.engine.positions import text_positions
 from streamer.engine.probing import ChunkProbes
 from streamer.engine.view import MemoryView
@@ -186,16 +186,33 @@ def test_budget_is_never_exceeded_over_a_long_stream(family_runner, name):
             time = memory.video_start + int(chunk * family_runner.pair_step(memory.fps))  # one frame pair per chunk
         assert int(newest[-1, 0]) == time, "the newest chunk is kept as chosen"
     assert memory.evicted > 0 and sum(sum(c["evicted"]) for c in memory.chunks) == memory.evicted
+    quarters = [row["of_kept"] for row in coverage(memory)[:4]]  # oldest first: none held better than a newer one
+    assert quarters == sorted(quarters) and quarters[-1] > 0, quarters
     prefix = len(family_runner.prefix_ids)
     assert memory.layers[0].positions[0][:prefix, 0].tolist() == list(range(prefix))
     assert len(family_runner.answer(memory, QUESTION, max_new_tokens=2).token_ids) >= 1
 
 
 def test_budget_smaller_than_a_chunk_is_refused_without_damage(tiny_runner):
-    memory = tiny_runner.new_memory(budget=10)
+    memory = tiny_runner.new_memory(budget=10)  # not even the prompt text fits
     with pytest.raises(ValueError, match="raise the budget"):
         tiny_runner.ingest(memory, random_frames(4), FullPolicy())
     assert memory.tokens_per_layer() == [0] * tiny_runner.num_layers
+
+
+def test_a_chunk_takes_at_most_half_the_budget(tiny_runner):
+    """A chunk whose policy keeps more than half the budget (here everything) keeps its most important share in
+    every layer instead of being refused or emptying the memory of the past."""
+    frames = random_frames(16, seed=21)
+    memory = tiny_runner.new_memory(budget=40)
+    policy = make_policy("uniform", {"ratio": 1.0}, PROBE)
+    for start in (0, 8):
+        record = tiny_runner.ingest(memory, frames[start:start + 8], policy)
+        assert 0 < record["capped"] < 1
+        assert sum(record["kept"]) <= 40 * tiny_runner.num_layers // 2 + 1
+    assert sum(memory.tokens_per_layer()) <= 40 * tiny_runner.num_layers
+    held = memory.layers[0].chunk[0]
+    assert bool((held == 0).any()), "the first chunk is still held after the second came in"
 
 
 def test_generic_memory_serves_questions_while_it_grows(tiny_runner):
