@@ -324,7 +324,7 @@ def coverage(memory: KVMemory, stretches: list[tuple[str, float, float]] | None 
     fps = memory.fps or 1.0
     counts = [0] + [record["frames"] for record in memory.chunks]
     starts = torch.tensor(counts).cumsum(0).double() / fps
-    middles = ((starts[:-1] + starts[1:]) / 2).tolist()
+    middles = (starts[:-1] + starts[1:]) / 2
     video = torch.tensor([r.get("video_tokens", r["tokens"]) for r in memory.chunks], dtype=torch.float64)
     text = torch.tensor([r["tokens"] for r in memory.chunks], dtype=torch.float64) - video
     layers = len(memory.layers)
@@ -333,7 +333,7 @@ def coverage(memory: KVMemory, stretches: list[tuple[str, float, float]] | None 
                                        minlength=len(memory.chunks)).double() for layer in memory.layers], dim=1)
     report = []
     for label, start, end in stretches if stretches is not None else default_stretches(float(starts[-1])):
-        inside = torch.tensor([start <= m < end for m in middles], dtype=torch.bool)
+        inside = (middles >= start) & (middles < end)
         taken, policy = video[inside].sum() * layers, kept[inside].sum()
         report.append(dict(stretch=label, start_s=round(start, 3), end_s=round(end, 3),
                            held=round(float(held[inside].sum() / taken), 4) if taken else None,

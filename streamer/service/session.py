@@ -61,6 +61,9 @@ class StreamSession:
         self.policy = config.make_policy()
         self.preset = config.vision_preset(shared.runner.preset)
         self.memory = self.runner.new_memory(**config.memory.limits())
+        # what the memory holds of each stretch of the stream, computed on the model thread after each change:
+        # stats (on the event loop) must not read a memory that a chunk is being committed into
+        self.coverage: list[dict] = []
         # the rate of the frames ingested: the start option (or config), or the source a server-side ingest reads
         self.fps = config.video.fps
         self.chunk_frames = config.memory.chunk_frames
@@ -177,7 +180,9 @@ class StreamSession:
 
     def _ingest_now(self, frames: list[Frame]) -> dict:  # on the model thread
         try:
-            return self.runner.ingest(self.memory, [f.image for f in frames], self.policy, self.preset, self.fps)
+            report = self.runner.ingest(self.memory, [f.image for f in frames], self.policy, self.preset, self.fps)
+            self.coverage = coverage(self.memory)
+            return report
         finally:  # taken, in or (failed) never: a question from now on leaves these frames to the memory
             self.ingested_through = frames[-1].index
 
@@ -278,6 +283,7 @@ class StreamSession:
         runner = self.runner
         memory, _ = await self.shared.scheduler.submit(
             ASK, load_memory, path, self.shared.identity, runner.device, runner.model.dtype)
+        self.coverage = coverage(memory) if memory.chunks else []  # not shared with the model thread yet
         memory.budget = self.memory.budget
         self.memory = memory
         self.frame_shape = None  # the saved stream's frames are not known; the next frame sets the size
@@ -296,7 +302,7 @@ class StreamSession:
                     chunks=len(memory.chunks), chunks_queued=self.queued_chunks,
                     memory_tokens=memory.mean_tokens(), full_tokens=memory.full_tokens,
                     memory_tokens_per_layer=memory.tokens_per_layer(), budget=memory.budget,
-                    evicted_tokens=memory.evicted, coverage=coverage(memory) if memory.chunks else [],
+                    evicted_tokens=memory.evicted, coverage=self.coverage,
                     retimed_positions=memory.time_shift,
                     last_ratios=last.get("ratios"), last_js=last.get("js"),
                     questions_answered=self.answered, questions_waiting=self.questions)
