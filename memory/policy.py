@@ -7,7 +7,7 @@ memory and this chunk in its context, offering only what a policy may ask of it 
 probe forwards, memory/probe.py). The engine implements ChunkModel (streamer/engine/probing.py);
 tests implement it with fakes. A policy returns a `Selection`: per layer, the indices of the chunk tokens every
 KV head keeps ([kv_heads, k], the same k for all heads of a layer; None keeps everything), and
-optionally per-token importance, which the memory stores to choose evictions under a budget,
+optionally per-token importance, which ranks the chunk's tokens for evictions under a budget,
 and optionally a temporal position before which the memory forgets what it holds (`recent`).
 Protected tokens are always kept.
 

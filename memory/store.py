@@ -28,10 +28,10 @@ class LayerMemory:
     keys: torch.Tensor  # [1, kv_heads, M, head_dim], after RoPE
     values: torch.Tensor  # [1, kv_heads, M, head_dim]
     positions: torch.Tensor  # [kv_heads, M, 3] int64 absolute (t, h, w) positions
-    importance: torch.Tensor  # [kv_heads, M] float32 score when kept; inf = never evicted (prompt text)
+    importance: torch.Tensor  # [kv_heads, M] float32 score when kept; inf = text no policy prunes (the prompt)
     chunk: torch.Tensor  # [kv_heads, M] int64: the chunk each token came in with (its index in KVMemory.chunks)
     rank: torch.Tensor  # [kv_heads, M] float32: (j - 1/2) / k for the j-th most important of the k video tokens
-    #                     its chunk kept in this layer and head (0 for prompt text)
+    #                     its chunk kept in this layer and head; the chunk's text ranks with its first
 
     def __len__(self) -> int:
         return self.keys.shape[2]
@@ -119,11 +119,13 @@ class KVMemory:
         new_kv[l]: the chunk's keys and values in layer l, [1, kv_heads, chunk_len, head_dim];
         positions: [chunk_len, 3]; protected: [chunk_len] bool (stored with infinite importance);
         kept[l]: [kv_heads, k] sorted chunk indices each head keeps (None: all); scores[l]: [kv_heads,
-        chunk_len] importance, for evictions (None: zeros); grid_thw: the chunk's patch grid; fps: its frame
-        rate; video_start: where the stream's vision block starts; forget_before: drop the stored video tokens whose temporal
-        position is below it first. Evicts old tokens first when a budget is set. All or nothing: a chunk
-        refused (frame size, budget) leaves the memory as it was. Returns the chunk's record -- `report`
-        plus kept, evicted (per layer, forgotten included) and memory_tokens -- which is also kept in `chunks`.
+        chunk_len] importance, which ranks the chunk's tokens for evictions (None: zeros, the later first);
+        grid_thw: the chunk's patch grid; fps: its frame rate; video_start: where the stream's vision block
+        starts; forget_before: drop the stored video tokens whose temporal position is below it first. With a
+        budget the chunk takes at most half of it (cap_chunk) and old tokens are evicted first (make_room). All or
+        nothing: a chunk refused (frame size, budget) leaves the memory as it was. Returns the chunk's record --
+        `report` plus video_tokens, kept, evicted (per layer, forgotten included), memory_tokens and, when
+        capped, capped -- which is also kept in `chunks`.
         """
         self.check_grid(grid_thw[1:])
         self.check_fps(fps)
