@@ -119,7 +119,10 @@ def build_model(config: ModelConfig, tokenizer: PreTrainedTokenizerBase, seed: i
     text = dict(
         hidden_size=config.hidden, intermediate_size=config.intermediate, num_hidden_layers=config.layers,
         num_attention_heads=config.heads, num_key_value_heads=config.kv_heads, hidden_act="silu",
-        max_position_embeddings=4096, rms_norm_eps=1e-6, vocab_size=len(tokenizer),
+        # the positions its training reaches (384 frames: 15 prompt + 192 pair positions, then the question), rounded
+        # up to a power of two: a longer stream is re-timed to stay within them (streamer/engine/compaction.py), which
+        # measured +33 points on questions about the newest video of 1,536-frame streams (docs/MEMORY.md)
+        max_position_embeddings=256, rms_norm_eps=1e-6, vocab_size=len(tokenizer),
         rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta, "mrope_section": config.mrope_section},
         eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
         bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
