@@ -235,7 +235,7 @@ BAD_START = [
     ({"ratios": [0.1, float("nan")]}, "bad_option"), ({"chunk_frames": 100_000}, "bad_option"),
     ({"colour": "red"}, "bad_option"), ({"delta": -0.1}, "bad_option"), ({"ratios": []}, "bad_option"),
     ({"ratios": [0.1, 1.5]}, "bad_option"), ({"policy": "magic"}, "bad_option"), ({"chunk_frames": 3}, "bad_option"),
-    ({"probe": "question"}, "bad_option"), ({"delta": "abc"}, "bad_option"), ({"budget": 10**9}, "bad_option"),
+    ({"probe": "question"}, "bad_option"), ({"delta": "abc"}, "bad_option"), ({"budget": 10**9}, "bad_option"), ({"budget": 0}, "bad_option"),
     ({"policy": "emloc", "ratio": 0.2}, "bad_option"), ({"max_pixels": 10**9}, "bad_option"),
     ({"fps": 0}, "bad_option"), ({"fps": -2.5}, "bad_option"), ({"fps": "fast"}, "bad_option"),
 ]
@@ -602,3 +602,28 @@ def test_client_command_streams_and_answers(tiny_runner, clip, capsys):
     assert "Q: So far?" in out and "Q: What happens?" in out and "A: " in out
     stats = json.loads(out[out.index("{"):])
     assert stats["frames_ingested"] == 8 and stats["questions_answered"] == 2
+
+
+def test_frames_without_a_time_keep_the_streams_time_and_progress_counts_each_stage_once(tiny_runner):
+    """Frames pushed without "ts" continue the stream's time at its rate across chunks (they restarted at 0 with
+    every chunk); a chunk's progress `seconds` is its stages' sum, the policy's own probe and search inside it (they
+    were counted twice); a server whose config has no budget gives its sessions the largest one, not none."""
+    frames = random_frames(12, seed=41)
+
+    async def scenario(url, server):
+        async with StreamerClient(url) as client:
+            await client.start(fps=2.0)
+            for image in frames:
+                await client.send_frame(png(image))
+            progress = [await client.next_event("progress", timeout=60) for _ in range(3)]
+            stats = await client.stats()
+            return progress, stats, list(next(iter(server.sessions.values())).memory.chunks)
+
+    with running_server(tiny_runner) as (server, url):
+        progress, stats, records = asyncio.run(scenario(url, server))
+    assert [p["until_ts"] for p in progress] == [1.5, 3.5, 5.5]  # frames 3, 7, 11 at 2 fps
+    for event, record in zip(progress, records):
+        stages = record["timings"]
+        assert event["seconds"] == pytest.approx(sum(stages[s] for s in ("preprocess", "vision", "prefill", "policy")))
+        assert stages["probe"] + stages["search"] <= stages["policy"]
+    assert stats["budget"] == ServerLimits().max_budget

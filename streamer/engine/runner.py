@@ -35,6 +35,9 @@ log = logging.getLogger("streamer")
 TOP_LOGPROBS = 5
 # a stream's frame rate when its caller states none: qwen-vl-utils' default sampling rate
 DEFAULT_FPS = 2.0
+# the stages that add up to a chunk's time in Runner.ingest's timings (a policy's own, e.g. probe and search, are
+# parts of `policy`; `read`, the wait for frames, is added by the chunk loop)
+CHUNK_STAGES = ("preprocess", "vision", "prefill", "policy")
 # positions kept free after a stream's video for a question and its answer, at most (an eighth of a smaller
 # limit: a question past it still works, only further from what the model was trained on); docs/DESIGN.md section 4
 POSITION_RESERVE = 512

@@ -169,8 +169,10 @@ def session_config(defaults: Config, options: dict, limits: ServerLimits) -> Con
     if config.memory.chunk_frames > limits.max_chunk_frames:
         raise ProtocolError("bad_option", f"chunk_frames {config.memory.chunk_frames} is over this server's limit "
                             f"{limits.max_chunk_frames}")
-    if not 0 < (config.memory.budget or limits.max_budget) <= limits.max_budget:
+    if "budget" in options and not 0 < config.memory.budget <= limits.max_budget:
         raise ProtocolError("bad_option", f"budget must be between 1 and {limits.max_budget} tokens per layer")
+    # no session's memory is unbounded: a server config without a budget gives its sessions the limit
+    config.memory.budget = min(config.memory.budget or limits.max_budget, limits.max_budget)
     try:
         return config.validate()
     except (ValueError, TypeError) as exc:

@@ -26,7 +26,7 @@ import numpy as np
 from memory.snapshot import load_memory, save_memory
 from memory.store import coverage
 from streamer.config import Config
-from streamer.engine.runner import PositionLimitError, Runner
+from streamer.engine.runner import CHUNK_STAGES, DEFAULT_FPS, PositionLimitError, Runner
 from streamer.engine.stream import with_newest
 from streamer.service.protocol import ProtocolError, ServerLimits
 from streamer.service.scheduler import ASK, INGEST, ModelScheduler
@@ -64,6 +64,7 @@ class StreamSession:
         # what the memory holds of each stretch of the stream, computed on the model thread after each change:
         # stats (on the event loop) must not read a memory that a chunk is being committed into
         self.coverage: list[dict] = []
+        self.last_ts: float | None = None  # the newest frame's time (seconds)
         # the rate of the frames ingested: the start option (or config), or the source a server-side ingest reads
         self.fps = config.video.fps
         self.chunk_frames = config.memory.chunk_frames
@@ -116,8 +117,10 @@ class StreamSession:
                 await self.room.wait_for(lambda: len(self.pending) < self.max_pending or self.closed)
         elif len(self.pending) >= self.max_pending:
             self._overflow()
-        ts = float(ts) if ts is not None else (self.pending[-1].ts + 1e-3 if self.pending else 0.0)
-        self.pending.append(Frame(image=image, ts=ts, index=self.received))
+        if ts is None:  # the stream's time goes on at its rate from the last frame's, taken into a chunk or not
+            ts = 0.0 if self.last_ts is None else self.last_ts + 1 / (self.fps or DEFAULT_FPS)
+        self.last_ts = float(ts)
+        self.pending.append(Frame(image=image, ts=self.last_ts, index=self.received))
         self.received += 1
         self._schedule_chunks()
 
@@ -163,7 +166,7 @@ class StreamSession:
                            chunk_frames=len(frames), until_ts=frames[-1].ts, pending=len(self.pending),
                            memory_tokens=self.memory.mean_tokens(), full_tokens=self.memory.full_tokens,
                            ratios=report.get("ratios"), js=report.get("js"), evicted=sum(report["evicted"]),
-                           seconds=sum(report["timings"].values())))
+                           seconds=sum(report["timings"][stage] for stage in CHUNK_STAGES)))
         except asyncio.CancelledError:
             raise
         except PositionLimitError as exc:  # the stream is full; the memory stays and answers
