@@ -79,6 +79,13 @@ def test_ask_missing_video(capsys, tmp_path):
     assert "missing.mp4" in err
 
 
+@pytest.mark.parametrize("destination, message", [("nodir/m.safetensors", "no folder"), (".", "is a directory")])
+def test_ask_refuses_a_destination_it_cannot_write_before_any_work(capsys, video, tmp_path, destination, message):
+    assert main(["-q", "ask", str(video), "Q?", *SMALL, "--save-memory", str(tmp_path / destination)]) == 2
+    err = capsys.readouterr().err
+    assert f"--save-memory {tmp_path / destination}" in err and message in err
+
+
 def test_console_entry_point_text_output(video):
     result = subprocess.run(
         [sys.executable, "-m", "streamer", "ask", str(video), "What happens?", *SMALL, "--frames", "4",

@@ -292,6 +292,7 @@ async def refuse_hostile_inputs(url: str, root) -> list[str]:
             (json.dumps(dict(type="ingest", source="x" * 100_000)), "bad_option"),
             (json.dumps(dict(type="ingest", source="y" * 300 + ".mp4")), "bad_option"),
             (json.dumps(dict(type="save", path="adir")), "bad_option"),  # a directory
+            (json.dumps(dict(type="save", path="nodir/memory.safetensors")), "bad_option"),  # no such folder
             (json.dumps(dict(type="load", path="missing.safetensors")), "not_found"),
             (b"x" * 250_000, "message_too_large"),
             (json.dumps(dict(type="frame", ts=-1)), "bad_option"),

@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import sys
 import time
 from dataclasses import asdict
+from pathlib import Path
 from typing import Callable
 
 from memory.policy import ProbedPolicy
@@ -120,8 +122,23 @@ def print_result(result: dict, as_json: bool) -> None:
           f"first token {t['question_prefill'] * 1000:.0f} ms]", file=sys.stderr)
 
 
+def check_destination(path: str) -> None:
+    """Refuse a --save-memory path that cannot be written, before any work is spent on the video."""
+    target = Path(path)
+    if target.is_dir():
+        raise ValueError(f"--save-memory {path}: is a directory; give a file name to save to")
+    if not target.parent.is_dir():
+        raise ValueError(f"--save-memory {path}: no folder {str(target.parent)!r}; create it first")
+    if not os.access(target.parent, os.W_OK):
+        raise ValueError(f"--save-memory {path}: the folder {str(target.parent)!r} is not writable")
+
+
 def run_ask(args) -> int:
     config = config_from_args(args)
+    if args.save_memory:
+        check_destination(args.save_memory)
+    if "://" not in args.video and not Path(args.video).exists():  # before the model loads (a minute for a 7B)
+        raise FileNotFoundError(f"{args.video}: no such file (working directory {os.getcwd()}); check the path")
     runner, load_s = load_runner(config)
     result, memory = ask_video(runner, args.video, args.question, config, progress=log.info)
     result["timings"] = {"load_model": load_s, **result["timings"]}

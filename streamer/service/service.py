@@ -247,6 +247,9 @@ class StreamService:
             path = self._allowed_path(request.get("path"), for_writing=kind == "save")
             if kind == "save" and path.is_dir():
                 raise ProtocolError("bad_option", f"{request['path']!r} is a directory; give a file name to save to")
+            if kind == "save" and not path.parent.is_dir():
+                raise ProtocolError("bad_option", f"no folder {str(path.parent)!r} to save {request['path']!r} in; "
+                                    "create it first or give a path in an existing folder")
             if kind == "load" and not path.is_file():
                 raise ProtocolError("not_found", f"no snapshot file at {request['path']!r} under the allowed roots")
             try:
