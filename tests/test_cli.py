@@ -118,7 +118,12 @@ def test_baselines_through_the_cli(capsys, video, policy):
 
 def test_budget_switch(capsys, video):
     result = ask_json(capsys, video, "--frames", "16", "--chunk-frames", "2", "--budget", "40", "--max-new-tokens", "1")
-    assert max(result["memory_tokens_per_layer"]) <= 40 and result["evicted_tokens"] > 0
+    layers = result["memory_tokens_per_layer"]
+    assert sum(layers) <= 40 * len(layers) and result["evicted_tokens"] > 0  # the layers share the budget
+    # the text output says what the budget left of each quarter of the stream
+    assert main(["-q", "ask", str(video), "Q?", *SMALL, "--frames", "16", "--chunk-frames", "2", "--budget", "40",
+                 "--max-new-tokens", "1"]) == 0
+    assert "held of what the policy kept, by quarter of the stream" in capsys.readouterr().err
 
 
 def test_saved_memory_answers_without_the_video(capsys, video, tmp_path):

@@ -120,6 +120,11 @@ def print_result(result: dict, as_json: bool) -> None:
     print(f"\n[{result['frames']} frames, memory {result['memory_tokens']:.0f} of {result['full_tokens']} tokens"
           f"{' (' + result['policy'] + ')' if 'policy' in result else ''}; ingest {ingest:.2f} s, "
           f"first token {t['question_prefill'] * 1000:.0f} ms]", file=sys.stderr)
+    if result.get("evicted_tokens"):  # the budget has thinned the past: say what each quarter still holds
+        quarters = [row for row in result["coverage"] if row["stretch"].startswith("quarter")]
+        held = ", ".join(f"{row['start_s']:.0f}-{row['end_s']:.0f} s {100 * row['of_kept']:.0f}%" for row in quarters
+                         if row["of_kept"] is not None)
+        print(f"[held of what the policy kept, by quarter of the stream: {held}]", file=sys.stderr)
 
 
 def check_destination(path: str) -> None:
