@@ -552,7 +552,10 @@ def test_connections_without_a_session_are_bounded_and_timed_out(tiny_runner):
     assert ready["type"] == "ready"
 
 
-def test_a_long_server_side_ingest_is_not_idle(tiny_runner, clip, monkeypatch):
+def test_a_long_server_side_ingest_is_not_idle_and_done_means_ingested(tiny_runner, clip, monkeypatch):
+    """The client is silent while 4 slow chunks are ingested (longer than the idle timeout) and the session
+    stays; ingest_done comes once every frame is in the memory (it came when the file was read, with chunks still
+    queued: a question then saw 16 of 64 frames), so the stats right after it and a question see them all."""
     monkeypatch.setattr(tiny_runner, "ingest", slowed(tiny_runner, 0.3))
 
     async def scenario(url):
@@ -560,13 +563,15 @@ def test_a_long_server_side_ingest_is_not_idle(tiny_runner, clip, monkeypatch):
             await client.start()
             await client.ingest("clip.mp4", frames=16)  # 4 chunks of 0.3 s: longer than the idle timeout
             done = await client.next_event("ingest_done", timeout=30)
-            await asyncio.sleep(1.0)  # silent, while the chunks are still being ingested
-            stats = await client.wait_ingested()
-        return done, stats
+            stats = await client.stats()
+            answer = await client.ask("What happens?", max_new_tokens=1)
+        return done, stats, answer
 
     with running_server(tiny_runner, ServerLimits(allowed_roots=[clip], idle_timeout=0.4)) as (_, url):
-        done, stats = asyncio.run(scenario(url))
-    assert done["frames_read"] == 16 and stats["frames_ingested"] == 16
+        done, stats, answer = asyncio.run(scenario(url))
+    assert done["frames_read"] == 16 and done["frames_ingested"] == 16
+    assert stats["frames_ingested"] == 16 and stats["chunks_queued"] == 0
+    assert answer["stats"]["frames_behind"] == 0 and answer["stats"]["frames"] == 16
 
 
 def test_serve_command_shuts_down_cleanly_on_sigterm(tmp_path):

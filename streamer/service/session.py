@@ -180,6 +180,8 @@ class StreamSession:
             self.queued = [f for f in self.queued if f.index > frames[-1].index]
             if not self.closed:
                 self._schedule_chunks()
+            async with self.room:  # wakes a reader waiting for room, and an ingest_done waiting for the chunks
+                self.room.notify_all()
 
     def _ingest_now(self, frames: list[Frame]) -> dict:  # on the model thread
         try:
@@ -227,7 +229,15 @@ class StreamSession:
         if self.closed:
             return
         self.flush()
-        self.send(dict(type="ingest_done", source=label, frames_read=count, frames=self.received))
+        self._spawn(self._announce_ingested(label, count))
+
+    async def _announce_ingested(self, label: str, count: int) -> None:
+        """ingest_done once the source's frames are in the memory, not merely read: a question after it sees them."""
+        async with self.room:
+            await self.room.wait_for(lambda: self.closed or (self.queued_chunks == 0 and not self.pending))
+        if not self.closed:
+            self.send(dict(type="ingest_done", source=label, frames_read=count, frames=self.received,
+                           frames_ingested=self.memory.frames))
 
     # --- questions out ---------------------------------------------------------------------
 
