@@ -3,6 +3,8 @@
 import json
 import subprocess
 import sys
+import tomllib
+from pathlib import Path
 
 import pytest
 
@@ -183,3 +185,11 @@ def test_a_whole_video_pixel_budget_shrinks_its_frames(capsys, video):
     # 4 frames share 6272 pixels: at most 6272 / 4 x 2 = 3136 each, so 56x112 frames become 28x56, 2 tokens
     # per frame pair instead of 8, over 2 pairs
     assert whole["full_tokens"] - budget["full_tokens"] == 2 * (8 - 2)
+
+
+def test_version(capsys):
+    """`streamer --version` prints the version pyproject.toml gives the installed package, and exits 0."""
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"streamer {project['version']}"

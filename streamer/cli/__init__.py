@@ -5,6 +5,7 @@ its own module of this package, and the switches they share in streamer/cli/swit
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import logging
 import sys
 
@@ -12,10 +13,19 @@ from streamer.cli import ask, bench, bench_serve, client, demo, evaluate, serve,
 from video_io.errors import VideoError
 
 
+def package_version() -> str:
+    """The installed package's version (pyproject.toml), or 'unknown' when run from a tree not installed."""
+    try:
+        return importlib.metadata.version("video-streamer")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="streamer", description="Streaming long-video question answering on "
                                      "Qwen2-VL with a pruned key/value memory.")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     for command in (ask, serve, client, demo, bench, bench_serve, evaluate, video, sets):
         command.add_parser(sub)
