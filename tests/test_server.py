@@ -610,6 +610,21 @@ def test_client_command_streams_and_answers(tiny_runner, clip, capsys):
     assert stats["frames_ingested"] == 8 and stats["questions_answered"] == 2
 
 
+def test_client_fast_sends_no_faster_than_the_server_ingests(tiny_runner, tmp_path, capsys, monkeypatch):
+    """`client --fast` on a slow server: every frame of the file is ingested, none dropped (it overran the
+    server's pending frames -- 4 chunks, plus 2 queued -- and 42% of a 384-frame file was dropped)."""
+    from streamer.cli import main
+
+    write_video(tmp_path / "long.mp4", 64, fps=8.0, size=(112, 56))
+    monkeypatch.setattr(tiny_runner, "ingest", slowed(tiny_runner, 0.05))
+    with running_server(tiny_runner) as (_, url):  # chunks of 4 frames: 16 pending and 8 queued at most
+        code = main(["-q", "client", str(tmp_path / "long.mp4"), "--url", url, "--fast", "--frames", "64",
+                     "--json-stats"])
+    out = capsys.readouterr().out
+    stats = json.loads(out[out.index("{"):])
+    assert code == 0 and stats["frames_dropped"] == 0 and stats["frames_ingested"] == 64
+
+
 def test_frames_without_a_time_keep_the_streams_time_and_progress_counts_each_stage_once(tiny_runner):
     """Frames pushed without "ts" continue the stream's time at its rate across chunks (they restarted at 0 with
     every chunk); a chunk's progress `seconds` is its stages' sum, the policy's own probe and search inside it (they

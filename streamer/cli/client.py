@@ -63,7 +63,8 @@ async def run_client(args) -> int:
                 asked_during.extend(asyncio.create_task(ask_when_ready(client, q, args.max_new_tokens))
                                     for q in args.ask_during)
 
-        sent = await stream_frames(client, iter(frames), realtime=args.realtime, on_frame=on_frame)
+        sent = await stream_frames(client, iter(frames), realtime=args.realtime, on_frame=on_frame,
+                                   chunk_frames=ready["chunk_frames"])
         await client.flush()  # before waiting for the questions asked during: they may wait for a first chunk
         await asyncio.gather(*asked_during)
         stats = await client.wait_ingested()
@@ -101,7 +102,8 @@ def add_parser(sub) -> None:
     pace = p.add_mutually_exclusive_group()
     pace.add_argument("--realtime", dest="realtime", action="store_true", default=True,
                       help="send frames at the video's own pace (default)")
-    pace.add_argument("--fast", dest="realtime", action="store_false", help="send frames as fast as possible")
+    pace.add_argument("--fast", dest="realtime", action="store_false",
+                      help="send frames as fast as the server ingests them (none dropped)")
     p.add_argument("--ask", action="append", default=[], metavar="QUESTION", help="ask after streaming (repeatable)")
     p.add_argument("--ask-during", action="append", default=[], metavar="QUESTION",
                    help="ask when half of the frames are sent (repeatable)")

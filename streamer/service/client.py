@@ -158,6 +158,14 @@ class StreamerClient:
                 raise TimeoutError(f"frames still being ingested after {timeout:.0f} s: {stats}")
             await asyncio.sleep(poll)
 
+    async def wait_for_room(self, frames: int, poll: float = 0.02) -> None:
+        """Wait until at most `frames` of the frames sent wait on the server (pending or in queued chunks)."""
+        while True:
+            stats = await self.stats()
+            if stats["frames_received"] - stats["frames_ingested"] - stats["frames_dropped"] <= frames:
+                return
+            await asyncio.sleep(poll)
+
     async def next_event(self, kind: str, timeout: float | None = None) -> dict:
         """Wait for the next event of one kind (e.g. 'ingest_done'); other events are logged."""
         while True:
@@ -181,8 +189,10 @@ def log_event(event: dict) -> None:
 
 
 async def stream_frames(client: StreamerClient, frames: Iterator[Frame], realtime: bool,
-                        on_frame: Callable[[int], None] | None = None) -> int:
-    """Send frames, at their timestamps' pace when realtime, else as fast as the socket takes them."""
+                        on_frame: Callable[[int], None] | None = None, chunk_frames: int | None = None) -> int:
+    """Send frames, at their timestamps' pace when realtime, else as fast as the server ingests them: with
+    `chunk_frames` (the session's), after each chunk's worth the client waits until at most two chunks wait on
+    the server, so a file sent fast is ingested whole instead of overrunning the server's pending frames."""
     started = time.monotonic()
     count = 0
     for frame in frames:
@@ -192,4 +202,6 @@ async def stream_frames(client: StreamerClient, frames: Iterator[Frame], realtim
         count += 1
         if on_frame is not None:
             on_frame(count)
+        if not realtime and chunk_frames and count % chunk_frames == 0:
+            await client.wait_for_room(2 * chunk_frames)
     return count
