@@ -648,3 +648,27 @@ def test_frames_without_a_time_keep_the_streams_time_and_progress_counts_each_st
         assert event["seconds"] == pytest.approx(sum(stages[s] for s in ("preprocess", "vision", "prefill", "policy")))
         assert stages["probe"] + stages["search"] <= stages["policy"]
     assert stats["budget"] == ServerLimits().max_budget
+
+
+def test_client_command_says_what_went_wrong_in_one_line(tiny_runner, tmp_path, capsys, caplog):
+    """What a client meets -- the server's frame limit mid-file, a token it lacks, a wrong address -- ends in one
+    clear line and an exit code, never a traceback; the frame limit stops the sending, and the questions are still
+    answered from what was ingested (a frame's refusal failed the client's own stats request before)."""
+    from streamer.cli import main
+
+    write_video(tmp_path / "long.mp4", 64, fps=8.0, size=(112, 56))
+    with running_server(tiny_runner, ServerLimits(max_frames_per_session=20)) as (_, url):
+        code = main(["-q", "client", str(tmp_path / "long.mp4"), "--url", url, "--fast", "--frames", "64",
+                     "--ask", "What happens?"])
+    out = capsys.readouterr().out
+    assert code == 0 and "Q: What happens?" in out and "refused" not in out
+    assert "the server takes no more frames" in caplog.text
+
+    with running_server(tiny_runner, ServerLimits(token="secret")) as (_, url):
+        for token, said in (([], "none was given"), (["--token", "wrong"], "refused this one")):
+            assert main(["-q", "client", str(tmp_path / "long.mp4"), "--url", url, *token]) == 1
+            assert f"wants a token and {said}; give --token or set $STREAMER_TOKEN" in capsys.readouterr().err
+    assert main(["-q", "client", str(tmp_path / "long.mp4"), "--url", url.replace("ws://", "http://")]) == 1
+    assert "is not a websocket address" in capsys.readouterr().err
+    assert main(["-q", "client", str(tmp_path / "long.mp4"), "--url", url]) == 1  # the server is gone now
+    assert "cannot connect to" in capsys.readouterr().err

@@ -5,6 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import sys
+
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
 from streamer.cli.switches import ratio_list
 from streamer.service.client import ServerError, StreamerClient, log_event, stream_frames
@@ -81,6 +85,35 @@ async def run_client(args) -> int:
     return 0
 
 
+def run(args) -> int:
+    """run_client, with what can go wrong between a client and a server said in one line: 1 when the server
+    refused or was not reached, 130 on Ctrl-C (bad switches exit 2 before this)."""
+    def fail(message: str) -> int:
+        print(f"streamer client: error: {message}", file=sys.stderr)
+        return 1
+
+    try:
+        return asyncio.run(run_client(args))
+    except KeyboardInterrupt:
+        return 130
+    except ServerError as exc:
+        return fail(f"the server refused: {exc}")
+    except InvalidURI:
+        return fail(f"--url {args.url} is not a websocket address; give ws://HOST:PORT (or wss://)")
+    except InvalidStatus as exc:
+        status = exc.response.status_code
+        if status == 401:
+            return fail(f"{args.url} wants a token and {'refused this one' if args.token else 'none was given'}; "
+                        "give --token or set $STREAMER_TOKEN")
+        return fail(f"{args.url} answered HTTP {status}, not a websocket: is it a streamer server?")
+    except InvalidHandshake as exc:
+        return fail(f"{args.url} is not a streamer server ({exc})")
+    except ConnectionClosed as exc:
+        return fail(f"the server closed the connection ({exc.rcvd.reason if exc.rcvd else 'no reason given'})")
+    except (OSError, TimeoutError) as exc:
+        return fail(f"cannot connect to {args.url}: {exc.strerror if isinstance(exc, OSError) and exc.strerror else exc}")
+
+
 def _prompt() -> str:
     try:
         return input("question> ")
@@ -94,7 +127,8 @@ def add_parser(sub) -> None:
                                    "questions during and after, print the streamed answers.")
     p.add_argument("video", help="a local video file, or a stream URL")
     p.add_argument("--url", default="ws://127.0.0.1:8765", help="the server's websocket URL")
-    p.add_argument("--token", help="bearer token, if the server wants one")
+    p.add_argument("--token", default=os.environ.get("STREAMER_TOKEN"),
+                   help="bearer token, if the server wants one (default: $STREAMER_TOKEN)")
     sampling = p.add_mutually_exclusive_group()
     sampling.add_argument("--fps", type=float, default=1.0, help="frames per second of video to send (default 1)")
     sampling.add_argument("--frames", type=int, help="send N frames spread uniformly instead")
@@ -117,4 +151,4 @@ def add_parser(sub) -> None:
     p.add_argument("--budget", type=int)
     p.add_argument("--chunk-frames", type=int)
     p.add_argument("--json-stats", action="store_true", help="print the session's stats as JSON at the end")
-    p.set_defaults(run=lambda args: asyncio.run(run_client(args)))
+    p.set_defaults(run=run)

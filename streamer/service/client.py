@@ -8,8 +8,9 @@
         answer = await client.ask("What happens?", on_text=lambda t: print(t, end=""))
 
 One reader task routes incoming messages: tokens, answers and errors carrying an ask's id go to
-that question; replies to start/stats/save/load/ping go to the oldest request of that kind;
-progress, warnings and other errors go to `events`.
+that question; replies to start/stats/save/load/ping, and errors naming that kind of request, go
+to the oldest request of that kind; progress, warnings and other errors (a refused frame, a chunk
+that failed) go to `events`, never to an unrelated request.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ class StreamerClient:
         self.questions: dict[object, asyncio.Queue] = {}
         self.ids = itertools.count(1)
         self.reader: asyncio.Task | None = None
+        self.frames_refused: dict | None = None  # the latest refusal of a frame (e.g. frame_limit), if any
 
     async def __aenter__(self) -> "StreamerClient":
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
@@ -88,9 +90,11 @@ class StreamerClient:
             question.put_nowait(message)
         elif kind in REPLIES and self.waiting[REPLIES[kind]]:
             self.waiting[REPLIES[kind]].popleft().set_result(message)
-        elif kind == "error" and (pending := next((q for q in self.waiting.values() if q), None)):
-            pending.popleft().set_exception(ServerError(message))
+        elif kind == "error" and self.waiting.get(message.get("request")):
+            self.waiting[message["request"]].popleft().set_exception(ServerError(message))
         else:
+            if kind == "error" and message.get("request") == "frame":
+                self.frames_refused = message
             self.events.put_nowait(message)
 
     async def _request(self, kind: str, **fields) -> dict:
@@ -196,6 +200,9 @@ async def stream_frames(client: StreamerClient, frames: Iterator[Frame], realtim
     started = time.monotonic()
     count = 0
     for frame in frames:
+        if client.frames_refused is not None and client.frames_refused.get("code") == "frame_limit":
+            log.warning("the server takes no more frames (%s); %d sent", client.frames_refused.get("message"), count)
+            break
         if realtime:
             await asyncio.sleep(max(0.0, frame.ts - (time.monotonic() - started)))
         await client.send_frame(frame.image, frame.ts)

@@ -99,6 +99,19 @@ def request_id(message) -> object:
     return None
 
 
+def request_kind(message) -> str | None:
+    """What a refused message was -- "frame" for an image, else its "type" if it has a string one -- so that the
+    client gives the refusal to that request, not to another one it is waiting for."""
+    if isinstance(message, bytes):
+        return "frame"
+    try:
+        request = _loads(message)
+    except ProtocolError:
+        return None
+    kind = request.get("type") if isinstance(request, dict) else None
+    return kind if isinstance(kind, str) else None
+
+
 def number(request: dict, key: str, minimum: float, maximum: float | None = None, integer: bool = False,
            default=None):
     """request[key] as a number within [minimum, maximum] (None if absent and no default)."""
