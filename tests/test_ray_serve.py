@@ -174,7 +174,7 @@ async def one_per_replica(url: str, frames) -> tuple[list[StreamerClient], list[
     places a connection by its cached count of each replica's open requests, which lags sessions
     that just ended, so a connection that lands beside the first is closed and tried again."""
     clients, sessions = [], []
-    for _ in range(20):
+    for _ in range(60):  # 20 tries (10 s) once all landed beside the first, with another process on the cores
         client = await StreamerClient(url).__aenter__()
         session = (await client.start())["session"]
         if sessions and replica_of(session) == replica_of(sessions[0]):
