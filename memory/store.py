@@ -261,7 +261,7 @@ def cap_chunk(memory: KVMemory, kept: list[torch.Tensor] | None, scores: list[to
     capped = []
     for idx, count in enumerate(video):
         indices = chosen[idx].to(protected.device)
-        score = (scores[idx].float().cpu() if scores is not None else torch.zeros(heads, chunk_len)).to(protected.device)
+        score = scores[idx].float().to(protected.device) if scores is not None else torch.zeros(heads, chunk_len)
         # prompt text always stays; a policy's own infinite scores (window's sinks) rank just below it
         score = score.nan_to_num(posinf=torch.finfo(score.dtype).max).masked_fill(protected, float("inf"))
         score = score.gather(1, indices)

@@ -62,7 +62,7 @@ def main() -> int:
             for label, config in runs:
                 budget = None if config.memory.policy == "full" else args.budget
                 memory = runner.new_memory(**{**config.memory.limits(), "budget": budget})
-                ingest_video(runner, frames, config.make_policy(), 16, memory)
+                ingest_video(runner, frames, config.make_policy(), config.memory.chunk_frames, memory)
                 for qa in questions:
                     reply = runner.answer(memory, qa.question, 8).text.strip()
                     rows.append(dict(run=label, length=length, seed=seed, family=qa.family, question=qa.question,

@@ -70,7 +70,7 @@ def displayed(av_frame: av.VideoFrame) -> np.ndarray:
     return np.ascontiguousarray(np.rot90(image, turns)) if turns else image
 
 
-def _not_found(path: str) -> VideoNotFoundError:
+def not_found(path: str) -> VideoNotFoundError:
     return VideoNotFoundError(f"{path}: no such file (working directory {os.getcwd()}); check the path")
 
 
@@ -78,7 +78,7 @@ def open_video(path: str | Path) -> av.container.InputContainer:
     """Open a local file with PyAV, turning failures into VideoError subclasses."""
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise _not_found(path)
+        raise not_found(path)
     try:
         container = av.open(path)
     except av.error.FFmpegError as e:
@@ -149,7 +149,7 @@ def _frame_table(path: str | Path) -> _FrameTable:
     try:
         stat = os.stat(path)
     except FileNotFoundError:
-        raise _not_found(path) from None
+        raise not_found(path) from None
     # keyed on mtime and size so a rewritten file is indexed again
     return _cached_table(os.path.abspath(path), stat.st_mtime_ns, stat.st_size)
 

@@ -20,6 +20,7 @@ from streamer.cli.switches import add_run_switches, config_from_args
 from streamer.config import Config, override
 from streamer.engine.runner import Answer, Runner, load_runner
 from streamer.engine.stream import ingest_video
+from video_io.readers import not_found
 from video_io.sources import FileSource
 
 log = logging.getLogger("streamer")
@@ -143,7 +144,7 @@ def run_ask(args) -> int:
     if args.save_memory:
         check_destination(args.save_memory)
     if "://" not in args.video and not Path(args.video).exists():  # before the model loads (a minute for a 7B)
-        raise FileNotFoundError(f"{args.video}: no such file (working directory {os.getcwd()}); check the path")
+        raise not_found(args.video)
     runner, load_s = load_runner(config)
     result, memory = ask_video(runner, args.video, args.question, config, progress=log.info)
     result["timings"] = {"load_model": load_s, **result["timings"]}

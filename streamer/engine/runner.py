@@ -210,16 +210,18 @@ class Runner:
             video, deepstack = self.encode_video(patches)
         vision_s = timer.seconds
 
-        ids, positions, video_start = self.chunk_layout(memory, len(frames), grid_t, grid_h // preset.merge_size,
-                                                        grid_w // preset.merge_size, fps)
+        def layout(stream: KVMemory):
+            return self.chunk_layout(stream, len(frames), grid_t, grid_h // preset.merge_size,
+                                     grid_w // preset.merge_size, fps)
+
+        ids, positions, video_start = layout(memory)
         if memory.position_after(positions) > self.position_limit(memory):
             # re-time the past onto fewer positions (streamer/engine/compaction.py) in a fork, lay the chunk out
             # again, and keep the re-timed memory only if the chunk then fits
             retimed = memory.fork()
             compact(self.language_model.rotary_emb, retimed, self.position_limit(memory),
                     moves_all=self.family.timestamps)
-            ids, positions, video_start = self.chunk_layout(retimed, len(frames), grid_t, grid_h // preset.merge_size,
-                                                            grid_w // preset.merge_size, fps)
+            ids, positions, video_start = layout(retimed)
             self.check_positions(retimed, positions, len(frames))
             memory.layers, memory.next_position, memory.time_shift = (retimed.layers, retimed.next_position,
                                                                       retimed.time_shift)
@@ -251,7 +253,7 @@ class Runner:
         but past max_position_embeddings the model reads distances it never saw and its answers degrade with
         no error (docs/DESIGN.md section 4)."""
         limit = self.position_limit(memory)
-        if max(memory.next_position, int(positions.max()) + 1) > limit:
+        if memory.position_after(positions) > limit:
             seconds = f" ({memory.frames / memory.fps / 3600:.2f} h at {memory.fps:g} fps)" if memory.fps else ""
             raise PositionLimitError(
                 f"the stream is full: {memory.frames} frames{seconds} have taken it to position "

@@ -87,29 +87,22 @@ def parse_message(message: str) -> dict:
     return request
 
 
-def request_id(message) -> object:
-    """The id of an ask message, so that a refused question can be matched by the client."""
-    if isinstance(message, str):
-        try:
-            request = _loads(message)
-        except ProtocolError:
-            return None
-        if isinstance(request, dict):
-            return request.get("id")
-    return None
-
-
-def request_kind(message) -> str | None:
-    """What a refused message was -- "frame" for an image, else its "type" if it has a string one -- so that the
-    client gives the refusal to that request, not to another one it is waiting for."""
+def refused(message) -> dict:
+    """What a refusal names of the message it refuses, so that the client gives it to that request and no other:
+    `request`, "frame" for an image, else the message's "type"; and an ask's `id`."""
     if isinstance(message, bytes):
-        return "frame"
+        return dict(request="frame")
     try:
         request = _loads(message)
     except ProtocolError:
-        return None
-    kind = request.get("type") if isinstance(request, dict) else None
-    return kind if isinstance(kind, str) else None
+        return dict(request=None)
+    if not isinstance(request, dict):
+        return dict(request=None)
+    kind = request.get("type")
+    fields = dict(request=kind if isinstance(kind, str) else None)
+    if request.get("id") is not None:
+        fields["id"] = request["id"]
+    return fields
 
 
 def number(request: dict, key: str, minimum: float, maximum: float | None = None, integer: bool = False,

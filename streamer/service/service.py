@@ -28,7 +28,7 @@ from memory.snapshot import model_identity
 from streamer.config import Config
 from streamer.engine.runner import Runner
 from streamer.service.protocol import (MESSAGE_TYPES, ProtocolError, ServerLimits, error, number, parse_message,
-                                       request_id, request_kind, session_config)
+                                       refused, session_config)
 from streamer.service.scheduler import ModelScheduler
 from streamer.service.session import Shared, StreamSession
 from video_io.images import decode_image
@@ -172,14 +172,13 @@ class StreamService:
                     else:
                         await self._dispatch(session, kind, request, send)
                 except ProtocolError as exc:  # named by the message it refuses: an ask's id, the request's type
-                    send(error(exc.code, str(exc), **({"id": ask_id} if (ask_id := request_id(message)) is not None
-                                                      else {}), request=request_kind(message)))
+                    send(error(exc.code, str(exc), **refused(message)))
                 except Disconnected:
                     raise
                 except Exception as exc:  # a bug must cost the client one message, never the connection (1011)
                     log.exception("session %s: unexpected error on a message", session.id if session else "-")
                     send(error("internal_error", f"the server failed on this message ({type(exc).__name__}); "
-                               "the connection goes on -- please report it", request=request_kind(message)))
+                               "the connection goes on -- please report it", **refused(message)))
         except Disconnected:
             pass
         finally:
