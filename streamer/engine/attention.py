@@ -14,6 +14,8 @@ this function through the decoder layers' **kwargs:
   evaluated without copying the cache);
 - attention_recorder: called as recorder(layer_idx, probs) with the probe rows' attention
   probabilities, float32 [kv_heads, groups, q, kv] (queries grouped by the KV head they share).
+A third serves packed forwards of several sessions (streamer.engine.generation): `segments`, their
+cache, whose rows of the sequence each attend to their own keys: one call per segment, as alone.
 """
 
 from __future__ import annotations
@@ -38,13 +40,16 @@ def run_layer(layer: torch.nn.Module, hidden: torch.Tensor, cache, **kwargs) -> 
 
 
 def memory_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0,
-                     key_masks=None, attention_recorder=None, **kwargs):
+                     key_masks=None, attention_recorder=None, segments=None, **kwargs):
     """query [1, Hq, q, D]; key/value [1, Hkv, kv, D]. Returns [1, q, Hq, D].
 
     attention_mask, if given, is the caller's bool visibility, [q, kv] or per KV head
     [Hkv, q, kv] (streamer.engine.decode's static buffers); otherwise the q new tokens are the last
     q keys and the mask is lower-right causal.
     """
+    if segments is not None:  # each segment's queries over its own keys (streamer.engine.generation.Packed)
+        return torch.cat([memory_attention(module, query[:, :, a:b], keys, values, scaling=scaling)[0]
+                          for (a, b), (keys, values) in zip(segments.bounds, segments.latest)], dim=1), None
     q_len, kv_len = query.shape[2], key.shape[2]
     heads, kv_heads = query.shape[1], key.shape[1]
     groups = heads // kv_heads

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
@@ -23,6 +22,7 @@ from streamer.config import Config
 from streamer.engine.attention import run_layer
 from streamer.engine.compaction import compact
 from streamer.engine.decode import EagerDecoder, StaticDecoder
+from streamer.engine.generation import Answer, Generation, advance
 from streamer.engine.models import BUILTIN_MODELS, RANDOM_MODELS, LoadedModel, family_of, load_model
 from streamer.engine.positions import as_position_ids, text_positions, video_positions
 from streamer.engine.probing import ChunkProbes
@@ -32,7 +32,6 @@ from streamer.engine.vision import encode_pairs
 from video_io.preprocess import VideoPatches, VisionPreset, preprocess_frames
 
 log = logging.getLogger("streamer")
-TOP_LOGPROBS = 5
 # a stream's frame rate when its caller states none: qwen-vl-utils' default sampling rate
 DEFAULT_FPS = 2.0
 # the stages that add up to a chunk's time in Runner.ingest's timings (a policy's own, e.g. probe and search, are
@@ -45,15 +44,6 @@ POSITION_RESERVE = 512
 
 class PositionLimitError(ValueError):
     """A chunk whose positions would pass what the model was trained on (max_position_embeddings)."""
-
-
-@dataclass
-class Answer:
-    text: str
-    token_ids: list[int]
-    first_token_logprobs: list[dict]  # top-5 of the first answer step: {"token", "id", "logprob"}
-    timings: dict = field(default_factory=dict)
-    first_logits: torch.Tensor | None = None  # float32 [vocab] of the first step: what memory fidelity compares
 
 
 class Timer:
@@ -114,6 +104,9 @@ class Runner:
         if not (repetition_penalty > 0 and math.isfinite(repetition_penalty)):
             raise ValueError(f"repetition_penalty must be a finite number > 0, got {repetition_penalty}")
         self.repetition_penalty = float(repetition_penalty)
+        # called after every decoder layer of an eager forward: the service's executor runs other sessions'
+        # answer steps there, so a long chunk prefill or probe search never holds them up for its whole length
+        self.between_layers: Callable[[], None] | None = None
 
     @property
     def device(self) -> torch.device:
@@ -179,7 +172,17 @@ class Runner:
                                position_embeddings=rotary, **attention_kwargs)
             if idx < len(features):
                 hidden = hidden.index_add(1, index, features[idx].unsqueeze(0).to(hidden.dtype))
+            if self.between_layers is not None:
+                self.between_layers()
         return hidden
+
+    @torch.inference_mode()
+    def check_step(self) -> None:
+        """One token through every layer and the LM head, on an empty memory: what readiness checks run."""
+        view = MemoryView(self.new_memory().context(), extra=1)
+        logits = self.logits(self.forward_layers(self.embed_tokens(self.prefix_ids[:1]), text_positions(0, 1), view))
+        if not torch.isfinite(logits).all():
+            raise RuntimeError("the model's logits are not finite")
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm + LM head, in float32 (log-probabilities in bf16 are too coarse)."""
@@ -320,7 +323,7 @@ class Runner:
             seen.update(self.encode(VISION_END))
         return seen
 
-    def _choose(self, logits: torch.Tensor, seen: set[int]) -> int:
+    def choose(self, logits: torch.Tensor, seen: set[int]) -> int:
         """Greedy choice after transformers' repetition penalty over every token id of the prompt and
         the answer so far (positive logits divided by the penalty, negative ones multiplied)."""
         if self.repetition_penalty != 1.0:
@@ -330,52 +333,33 @@ class Runner:
                                                             score / self.repetition_penalty))
         return int(logits.argmax())
 
-    @torch.inference_mode()
-    def answer(self, memory: KVMemory, question: str, max_new_tokens: int = 64,
-               on_text: Callable[[str], None] | None = None, stop_at_end: bool = True) -> Answer:
-        """Greedy answer to `question` against the memory; the memory itself is left unchanged.
-
-        on_text, if given, receives the answer's text piece by piece as tokens are generated
-        (pieces are whole characters: a token ending inside a UTF-8 sequence waits for the next).
-        stop_at_end=False generates exactly max_new_tokens (for timing decode steps).
-        """
+    def begin(self, memory: KVMemory, question: str, max_new_tokens: int = 64,
+              on_text: Callable[[str], None] | None = None, stop_at_end: bool = True,
+              packed: bool = False) -> Generation:
+        """A greedy answer to `question` against the memory, ready for its first step (streamer.engine.generation.
+        advance); the memory itself is never changed. on_text, if given, receives the answer's text piece by
+        piece as tokens are generated. stop_at_end=False generates exactly max_new_tokens (timing decode
+        steps). packed=True: the answer may share steps with others (never the static decoder's buffers)."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        timer = Timer(self.device)
-        with timer:
-            ids = self._question_ids(memory, question)
-            decoder = self.decoder(len(ids))
-            logits = decoder.start(memory.context(), memory.next_position, ids, max_new_tokens)
-        ttft = timer.seconds
-        logprobs = torch.log_softmax(logits, dim=-1).topk(TOP_LOGPROBS)
-        first = [dict(token=self.tokenizer.decode([i]), id=i, logprob=lp)
-                 for lp, i in zip(logprobs.values.tolist(), logprobs.indices.tolist())]
-
-        tokens: list[int] = []
-        steps = 0
-        sent = ""
+        ids = self._question_ids(memory, question)
         seen = self.prompt_ids(memory, ids) if self.repetition_penalty != 1.0 else set()
-        with timer:
-            token = self._choose(logits, seen)
-            while not (stop_at_end and token in self.stop_ids):
-                tokens.append(token)
-                seen.add(token)
-                if on_text is not None:
-                    text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-                    if not text.endswith("\ufffd") and len(text) > len(sent):
-                        on_text(text[len(sent):])
-                        sent = text
-                if len(tokens) == max_new_tokens:
-                    break
-                steps += 1
-                token = self._choose(decoder.step(token), seen)
-        decode_s = timer.seconds
-        timings = dict(question_prefill=ttft, decode=decode_s,
-                       decode_tokens_per_s=steps / decode_s if steps and decode_s > 0 else None)
-        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-        if on_text is not None and len(text) > len(sent):
-            on_text(text[len(sent):])
-        return Answer(text=text, token_ids=tokens, first_token_logprobs=first, timings=timings, first_logits=logits)
+        generation = Generation(position=memory.next_position, inputs=ids, max_new_tokens=max_new_tokens,
+                                stop_at_end=stop_at_end, seen=seen, on_text=on_text)
+        decoder = None if packed else self.decoder(len(ids))
+        if isinstance(decoder, StaticDecoder):
+            generation.static, generation.context = decoder, memory.context()
+        else:
+            generation.view = MemoryView(memory.context(), extra=len(ids) + max_new_tokens)
+        return generation
+
+    def answer(self, memory: KVMemory, question: str, max_new_tokens: int = 64,
+               on_text: Callable[[str], None] | None = None, stop_at_end: bool = True) -> Answer:
+        """Greedy answer to `question` against the memory, alone (Runner.begin, then steps until it is done)."""
+        generation = self.begin(memory, question, max_new_tokens, on_text, stop_at_end)
+        while not generation.done:
+            advance(self, [generation])
+        return generation.answer(self.tokenizer)
 
 
 def load_runner(config: Config, device: str | None = None) -> tuple[Runner, float]:

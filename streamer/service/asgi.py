@@ -1,7 +1,7 @@
 """The service (streamer.service.service) as an ASGI app, for ASGI servers: Ray Serve's proxy, uvicorn.
 
-The same protocol as `streamer serve`: a websocket at any path but /health is one session, and
-GET /health reports the service. A connection without the bearer token is refused in the
+The same protocol as `streamer serve`: a websocket at any path but the HTTP routes is one session;
+GET /health reports the service, /health/ready runs a model step, /metrics is Prometheus' text. A connection without the bearer token is refused in the
 handshake with 401 and the JSON error, where the server supports ASGI's denial-response
 extension (uvicorn does); elsewhere it is closed before it opens (code 1008, which a client sees
 as HTTP 403).
@@ -13,10 +13,11 @@ from contextlib import asynccontextmanager
 from typing import Callable
 
 from starlette.applications import Starlette
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
+from streamer.service.metrics import CONTENT_TYPE
 from streamer.service.service import Disconnected, StreamService
 
 POLICY_VIOLATION = 1008
@@ -48,6 +49,13 @@ def asgi_app(service: StreamService, health: Callable[[], dict] | None = None) -
     async def health_route(request):
         return JSONResponse(health())
 
+    async def ready_route(request):
+        ready, report = await service.ready()
+        return JSONResponse(report, status_code=200 if ready else 503)
+
+    async def metrics_route(request):
+        return Response(service.metrics.text(), media_type=CONTENT_TYPE)
+
     async def session_route(websocket: WebSocket):
         service.start()  # a server that runs no lifespan starts it here
         refused = service.refusal(websocket.headers.getlist("authorization"))
@@ -71,5 +79,6 @@ def asgi_app(service: StreamService, health: Callable[[], dict] | None = None) -
         yield
         await service.close()
 
-    return Starlette(routes=[Route("/health", health_route), WebSocketRoute("/{path:path}", session_route)],
+    return Starlette(routes=[Route("/health", health_route), Route("/health/ready", ready_route),
+                             Route("/metrics", metrics_route), WebSocketRoute("/{path:path}", session_route)],
                      lifespan=lifespan)

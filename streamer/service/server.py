@@ -1,7 +1,7 @@
 """`streamer serve`: the service (streamer.service.service) on the `websockets` library's asyncio server.
 
-Plain asyncio: /health and the bearer-token check are answered in the HTTP handshake, and each
-accepted connection is handed to the service for its life.
+Plain asyncio: /health, /health/ready, /metrics and the bearer-token check are answered in the HTTP
+handshake, and each accepted connection is handed to the service for its life.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from http import HTTPStatus
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
+from streamer.service.metrics import CONTENT_TYPE
 from streamer.service.service import Disconnected, StreamService
 
 log = logging.getLogger("streamer")
@@ -50,9 +51,19 @@ async def serve_websockets(service: StreamService, host: str, port: int, ready: 
     except (RuntimeError, ValueError):  # not the main thread: the caller stops us
         pass
 
-    def process_request(connection: ServerConnection, request):
-        if request.path.split("?")[0] == "/health":
+    async def process_request(connection: ServerConnection, request):
+        path = request.path.split("?")[0]
+        if path == "/health":
             return connection.respond(HTTPStatus.OK, json.dumps(service.health()) + "\n")
+        if path == "/health/ready":
+            ready, report = await service.ready()
+            return connection.respond(HTTPStatus.OK if ready else HTTPStatus.SERVICE_UNAVAILABLE,
+                                      json.dumps(report) + "\n")
+        if path == "/metrics":
+            response = connection.respond(HTTPStatus.OK, service.metrics.text().decode())
+            del response.headers["Content-Type"]  # websockets' Headers add a value on assignment
+            response.headers["Content-Type"] = CONTENT_TYPE
+            return response
         refused = service.refusal(request.headers.get_all("Authorization"))
         if refused is not None:
             return connection.respond(HTTPStatus.UNAUTHORIZED, json.dumps(refused) + "\n")

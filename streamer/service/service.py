@@ -2,12 +2,14 @@
 
 One connection is one session: JSON text messages carry commands, binary messages carry JPEG/PNG
 frames (protocol in README.md, "Websocket protocol"). Every refusal is a JSON error with a stable
-code, and the connection stays open wherever it can. Model work is serialised by the
-ModelScheduler; image decoding runs on worker threads; the event loop only routes messages.
+code, and the connection stays open wherever it can. Model work runs on the ModelExecutor's thread
+(answers of all sessions stepped together); image decoding runs on worker threads; the event loop
+only routes messages.
 
 Nothing here knows the transport: a transport (streamer.service.server for the websockets library,
 streamer.service.asgi for ASGI servers such as Ray Serve) hands each connection over as a
-Connection and answers /health and refused tokens from health() and refusal().
+Connection and answers /health, /health/ready, /metrics and refused tokens from health(), ready(),
+metrics.text() and refusal().
 """
 
 from __future__ import annotations
@@ -27,9 +29,10 @@ from urllib.parse import urlparse
 from memory.snapshot import model_identity
 from streamer.config import Config
 from streamer.engine.runner import Runner
+from streamer.service.executor import ASK, ModelExecutor
+from streamer.service.metrics import Metrics
 from streamer.service.protocol import (MESSAGE_TYPES, ProtocolError, ServerLimits, error, number, parse_message,
                                        refused, session_config)
-from streamer.service.scheduler import ModelScheduler
 from streamer.service.session import Shared, StreamSession
 from video_io.images import decode_image
 from video_io.sampling import Sampling
@@ -39,6 +42,7 @@ log = logging.getLogger("streamer")
 
 URL_SCHEMES = ("rtsp", "rtmp", "http", "https", "srt", "udp")
 MAX_PATH_CHARS = 4096
+READY_TIMEOUT_S = 30.0  # /health/ready: a model step must run within this (it waits behind at most one layer)
 
 
 class Disconnected(Exception):
@@ -91,9 +95,10 @@ class StreamService:
         self.limits = limits
         self.defaults = defaults
         self.roots = [root.resolve() for root in limits.allowed_roots]
-        self.shared = Shared(runner=runner, scheduler=ModelScheduler(), limits=limits, defaults=defaults,
-                             model_name=runner.model_name, identity=model_identity(runner.model, runner.model_name),
-                             name=name)
+        self.metrics = Metrics(self)
+        self.shared = Shared(runner=runner, executor=ModelExecutor(runner, limits.max_batch, self.metrics),
+                             metrics=self.metrics, limits=limits, defaults=defaults, model_name=runner.model_name,
+                             identity=model_identity(runner.model, runner.model_name), name=name)
         self.sessions: dict[str, StreamSession] = {}
         self.unstarted = 0  # open connections that have not started a session yet
         self.draining: str | None = None  # why new sessions are refused, once drain() was called
@@ -103,7 +108,23 @@ class StreamService:
     def health(self) -> dict:
         return dict(status="draining" if self.draining else "ok", model=self.shared.model_name,
                     sessions=len(self.sessions), max_sessions=self.limits.max_sessions,
-                    queued_jobs=self.shared.scheduler.pending())
+                    queued_jobs=self.shared.executor.waiting(), answers_generating=self.shared.executor.generating())
+
+    async def ready(self, timeout: float = READY_TIMEOUT_S) -> tuple[bool, dict]:
+        """(ready?, report): ready when a real model step (one token through every layer) runs within
+        `timeout` seconds, queued as a question's work; not while draining."""
+        report = dict(model=self.shared.model_name, sessions=len(self.sessions))
+        if self.draining is not None:
+            return False, dict(report, status="draining", message=self.draining)
+        started = time.perf_counter()
+        try:
+            await asyncio.wait_for(self.shared.executor.submit(ASK, self.shared.runner.check_step), timeout)
+        except TimeoutError:
+            return False, dict(report, status="busy", message=f"a model step did not run within {timeout:g} s")
+        except Exception as exc:
+            log.exception("the readiness step failed")
+            return False, dict(report, status="failed", message=f"a model step failed: {exc}")
+        return True, dict(report, status="ready", step_s=round(time.perf_counter() - started, 4))
 
     def refusal(self, authorization: list[str]) -> dict | None:
         """The error for a connection whose Authorization headers do not carry the token, else None."""
@@ -319,8 +340,8 @@ class StreamService:
     # --- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start the model thread's scheduler on the running event loop (before the first connection; once)."""
-        self.shared.scheduler.start()
+        """Start the model thread's executor on the running event loop (before the first connection; once)."""
+        self.shared.executor.start()
 
     def drain(self, reason: str, seconds: float) -> None:
         """Refuse new sessions and tell each open one that it has `seconds` left: time to save its memory
@@ -334,4 +355,4 @@ class StreamService:
                               f"{seconds:g} s; save the memory now if it is needed, reconnect and load it"))
 
     async def close(self) -> None:
-        await self.shared.scheduler.close()
+        await self.shared.executor.close()

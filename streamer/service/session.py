@@ -28,8 +28,9 @@ from memory.store import coverage
 from streamer.config import Config
 from streamer.engine.runner import CHUNK_STAGES, DEFAULT_FPS, PositionLimitError, Runner
 from streamer.engine.stream import with_newest
+from streamer.service.metrics import Metrics
 from streamer.service.protocol import ProtocolError, ServerLimits
-from streamer.service.scheduler import ASK, INGEST, ModelScheduler
+from streamer.service.executor import ASK, INGEST, ModelExecutor
 from video_io.errors import VideoError
 from video_io.frames import Frame
 from video_io.preprocess import resize_frames
@@ -40,10 +41,11 @@ session_ids = itertools.count(1)
 
 @dataclass
 class Shared:
-    """What all sessions share: the model, its scheduler, the limits, the model's identity."""
+    """What all sessions share: the model, its executor, the limits, the metrics, the model's identity."""
 
     runner: Runner
-    scheduler: ModelScheduler
+    executor: ModelExecutor
+    metrics: Metrics
     limits: ServerLimits
     defaults: Config
     model_name: str
@@ -65,6 +67,7 @@ class StreamSession:
         # stats (on the event loop) must not read a memory that a chunk is being committed into
         self.coverage: list[dict] = []
         self.last_ts: float | None = None  # the newest frame's time (seconds)
+        self.ingested_ts: float | None = None  # the newest ingested frame's time
         # the rate of the frames ingested: the start option (or config), or the source a server-side ingest reads
         self.fps = config.video.fps
         self.chunk_frames = config.memory.chunk_frames
@@ -133,6 +136,7 @@ class StreamSession:
             self.pending = self.pending[before - self.max_pending + 1:]
         dropped = before - len(self.pending)
         self.dropped += dropped
+        self.shared.metrics.frames_dropped.inc(dropped)
         self.send(dict(type="warning", code="frames_dropped", dropped=dropped, total_dropped=self.dropped,
                        message=f"frames arrive faster than they are ingested: {self.shared.limits.overflow} "
                                f"dropped {dropped} pending frames; send fewer frames per second"))
@@ -161,12 +165,16 @@ class StreamSession:
         try:
             async with self.room:
                 self.room.notify_all()
-            report = await self.shared.scheduler.submit(INGEST, self._ingest_now, frames)
+            report = await self.shared.executor.submit(INGEST, self._ingest_now, frames)
+            seconds = sum(report["timings"][stage] for stage in CHUNK_STAGES)
+            self.ingested_ts = frames[-1].ts
+            self.shared.metrics.chunk_seconds.observe(seconds)
+            self.shared.metrics.frames_ingested.inc(len(frames))
             self.send(dict(type="progress", frames=self.memory.frames, chunks=len(self.memory.chunks),
                            chunk_frames=len(frames), until_ts=frames[-1].ts, pending=len(self.pending),
                            memory_tokens=self.memory.mean_tokens(), full_tokens=self.memory.full_tokens,
                            ratios=report.get("ratios"), js=report.get("js"), evicted=sum(report["evicted"]),
-                           seconds=sum(report["timings"][stage] for stage in CHUNK_STAGES)))
+                           seconds=seconds))
         except asyncio.CancelledError:
             raise
         except PositionLimitError as exc:  # the stream is full; the memory stays and answers
@@ -257,23 +265,24 @@ class StreamSession:
         def on_text(text: str) -> None:  # called on the model thread
             loop.call_soon_threadsafe(self.send, dict(type="token", id=question_id, text=text))
 
-        def answer():  # on the model thread: the chunks that ran before it are in the memory, the rest is not
+        def setup():  # on the model thread: the chunks that ran before it are in the memory, the rest is not
             newest = [f for f in waiting if f.index > self.ingested_through]
             # ingestion behind by more than a chunk: answer now from what is in, rather than prefill the backlog
             # twice (here and in its chunks); the reply says how many frames it did not see
             seen = newest if len(newest) <= self.chunk_frames else []
             memory = with_newest(self.runner, self.memory, seen, self.policy, self.chunk_frames, self.preset,
                                  self.fps)
-            return memory, len(newest) - len(seen), self.runner.answer(memory, question, max_new_tokens, on_text)
+            generation = self.runner.begin(memory, question, max_new_tokens, on_text, packed=True)
+            seen_by = dict(memory_tokens=memory.mean_tokens(), full_tokens=memory.full_tokens, frames=memory.frames,
+                           frames_behind=len(newest) - len(seen))
+            return generation, seen_by  # the generation holds its own copy of the memory, not the fork
 
         try:
-            memory, behind, answer = await self.shared.scheduler.submit(ASK, answer)
+            seen_by, answer = await self.shared.executor.generate(setup)
             timings = answer.timings
-            decode_rate = timings["decode_tokens_per_s"]
             self.send(dict(type="answer", id=question_id, text=answer.text, stats=dict(
                 tokens=len(answer.token_ids), ttft_s=timings["question_prefill"], decode_s=timings["decode"],
-                tokens_per_s=decode_rate, memory_tokens=memory.mean_tokens(),
-                full_tokens=memory.full_tokens, frames=memory.frames, frames_behind=behind)))
+                tokens_per_s=timings["decode_tokens_per_s"], **seen_by)))
             self.answered += 1
         except asyncio.CancelledError:
             raise
@@ -287,14 +296,14 @@ class StreamSession:
 
     async def save(self, path: Path) -> dict:
         identity = self.shared.identity
-        await self.shared.scheduler.submit(ASK, save_memory, self.memory, path, identity)
+        await self.shared.executor.submit(ASK, save_memory, self.memory, path, identity)
         return dict(type="saved", path=str(path), memory_tokens=self.memory.mean_tokens(), frames=self.memory.frames)
 
     async def load(self, path: Path) -> dict:
         if self.busy() or self.pending:
             raise ProtocolError("busy", "frames are still being ingested; load a memory into an idle session")
         runner = self.runner
-        memory, _ = await self.shared.scheduler.submit(
+        memory, _ = await self.shared.executor.submit(
             ASK, load_memory, path, self.shared.identity, runner.device, runner.model.dtype)
         self.coverage = coverage(memory) if memory.chunks else []  # not shared with the model thread yet
         memory.budget = self.memory.budget
@@ -306,6 +315,15 @@ class StreamSession:
         """Work in progress for this session: a reader, queued chunks or questions being answered."""
         reading = self.reader is not None and self.reader.is_alive()
         return reading or self.queued_chunks > 0 or self.questions > 0
+
+    def lag(self) -> tuple[int, float]:
+        """How far ingestion is behind the stream: frames received and not in the memory (queued or pending),
+        and the stream seconds between the newest frame received and the newest in the memory."""
+        waiting = self.queued + self.pending
+        if self.last_ts is None or not waiting:
+            return len(waiting), 0.0
+        since = self.ingested_ts if self.ingested_ts is not None else waiting[0].ts
+        return len(waiting), max(0.0, self.last_ts - since)
 
     def stats(self) -> dict:
         memory = self.memory

@@ -1,0 +1,162 @@
+"""Answers generated a step at a time, for one session or many at once.
+
+A Generation is one answer in progress: a question's tokens go in at its first step, one answer
+token at each later step. `advance(runner, generations)` runs one step of every generation given
+in ONE forward: their inputs packed into one sequence [1, T, hidden], so every weight matrix is
+read once per step for all of them. Decoding is bound by reading the weights (on a GPU, and on a
+CPU for a 2B model), so a step for 32 answers costs about what a step for one does.
+
+Attention cannot be packed that way: each generation attends to its own memory, whose length
+differs per layer and per session. So the cache of a packed forward (Packed) writes each
+segment's new keys into that generation's own MemoryView, and streamer.engine.attention runs one
+attention call per segment: the call the generation makes alone, on the same keys. A generation's
+tokens and logits are therefore the ones it gets alone, up to the rounding of matrix products over
+more rows (float32: ~1e-7). A generation alone takes the same path with one segment, so
+`Runner.answer`, the evaluations and the service all generate through this file.
+
+A generation given a StaticDecoder (CUDA graphs, streamer.engine.decode) steps alone: its buffers
+are shared by every user of that decoder, so it is for answers run one at a time (`streamer ask`,
+the evaluations), never for the service's batches.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from streamer.engine.decode import Context, StaticDecoder
+from streamer.engine.positions import text_positions
+from streamer.engine.view import MemoryView
+
+TOP_LOGPROBS = 5
+
+
+@dataclass
+class Answer:
+    text: str
+    token_ids: list[int]
+    first_token_logprobs: list[dict]  # top-5 of the first answer step: {"token", "id", "logprob"}
+    timings: dict = field(default_factory=dict)
+    first_logits: torch.Tensor | None = None  # float32 [vocab] of the first step: what memory fidelity compares
+
+
+@dataclass
+class Generation:
+    """One answer in progress (made by Runner.begin, stepped by advance)."""
+
+    position: int  # the text position of the next input
+    inputs: list[int]  # what the next step feeds: the question's tokens, then the last answer token
+    max_new_tokens: int
+    stop_at_end: bool  # False: exactly max_new_tokens tokens (timing decode steps)
+    seen: set[int]  # the token ids the repetition penalty counts: the prompt's, then the answer's
+    view: MemoryView | None = None  # the memory plus room for the question and answer (packed steps)
+    static: StaticDecoder | None = None  # or a CUDA-graph decoder (steps alone)
+    context: Context | None = None  # what `static` is loaded with at the first step
+    on_text: Callable[[str], None] | None = None  # the answer's text, piece by piece (whole characters)
+    tokens: list[int] = field(default_factory=list)
+    first_token_logprobs: list[dict] = field(default_factory=list)
+    first_logits: torch.Tensor | None = None
+    sent: str = ""  # the text given to on_text so far
+    decode_steps: int = 0  # steps after the first
+    done: bool = False
+    created: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    finished_at: float | None = None
+
+    @property
+    def size(self) -> int:
+        """Tokens this generation's next step feeds."""
+        return len(self.inputs)
+
+    def answer(self, tokenizer) -> Answer:
+        """The finished answer; timings: question_prefill from creation to the first token (in a batch:
+        the wait for the step included), decode from there to the end."""
+        ttft = self.first_token_at - self.created
+        decode = self.finished_at - self.first_token_at
+        rate = self.decode_steps / decode if self.decode_steps and decode > 0 else None
+        return Answer(text=tokenizer.decode(self.tokens, skip_special_tokens=True), token_ids=self.tokens,
+                      first_token_logprobs=self.first_token_logprobs, first_logits=self.first_logits,
+                      timings=dict(question_prefill=ttft, decode=decode, decode_tokens_per_s=rate))
+
+    def _take(self, runner, logits: torch.Tensor) -> None:
+        """The logits after this step's inputs: choose the next token, or finish."""
+        if self.first_logits is None:
+            self.first_token_at = time.perf_counter()
+            self.first_logits = logits
+            top = torch.log_softmax(logits, dim=-1).topk(TOP_LOGPROBS)
+            self.first_token_logprobs = [dict(token=runner.tokenizer.decode([i]), id=i, logprob=lp)
+                                         for lp, i in zip(top.values.tolist(), top.indices.tolist())]
+        else:
+            self.decode_steps += 1
+        self.position += len(self.inputs)
+        token = runner.choose(logits, self.seen)
+        if self.stop_at_end and token in runner.stop_ids:
+            return self._finish(runner)
+        self.tokens.append(token)
+        self.seen.add(token)
+        self._stream(runner.tokenizer)
+        if len(self.tokens) == self.max_new_tokens:
+            return self._finish(runner)
+        self.inputs = [token]
+
+    def _stream(self, tokenizer, final: bool = False) -> None:
+        if self.on_text is None:
+            return
+        text = tokenizer.decode(self.tokens, skip_special_tokens=True)
+        if len(text) > len(self.sent) and (final or not text.endswith("\ufffd")):  # a token may end mid-character
+            self.on_text(text[len(self.sent):])
+            self.sent = text
+
+    def _finish(self, runner) -> None:
+        self._stream(runner.tokenizer, final=True)
+        self.done = True
+        self.finished_at = time.perf_counter()
+        self.view = self.context = None  # the copy of the memory goes as soon as the answer is done
+
+
+class Packed:
+    """The cache of a packed forward: segment i (rows bounds[i] of the sequence) is generation i's,
+    and its new keys go to that generation's view. `latest` holds, after each layer's update, every
+    segment's full keys and values for streamer.engine.attention (which the `segments` argument names)."""
+
+    def __init__(self, views: list[MemoryView], sizes: list[int]):
+        self.views = views
+        ends = torch.tensor(sizes).cumsum(0).tolist()
+        self.bounds = list(zip([0] + ends[:-1], ends))
+        self.latest: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *args, **kwargs):
+        self.latest = [view.update(keys[:, :, a:b], values[:, :, a:b], layer_idx)
+                       for view, (a, b) in zip(self.views, self.bounds)]
+        return keys, values
+
+
+@torch.inference_mode()
+def advance(runner, generations: list[Generation]) -> None:
+    """One step of every unfinished generation: their inputs in one forward (those with a static decoder
+    one by one), each taking its logits. Generations that finish are marked done."""
+    live = [g for g in generations if not g.done]
+    for g in (g for g in live if g.static is not None):
+        if g.first_logits is None:
+            logits = g.static.start(g.context, g.position, g.inputs, g.max_new_tokens)
+        else:
+            logits = g.static.step(g.inputs[0])
+        g._take(runner, logits)
+    packed = [g for g in live if g.static is None]
+    if not packed:
+        return
+    ids = [token for g in packed for token in g.inputs]
+    positions = torch.cat([text_positions(g.position, g.size) for g in packed])
+    if len(packed) == 1:  # alone: the view is the cache, as in every other forward
+        hidden = runner.forward_layers(runner.embed_tokens(ids), positions, packed[0].view)
+        lasts = [len(ids) - 1]
+    else:
+        cache = Packed([g.view for g in packed], [g.size for g in packed])
+        hidden = runner.forward_layers(runner.embed_tokens(ids), positions, cache, segments=cache)
+        lasts = [b - 1 for _, b in cache.bounds]
+    logits = runner.logits(hidden[:, lasts])[0]
+    for g, row in zip(packed, logits):
+        g._take(runner, row)

@@ -1,0 +1,256 @@
+"""One model, many sessions: the model thread runs steps, not whole jobs.
+
+Two kinds of work reach the model thread:
+- jobs (a chunk to ingest, a question's set-up, a save or load) run one at a time from a priority
+  queue: questions' work first (ASK), then chunks (INGEST) in submission order, so a session's chunks
+  stay in stream order. After `INGEST_PATIENCE` question jobs in a row a waiting chunk goes next:
+  questions cannot starve ingestion.
+- answers being generated (streamer.engine.generation) advance together: one step is one forward
+  over the next token of every answer in flight (up to `max_batch`, oldest first) and the tokens of
+  questions that have just joined.
+Between jobs the thread runs a step; inside a job, after every decoder layer of its forwards
+(Runner.between_layers), it runs the questions' jobs that are waiting (nested, without further
+interruption) and a step when one is due: when the job has had the thread for as long as the last
+step took. So an answer never waits for a whole chunk, a new question starts within one layer's
+time, and ingestion keeps about half the thread while answers are generated. A cancelled request
+(its session closed or gone) is dropped before its job runs, or leaves the batch at the next step.
+The event loop never runs model code; results come back to it with call_soon_threadsafe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from streamer.engine.generation import Generation, advance
+
+log = logging.getLogger("streamer")
+
+ASK = 0  # questions first
+INGEST = 1
+INGEST_PATIENCE = 4  # question jobs that may overtake a waiting chunk in a row
+
+
+@dataclass(order=True)
+class Job:
+    priority: int
+    order: int
+    fn: Callable = field(compare=False)
+    args: tuple = field(compare=False)
+    future: asyncio.Future = field(compare=False)
+    submitted: float = field(compare=False, default_factory=time.perf_counter)
+    admits: bool = field(compare=False, default=False)  # fn returns (Generation, extra): an answer to step
+    cancelled: bool = field(compare=False, default=False)
+
+
+@dataclass
+class Running:
+    """An answer in the batch, and what its caller gets when it is done."""
+
+    generation: Generation
+    extra: Any
+    job: Job
+    last_token_at: float | None = None
+
+
+class ModelExecutor:
+    def __init__(self, runner, max_batch: int = 32, metrics=None):
+        """max_batch: answers stepped together (1: one answer at a time, the unbatched engine).
+        metrics: a streamer.service.metrics.Metrics that records latencies, batch sizes and step times."""
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.runner, self.max_batch, self.metrics = runner, max_batch, metrics
+        self.jobs: list[Job] = []
+        self.running: list[Running] = []
+        self.order = itertools.count()
+        self.lock = threading.Lock()
+        self.wake = threading.Condition(self.lock)
+        self.thread: threading.Thread | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.stopping = False
+        self.inside = False  # in a step or a nested job: no interruption
+        self.asks_in_a_row = 0
+        self.last_step_s = 0.0
+        self.last_step_end = time.perf_counter()
+
+    def start(self) -> None:
+        """Start the model thread for the running event loop; once (later calls do nothing)."""
+        if self.thread is None:
+            self.loop = asyncio.get_running_loop()
+            self.runner.between_layers = self._interject
+            self.thread = threading.Thread(target=self._run, name="model", daemon=True)
+            self.thread.start()
+
+    # --- the event loop's side ----------------------------------------------------------------
+
+    async def submit(self, priority: int, fn: Callable[..., Any], *args) -> Any:
+        """fn(*args) on the model thread when its turn comes; cancelling the await drops the job."""
+        return await self._queue(Job(priority, next(self.order), fn, args, self.loop.create_future()))
+
+    async def generate(self, setup: Callable[..., tuple[Generation, Any]], *args) -> tuple[Any, Any]:
+        """An answer: setup(*args) runs as a question's job and returns (generation, extra); the generation
+        is stepped with the others until done. Returns (extra, its Answer); cancelling drops it."""
+        return await self._queue(Job(ASK, next(self.order), setup, args, self.loop.create_future(), admits=True))
+
+    async def _queue(self, job: Job) -> Any:
+        def cancelled(future):
+            if future.cancelled():
+                job.cancelled = True  # read by the model thread before the job runs and before each step
+
+        job.future.add_done_callback(cancelled)
+        with self.wake:
+            heapq.heappush(self.jobs, job)
+            self.wake.notify()
+        return await job.future
+
+    def waiting(self) -> int:
+        """Jobs queued (chunks, questions not started)."""
+        return len(self.jobs)
+
+    def generating(self) -> int:
+        """Answers in the batch."""
+        return len(self.running)
+
+    async def close(self) -> None:
+        with self.wake:
+            self.stopping = True
+            self.wake.notify()
+        if self.thread is not None:
+            await asyncio.to_thread(self.thread.join)
+        for job in self.jobs:
+            self._settle(job, error=RuntimeError("the server is shutting down"))
+        for running in self.running:
+            self._settle(running.job, error=RuntimeError("the server is shutting down"))
+        self.runner.between_layers = None
+
+    # --- the model thread ----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self.wake:
+                while not self.stopping and not self.jobs and not self.running:
+                    self.wake.wait()
+                if self.stopping:
+                    return
+                job = self._next_job(asks_only=False)
+            if self.running:
+                self._step()
+            if job is not None:
+                self._do(job)
+
+    def _next_job(self, asks_only: bool) -> Job | None:
+        """The next job to run (under the lock): questions first, a chunk after INGEST_PATIENCE of them."""
+        jobs = self.jobs
+        if not jobs or (asks_only and jobs[0].priority != ASK):
+            return None
+        if jobs[0].priority == ASK and not asks_only and self.asks_in_a_row >= INGEST_PATIENCE:
+            chunks = [job for job in jobs if job.priority != ASK]
+            if chunks:
+                job = min(chunks)
+                jobs.remove(job)
+                heapq.heapify(jobs)
+                self.asks_in_a_row = 0
+                return job
+        job = heapq.heappop(jobs)
+        self.asks_in_a_row = self.asks_in_a_row + 1 if job.priority == ASK else 0
+        return job
+
+    def _do(self, job: Job) -> None:
+        if job.cancelled:
+            return
+        if self.metrics is not None and job.admits:
+            self.metrics.queue_time.observe(time.perf_counter() - job.submitted)
+        try:
+            result = job.fn(*job.args)
+        except Exception as exc:  # reported to the session that submitted the job
+            self._settle(job, error=exc)
+            return
+        if not job.admits:
+            self._settle(job, result=result)
+            return
+        generation, extra = result
+        self.running.append(Running(generation, extra, job))
+        if self.metrics is not None:
+            self.metrics.prompt_tokens.inc(generation.size)
+
+    def _step(self) -> None:
+        """One forward over the next token of up to max_batch answers (oldest first)."""
+        self.running = [r for r in self.running if not r.job.cancelled]
+        batch = self.running[:self.max_batch]
+        if not batch:
+            return
+        self.inside = True
+        before = [len(r.generation.tokens) for r in batch]
+        started = time.perf_counter()
+        try:
+            advance(self.runner, [r.generation for r in batch])
+        except Exception as exc:  # e.g. out of memory: every answer of the step fails, the server goes on
+            log.exception("an answer step of %d answers failed", len(batch))
+            for r in batch:
+                self._settle(r.job, error=exc)
+            self.running = [r for r in self.running if r not in batch]
+            return
+        finally:
+            self.inside = False
+            self.last_step_end = time.perf_counter()
+            self.last_step_s = self.last_step_end - started
+        self._account(batch, before)
+        for r in batch:
+            if r.generation.done:
+                self._settle(r.job, result=(r.extra, r.generation.answer(self.runner.tokenizer)))
+        self.running = [r for r in self.running if not r.generation.done]
+
+    def _account(self, batch: list[Running], before: list[int]) -> None:
+        if self.metrics is None:
+            return
+        m, now = self.metrics, self.last_step_end
+        m.batch_size.observe(len(batch))
+        m.step_seconds.observe(self.last_step_s)
+        for r, count in zip(batch, before):
+            m.generation_tokens.inc(len(r.generation.tokens) - count)
+            if r.last_token_at is None:
+                m.time_to_first_token.observe(now - r.job.submitted)
+            else:
+                m.inter_token_latency.observe(now - r.last_token_at)
+            r.last_token_at = now
+            if r.generation.done:
+                m.e2e_latency.observe(now - r.job.submitted)
+
+    def _interject(self) -> None:
+        """Called after each decoder layer of a job's forwards: waiting questions, and a step when due."""
+        if self.inside:
+            return
+        due = self.running and time.perf_counter() - self.last_step_end >= self.last_step_s
+        if not due and not (self.jobs and self.jobs[0].priority == ASK):
+            return
+        self.inside = True
+        try:
+            while True:
+                with self.wake:
+                    job = self._next_job(asks_only=True)
+                if job is None:
+                    break
+                self._do(job)
+        finally:
+            self.inside = False
+        if self.running:
+            self._step()
+
+    def _settle(self, job: Job, result: Any = None, error: BaseException | None = None) -> None:
+        def settle():
+            if not job.future.done():
+                if error is not None:
+                    job.future.set_exception(error)
+                else:
+                    job.future.set_result(result)
+
+        try:
+            self.loop.call_soon_threadsafe(settle)
+        except RuntimeError:  # the loop is closed: nobody waits any more
+            pass
