@@ -3,9 +3,12 @@
 A load of concurrent clients, each on the built-in procedural videos (streamer.builtin.videos):
 every client connects and starts a session at once (sessions accepted per second), pushes its
 frames as PNG and waits until they are ingested (frames per second), then asks its questions one
-after another while the others ask theirs (answers per second). Against a running server (--url),
-or against Ray Serve started here with each replica count of --replicas in turn (the same load on
-each, after one unmeasured pass that warms every replica), so that one run gives the ratio.
+after another while the others ask theirs (answers and generated tokens per second, time to first
+token seen by the client). Against a running server (--url); against a server started here with
+each --max-batch in turn (1: one answer at a time, the engine without batching), plus the time to
+first token of a question asked alone and while another session generates a long answer; or
+against Ray Serve started here with each replica count of --replicas in turn. Each setting gets the
+same load after one unmeasured pass that warms it, so that one run gives the ratios.
 """
 
 from __future__ import annotations
@@ -16,16 +19,22 @@ import logging
 import socket
 import time
 
+import numpy as np
+
 from streamer.builtin.videos import make_video
 from streamer.config import load_config, override
+from streamer.engine.runner import load_runner
 from streamer.service.client import StreamerClient
 from streamer.service.protocol import ServerLimits
+from streamer.service.server import serve_websockets
+from streamer.service.service import StreamService
 from video_io.images import encode_image
 
 log = logging.getLogger("streamer")
 
 
-async def measure(url: str, sessions: int, frames: int, questions: int, max_new_tokens: int) -> dict:
+async def measure(url: str, sessions: int, frames: int, questions: int, max_new_tokens: int,
+                  ignore_eos: bool = False) -> dict:
     videos = [make_video(seed, frames) for seed in range(sessions)]
     pushed = [[encode_image(image, "PNG") for image in video.frames()] for video in videos]
     asked = [[qa.question for qa in video.questions()][:questions] for video in videos]
@@ -41,9 +50,15 @@ async def measure(url: str, sessions: int, frames: int, questions: int, max_new_
         await client.flush()
         await client.wait_ingested()
 
+    ttfts, tokens = [], []
+
     async def ask(client, texts):
         for text in texts:
-            await client.ask(text, max_new_tokens=max_new_tokens)
+            sent, first = time.perf_counter(), []
+            answer = await client.ask(text, max_new_tokens=max_new_tokens, ignore_eos=ignore_eos,
+                                      on_text=lambda _: first or first.append(time.perf_counter()))
+            ttfts.append((first[0] if first else time.perf_counter()) - sent)
+            tokens.append(answer["stats"]["tokens"])
 
     try:
         started = time.perf_counter()
@@ -59,7 +74,95 @@ async def measure(url: str, sessions: int, frames: int, questions: int, max_new_
         await asyncio.gather(*[client.close() for client in clients], return_exceptions=True)
     answers = sum(len(texts) for texts in asked)
     return dict(sessions=sessions, sessions_per_s=sessions / accept_s, frames_per_s=sessions * frames / ingest_s,
-                answers=answers, answers_per_s=answers / answer_s)
+                answers=answers, answers_per_s=answers / answer_s, tokens_per_s=sum(tokens) / answer_s,
+                mean_tokens=sum(tokens) / answers, ttft_p50_s=float(np.percentile(ttfts, 50)),
+                ttft_p99_s=float(np.percentile(ttfts, 99)))
+
+
+async def measure_interference(url: str, frames: int, long_tokens: int) -> dict:
+    """Time to first token of a short question asked alone, then while another session generates a
+    `long_tokens` answer (asked first; the short one goes once its first token arrived)."""
+    video = make_video(0, frames)
+    images = [encode_image(image, "PNG") for image in video.frames()]
+    question = video.questions()[0].question
+    clients = [StreamerClient(url) for _ in range(2)]
+
+    async def first_token(client, text, tokens, begun=None, ignore_eos=False):
+        sent, first = time.perf_counter(), []
+
+        def on_text(_):
+            if not first:
+                first.append(time.perf_counter())
+                if begun is not None:
+                    begun.set()
+
+        answer = await client.ask(text, max_new_tokens=tokens, on_text=on_text, ignore_eos=ignore_eos)
+        return (first[0] if first else time.perf_counter()) - sent, answer["stats"]["tokens"]
+
+    try:
+        for client in clients:
+            await client.__aenter__()
+            await client.start()
+            for i, data in enumerate(images):
+                await client.send_frame(data, ts=i * 0.5)
+            await client.flush()
+            await client.wait_ingested()
+        alone, _ = await first_token(clients[1], question, 1)
+        begun = asyncio.Event()
+        long = asyncio.create_task(first_token(clients[0], "Describe the whole video in detail.", long_tokens, begun,
+                                               ignore_eos=True))
+        await begun.wait()
+        beside, _ = await first_token(clients[1], question, 1)
+        _, long_made = await long
+    finally:
+        await asyncio.gather(*[client.close() for client in clients], return_exceptions=True)
+    return dict(ttft_alone_s=alone, ttft_beside_long_s=beside, long_answer_tokens=long_made)
+
+
+def measure_batching(args, batches: list[int]) -> list[dict]:
+    """The same load on a server started here (websockets transport), once per max_batch."""
+    config = load_config(args.config)
+    override(config, "model", name=args.model, dtype=args.dtype, device=args.device)
+    override(config, "memory", chunk_frames=args.chunk_frames)
+    if args.policy:
+        override(config, "memory", policy=args.policy)
+    if args.pixels:
+        override(config, "video", min_pixels=args.pixels, max_pixels=args.pixels)
+    config.validate()
+    runner, _ = load_runner(config)
+    rows = []
+    for max_batch in batches:
+        limits = ServerLimits(max_sessions=args.sessions + 2, max_unstarted=args.sessions + 2, max_batch=max_batch,
+                              max_new_tokens=max(512, args.long_tokens))
+
+        async def load():
+            service = StreamService(runner, config, limits)
+            ready, stop = asyncio.get_running_loop().create_future(), asyncio.Event()
+            serving = asyncio.create_task(serve_websockets(service, "127.0.0.1", 0, ready=ready, stop=stop))
+            url = f"ws://127.0.0.1:{await ready}"
+            try:
+                await measure(url, min(args.sessions, 2), args.frames, 1, args.max_new_tokens)  # warm-up
+                row = await measure(url, args.sessions, args.frames, args.questions, args.max_new_tokens,
+                                    args.ignore_eos)
+                row.update(await measure_interference(url, args.frames, args.long_tokens))
+            finally:
+                stop.set()
+                await serving
+            return row
+
+        log.info("bench-serve: max_batch %d, %d sessions of %s", max_batch, args.sessions, args.model)
+        rows.append(dict(max_batch=max_batch, **asyncio.run(load())))
+    return rows
+
+
+def counts(text: str, switch: str) -> list[int]:
+    try:
+        values = [int(n) for n in text.split(",")]
+    except ValueError:
+        raise ValueError(f"{switch} {text!r}: give whole numbers separated by commas, e.g. 1,32") from None
+    if min(values) < 1:
+        raise ValueError(f"{switch} {text!r}: every count must be >= 1")
+    return values
 
 
 def free_port() -> int:
@@ -99,6 +202,24 @@ def measure_on_ray(args, replica_counts: list[int]) -> list[dict]:
     return rows
 
 
+def format_batching(rows: list[dict]) -> str:
+    lines = ["| max batch | sessions | answers / s | generated tokens / s | tokens per answer | TTFT p50 s | "
+             "TTFT p99 s | TTFT alone s | TTFT beside a long answer s |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['max_batch']} | {r['sessions']} | {r['answers_per_s']:.2f} | {r['tokens_per_s']:.1f} | "
+                     f"{r['mean_tokens']:.1f} | {r['ttft_p50_s']:.3f} | {r['ttft_p99_s']:.3f} | "
+                     f"{r['ttft_alone_s']:.3f} | {r['ttft_beside_long_s']:.3f} |")
+    if len(rows) > 1:
+        first, last = rows[0], rows[-1]
+        lines.append(f"\nmax batch {last['max_batch']} vs {first['max_batch']}: answers/s x"
+                     f"{last['answers_per_s'] / first['answers_per_s']:.2f}, tokens/s x"
+                     f"{last['tokens_per_s'] / first['tokens_per_s']:.2f}; TTFT beside a "
+                     f"{last['long_answer_tokens']}-token answer / alone: x"
+                     f"{last['ttft_beside_long_s'] / last['ttft_alone_s']:.1f} (max batch {first['max_batch']}: x"
+                     f"{first['ttft_beside_long_s'] / first['ttft_alone_s']:.1f})")
+    return "\n".join(lines)
+
+
 def format_rows(rows: list[dict]) -> str:
     lines = ["| replicas | sessions | sessions accepted / s | frames ingested / s | answers / s |",
              "|---:|---:|---:|---:|---:|"]
@@ -117,9 +238,13 @@ def format_rows(rows: list[dict]) -> str:
 def run(args) -> int:
     if args.url:
         rows = [asyncio.run(measure(args.url, args.sessions, args.frames, args.questions, args.max_new_tokens))]
+        print(format_rows(rows))
+    elif args.max_batch:
+        rows = measure_batching(args, counts(args.max_batch, "--max-batch"))
+        print(format_batching(rows))
     else:
-        rows = measure_on_ray(args, [int(n) for n in args.replicas.split(",")])
-    print(format_rows(rows))
+        rows = measure_on_ray(args, counts(args.replicas, "--replicas"))
+        print(format_rows(rows))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(dict(command=vars(args) | {"run": None}, rows=rows), f, indent=1, default=str)
@@ -132,6 +257,8 @@ def add_parser(sub) -> None:
     p.add_argument("--url", help="a running server (streamer serve, with or without --ray); default: start Ray "
                                  "Serve here with each count of --replicas")
     p.add_argument("--replicas", default="1,2", help="replica counts to measure in turn (default 1,2)")
+    p.add_argument("--max-batch", metavar="N,N", help="measure a server started here (no Ray) with each of these "
+                                                    "max batch sizes in turn, e.g. 1,32 (1: batching off)")
     p.add_argument("--ray-address", help="a Ray cluster to use (default: $RAY_ADDRESS, else start one here)")
     p.add_argument("--model", default="builtin")
     p.add_argument("--dtype")
@@ -141,5 +268,12 @@ def add_parser(sub) -> None:
     p.add_argument("--chunk-frames", type=int, default=8)
     p.add_argument("--questions", type=int, default=4, help="questions each client asks, one after another")
     p.add_argument("--max-new-tokens", type=int, default=8)
+    p.add_argument("--ignore-eos", action="store_true",
+                   help="every answer runs to --max-new-tokens (the protocol's ignore_eos, as vLLM's benchmarks)")
+    p.add_argument("--long-tokens", type=int, default=128,
+                   help="with --max-batch: the long answer beside which a short question's TTFT is measured")
+    p.add_argument("--device", help="with --max-batch: where the model runs")
+    p.add_argument("--policy", help="with --max-batch: the sessions' memory policy (default: the config's)")
+    p.add_argument("--pixels", type=int, help="with --max-batch: frame size in pixels (default: the model's)")
     p.add_argument("--out", default="bench_serve.json", help="where the JSON rows go ('' for none)")
     p.set_defaults(run=run)

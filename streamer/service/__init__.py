@@ -1,2 +1,2 @@
-"""The websocket service: protocol rules, server, per-connection sessions, the model scheduler, and
+"""The websocket service: protocol rules, server, per-connection sessions, the model executor, and
 the client API."""

@@ -131,13 +131,16 @@ class StreamerClient:
         await self.connection.send(json.dumps(dict(type="flush")))
 
     async def ask(self, question: str, max_new_tokens: int | None = None,
-                  on_text: Callable[[str], None] | None = None) -> dict:
-        """Ask and wait for the answer message; streamed text pieces go to on_text."""
+                  on_text: Callable[[str], None] | None = None, ignore_eos: bool = False) -> dict:
+        """Ask and wait for the answer message; streamed text pieces go to on_text. ignore_eos: generate
+        max_new_tokens whatever the model says (for benchmarks, as vLLM's ignore_eos)."""
         question_id = f"q{next(self.ids)}"
         queue = self.questions[question_id] = asyncio.Queue()
         fields = dict(id=question_id, question=question)
         if max_new_tokens is not None:
             fields["max_new_tokens"] = max_new_tokens
+        if ignore_eos:
+            fields["ignore_eos"] = True
         try:
             await self.connection.send(json.dumps(dict(type="ask", **fields)))
             while True:

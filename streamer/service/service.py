@@ -256,7 +256,10 @@ class StreamService:
                                     f"{self.limits.max_question_chars}")
             max_new = number(request, "max_new_tokens", 1, self.limits.max_new_tokens, integer=True,
                                    default=self.defaults.generation.max_new_tokens)
-            await session.ask(request.get("id"), question, max_new)
+            ignore_eos = request.get("ignore_eos", False)
+            if not isinstance(ignore_eos, bool):
+                raise ProtocolError("bad_option", "'ignore_eos' must be true or false")
+            await session.ask(request.get("id"), question, max_new, ignore_eos)
         elif kind == "ingest":
             self._ingest(session, request)
         elif kind == "flush":

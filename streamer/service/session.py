@@ -249,7 +249,7 @@ class StreamSession:
 
     # --- questions out ---------------------------------------------------------------------
 
-    async def ask(self, question_id: Any, question: str, max_new_tokens: int) -> None:
+    async def ask(self, question_id: Any, question: str, max_new_tokens: int, ignore_eos: bool = False) -> None:
         waiting = self.queued + self.pending  # what it sees beyond the memory: every frame received by now
         if self.memory.video_start is None and not waiting:
             raise ProtocolError("no_video", "the memory holds no video yet: send frames or an ingest message first")
@@ -257,9 +257,10 @@ class StreamSession:
             raise ProtocolError("too_many_questions", f"{self.questions} questions are already waiting for answers "
                                 "in this session; wait for one to finish")
         self.questions += 1
-        self._spawn(self._answer(question_id, question, max_new_tokens, waiting))
+        self._spawn(self._answer(question_id, question, max_new_tokens, waiting, ignore_eos))
 
-    async def _answer(self, question_id: Any, question: str, max_new_tokens: int, waiting: list[Frame]) -> None:
+    async def _answer(self, question_id: Any, question: str, max_new_tokens: int, waiting: list[Frame],
+                      ignore_eos: bool) -> None:
         loop = asyncio.get_running_loop()
 
         def on_text(text: str) -> None:  # called on the model thread
@@ -272,7 +273,8 @@ class StreamSession:
             seen = newest if len(newest) <= self.chunk_frames else []
             memory = with_newest(self.runner, self.memory, seen, self.policy, self.chunk_frames, self.preset,
                                  self.fps)
-            generation = self.runner.begin(memory, question, max_new_tokens, on_text, packed=True)
+            generation = self.runner.begin(memory, question, max_new_tokens, on_text, stop_at_end=not ignore_eos,
+                                           packed=True)
             seen_by = dict(memory_tokens=memory.mean_tokens(), full_tokens=memory.full_tokens, frames=memory.frames,
                            frames_behind=len(newest) - len(seen))
             return generation, seen_by  # the generation holds its own copy of the memory, not the fork

@@ -1,0 +1,196 @@
+"""The service's executor (streamer/service/executor.py): answers of different sessions share steps, a
+question never waits for another answer or a whole chunk, a session that leaves leaves the batch; and
+what it reports: GET /metrics and /health/ready on both transports. Each answer still equals the
+session's answer alone (tests/test_batching.py checks the engine under it)."""
+
+import asyncio
+import json
+import threading
+import urllib.error
+import urllib.request
+
+import pytest
+from conftest import random_frames, stream
+from prometheus_client.parser import text_string_to_metric_families
+from test_server import TRANSPORTS, push, running_server, server_config, wait_until
+
+import streamer.engine.runner as runner_module
+from streamer.service.client import StreamerClient
+from streamer.service.protocol import ServerLimits
+
+LONG = 400  # tokens of the long answer (stop tokens switched off: it runs to the end)
+
+
+def alone(runner, frames, question, tokens, config=None):
+    policy = (config or server_config()).make_policy()
+    return runner.answer(stream(runner, frames, 4, policy), question, tokens).text
+
+
+async def ready_client(url, frames):
+    client = StreamerClient(url)
+    await client.__aenter__()
+    await client.start()
+    await push(client, frames)
+    await client.wait_ingested()
+    return client
+
+
+@pytest.mark.parametrize("max_batch, order", [(32, ["short", "long"]), (1, ["long", "short"])])
+def test_a_short_question_is_answered_while_another_session_generates(tiny_runner, monkeypatch, max_batch, order):
+    """Batched, a 2-token question asked after a 400-token answer began finishes first; one answer at a time
+    (max_batch 1, the engine before batching) it waits for the whole long answer."""
+    monkeypatch.setattr(tiny_runner, "stop_ids", set())
+    frames = random_frames(4)
+    expected = alone(tiny_runner, frames, "Short?", 2)
+
+    async def scenario(url):
+        a, b = await ready_client(url, frames), await ready_client(url, frames)
+        finished, begun = [], asyncio.Event()
+        try:
+            async def long():
+                await a.ask("Long?", max_new_tokens=LONG, on_text=lambda _: begun.set())
+                finished.append("long")
+
+            async def short():
+                await begun.wait()
+                answer = await b.ask("Short?", max_new_tokens=2)
+                finished.append("short")
+                return answer
+
+            _, answer = await asyncio.gather(long(), short())
+        finally:
+            await a.close()
+            await b.close()
+        return finished, answer
+
+    with running_server(tiny_runner, ServerLimits(max_batch=max_batch)) as (_, url):
+        finished, answer = asyncio.run(scenario(url))
+    assert finished == order
+    assert answer["text"] == expected
+
+
+def test_a_question_is_answered_inside_a_long_chunk(tiny_runner, monkeypatch):
+    """While a chunk's prefill holds the model thread (each of its layers slowed to 0.3 s), another
+    session's question is set up and answered between its layers, and equals the answer alone."""
+    frames = random_frames(4)
+    config = server_config(policy="full")
+    expected = alone(tiny_runner, frames, "What now?", 3, config)
+    slow, ingesting = threading.Event(), threading.Event()
+    original_run_layer, original_ingest = runner_module.run_layer, tiny_runner.ingest
+
+    def run_layer(*args, **kwargs):
+        if slow.is_set() and ingesting.is_set() and not server.shared.executor.inside:
+            threading.Event().wait(0.3)
+        return original_run_layer(*args, **kwargs)
+
+    def ingest(*args, **kwargs):
+        ingesting.set()
+        try:
+            return original_ingest(*args, **kwargs)
+        finally:
+            ingesting.clear()
+
+    monkeypatch.setattr(runner_module, "run_layer", run_layer)
+    monkeypatch.setattr(tiny_runner, "ingest", ingest)
+
+    async def scenario(url):
+        b = await ready_client(url, frames)
+        async with StreamerClient(url) as a:
+            await a.start()
+            slow.set()
+            await push(a, random_frames(4, seed=9))
+            await asyncio.to_thread(ingesting.wait)
+            order = []
+
+            async def chunk():
+                await a.next_event("progress", timeout=60)
+                order.append("chunk")
+
+            async def question():
+                answer = await b.ask("What now?", max_new_tokens=3)
+                order.append("answer")
+                return answer
+
+            _, answer = await asyncio.gather(chunk(), question())
+        await b.close()
+        return order, answer
+
+    with running_server(tiny_runner, ServerLimits(), config) as (server, url):
+        order, answer = asyncio.run(scenario(url))
+    assert order == ["answer", "chunk"]
+    assert answer["text"] == expected
+
+
+def test_a_session_that_leaves_mid_answer_leaves_the_batch(tiny_runner, monkeypatch):
+    monkeypatch.setattr(tiny_runner, "stop_ids", set())
+    frames = random_frames(4)
+    expected = alone(tiny_runner, frames, "Short?", 5)
+
+    async def scenario(url, server):
+        a, b = await ready_client(url, frames), await ready_client(url, frames)
+        begun = asyncio.Event()
+        long = asyncio.create_task(a.ask("Long?", max_new_tokens=LONG, on_text=lambda _: begun.set()))
+        await begun.wait()
+        await a.close()  # gone mid-answer
+        await asyncio.gather(long, return_exceptions=True)
+        answer = await b.ask("Short?", max_new_tokens=5)
+        await b.close()
+        return answer
+
+    with running_server(tiny_runner) as (server, url):
+        answer = asyncio.run(scenario(url, server))
+        wait_until(lambda: server.shared.executor.generating() == 0 and not server.sessions)
+    assert answer["text"] == expected
+
+
+def fetch(url: str) -> tuple[int, str, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            return response.status, response.headers["Content-Type"], response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers["Content-Type"], exc.read().decode()
+
+
+def samples(text: str) -> dict:
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_metrics_and_readiness(tiny_runner, transport):
+    frames = random_frames(8)
+
+    async def scenario(url):
+        client = await ready_client(url, frames)
+        answers = await asyncio.gather(*[client.ask(q, max_new_tokens=4) for q in ("One?", "Two?")])
+        return client, answers
+
+    with running_server(tiny_runner, ServerLimits(), transport=transport) as (server, url):
+        http = url.replace("ws://", "http://")
+        loop = asyncio.new_event_loop()
+        client, answers = loop.run_until_complete(scenario(url))
+        status, content_type, text = fetch(http + "/metrics")
+        assert status == 200 and content_type.startswith("text/plain; version=0.0.4")
+        got = samples(text)
+        session = (("session", next(iter(server.sessions))),)
+        assert got[("streamer:time_to_first_token_seconds_count", ())] == 2
+        assert got[("streamer:e2e_request_latency_seconds_count", ())] == 2
+        assert got[("streamer:request_queue_time_seconds_count", ())] == 2
+        assert got[("streamer:generation_tokens_total", ())] == sum(a["stats"]["tokens"] for a in answers)
+        assert got[("streamer:inter_token_latency_seconds_count", ())] == sum(a["stats"]["tokens"] - 1
+                                                                              for a in answers)
+        assert got[("streamer:frames_ingested_total", ())] == 8
+        assert got[("streamer:chunk_seconds_count", ())] == 2
+        assert got[("streamer:batch_size_sum", ())] >= got[("streamer:batch_size_count", ())] > 0
+        assert got[("streamer:sessions", ())] == 1
+        assert got[("streamer:memory_tokens", session)] == answers[0]["stats"]["memory_tokens"]
+        assert got[("streamer:memory_tokens_total", ())] == answers[0]["stats"]["memory_tokens"]
+        assert got[("streamer:ingest_lag_frames", session)] == 0
+        assert got[("streamer:num_requests_running", ())] == 0
+        status, _, text = fetch(http + "/health/ready")
+        assert status == 200 and json.loads(text)["status"] == "ready"
+        server.draining = "the replica is being stopped"
+        status, _, text = fetch(http + "/health/ready")
+        assert status == 503 and json.loads(text)["status"] == "draining"
+        loop.run_until_complete(client.close())
+        loop.close()
