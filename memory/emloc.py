@@ -2,11 +2,12 @@
 
 For each chunk (docs/DESIGN.md section 2): probe once with the chunk unpruned (importance scores,
 reference logits, the hidden state entering every layer); then walk the layer groups from the
-top down. For a group, try the ratios from smallest to largest: a candidate keeps the top-k
-tokens per KV head in each layer of the group, with the choices already accepted above it in
-place, and is judged by re-running the probe from the group's first layer on its stored
-hidden state -- exact, because the groups below are still unpruned. The first ratio whose JS
-to the reference is <= delta is accepted; 1.0 is the fallback.
+top down. For a group, every ratio is a candidate: it keeps the top-k tokens per KV head in each
+layer of the group, with the choices already accepted above it in place, and is judged by
+re-running the probe from the group's first layer on its stored hidden state -- exact, because the
+groups below are still unpruned. All candidates of a group are re-run in one forward (the engine
+packs them: a forward bound by reading the weights costs about the same for three as for one),
+and the smallest ratio whose JS to the reference is <= delta is accepted; 1.0 is the fallback.
 
 The fallback needs no forward: with the group unpruned the state is exactly the one in which
 the group above was accepted, so its JS is that group's (0 for the top group). Hence every
@@ -97,20 +98,23 @@ class EmlocPolicy(ProbedPolicy):
                             for layer in layers) / len(layers)
                 first = round(count) / video_tokens
                 candidates = [first, *(r for r in grid if r > first)]
-            tried = set()  # ratios that keep as many tokens in every layer as one tried before are skipped
+            tried, tries = set(), []  # ratios that keep as many tokens in every layer as a smaller one are skipped
             for ratio in candidates:
                 profile = self.profile(ratio, num_layers)
                 counts = {layer: ratio_tokens(profile[layer], video_tokens) for layer in layers}
-                if tuple(counts.values()) in tried:
-                    continue
-                tried.add(tuple(counts.values()))
-                candidate = {layer: keep_count(scores[layer], ctx.protected, counts[layer]) for layer in layers}
-                keep = {**accepted, **candidate}
-                js = sum(js_divergence(run.reference, run.rerun(layers.start, keep), self.js_reduce)
-                         for run in runs) / len(runs)
-                evaluations.append([g, ratio, js])
-                if js <= self.delta:
-                    chosen, chosen_js = ratio, js
+                if tuple(counts.values()) not in tried:
+                    tried.add(tuple(counts.values()))
+                    tries.append((ratio, {layer: keep_count(scores[layer], ctx.protected, counts[layer])
+                                          for layer in layers}))
+            js_sums = [0.0] * len(tries)
+            for run in runs if tries else []:
+                for i, logits in enumerate(run.rerun(layers.start, [{**accepted, **keep} for _, keep in tries])):
+                    js_sums[i] += js_divergence(run.reference, logits, self.js_reduce)
+            for (ratio, candidate), js_sum in zip(tries, js_sums):
+                evaluations.append([g, ratio, js_sum / len(runs)])
+            for (ratio, candidate), js_sum in zip(tries, js_sums):
+                if js_sum / len(runs) <= self.delta:
+                    chosen, chosen_js = ratio, js_sum / len(runs)
                     accepted.update(candidate)
                     break
             ratios[g], js_values[g] = chosen, chosen_js

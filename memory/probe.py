@@ -59,10 +59,12 @@ class ChunkProbe(Protocol):
     #                                chunk token, mean over the query heads of a KV head, summed over probe tokens
     reference: torch.Tensor  # [rows, vocab] float32 logits of the probe's last rows, chunk unpruned
 
-    def rerun(self, from_layer: int, keep: dict[int, torch.Tensor]) -> torch.Tensor:
-        """The probe's logits [rows, vocab] with chunk tokens hidden per layer and KV head: keep[l] is bool
-        [kv_heads, chunk_len] for the layers given (others see the whole chunk). Layers from `from_layer` up
-        are re-run from their stored input, so no layer below `from_layer` may be in `keep`."""
+    def rerun(self, from_layer: int, keeps: list[dict[int, torch.Tensor]]) -> list[torch.Tensor]:
+        """Per candidate, the probe's logits [rows, vocab] with chunk tokens hidden per layer and KV head:
+        keep[l] is bool [kv_heads, chunk_len] for the layers given (others see the whole chunk). Layers from
+        `from_layer` up are re-run from their stored input, so no layer below `from_layer` may be in a keep.
+        The engine runs all candidates in one forward: a weight-bound forward costs about the same for
+        several as for one."""
 
 
 class ChunkModel(Protocol):

@@ -153,12 +153,23 @@ def assert_same_probes(runner, memory, static):
             assert static_run.attention[layer].shape == (runner.kv_heads, length)
             torch.testing.assert_close(static_run.attention[layer], eager.attention[layer], atol=1e-5, rtol=0)
     generator = torch.Generator().manual_seed(0)
+
+    def hidden_keys(from_layer):
+        return {layer: (torch.rand(runner.kv_heads, length, generator=generator) > 0.5).to(runner.device)
+                for layer, length in enumerate(lengths) if layer >= from_layer}
+
     for index, from_layer in ((0, 3), (1, 3), (0, 0), (1, 5), (0, 3)):
-        visible = {layer: (torch.rand(runner.kv_heads, length, generator=generator) > 0.5).to(runner.device)
-                   for layer, length in enumerate(lengths) if layer >= from_layer}
-        expected = runs["eager"][index].rerun(from_layer, visible)
-        torch.testing.assert_close(runs["static"][index].rerun(from_layer, visible), expected, atol=1e-5, rtol=0)
+        visible = hidden_keys(from_layer)
+        [expected] = runs["eager"][index].rerun(from_layer, [visible])
+        [static_logits] = runs["static"][index].rerun(from_layer, [visible])
+        torch.testing.assert_close(static_logits, expected, atol=1e-5, rtol=0)
         assert (expected - runs["eager"][index].reference).abs().max() > 1e-4, "hiding keys should change the logits"
+        # several candidates re-run together (one forward, eager) give each its own logits
+        others = [hidden_keys(from_layer), {}]  # {}: nothing hidden, the reference itself
+        together = runs["eager"][index].rerun(from_layer, [others[0], visible, others[1]])
+        torch.testing.assert_close(together[1], expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(together[0], runs["static"][index].rerun(from_layer, others[:1])[0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(together[2], runs["eager"][index].reference, atol=1e-5, rtol=0)
 
 
 def test_static_probes_and_reruns_equal_eager_on_ragged_context(tiny_runner):

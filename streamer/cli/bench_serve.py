@@ -16,8 +16,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import multiprocessing
 import socket
 import time
+import urllib.request
 
 import numpy as np
 
@@ -34,7 +36,8 @@ log = logging.getLogger("streamer")
 
 
 async def measure(url: str, sessions: int, frames: int, questions: int, max_new_tokens: int,
-                  ignore_eos: bool = False) -> dict:
+                  ignore_eos: bool = False, options: dict | None = None) -> dict:
+    """One load; `options` go into every session's start message."""
     videos = [make_video(seed, frames) for seed in range(sessions)]
     pushed = [[encode_image(image, "PNG") for image in video.frames()] for video in videos]
     asked = [[qa.question for qa in video.questions()][:questions] for video in videos]
@@ -42,7 +45,7 @@ async def measure(url: str, sessions: int, frames: int, questions: int, max_new_
 
     async def accept(client):
         await client.__aenter__()
-        await client.start()
+        await client.start(**(options or {}))
 
     async def ingest(client, images):
         for i, data in enumerate(images):
@@ -79,7 +82,7 @@ async def measure(url: str, sessions: int, frames: int, questions: int, max_new_
                 ttft_p99_s=float(np.percentile(ttfts, 99)))
 
 
-async def measure_interference(url: str, frames: int, long_tokens: int) -> dict:
+async def measure_interference(url: str, frames: int, long_tokens: int, options: dict | None = None) -> dict:
     """Time to first token of a short question asked alone, then while another session generates a
     `long_tokens` answer (asked first; the short one goes once its first token arrived)."""
     video = make_video(0, frames)
@@ -102,7 +105,7 @@ async def measure_interference(url: str, frames: int, long_tokens: int) -> dict:
     try:
         for client in clients:
             await client.__aenter__()
-            await client.start()
+            await client.start(**(options or {}))
             for i, data in enumerate(images):
                 await client.send_frame(data, ts=i * 0.5)
             await client.flush()
@@ -119,39 +122,63 @@ async def measure_interference(url: str, frames: int, long_tokens: int) -> dict:
     return dict(ttft_alone_s=alone, ttft_beside_long_s=beside, long_answer_tokens=long_made)
 
 
+def serve_here(config, limits: ServerLimits, port: int) -> None:
+    """The service on the websockets transport, in a process of its own (bench-serve's server)."""
+    logging.basicConfig(level=logging.WARNING)
+    runner, _ = load_runner(config)
+    asyncio.run(serve_websockets(StreamService(runner, config, limits), "127.0.0.1", port))
+
+
+def wait_ready(port: int, process, timeout: float = 600.0) -> None:
+    """Until the server's /health/ready answers 200 (a model step ran), or its process ended."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not process.is_alive():
+            raise RuntimeError(f"the benchmark's server exited with code {process.exitcode} before it was ready")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health/ready", timeout=30) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"the benchmark's server was not ready within {timeout:g} s")
+
+
 def measure_batching(args, batches: list[int]) -> list[dict]:
-    """The same load on a server started here (websockets transport), once per max_batch."""
+    """The same load on a server started here (websockets transport, its own process), once per max_batch."""
     config = load_config(args.config)
     override(config, "model", name=args.model, dtype=args.dtype, device=args.device)
-    override(config, "memory", chunk_frames=args.chunk_frames)
-    if args.policy:
-        override(config, "memory", policy=args.policy)
-    if args.pixels:
-        override(config, "video", min_pixels=args.pixels, max_pixels=args.pixels)
     config.validate()
-    runner, _ = load_runner(config)
+    options = dict(chunk_frames=args.chunk_frames)
+    if args.policy:
+        options["policy"] = args.policy
+    if args.pixels:
+        options.update(min_pixels=args.pixels, max_pixels=args.pixels)
     rows = []
     for max_batch in batches:
         limits = ServerLimits(max_sessions=args.sessions + 2, max_unstarted=args.sessions + 2, max_batch=max_batch,
-                              max_new_tokens=max(512, args.long_tokens))
-
-        async def load():
-            service = StreamService(runner, config, limits)
-            ready, stop = asyncio.get_running_loop().create_future(), asyncio.Event()
-            serving = asyncio.create_task(serve_websockets(service, "127.0.0.1", 0, ready=ready, stop=stop))
-            url = f"ws://127.0.0.1:{await ready}"
-            try:
-                await measure(url, min(args.sessions, 2), args.frames, 1, args.max_new_tokens)  # warm-up
-                row = await measure(url, args.sessions, args.frames, args.questions, args.max_new_tokens,
-                                    args.ignore_eos)
-                row.update(await measure_interference(url, args.frames, args.long_tokens))
-            finally:
-                stop.set()
-                await serving
-            return row
-
+                              max_new_tokens=max(512, args.long_tokens, args.max_new_tokens))
+        port = free_port()
+        server = multiprocessing.get_context("spawn").Process(target=serve_here, args=(config, limits, port),
+                                                              daemon=True)
         log.info("bench-serve: max_batch %d, %d sessions of %s", max_batch, args.sessions, args.model)
-        rows.append(dict(max_batch=max_batch, **asyncio.run(load())))
+        server.start()
+        try:
+            wait_ready(port, server)
+            url = f"ws://127.0.0.1:{port}"
+
+            async def load():
+                await measure(url, min(args.sessions, 2), args.frames, 1, args.max_new_tokens, options=options)
+                row = await measure(url, args.sessions, args.frames, args.questions, args.max_new_tokens,
+                                    args.ignore_eos, options)
+                row.update(await measure_interference(url, args.frames, args.long_tokens, options))
+                return row
+
+            rows.append(dict(max_batch=max_batch, **asyncio.run(load())))
+        finally:
+            server.terminate()
+            server.join()
     return rows
 
 

@@ -11,7 +11,8 @@ buffers, whose keys are not in that order: their caller passes a bool [q, kv] ma
 Two optional keyword arguments serve the memory policies' short probe forwards, which reach
 this function through the decoder layers' **kwargs:
 - key_masks: {layer_idx: bool [kv_heads, kv]} hides keys per KV head (a pruning candidate
-  evaluated without copying the cache);
+  evaluated without copying the cache), or {layer_idx: bool [kv_heads, q, kv]}: the whole
+  visibility of every query (several candidates in one forward, streamer.engine.decode);
 - attention_recorder: called as recorder(layer_idx, probs) with the probe rows' attention
   probabilities, float32 [kv_heads, groups, q, kv] (queries grouped by the KV head they share).
 A third serves packed forwards of several sessions (streamer.engine.generation): `segments`, their
@@ -55,6 +56,8 @@ def memory_attention(module, query, key, value, attention_mask=None, scaling=Non
     groups = heads // kv_heads
     key_mask = key_masks.get(module.layer_idx) if key_masks else None
     visible = attention_mask
+    if key_mask is not None and key_mask.dim() == 3:
+        visible, key_mask = key_mask, None
     if visible is None and (key_mask is not None or attention_recorder is not None):
         # probe forwards (few queries): an explicit mask is cheap and can hide keys per head
         visible = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - q_len)

@@ -7,8 +7,10 @@ plus the chunk being ingested. It is never modified. Both decoders offer the sam
   one answer token and returns the logits after it;
 - `probe(context, next_position, ids, rows)` runs a probe, recording its attention over the
   context, the hidden state entering every layer and the logits of its last `rows` tokens;
-  `rerun(probe, from_layer, visible)` re-runs it from a layer's stored input with context keys
-  hidden per layer and KV head -- the pruning candidates of memory.emloc.
+  `rerun(probe, from_layer, visibles)` re-runs it from a layer's stored input with context keys
+  hidden per layer and KV head, once per entry of `visibles` -- the pruning candidates of
+  memory.emloc. The eager decoder runs them all in one forward: each candidate's copy of the probe
+  is a block of rows that sees the context through its own mask and only its own probe keys.
 
 EagerDecoder runs each forward at its exact length (Runner.forward_layers).
 
@@ -63,8 +65,8 @@ class ProbeForward:
     reference: torch.Tensor  # [rows, vocab] float32 logits of the last `rows` probe tokens
     decoder: "EagerDecoder | StaticDecoder"  # holds the context until the next forward after another one
 
-    def rerun(self, from_layer: int, visible: dict[int, torch.Tensor]) -> torch.Tensor:
-        return self.decoder.rerun(self, from_layer, visible)
+    def rerun(self, from_layer: int, visibles: list[dict[int, torch.Tensor]]) -> list[torch.Tensor]:
+        return self.decoder.rerun(self, from_layer, visibles)
 
 
 class EagerDecoder:
@@ -103,18 +105,32 @@ class EagerDecoder:
         return ProbeForward(next_position, len(ids), torch.stack(layer_inputs), attention,
                             runner.logits(hidden[:, -rows:])[0], self)
 
-    def rerun(self, probe: ProbeForward, from_layer: int, visible: dict[int, torch.Tensor]) -> torch.Tensor:
-        """Logits [rows, vocab] with the context keys of layer l limited to visible[l] (bool [kv_heads, M_l])."""
-        runner = self.runner
-        if self.view.keys[0].shape[2] - self.view.memory_lengths[0] < probe.count:
-            self.view = MemoryView(self.context, extra=probe.count)
+    def rerun(self, probe: ProbeForward, from_layer: int,
+              visibles: list[dict[int, torch.Tensor]]) -> list[torch.Tensor]:
+        """Per candidate, logits [rows, vocab] with the context keys of layer l limited to visible[l] (bool
+        [kv_heads, M_l]); all candidates in one forward of len(visibles) copies of the probe."""
+        runner, n, copies = self.runner, probe.count, len(visibles)
+        if not visibles:
+            return []
+        if self.view.keys[0].shape[2] - self.view.memory_lengths[0] < copies * n:
+            self.view = MemoryView(self.context, extra=copies * n)
         layers = range(from_layer, runner.num_layers)
-        key_masks = {layer: torch.cat([mask, mask.new_ones(mask.shape[0], probe.count)], dim=1)
-                     for layer, mask in visible.items() if layer in layers}
-        hidden = runner.forward_layers(probe.layer_inputs[from_layer], text_positions(probe.next_position, probe.count),
-                                       self.view, layers=layers, key_masks=key_masks)
+        # each copy sees its own probe keys, causally, and no other copy's
+        own = torch.block_diag(*[torch.ones(n, n, dtype=torch.bool).tril()] * copies).to(runner.device)
+        key_masks = {}
+        for layer in layers:
+            length = self.view.memory_lengths[layer]
+            context = torch.stack([v[layer] if layer in v else torch.ones(runner.kv_heads, length, dtype=torch.bool,
+                                                                          device=runner.device) for v in visibles])
+            rows = context.permute(1, 0, 2).repeat_interleave(n, dim=1)  # [kv_heads, copies * n, M_l]
+            key_masks[layer] = torch.cat([rows, own.expand(runner.kv_heads, -1, -1)], dim=2)
+        hidden = runner.forward_layers(probe.layer_inputs[from_layer].repeat(1, copies, 1),
+                                       text_positions(probe.next_position, n).repeat(copies, 1), self.view,
+                                       layers=layers, key_masks=key_masks)
         self.view.rewind(0)
-        return runner.logits(hidden[:, -probe.reference.shape[0]:])[0]
+        rows = probe.reference.shape[0]
+        last = torch.cat([torch.arange((c + 1) * n - rows, (c + 1) * n) for c in range(copies)]).to(runner.device)
+        return list(runner.logits(hidden[:, last])[0].split(rows))
 
 
 @dataclass
@@ -183,7 +199,12 @@ class StaticDecoder:
         attention = [b.attention[layer, :, :length].clone() for layer, length in enumerate(lengths)]
         return ProbeForward(next_position, len(ids), b.layer_inputs[n].clone(), attention, reference, self)
 
-    def rerun(self, probe: ProbeForward, from_layer: int, visible: dict[int, torch.Tensor]) -> torch.Tensor:
+    def rerun(self, probe: ProbeForward, from_layer: int,
+              visibles: list[dict[int, torch.Tensor]]) -> list[torch.Tensor]:
+        """One replay per candidate (its buffers hold one probe); clones, as each replay rewrites the logits."""
+        return [self._rerun(probe, from_layer, visible).clone() for visible in visibles]
+
+    def _rerun(self, probe: ProbeForward, from_layer: int, visible: dict[int, torch.Tensor]) -> torch.Tensor:
         b = self.buffers
         n = probe.layer_inputs.shape[2]
         b.layer_inputs[n][from_layer].copy_(probe.layer_inputs[from_layer])

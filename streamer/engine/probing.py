@@ -24,10 +24,10 @@ class RecordedProbe:
         self.attention = [a[:, start:start + chunk_len] for a, start in zip(forward.attention, chunk_starts)]
         self.reference = forward.reference
 
-    def rerun(self, from_layer: int, keep: dict[int, torch.Tensor]) -> torch.Tensor:
-        visible = {layer: torch.cat([kept.new_ones(kept.shape[0], self.chunk_starts[layer]), kept], dim=1)
-                   for layer, kept in keep.items()}  # the memory before the chunk stays visible
-        return self.forward.rerun(from_layer, visible)
+    def rerun(self, from_layer: int, keeps: list[dict[int, torch.Tensor]]) -> list[torch.Tensor]:
+        visibles = [{layer: torch.cat([kept.new_ones(kept.shape[0], self.chunk_starts[layer]), kept], dim=1)
+                     for layer, kept in keep.items()} for keep in keeps]  # the memory before the chunk stays visible
+        return self.forward.rerun(from_layer, visibles)
 
 
 class ChunkProbes:

@@ -3,8 +3,9 @@
 Two kinds of work reach the model thread:
 - jobs (a chunk to ingest, a question's set-up, a save or load) run one at a time from a priority
   queue: questions' work first (ASK), then chunks (INGEST) in submission order, so a session's chunks
-  stay in stream order. After `INGEST_PATIENCE` question jobs in a row a waiting chunk goes next:
-  questions cannot starve ingestion.
+  stay in stream order. Each round of the thread runs the question jobs queued when it began (so
+  every question that arrived joins the next step together), one step, then one chunk: questions
+  cannot starve ingestion.
 - answers being generated (streamer.engine.generation) advance together: one step is one forward
   over the next token of every answer in flight (up to `max_batch`, oldest first) and the tokens of
   questions that have just joined.
@@ -34,7 +35,6 @@ log = logging.getLogger("streamer")
 
 ASK = 0  # questions first
 INGEST = 1
-INGEST_PATIENCE = 4  # question jobs that may overtake a waiting chunk in a row
 
 
 @dataclass(order=True)
@@ -75,7 +75,6 @@ class ModelExecutor:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.stopping = False
         self.inside = False  # in a step or a nested job: no interruption
-        self.asks_in_a_row = 0
         self.last_step_s = 0.0
         self.last_step_end = time.perf_counter()
 
@@ -138,28 +137,24 @@ class ModelExecutor:
                     self.wake.wait()
                 if self.stopping:
                     return
-                job = self._next_job(asks_only=False)
+            self._questions()
             if self.running:
                 self._step()
+            with self.wake:
+                job = heapq.heappop(self.jobs) if self.jobs else None
             if job is not None:
                 self._do(job)
 
-    def _next_job(self, asks_only: bool) -> Job | None:
-        """The next job to run (under the lock): questions first, a chunk after INGEST_PATIENCE of them."""
-        jobs = self.jobs
-        if not jobs or (asks_only and jobs[0].priority != ASK):
-            return None
-        if jobs[0].priority == ASK and not asks_only and self.asks_in_a_row >= INGEST_PATIENCE:
-            chunks = [job for job in jobs if job.priority != ASK]
-            if chunks:
-                job = min(chunks)
-                jobs.remove(job)
-                heapq.heapify(jobs)
-                self.asks_in_a_row = 0
-                return job
-        job = heapq.heappop(jobs)
-        self.asks_in_a_row = self.asks_in_a_row + 1 if job.priority == ASK else 0
-        return job
+    def _questions(self) -> None:
+        """Run the question jobs queued now (not those that arrive meanwhile: a round ends)."""
+        with self.wake:
+            count = sum(job.priority == ASK for job in self.jobs)
+        for _ in range(count):
+            with self.wake:
+                job = heapq.heappop(self.jobs) if self.jobs and self.jobs[0].priority == ASK else None
+            if job is None:
+                return
+            self._do(job)
 
     def _do(self, job: Job) -> None:
         if job.cancelled:
@@ -231,12 +226,7 @@ class ModelExecutor:
             return
         self.inside = True
         try:
-            while True:
-                with self.wake:
-                    job = self._next_job(asks_only=True)
-                if job is None:
-                    break
-                self._do(job)
+            self._questions()
         finally:
             self.inside = False
         if self.running:
