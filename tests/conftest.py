@@ -1,4 +1,7 @@
+import http.server
 import os
+import threading
+from contextlib import contextmanager
 from dataclasses import replace
 
 import numpy as np
@@ -12,7 +15,7 @@ from streamer.engine.runner import Runner
 from streamer.engine.stream import ingest_video
 from streamer.engine.view import MemoryView
 from video_io.preprocess import VisionPreset
-from video_io.synthetic import write_video
+from video_io.synthetic import index_frame, write_video
 
 # 56 x 112 frames at exactly that many pixels: a 4 x 8 patch grid, 8 tokens per frame pair.
 TEST_PRESET = VisionPreset(min_pixels=56 * 112, max_pixels=56 * 112)
@@ -81,3 +84,45 @@ def clip(tmp_path_factory):
     write_video(root / "clip.mp4", 24, fps=8.0, size=(112, 56))
     (root / "corrupt.mp4").write_bytes(os.urandom(4000))
     return root
+
+
+@contextmanager
+def live_http(parts: list[bytes], then: str):
+    """A loopback HTTP source: connection i sends parts[i] (MPEG-TS bytes), then `then`: "stall" (holds the
+    connection open, sending nothing) or "close". URL of the stream."""
+    stop = threading.Event()
+    connections = iter(parts)
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            data = next(connections, b"")
+            self.send_response(200)
+            self.send_header("Content-Type", "video/mp2t")
+            self.end_headers()
+            self.wfile.write(data)
+            self.wfile.flush()
+            if then == "stall":
+                stop.wait(30)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/live.ts"
+    finally:
+        stop.set()
+        server.shutdown()
+        server.server_close()
+
+
+def ts_parts(tmp_path, count=2, frames=24):
+    size, parts = (112, 112), []
+    for part in range(count):
+        path = tmp_path / f"part{part}.ts"
+        write_video(path, frames, fps=8.0, size=size, content=lambda i, p=part: index_frame(p * frames + i, size))
+        parts.append(path.read_bytes())
+    return parts

@@ -7,6 +7,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from conftest import live_http, ts_parts
 
 from streamer.cli import main
 from streamer.engine.models import load_model
@@ -72,6 +73,28 @@ def test_ask_fps_sampling(capsys, video):
 ])
 def test_ask_bad_options_are_clear_errors(capsys, video, switches, message):
     assert main(["-q", "ask", str(video), "Q?", *SMALL, *switches]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_ask_reads_a_stream_url_for_some_seconds(capsys, tmp_path):
+    """`ask` takes a live URL (it said "no such file"): --seconds of it at --fps, then the answer."""
+    parts = ts_parts(tmp_path, count=1, frames=24)  # 3 s at 8 fps
+    with live_http(parts * 2, then="stall") as url:  # opened to check it, then to read it
+        result = ask_json(capsys, url, "--fps", "4", "--seconds", "2", "--chunk-frames", "4")
+    assert result["frames"] == 8 and result["video"] == url and len(result["chunks"]) == 2
+
+
+@pytest.mark.parametrize("switches, message", [
+    ([], "give --seconds S or --max-frames N"),
+    (["--frames", "8", "--seconds", "2"], "a stream URL has none: give --fps F"),
+    (["--seconds", "2"], "cannot open the stream"),
+])
+def test_ask_checks_a_stream_url_before_loading_the_model(capsys, monkeypatch, switches, message):
+    def load_runner(config):
+        raise AssertionError("the model was loaded before the input was checked")
+
+    monkeypatch.setattr("streamer.cli.ask.load_runner", load_runner)
+    assert main(["-q", "ask", "http://127.0.0.1:9/live.ts", "Q?", *SMALL, *switches]) == 2
     assert message in capsys.readouterr().err
 
 

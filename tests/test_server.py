@@ -20,7 +20,7 @@ from contextlib import contextmanager
 
 import numpy as np
 import pytest
-from conftest import random_frames, stream
+from conftest import live_http, random_frames, stream, ts_parts
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -672,3 +672,24 @@ def test_client_command_says_what_went_wrong_in_one_line(tiny_runner, tmp_path, 
     assert "is not a websocket address" in capsys.readouterr().err
     assert main(["-q", "client", str(tmp_path / "long.mp4"), "--url", url]) == 1  # the server is gone now
     assert "cannot connect to" in capsys.readouterr().err
+
+
+def test_client_on_a_live_source_that_dies_still_answers(tiny_runner, tmp_path, capsys):
+    """A live URL that drops after 24 frames: one line says the source broke off (not a normal end), the
+    --ask question is answered from the frames sent, exit 1; --ask-every asks the --ask-during question as
+    the stream goes; --ask-during alone on a URL is refused (it was silently skipped: no halfway)."""
+    from streamer.cli import main
+
+    parts = ts_parts(tmp_path, count=1, frames=24)
+    with running_server(tiny_runner) as (_, url), live_http(parts, then="close") as source:
+        code = main(["-q", "client", source, "--url", url, "--fast", "--fps", "8", "--read-timeout", "2",
+                     "--ask-during", "So far?", "--ask-every", "1", "--ask", "What happens?", "--json-stats"])
+    captured = capsys.readouterr()
+    assert code == 1
+    assert "the stream broke off after" in captured.err and "asking the questions about the" in captured.err
+    assert captured.out.count("Q: So far?") >= 2 and "Q: What happens?" in captured.out
+    stats = json.loads(captured.out[captured.out.index("{"):])
+    assert stats["frames_ingested"] >= 16 and stats["questions_answered"] >= 3
+    assert main(["-q", "client", "udp://127.0.0.1:9", "--url", url, "--ask-during", "So far?"]) == 2
+    assert "--ask-every SECONDS" in capsys.readouterr().err
+

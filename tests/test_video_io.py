@@ -13,6 +13,7 @@ import av
 import numpy as np
 import pytest
 import torch
+from conftest import live_http, ts_parts
 from PIL import Image
 
 from video_io import (
@@ -342,6 +343,56 @@ def test_stream_source_realtime_paces(one_second_clip):
     elapsed = time.monotonic() - start
     assert len(frames) == 8
     assert 0.8 <= elapsed < 1.6  # last frame is due at 7/8 s
+
+
+def test_stream_source_time_goes_on_across_a_discontinuity(tmp_path, caplog):
+    """Two MPEG-TS recordings back to back, as a restarted publisher sends them: the second's timestamps
+    start again where the first's did. Stream time goes on one frame after the first's last frame, and
+    the jump is logged once (it was 2 s back, and the server refused those frames' ts)."""
+    size = (112, 112)
+    first, second, joined = tmp_path / "first.ts", tmp_path / "second.ts", tmp_path / "joined.ts"
+    write_video(first, 16, fps=8.0, size=size)
+    write_video(second, 16, fps=8.0, size=size, content=lambda i: index_frame(16 + i, size))
+    joined.write_bytes(first.read_bytes() + second.read_bytes() + second.read_bytes())
+    source = StreamSource(joined, realtime=False)
+    with caplog.at_level("WARNING", logger="video_io.sources"):
+        frames = list(source)
+    assert [decode_index(f.image) for f in frames] == list(range(32)) + list(range(16, 32))
+    ts = [f.ts for f in frames]
+    assert ts == pytest.approx([i / 8 for i in range(48)], abs=1e-3)
+    assert source.discontinuities == 2 and caplog.text.count("jumped") == 1
+
+
+@pytest.mark.parametrize("then", ["stall", "close"])
+def test_a_source_that_stalls_or_dies_breaks_off(tmp_path, then):
+    """Not a normal end: the frames that came are read, then UnreadableStreamError (a stall after the read
+    timeout; a connection dropped mid-stream at once)."""
+    [part] = ts_parts(tmp_path, count=1)
+    with live_http([part], then=then) as url:
+        source = StreamSource(url, realtime=False, read_timeout=1.0)
+        frames = []
+        started = time.monotonic()
+        with pytest.raises(UnreadableStreamError, match="broke off after .* frames"):
+            for frame in source:
+                frames.append(frame)
+        assert time.monotonic() - started < 10
+    assert len(frames) >= 12 and source.frames == len(frames)  # what arrived before the stall was read
+
+
+@pytest.mark.parametrize("then", ["stall", "close"])
+def test_a_source_that_broke_off_is_opened_again_and_time_goes_on(tmp_path, then, caplog):
+    parts = ts_parts(tmp_path)
+    with live_http(parts, then=then) as url, caplog.at_level("WARNING", logger="video_io.sources"):
+        source = StreamSource(url, realtime=False, read_timeout=1.0, reconnect=2)
+        with pytest.raises(UnreadableStreamError, match="2 reconnects"):
+            frames = []
+            for frame in source:
+                frames.append(frame)
+    indices = [decode_index(f.image) for f in frames]
+    assert indices[:12] == list(range(12)) and 24 in indices and indices == sorted(indices)
+    ts = [f.ts for f in frames]
+    assert all(b > a for a, b in zip(ts, ts[1:]))
+    assert source.reconnects == 2 and "opening it again" in caplog.text
 
 
 @pytest.mark.parametrize("url", ["/nonexistent/dir/clip.mp4", "http://127.0.0.1:9/clip.mp4"])

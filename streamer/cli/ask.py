@@ -21,7 +21,7 @@ from streamer.config import Config, override
 from streamer.engine.runner import Answer, Runner, load_runner
 from streamer.engine.stream import ingest_video
 from video_io.readers import not_found
-from video_io.sources import FileSource
+from video_io.sources import FileSource, StreamSource
 
 log = logging.getLogger("streamer")
 STAGES = ("preprocess", "vision", "prefill", "policy", "probe", "search")
@@ -30,9 +30,10 @@ STAGES = ("preprocess", "vision", "prefill", "policy", "probe", "search")
 def add_parser(sub) -> None:
     p = sub.add_parser("ask", help="answer a question about a video file",
                        description="Read a video, build its memory chunk by chunk, answer one question.")
-    p.add_argument("video", help="path of a local video file")
+    p.add_argument("video", help="a local video file, or a stream URL (with --seconds or --max-frames)")
     p.add_argument("question")
     add_run_switches(p)
+    p.add_argument("--seconds", type=float, help="a stream URL: read this many seconds of it, then answer")
     p.add_argument("--save-memory", metavar="PATH", help="save the video's memory (.safetensors) for `streamer answer`")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.set_defaults(run=run_ask)
@@ -51,26 +52,43 @@ def add_parser(sub) -> None:
     p.set_defaults(run=run_answer)
 
 
+def open_video(video: str, config: Config, seconds: float | None = None) -> FileSource | StreamSource:
+    """The frames `ask` reads: a local file, sampled as configured, or a stream URL read at video.fps (default
+    1) for `seconds` or video.max_frames frames. Refuses what cannot work in one line, before any model loads."""
+    if "://" not in video:
+        if seconds is not None:
+            raise ValueError("--seconds is for a stream URL; a file is read whole (cap it with --max-frames)")
+        if not Path(video).exists():
+            raise not_found(video)
+        return FileSource(video, config.video.sampling(), backend=config.video.backend)
+    if seconds is None and config.video.max_frames is None:
+        raise ValueError(f"a stream URL may never end: give --seconds S or --max-frames N to read {video}")
+    return StreamSource(video, fps=config.video.fps or 1.0, max_frames=config.video.max_frames, until=seconds)
+
+
 def ask_video(runner: Runner, video: str, question: str, config: Config,
-              progress: Callable[[str], None] | None = None):
-    """Answer `question` about the video file at `video`; returns (result record, memory)."""
+              progress: Callable[[str], None] | None = None, seconds: float | None = None):
+    """Answer `question` about the video file or stream URL `video` (open_video); returns (result record,
+    memory)."""
     started = time.perf_counter()
     policy = config.make_policy(question)
-    source = FileSource(video, config.video.sampling(), backend=config.video.backend)
+    source = open_video(video, config, seconds)
     chunk_frames = config.memory.chunk_frames
-    total_chunks = math.ceil(len(source) / chunk_frames)
+    live = isinstance(source, StreamSource)
+    frames = source.max_frames or math.ceil(seconds * source.fps) if live else len(source)
+    total_chunks = "" if live else f"/{math.ceil(frames / chunk_frames)}"
 
     def on_chunk(number: int, chunk: list, record: dict) -> None:
         if progress:
             chosen = f", ratios {record['ratios']}" if "ratios" in record else ""
-            progress(f"chunk {number}/{total_chunks}: {len(chunk)} frames ({chunk[0].ts:.1f}-{chunk[-1].ts:.1f} s), "
+            progress(f"chunk {number}{total_chunks}: {len(chunk)} frames ({chunk[0].ts:.1f}-{chunk[-1].ts:.1f} s), "
                      f"{record['tokens']} tokens{chosen} -> memory {record['memory_tokens']:.0f} of "
                      f"{memory.full_tokens} tokens")
 
     memory = runner.new_memory(**config.memory.limits())
-    preset = config.video_preset(runner.preset, len(source))
-    ingest_video(runner, source, policy, chunk_frames, memory, on_chunk=on_chunk, preset=preset,
-                 fps=source.sampled_fps)  # Qwen2.5-VL's positions follow the frames' time
+    preset = config.video_preset(runner.preset, frames)
+    fps = source.fps if live else source.sampled_fps  # Qwen2.5-VL's positions follow the frames' time
+    ingest_video(runner, source, policy, chunk_frames, memory, on_chunk=on_chunk, preset=preset, fps=fps)
     answer = runner.answer(memory, question, config.generation.max_new_tokens)
     stage = {key: sum(chunk["timings"].get(key, 0.0) for chunk in memory.chunks) for key in STAGES}
     read_s = sum(chunk["timings"]["read"] for chunk in memory.chunks)
@@ -143,10 +161,12 @@ def run_ask(args) -> int:
     config = config_from_args(args)
     if args.save_memory:
         check_destination(args.save_memory)
-    if "://" not in args.video and not Path(args.video).exists():  # before the model loads (a minute for a 7B)
-        raise not_found(args.video)
+    if "://" in args.video and args.frames is not None:
+        raise ValueError(f"--frames spreads frames over a video's length, and a stream URL has none: give --fps F "
+                         f"(default 1) with --seconds or --max-frames for {args.video}")
+    open_video(args.video, config, args.seconds).close()  # before the model loads (a minute for a 7B)
     runner, load_s = load_runner(config)
-    result, memory = ask_video(runner, args.video, args.question, config, progress=log.info)
+    result, memory = ask_video(runner, args.video, args.question, config, progress=log.info, seconds=args.seconds)
     result["timings"] = {"load_model": load_s, **result["timings"]}
     if args.save_memory:
         save_memory(memory, args.save_memory, model_identity(runner.model, runner.model_name), asdict(config))

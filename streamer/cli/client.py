@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
 import sys
 
@@ -12,6 +13,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 
 from streamer.cli.switches import ratio_list
 from streamer.service.client import ServerError, StreamerClient, log_event, stream_frames
+from video_io.errors import VideoError
 from video_io.sampling import Sampling
 from video_io.sources import FileSource, StreamSource
 
@@ -46,6 +48,8 @@ async def ask_when_ready(client: StreamerClient, question: str, max_new_tokens: 
 
 
 async def run_client(args) -> int:
+    """0 when the whole video was sent and every question answered; 1 when the source broke off (the
+    questions are still asked, from what was sent) or a question was refused."""
     options = {key: value for key, value in dict(
         policy=args.memory, delta=args.delta, ratios=args.ratios, group_size=args.group_size, ratio=args.ratio,
         budget=args.budget, chunk_frames=args.chunk_frames).items() if value is not None}
@@ -54,27 +58,33 @@ async def run_client(args) -> int:
         logger = asyncio.create_task(log_events(client))
         log.info("session %s on %s (%s, %d frames per chunk)", ready["session"], ready["model"], ready["policy"],
                  ready["chunk_frames"])
-        if "://" in args.video:
-            frames = StreamSource(args.video, fps=args.fps, max_frames=args.max_frames)
-        else:
-            sampling = Sampling(frames=args.frames, fps=None if args.frames else args.fps, max_frames=args.max_frames)
-            frames = FileSource(args.video, sampling)
-        halfway = len(frames) // 2 if hasattr(frames, "__len__") else None
-        asked_during = []
+        frames = open_source(args)
+        halfway = len(frames) // 2 if isinstance(frames, FileSource) and args.ask_every is None else None
+        asked_during, next_ask = [], args.ask_every
 
-        def on_frame(count: int) -> None:
-            if count == halfway:
+        def on_frame(count: int, frame) -> None:
+            nonlocal next_ask
+            due = count == halfway
+            if next_ask is not None and frame.ts >= next_ask:
+                due, next_ask = True, next_ask + args.ask_every * (1 + (frame.ts - next_ask) // args.ask_every)
+            if due:
                 asked_during.extend(asyncio.create_task(ask_when_ready(client, q, args.max_new_tokens))
                                     for q in args.ask_during)
 
-        sent = await stream_frames(client, iter(frames), realtime=args.realtime, on_frame=on_frame,
-                                   chunk_frames=ready["chunk_frames"])
+        broke_off = None
+        try:
+            sent = await stream_frames(client, broken_off_at_end(frames), realtime=args.realtime,
+                                       on_frame=on_frame, chunk_frames=ready["chunk_frames"])
+        except SourceBrokeOff as exc:  # a live source that stalled or died: what was sent still answers
+            broke_off, sent = exc.error, exc.sent
+            print(f"streamer client: error: {broke_off}; asking the questions about the {sent} frames sent",
+                  file=sys.stderr, flush=True)
         await client.flush()  # before waiting for the questions asked during: they may wait for a first chunk
-        await asyncio.gather(*asked_during)
+        answers = list(await asyncio.gather(*asked_during))
         stats = await client.wait_ingested()
         log.info("sent %d frames; memory %.0f of %d tokens", sent, stats["memory_tokens"], stats["full_tokens"])
         for question in args.ask:
-            await ask_when_ready(client, question, args.max_new_tokens)
+            answers.append(await ask_when_ready(client, question, args.max_new_tokens))
         if args.interactive:
             loop = asyncio.get_running_loop()
             while question := (await loop.run_in_executor(None, _prompt)).strip():
@@ -82,16 +92,49 @@ async def run_client(args) -> int:
         if args.json_stats:
             print(json.dumps(await client.stats(), indent=2))
         logger.cancel()
-    return 0
+    return 1 if broke_off is not None or None in answers else 0
+
+
+class SourceBrokeOff(Exception):
+    def __init__(self, error: VideoError, sent: int):
+        self.error, self.sent = error, sent
+
+
+def broken_off_at_end(frames):
+    """The frames of a source; a source that breaks off mid-way ends the iteration with SourceBrokeOff."""
+    count = 0
+    try:
+        for frame in frames:
+            yield frame
+            count += 1
+    except VideoError as exc:
+        raise SourceBrokeOff(exc, count) from exc
+
+
+def open_source(args):
+    """The frames to send: a stream URL (live, with timeouts and reconnects) or a local file, sampled."""
+    if "://" in args.video:
+        return StreamSource(args.video, fps=args.fps, max_frames=args.max_frames, realtime=args.realtime,
+                            read_timeout=args.read_timeout, reconnect=args.reconnect)
+    sampling = Sampling(frames=args.frames, fps=None if args.frames else args.fps, max_frames=args.max_frames)
+    return FileSource(args.video, sampling)
 
 
 def run(args) -> int:
     """run_client, with what can go wrong between a client and a server said in one line: 1 when the server
     refused or was not reached, 130 on Ctrl-C (bad switches exit 2 before this)."""
-    def fail(message: str) -> int:
+    def fail(message: str, code: int = 1) -> int:
         print(f"streamer client: error: {message}", file=sys.stderr)
-        return 1
+        return code
 
+    if args.ask_during and "://" in args.video and args.ask_every is None:
+        return fail("--ask-during asks halfway through a video, and a stream URL has no length: give --ask-every "
+                    "SECONDS to ask them every SECONDS of the stream", 2)
+    for switch, value in (("--ask-every", args.ask_every), ("--read-timeout", args.read_timeout)):
+        if value is not None and not (value > 0 and math.isfinite(value)):
+            return fail(f"{switch} must be a number of seconds > 0, got {value}", 2)
+    if args.reconnect < 0:
+        return fail(f"--reconnect must be >= 0, got {args.reconnect}", 2)
     try:
         return asyncio.run(run_client(args))
     except KeyboardInterrupt:
@@ -140,8 +183,16 @@ def add_parser(sub) -> None:
                       help="send frames as fast as the server ingests them (none dropped)")
     p.add_argument("--ask", action="append", default=[], metavar="QUESTION", help="ask after streaming (repeatable)")
     p.add_argument("--ask-during", action="append", default=[], metavar="QUESTION",
-                   help="ask when half of the frames are sent (repeatable)")
+                   help="ask when half of the frames are sent (repeatable); with --ask-every, every so often")
+    p.add_argument("--ask-every", type=float, metavar="SECONDS",
+                   help="ask the --ask-during questions each time SECONDS more of the video were sent (a stream "
+                        "URL has no halfway: it needs this)")
     p.add_argument("--interactive", action="store_true", help="then read questions from the terminal")
+    live = p.add_argument_group("stream URLs")
+    live.add_argument("--read-timeout", type=float, default=10.0,
+                      help="seconds without data after which a stream URL has stalled (default 10)")
+    live.add_argument("--reconnect", type=int, default=0, metavar="N",
+                      help="open a stream URL again up to N times after it stalls or drops (default 0)")
     p.add_argument("--max-new-tokens", type=int)
     p.add_argument("--memory", help="memory policy for this session")
     p.add_argument("--delta", type=float)

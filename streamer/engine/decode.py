@@ -42,6 +42,7 @@ import torch
 
 from streamer.engine.attention import run_layer
 from streamer.engine.positions import text_positions
+from streamer.engine.text_model import TextModel
 from streamer.engine.view import MemoryView
 
 log = logging.getLogger("streamer")
@@ -70,7 +71,7 @@ class ProbeForward:
 
 
 class EagerDecoder:
-    def __init__(self, runner):
+    def __init__(self, runner: TextModel):
         self.runner = runner
 
     def start(self, context: Context, next_position: int, ids: list[int], max_new_tokens: int) -> torch.Tensor:
@@ -167,7 +168,7 @@ class SlotWriter:
 
 
 class StaticDecoder:
-    def __init__(self, runner, cuda_graphs: bool = True):
+    def __init__(self, runner: TextModel, cuda_graphs: bool = True):
         self.runner = runner
         self.cuda_graphs = cuda_graphs and runner.device.type == "cuda"
         self.buffers: Buffers | None = None

@@ -29,6 +29,7 @@ import torch
 
 from streamer.engine.decode import Context, StaticDecoder
 from streamer.engine.positions import text_positions
+from streamer.engine.text_model import TextModel
 from streamer.engine.view import MemoryView
 
 TOP_LOGPROBS = 5
@@ -81,7 +82,7 @@ class Generation:
                       first_token_logprobs=self.first_token_logprobs, first_logits=self.first_logits,
                       timings=dict(question_prefill=ttft, decode=decode, decode_tokens_per_s=rate))
 
-    def _take(self, runner, logits: torch.Tensor) -> None:
+    def _take(self, runner: TextModel, logits: torch.Tensor) -> None:
         """The logits after this step's inputs: choose the next token, or finish."""
         if self.first_logits is None:
             self.first_token_at = time.perf_counter()
@@ -110,7 +111,7 @@ class Generation:
             self.on_text(text[len(self.sent):])
             self.sent = text
 
-    def _finish(self, runner) -> None:
+    def _finish(self, runner: TextModel) -> None:
         self._stream(runner.tokenizer, final=True)
         self.done = True
         self.finished_at = time.perf_counter()
@@ -135,7 +136,7 @@ class Packed:
 
 
 @torch.inference_mode()
-def advance(runner, generations: list[Generation]) -> None:
+def advance(runner: TextModel, generations: list[Generation]) -> None:
     """One step of every unfinished generation: their inputs in one forward (those with a static decoder
     one by one), each taking its logits. Generations that finish are marked done."""
     live = [g for g in generations if not g.done]

@@ -13,6 +13,7 @@ import torch
 
 from memory.probe import ProbeConfig
 from streamer.engine.decode import ProbeForward
+from streamer.engine.text_model import TextModel
 from streamer.engine.view import MemoryView
 
 
@@ -33,7 +34,7 @@ class RecordedProbe:
 class ChunkProbes:
     """memory.probe.ChunkModel: probe forwards after the memory and the chunk held in `view`."""
 
-    def __init__(self, runner, view: MemoryView, chunk_len: int, next_position: int):
+    def __init__(self, runner: TextModel, view: MemoryView, chunk_len: int, next_position: int):
         self.runner = runner
         self.num_layers, self.kv_heads = runner.num_layers, runner.kv_heads
         self.context = view.context(chunk_len)

@@ -196,13 +196,16 @@ def log_event(event: dict) -> None:
 
 
 async def stream_frames(client: StreamerClient, frames: Iterator[Frame], realtime: bool,
-                        on_frame: Callable[[int], None] | None = None, chunk_frames: int | None = None) -> int:
+                        on_frame: Callable[[int, Frame], None] | None = None, chunk_frames: int | None = None) -> int:
     """Send frames, at their timestamps' pace when realtime, else as fast as the server ingests them: with
     `chunk_frames` (the session's), after each chunk's worth the client waits until at most two chunks wait on
-    the server, so a file sent fast is ingested whole instead of overrunning the server's pending frames."""
+    the server, so a file sent fast is ingested whole instead of overrunning the server's pending frames.
+    Frames are read on a worker thread (a live source blocks until its next frame arrives), so the client
+    goes on receiving answers meanwhile. on_frame(count, frame) after each frame sent."""
     started = time.monotonic()
     count = 0
-    for frame in frames:
+    frames = iter(frames)
+    while (frame := await asyncio.to_thread(next, frames, None)) is not None:
         if client.frames_refused is not None and client.frames_refused.get("code") == "frame_limit":
             log.warning("the server takes no more frames (%s); %d sent", client.frames_refused.get("message"), count)
             break
@@ -211,7 +214,7 @@ async def stream_frames(client: StreamerClient, frames: Iterator[Frame], realtim
         await client.send_frame(frame.image, frame.ts)
         count += 1
         if on_frame is not None:
-            on_frame(count)
+            on_frame(count, frame)
         if not realtime and chunk_frames and count % chunk_frames == 0:
             await client.wait_for_room(2 * chunk_frames)
     return count

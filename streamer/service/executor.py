@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from streamer.engine.generation import Generation, advance
+from streamer.engine.text_model import TextModel
 
 log = logging.getLogger("streamer")
 
@@ -60,7 +61,7 @@ class Running:
 
 
 class ModelExecutor:
-    def __init__(self, runner, max_batch: int = 32, metrics=None):
+    def __init__(self, runner: TextModel, max_batch: int = 32, metrics=None):
         """max_batch: answers stepped together (1: one answer at a time, the unbatched engine).
         metrics: a streamer.service.metrics.Metrics that records latencies, batch sizes and step times."""
         if max_batch < 1:
