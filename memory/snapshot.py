@@ -21,11 +21,13 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from memory.store import TOKEN_FIELDS, KVMemory, LayerMemory, check_age_power, chunk_ranks
+from memory.store import HISTORY, TOKEN_FIELDS, KVMemory, LayerMemory, check_age_power, chunk_ranks
 
 SNAPSHOT_FORMAT = "video-streamer-memory"
-SNAPSHOT_VERSION = 2  # 2: each token's chunk and rank (evictions by age); 1 lacks them
-READABLE_VERSIONS = (1, 2)
+# 3: a history of four numbers per chunk, reports of the newest chunks only; 2: each token's chunk and rank
+# (evictions by age); 1 lacks them
+SNAPSHOT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 TENSOR_FIELDS = TOKEN_FIELDS
 V1_TENSOR_FIELDS = ("keys", "values", "positions", "importance")
 STREAM_FIELDS = tuple(f.name for f in dataclasses.fields(KVMemory) if f.name != "layers")
@@ -158,6 +160,8 @@ def _read_meta(header: dict, path: Path, tensors: int) -> dict:
     stream = _field(path, "stream", meta["stream"], dict)
     if header["version"] == "1":  # before evictions by age: every token counts as the stream's first chunk's
         stream.update(age_power=stream.get("age_power", 1.0), max_positions=None, time_shift=0)
+    if header["version"] in ("1", "2"):  # every chunk's report was kept: the history is read from them
+        stream.update(records=KVMemory.records, history=_history(path, stream.get("chunks"), layers))
     differing = set(stream) ^ set(STREAM_FIELDS)
     if differing:
         raise ValueError(f"{path} stream fields differ from this build's KVMemory in {sorted(differing)}; "
@@ -183,7 +187,34 @@ def _read_meta(header: dict, path: Path, tensors: int) -> dict:
     chunks = _field(path, "stream.chunks", stream["chunks"], list)
     if not all(isinstance(chunk, dict) for chunk in chunks):
         raise ValueError(f"{path} is damaged: its header field stream.chunks holds a non-object; save it again")
+    _field(path, "stream.records", stream["records"], int, 1)
+    history = _field(path, "stream.history", stream["history"], dict)
+    if set(history) != set(HISTORY) or len({len(_field(path, f"stream.history.{name}", history[name], list))
+                                            for name in HISTORY}) != 1:
+        raise ValueError(f"{path} is damaged: its header field stream.history needs the lists {', '.join(HISTORY)}, "
+                         "one number per chunk each; save it again")
+    for name in HISTORY:  # counts; `kept` less the text may go below 0 for a policy that drops prompt text
+        if not all(isinstance(v, int) and not isinstance(v, bool) and (v >= 0 or name == "kept")
+                   for v in history[name]):
+            raise ValueError(f"{path} is damaged: its header field stream.history.{name} holds a value that is not "
+                             "a count; save it again")
     return meta
+
+
+def _history(path: Path, chunks, layers: int) -> dict:
+    """The history of a version 1 or 2 snapshot, from its chunk reports (it kept every one)."""
+    history = {name: [] for name in HISTORY}
+    for record in chunks if isinstance(chunks, list) else []:
+        try:
+            video = int(record.get("video_tokens", record["tokens"]))
+            text = int(record["tokens"]) - video
+            values = (int(record["frames"]), video, text, sum(int(k) for k in record["kept"]) - text * layers)
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise ValueError(f"{path} is damaged: a chunk report of its header lacks frames, tokens or kept; save it "
+                             "again") from None
+        for name, value in zip(HISTORY, values):
+            history[name].append(value)
+    return history
 
 
 def _check_layer(layer: LayerMemory, index: int, meta: dict, path: Path) -> None:
@@ -197,6 +228,10 @@ def _check_layer(layer: LayerMemory, index: int, meta: dict, path: Path) -> None
         if (tuple(tensor.shape), tensor.dtype) != (shape, dtype):
             raise ValueError(f"{path} is damaged: layers.{index}.{name} is {tuple(tensor.shape)} {tensor.dtype}, "
                              f"its metadata says {shape} {dtype}; save it again")
+    chunks = len(meta["stream"]["history"]["frames"])
+    if m and not 0 <= int(layer.chunk.min()) <= int(layer.chunk.max()) < max(chunks, 1):
+        raise ValueError(f"{path} is damaged: layers.{index}.chunk names a chunk outside the stream's {chunks}; "
+                         "save it again")
 
 
 def _layer(keys, values, positions, importance, chunk=None, rank=None) -> LayerMemory:

@@ -59,7 +59,11 @@ class KVMemory:
     frames: int = 0  # frames ingested (before padding to pairs)
     full_tokens: int = 0  # tokens an unpruned memory would hold: prefix text + video
     evicted: int = 0  # tokens (summed over layers) removed to stay within the budget
-    chunks: list[dict] = field(default_factory=list)  # one report per ingested chunk
+    # the reports of the newest `records` chunks ingested (older ones are dropped: an endless stream's records
+    # must not grow without end); every chunk since the start keeps the four numbers of `history`
+    chunks: list[dict] = field(default_factory=list)
+    records: int = 1024
+    history: dict[str, list[int]] = field(default_factory=lambda: {name: [] for name in HISTORY})
 
     @classmethod
     def empty(cls, num_layers: int, kv_heads: int, head_dim: int, device, dtype,
@@ -79,7 +83,13 @@ class KVMemory:
     def fork(self) -> "KVMemory":
         """A copy to extend without changing this memory. It shares the tensors: commit, forget and
         evictions put new tensors in place of the old ones, never write into them."""
-        return replace(self, layers=[replace(layer) for layer in self.layers], chunks=list(self.chunks))
+        return replace(self, layers=[replace(layer) for layer in self.layers], chunks=list(self.chunks),
+                       history={name: list(values) for name, values in self.history.items()})
+
+    @property
+    def chunk_count(self) -> int:
+        """Chunks ingested since the stream started (a token's `chunk` counts from 0 up to this)."""
+        return len(self.history["frames"])
 
     def context(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per layer (keys, values): what a forward after this memory attends to."""
@@ -140,7 +150,7 @@ class KVMemory:
         check_room(self, incoming)
         forgotten = self.forget(forget_before) if forget_before is not None else [0] * len(self.layers)
         evicted = [a + b for a, b in zip(forgotten, make_room(self, incoming))]
-        index = len(self.chunks)
+        index = self.chunk_count
         for idx, (layer, (keys, values)) in enumerate(zip(self.layers, new_kv)):
             device = layer.positions.device
             importance = torch.zeros(heads, chunk_len, device=device) if scores is None else scores[idx].float().to(device)
@@ -161,9 +171,12 @@ class KVMemory:
         self.temporal_groups += grid_thw[0]
         self.frames += frames
         self.full_tokens += chunk_len
-        record = dict(report, video_tokens=int((~protected).sum()), kept=incoming, evicted=evicted,
-                      memory_tokens=self.mean_tokens())
-        self.chunks.append(record)
+        video = int((~protected).sum())
+        record = dict(report, video_tokens=video, kept=incoming, evicted=evicted, memory_tokens=self.mean_tokens())
+        self.chunks = [*self.chunks[max(0, len(self.chunks) + 1 - self.records):], record]
+        text = chunk_len - video
+        for name, value in zip(HISTORY, (frames, video, text, sum(incoming) - text * len(self.layers))):
+            self.history[name].append(value)
         return record
 
 
@@ -184,6 +197,9 @@ class KVMemory:
 
 
 TOKEN_FIELDS = ("keys", "values", "positions", "importance", "chunk", "rank")  # per-token tensors of a LayerMemory
+# per chunk since the stream started: its frames, its video and text tokens, and the video tokens its policy kept
+# (summed over layers): what coverage and the prompt's frame times need, once its report is gone
+HISTORY = ("frames", "video_tokens", "text_tokens", "kept")
 
 
 def _keep_columns(layer: LayerMemory, keep: torch.Tensor) -> None:
@@ -227,7 +243,7 @@ def eviction_keys(memory: KVMemory, layer: LayerMemory) -> torch.Tensor:
     the video, which is never evicted. Age counts chunks back from the one being added (the newest stored chunk is
     1 old). Every head of a layer holds the same keys (each kept the same number per chunk), so every head evicts
     the same (chunk, rank) places."""
-    age = (len(memory.chunks) - layer.chunk).double()
+    age = (memory.chunk_count - layer.chunk).double()
     keys = layer.rank.double() * age.pow(memory.age_power)
     return keys.masked_fill(prompt_tokens(memory, layer), float("-inf"))
 
@@ -324,15 +340,14 @@ def coverage(memory: KVMemory, stretches: list[tuple[str, float, float]] | None 
     `held`, the share of the stretch's video tokens still in the memory (mean over layers), and `of_kept`, the
     share of those its policy kept that evictions have left. Default stretches: default_stretches."""
     fps = memory.fps or 1.0
-    counts = [0] + [record["frames"] for record in memory.chunks]
-    starts = torch.tensor(counts).cumsum(0).double() / fps
+    history = memory.history
+    starts = torch.tensor([0] + history["frames"]).cumsum(0).double() / fps
     middles = (starts[:-1] + starts[1:]) / 2
-    video = torch.tensor([r.get("video_tokens", r["tokens"]) for r in memory.chunks], dtype=torch.float64)
-    text = torch.tensor([r["tokens"] for r in memory.chunks], dtype=torch.float64) - video
+    video = torch.tensor(history["video_tokens"], dtype=torch.float64)
+    kept = torch.tensor(history["kept"], dtype=torch.float64)
     layers = len(memory.layers)
-    kept = torch.tensor([r["kept"] for r in memory.chunks], dtype=torch.float64).reshape(-1, layers) - text[:, None]
     held = torch.stack([torch.bincount(layer.chunk[0][torch.isfinite(layer.importance[0])].cpu(),
-                                       minlength=len(memory.chunks)).double() for layer in memory.layers], dim=1)
+                                       minlength=memory.chunk_count).double() for layer in memory.layers], dim=1)
     report = []
     for label, start, end in stretches if stretches is not None else default_stretches(float(starts[-1])):
         inside = (middles >= start) & (middles < end)

@@ -216,3 +216,16 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--version"])
     assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"streamer {project['version']}"
+
+
+def test_every_help_shows_defaults_and_quiet_goes_after_the_subcommand(capsys):
+    from streamer.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["ask", "v.mp4", "Q?", "-q"]).quiet and parser.parse_args(["-q", "ask", "v.mp4", "Q?"]).quiet
+    assert not parser.parse_args(["ask", "v.mp4", "Q?"]).quiet
+    assert parser.parse_args(["eval", "videomme", "--questions", "q.parquet", "--videos", "v", "-q"]).quiet
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 8765)" in text and "(default: 127.0.0.1)" not in text  # its help says it already

@@ -259,6 +259,21 @@ def test_missing_and_corrupt_videos_are_error_lines(capsys, bench, tmp_path):
     check_summary(summary, lines)
 
 
+def test_every_video_missing_is_an_error_and_fresh_lines_are_not_called_rescored(capsys, bench, tmp_path, caplog):
+    """With no video found the run exits 1 and says so (it printed a 0.0% table and exited 0), and the log does
+    not claim that the new error lines "were scored by strict" (lines of this run are this run's)."""
+    empty = tmp_path / "videos"
+    empty.mkdir()
+    code = streamer("eval", "videomme", "--questions", str(bench / "questions.jsonl"), "--videos", str(empty),
+                    "--out", str(tmp_path / "out.jsonl"), *SMALL, "--memory", "full")
+    assert code == 1
+    assert "none of the 9 questions could be answered" in capsys.readouterr().err
+    assert "scored again" not in caplog.text
+    streamer("eval", "videomme", "--questions", str(bench / "questions.jsonl"), "--videos", str(empty),
+             "--out", str(tmp_path / "out2.jsonl"), "--model", "builtin", "--limit", "1")
+    assert "--model builtin-choice" in caplog.text  # the builtin model answers in words: the hint
+
+
 def test_resume_evaluates_error_lines_again(capsys, bench, tmp_path, count_calls):
     videos = tmp_path / "videos"
     videos.mkdir()

@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from test_server import TRANSPORTS, push, running_server, server_config, wait_until
 
 import streamer.engine.runner as runner_module
-from streamer.service.client import StreamerClient
+from streamer.service.client import ServerError, StreamerClient
 from streamer.service.protocol import ServerLimits
 
 LONG = 400  # tokens of the long answer (stop tokens switched off: it runs to the end)
@@ -194,3 +194,35 @@ def test_metrics_and_readiness(tiny_runner, transport):
         assert status == 503 and json.loads(text)["status"] == "draining"
         loop.run_until_complete(client.close())
         loop.close()
+
+
+def test_a_failed_step_fails_its_answers_and_the_server_goes_on(tiny_runner, monkeypatch):
+    """A step that raises (out of memory, say) fails the answers in it with answer_failed; the next question is
+    answered as usual."""
+    import streamer.service.executor as executor_module
+
+    frames = random_frames(4)
+    expected = alone(tiny_runner, frames, "Again?", 3)
+    original, calls = executor_module.advance, []
+
+    def advance(runner, generations):
+        calls.append(len(generations))
+        if len(calls) == 1:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return original(runner, generations)
+
+    monkeypatch.setattr(executor_module, "advance", advance)
+
+    async def scenario(url):
+        client = await ready_client(url, frames)
+        try:
+            with pytest.raises(ServerError, match="answer_failed.*out of memory"):
+                await client.ask("First?", max_new_tokens=3)
+            return await client.ask("Again?", max_new_tokens=3)
+        finally:
+            await client.close()
+
+    with running_server(tiny_runner) as (server, url):
+        answer = asyncio.run(scenario(url))
+        assert server.shared.executor.generating() == 0
+    assert answer["text"] == expected

@@ -8,7 +8,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("video_io", "memory", "streamer")
 # Lowest first: a module may import its own room and the rooms before it, never one after it.
-ROOMS = ("video_io", "memory", "streamer.config", "streamer.engine", "streamer.builtin", "streamer.evaluation",
+ROOMS = ("streamer.text", "video_io", "memory", "streamer.config", "streamer.engine", "streamer.builtin", "streamer.evaluation",
          "streamer.service", "streamer.cli", "streamer")
 
 

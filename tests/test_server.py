@@ -6,7 +6,9 @@ import gc
 import io
 import json
 import os
+import select
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -376,6 +378,7 @@ def test_session_limit_token_and_health(tiny_runner, transport):
         refusals = asyncio.run(scenario(url))
         health = urllib.request.urlopen(url.replace("ws://", "http://") + "/health", timeout=10)
         assert health.status == 200 and json.loads(health.read())["model"] == "tiny-random"
+        assert health.headers["Content-Type"] == "application/json"  # on both transports
     for response in refusals:
         assert response.status_code == 401
         assert json.loads(response.body)["code"] == "unauthorized"
@@ -693,3 +696,57 @@ def test_client_on_a_live_source_that_dies_still_answers(tiny_runner, tmp_path, 
     assert main(["-q", "client", "udp://127.0.0.1:9", "--url", url, "--ask-during", "So far?"]) == 2
     assert "--ask-every SECONDS" in capsys.readouterr().err
 
+
+
+def test_serve_refuses_a_port_in_use_before_loading_the_model(monkeypatch, capsys, caplog):
+    from streamer.cli import main
+
+    def load_runner(config):
+        raise AssertionError("the model was loaded before the port was checked")
+
+    monkeypatch.setattr("streamer.cli.serve.load_runner", load_runner)
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        assert main(["-q", "serve", "--model", "tiny-random", "--port", str(port)]) == 2
+    assert f"cannot serve on 127.0.0.1:{port}" in capsys.readouterr().err
+    with pytest.raises(AssertionError, match="port was checked"):  # a free port goes on to load, after a warning
+        main(["serve", "--model", "tiny-random", "--host", "0.0.0.0", "--port", str(port)])
+    assert "without a token" in caplog.text
+
+
+def test_interactive_client_says_when_the_server_closes_the_session(tiny_runner, clip, capsys, monkeypatch):
+    """While the interactive client waits for a question, the server's idle timeout closes the session: one
+    line at once, exit 1 (it was a traceback at the next question)."""
+    from streamer.cli import main
+
+    typed = threading.Event()
+    monkeypatch.setattr("streamer.cli.client._prompt", lambda: typed.wait(60) and "")
+    started = time.monotonic()
+    with running_server(tiny_runner, ServerLimits(idle_timeout=1.0)) as (_, url):
+        code = main(["-q", "client", str(clip / "clip.mp4"), "--url", url, "--fast", "--frames", "4",
+                     "--interactive"])
+    typed.set()
+    assert code == 1 and time.monotonic() - started < 30
+    assert "the server closed the session: idle_timeout" in capsys.readouterr().err
+
+
+def test_interactive_client_exits_at_once_on_ctrl_c(tiny_runner, clip):
+    """Ctrl-C at the question prompt ends the client with 130 at once (a worker thread blocked on stdin kept the
+    process waiting for a line)."""
+    with running_server(tiny_runner) as (_, url):
+        process = subprocess.Popen(
+            [sys.executable, "-m", "streamer", "-q", "client", str(clip / "clip.mp4"), "--url", url, "--fast",
+             "--frames", "4", "--interactive"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            shown, deadline = b"", time.monotonic() + 120
+            while b"question> " not in shown:  # the prompt: frames sent, waiting for a question
+                assert process.poll() is None and time.monotonic() < deadline, shown
+                ready, _, _ = select.select([process.stdout], [], [], 1.0)
+                if ready:
+                    shown += os.read(process.stdout.fileno(), 4096)
+            process.send_signal(signal.SIGINT)
+            assert process.wait(timeout=20) == 130
+        finally:
+            process.kill()

@@ -136,7 +136,8 @@ class StreamSource:
                 self._container.close()
                 if not self._reopen(error):
                     raise UnreadableStreamError(
-                        f"{self.url}: the stream broke off after {self.frames} frames ({error})"
+                        f"{self.url}: the stream broke off after {self.frames} "
+                        f"frame{'' if self.frames == 1 else 's'} ({error})"
                         + (f" and {self.reconnects} reconnects" if self.reconnects else "")
                         + "; reconnect to continue (--reconnect N tries by itself)"
                     ) from error

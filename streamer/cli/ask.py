@@ -78,7 +78,11 @@ def ask_video(runner: Runner, video: str, question: str, config: Config,
     frames = source.max_frames or math.ceil(seconds * source.fps) if live else len(source)
     total_chunks = "" if live else f"/{math.ceil(frames / chunk_frames)}"
 
+    totals = dict.fromkeys((*STAGES, "read"), 0.0)  # summed here: a stream keeps only its newest chunks' reports
+
     def on_chunk(number: int, chunk: list, record: dict) -> None:
+        for key in totals:
+            totals[key] += record["timings"].get(key, 0.0)
         if progress:
             chosen = f", ratios {record['ratios']}" if "ratios" in record else ""
             progress(f"chunk {number}{total_chunks}: {len(chunk)} frames ({chunk[0].ts:.1f}-{chunk[-1].ts:.1f} s), "
@@ -90,9 +94,7 @@ def ask_video(runner: Runner, video: str, question: str, config: Config,
     fps = source.fps if live else source.sampled_fps  # Qwen2.5-VL's positions follow the frames' time
     ingest_video(runner, source, policy, chunk_frames, memory, on_chunk=on_chunk, preset=preset, fps=fps)
     answer = runner.answer(memory, question, config.generation.max_new_tokens)
-    stage = {key: sum(chunk["timings"].get(key, 0.0) for chunk in memory.chunks) for key in STAGES}
-    read_s = sum(chunk["timings"]["read"] for chunk in memory.chunks)
-    timings = dict(read_frames=read_s, **stage, question_prefill=answer.timings["question_prefill"],
+    timings = dict(read_frames=totals["read"], **{key: totals[key] for key in STAGES}, question_prefill=answer.timings["question_prefill"],
                    decode=answer.timings["decode"], total=time.perf_counter() - started)
     result = dict(
         answer=answer.text, question=question, video=str(video), model=config.model.name, policy=policy.name,
@@ -113,13 +115,14 @@ def memory_summary(memory: KVMemory) -> dict:
     return dict(
         frames=memory.frames,
         frame_grid=list(memory.grid_hw) if memory.grid_hw else None,
+        chunk_count=memory.chunk_count,
         chunks=[chunk_summary(record) for record in memory.chunks],
         full_tokens=memory.full_tokens,
         memory_tokens=memory.mean_tokens(),
         memory_tokens_per_layer=memory.tokens_per_layer(),
         budget=memory.budget,
         evicted_tokens=memory.evicted,
-        coverage=coverage(memory) if memory.chunks else [],
+        coverage=coverage(memory) if memory.chunk_count else [],
         retimed_positions=memory.time_shift,
     )
 

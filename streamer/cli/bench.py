@@ -34,6 +34,7 @@ from streamer.config import load_config
 from streamer.engine.models import family_of, load_model
 from streamer.engine.runner import Runner, Timer
 from streamer.engine.stream import ingest_video
+from streamer.text import counted
 from video_io.preprocess import preprocess_frames
 from video_io.synthetic import demo_frame
 
@@ -298,7 +299,7 @@ def format_markdown(report: dict, command: str) -> str:
     lines = [f"## {report['options']['model']} on {report['device']}, {report['date']}", "",
              f"`{command}`", "",
              f"torch {report['torch']}, transformers {report['transformers']}; median of "
-             f"{report['options']['repeats']} runs after {report['options']['warmup']} warm-up.", ""]
+             f"{counted(report['options']['repeats'], 'run')} after {report['options']['warmup']} warm-up.", ""]
     lines += [f"- {line}" for line in headline(report)] + [""]
     lines += ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(row) + " |" for row in policy_rows(report)] + [""]

@@ -30,6 +30,7 @@ from streamer.service.client import StreamerClient
 from streamer.service.protocol import ServerLimits
 from streamer.service.server import serve_websockets
 from streamer.service.service import StreamService
+from streamer.text import counted
 from video_io.images import encode_image
 
 log = logging.getLogger("streamer")
@@ -57,10 +58,10 @@ async def measure(url: str, sessions: int, frames: int, questions: int, max_new_
 
     async def ask(client, texts):
         for text in texts:
-            sent, first = time.perf_counter(), []
-            answer = await client.ask(text, max_new_tokens=max_new_tokens, ignore_eos=ignore_eos,
-                                      on_text=lambda _: first or first.append(time.perf_counter()))
-            ttfts.append((first[0] if first else time.perf_counter()) - sent)
+            answer = await client.ask(text, max_new_tokens=max_new_tokens, ignore_eos=ignore_eos)
+            # the server's: from the model thread starting the question to its first token, waits for a place in
+            # the batch included (a random model's tokens may stream no text, so the client cannot see it)
+            ttfts.append(answer["stats"]["ttft_s"])
             tokens.append(answer["stats"]["tokens"])
 
     try:
@@ -83,24 +84,24 @@ async def measure(url: str, sessions: int, frames: int, questions: int, max_new_
 
 
 async def measure_interference(url: str, frames: int, long_tokens: int, options: dict | None = None) -> dict:
-    """Time to first token of a short question asked alone, then while another session generates a
-    `long_tokens` answer (asked first; the short one goes once its first token arrived)."""
+    """Time to a one-token answer (its first token) seen by the client, asked alone, then while another
+    session generates a `long_tokens` answer: asked once the server's /metrics shows that answer running."""
     video = make_video(0, frames)
     images = [encode_image(image, "PNG") for image in video.frames()]
     question = video.questions()[0].question
     clients = [StreamerClient(url) for _ in range(2)]
+    metrics = url.replace("ws://", "http://", 1) + "/metrics"
 
-    async def first_token(client, text, tokens, begun=None, ignore_eos=False):
-        sent, first = time.perf_counter(), []
+    async def one_token(client) -> float:
+        sent = time.perf_counter()
+        await client.ask(question, max_new_tokens=1)
+        return time.perf_counter() - sent
 
-        def on_text(_):
-            if not first:
-                first.append(time.perf_counter())
-                if begun is not None:
-                    begun.set()
-
-        answer = await client.ask(text, max_new_tokens=tokens, on_text=on_text, ignore_eos=ignore_eos)
-        return (first[0] if first else time.perf_counter()) - sent, answer["stats"]["tokens"]
+    def running() -> float:
+        with urllib.request.urlopen(metrics, timeout=30) as response:
+            text = response.read().decode()
+        return next(float(line.split()[-1]) for line in text.splitlines()
+                    if line.startswith("streamer:num_requests_running "))
 
     try:
         for client in clients:
@@ -110,13 +111,15 @@ async def measure_interference(url: str, frames: int, long_tokens: int, options:
                 await client.send_frame(data, ts=i * 0.5)
             await client.flush()
             await client.wait_ingested()
-        alone, _ = await first_token(clients[1], question, 1)
-        begun = asyncio.Event()
-        long = asyncio.create_task(first_token(clients[0], "Describe the whole video in detail.", long_tokens, begun,
-                                               ignore_eos=True))
-        await begun.wait()
-        beside, _ = await first_token(clients[1], question, 1)
-        _, long_made = await long
+        alone = await one_token(clients[1])
+        long = asyncio.create_task(clients[0].ask("Describe the whole video in detail.", max_new_tokens=long_tokens,
+                                                  ignore_eos=True))
+        while not long.done() and await asyncio.to_thread(running) < 1:
+            await asyncio.sleep(0.005)
+        if long.done():
+            raise RuntimeError("the long answer ended before the short question could be asked beside it")
+        beside = await one_token(clients[1])
+        long_made = (await long)["stats"]["tokens"]
     finally:
         await asyncio.gather(*[client.close() for client in clients], return_exceptions=True)
     return dict(ttft_alone_s=alone, ttft_beside_long_s=beside, long_answer_tokens=long_made)
@@ -162,7 +165,7 @@ def measure_batching(args, batches: list[int]) -> list[dict]:
         port = free_port()
         server = multiprocessing.get_context("spawn").Process(target=serve_here, args=(config, limits, port),
                                                               daemon=True)
-        log.info("bench-serve: max_batch %d, %d sessions of %s", max_batch, args.sessions, args.model)
+        log.info("bench-serve: max_batch %d, %s of %s", max_batch, counted(args.sessions, "session"), args.model)
         server.start()
         try:
             wait_ready(port, server)
@@ -231,7 +234,7 @@ def measure_on_ray(args, replica_counts: list[int]) -> list[dict]:
 
 def format_batching(rows: list[dict]) -> str:
     lines = ["| max batch | sessions | answers / s | generated tokens / s | tokens per answer | TTFT p50 s | "
-             "TTFT p99 s | TTFT alone s | TTFT beside a long answer s |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "TTFT p99 s | 1-token answer alone s | beside a long answer s |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['max_batch']} | {r['sessions']} | {r['answers_per_s']:.2f} | {r['tokens_per_s']:.1f} | "
                      f"{r['mean_tokens']:.1f} | {r['ttft_p50_s']:.3f} | {r['ttft_p99_s']:.3f} | "
@@ -255,7 +258,7 @@ def format_rows(rows: list[dict]) -> str:
                      f"{row['frames_per_s']:.1f} | {row['answers_per_s']:.2f} |")
     if len(rows) > 1:
         first, last = rows[0], rows[-1]
-        lines.append(f"\n{last['replicas']} vs {first['replicas']} replicas: sessions/s x"
+        lines.append(f"\n{last['replicas']} vs {counted(first['replicas'], 'replica')}: sessions/s x"
                      f"{last['sessions_per_s'] / first['sessions_per_s']:.2f}, frames/s x"
                      f"{last['frames_per_s'] / first['frames_per_s']:.2f}, answers/s x"
                      f"{last['answers_per_s'] / first['answers_per_s']:.2f}")

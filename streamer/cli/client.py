@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import sys
+import threading
 
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
@@ -86,8 +87,7 @@ async def run_client(args) -> int:
         for question in args.ask:
             answers.append(await ask_when_ready(client, question, args.max_new_tokens))
         if args.interactive:
-            loop = asyncio.get_running_loop()
-            while question := (await loop.run_in_executor(None, _prompt)).strip():
+            while question := await read_question(client):
                 await ask_when_ready(client, question, args.max_new_tokens)
         if args.json_stats:
             print(json.dumps(await client.stats(), indent=2))
@@ -140,7 +140,8 @@ def run(args) -> int:
     except KeyboardInterrupt:
         return 130
     except ServerError as exc:
-        return fail(f"the server refused: {exc}")
+        closed = exc.code in ("connection_closed", "idle_timeout", "draining")
+        return fail(f"the server {'closed the session' if closed else 'refused'}: {exc}")
     except InvalidURI:
         return fail(f"--url {args.url} is not a websocket address; give ws://HOST:PORT (or wss://)")
     except InvalidStatus as exc:
@@ -157,11 +158,48 @@ def run(args) -> int:
         return fail(f"cannot connect to {args.url}: {exc.strerror if isinstance(exc, OSError) and exc.strerror else exc}")
 
 
+async def read_question(client: StreamerClient) -> str:
+    """The next question typed ('' at the end of input); ServerError if the server closes the session first (an
+    idle timeout, a shutdown) rather than when the next question is sent. stdin is read on a daemon thread:
+    Ctrl-C ends the client at once, where a worker of the loop's executor kept it waiting for a line."""
+    loop = asyncio.get_running_loop()
+    line = loop.create_future()
+
+    def read() -> None:
+        text = _prompt()
+        try:
+            loop.call_soon_threadsafe(lambda: line.done() or line.set_result(text))
+        except RuntimeError:  # the client ended meanwhile: nobody waits for this line
+            pass
+
+    threading.Thread(target=read, name="prompt", daemon=True).start()
+    await asyncio.wait({line, client.reader}, return_when=asyncio.FIRST_COMPLETED)
+    if not line.done():
+        line.cancel()
+        raise ServerError(client.last_error or dict(code="connection_closed", message="the connection closed"))
+    return line.result().strip()
+
+
+_typed = bytearray()  # what was read from stdin past the last line given
+
+
 def _prompt() -> str:
+    """A line from stdin ('' at its end), after the prompt. Read with os.read, not input(): a thread blocked in
+    input() holds stdin's buffer lock, and Python aborts at exit when a daemon thread does (Ctrl-C at the prompt)."""
+    print("question> ", end="", flush=True)
     try:
-        return input("question> ")
-    except EOFError:
+        fd = sys.stdin.fileno()
+    except (AttributeError, OSError, ValueError):  # no real stdin
         return ""
+    while b"\n" not in _typed:
+        data = os.read(fd, 4096)
+        if not data:
+            break
+        _typed.extend(data)
+    end = _typed.find(b"\n") + 1 or len(_typed)
+    text = bytes(_typed[:end]).decode(errors="replace")
+    del _typed[:end]
+    return text
 
 
 def add_parser(sub) -> None:

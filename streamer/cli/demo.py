@@ -25,6 +25,7 @@ from streamer.service.client import StreamerClient, stream_frames
 from streamer.service.protocol import ServerLimits
 from streamer.service.server import serve_websockets
 from streamer.service.service import StreamService
+from streamer.text import counted
 from video_io.sampling import Sampling
 from video_io.sources import FileSource
 from video_io.synthetic import write_video
@@ -101,7 +102,8 @@ async def demo_session(args, config, video: Path, synthetic, url: str) -> None:
 def print_summary(stats: dict, progress: list[dict], ingest_s: float) -> None:
     full, kept = stats["full_tokens"], stats["memory_tokens"]
     print(f"\nmemory: {kept:.0f} tokens per layer vs {full} in the full context "
-          f"({100 * kept / max(full, 1):.1f}%), {stats['frames_ingested']} frames in {stats['chunks']} chunks, "
+          f"({100 * kept / max(full, 1):.1f}%), {counted(stats['frames_ingested'], 'frame')} in "
+          f"{counted(stats['chunks'], 'chunk')}, "
           f"{ingest_s:.1f} s to stream and ingest")
     print("chunk  frames so far  ratio per layer group (bottom to top)  JS per group          memory tokens")
     for event in progress:

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import json
+import logging
 import shlex
 import sys
 from pathlib import Path
 
 from streamer.cli import timed
 from streamer.cli.switches import add_run_switches, config_from_args
+from streamer.engine.models import BUILTIN_CHOICE
 from streamer.evaluation import synthetic
 from streamer.evaluation.answers import DEFAULT_SCORING, SCORING
 from streamer.evaluation.results import format_table
 from streamer.evaluation.harness import Distributed, config_id
 from streamer.evaluation.run import run
+
+log = logging.getLogger("streamer")
 
 
 def add_parser(sub) -> None:
@@ -45,9 +49,14 @@ def add_videomme(benchmarks) -> None:
 
 
 def run_videomme(args) -> int:
+    """0 when questions were answered; 1 when none could be (every video missing or failing: the table says 0%
+    of nothing)."""
     config = config_from_args(args)
     if args.prefetch < 1:
         raise ValueError(f"--prefetch must be >= 1, got {args.prefetch}")
+    if config.model.name == "builtin":
+        log.warning("the builtin model answers its own videos' questions in words; Video-MME wants a letter: "
+                    "--model %s is the built-in model trained to answer multiple choice with one", BUILTIN_CHOICE)
     summary = run(config, args.questions, args.videos, args.out, limit=args.limit, depth=args.prefetch,
                   dist=Distributed.from_env(), scoring=args.scoring)
     if summary is None:  # another rank prints
@@ -60,6 +69,10 @@ def run_videomme(args) -> int:
         print(f"Video-MME (no subtitles), {summary['model']}, memory {summary['policy']}, probe {summary['probe']}, "
               f"scoring {summary['scoring']}")
         print(format_table(summary))
+    if summary["questions"] and summary["errors"] == summary["questions"]:
+        print(f"streamer eval videomme: error: none of the {summary['questions']} questions could be answered "
+              f"(see the error of each line in {args.out}; are the videos in {args.videos}?)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
+import socket
 from pathlib import Path
 
 from streamer.config import load_config, override
@@ -13,24 +15,27 @@ from streamer.service.protocol import ServerLimits
 from streamer.service.server import serve_websockets
 from streamer.service.service import StreamService
 
+log = logging.getLogger("streamer")
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("serve", help="serve live video QA over websockets",
                        description="Load the model once and serve sessions over websockets (protocol in README).")
     p.add_argument("--config", default="stream_default", help="TOML config for sessions' defaults")
     p.add_argument("--model", help="builtin | builtin-choice | tiny-random | a built-in architecture | a local checkpoint directory")
-    p.add_argument("--device")
-    p.add_argument("--dtype")
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N (default: the config's, auto)")
+    p.add_argument("--dtype", help="auto | float32 | bfloat16 | float16 (default: the config's, auto)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
-    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--port", type=int, default=8765, help="port to listen on")
     p.add_argument("--allow-root", action="append", default=[], metavar="DIR",
                    help="directory whose videos/snapshots clients may name (repeatable); none by default")
     p.add_argument("--allow-urls", action="store_true", help="let clients make the server open network streams")
     p.add_argument("--token", default=os.environ.get("STREAMER_TOKEN"),
                    help="bearer token clients must send (default: $STREAMER_TOKEN; none = open)")
-    p.add_argument("--max-sessions", type=int, default=16)
+    p.add_argument("--max-sessions", type=int, default=16, help="sessions open at once")
     p.add_argument("--max-frames", type=int, default=100_000, help="frames per session")
-    p.add_argument("--max-message-mb", type=float, default=8.0)
+    p.add_argument("--max-message-mb", type=float, default=8.0, help="largest websocket message (a frame)")
     p.add_argument("--idle-timeout", type=float, default=600.0, help="seconds before an idle session is closed")
     p.add_argument("--max-batch", type=int, default=32,
                    help="answers of all sessions generated together, one forward per token (1: one at a time; "
@@ -50,6 +55,22 @@ def add_parser(sub) -> None:
     ray.add_argument("--drain-seconds", type=float, default=60.0,
                      help="how long a replica being stopped keeps its sessions after telling them (default 60)")
     p.set_defaults(run=run)
+
+
+def check_port(host: str, port: int) -> None:
+    """Refuse a port another program holds, in one line."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise ValueError(f"--host {host}: not an address of this machine ({exc.strerror})") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server will
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise ValueError(f"cannot serve on {host}:{port}: {exc.strerror}; stop what holds it or give --port "
+                             "another number") from None
 
 
 def replicas(text: str) -> int | tuple[int, int]:
@@ -81,6 +102,10 @@ def run(args) -> int:
         serve_on_ray(config, limits, args.host, args.port, args.replicas, args.ray_address, args.drain_seconds,
                      args.cpus_per_replica)
         return 0
+    check_port(args.host, args.port)  # before the model loads (a minute for a 7B), not after
+    if args.host not in LOOPBACK and not args.token:
+        log.warning("serving on %s without a token: anyone who can reach this address can use the model and read "
+                    "--allow-root; give --token or set $STREAMER_TOKEN", args.host)
     runner, _ = load_runner(config)
     service = StreamService(runner, config, limits)
     asyncio.run(serve_websockets(service, args.host, args.port))

@@ -8,6 +8,7 @@ from pathlib import Path
 from streamer.builtin.sets import FIRST_SEED, FPS, write_sets
 from streamer.builtin.videos import MIN_FRAMES
 from streamer.engine.models import BUILTIN_CHOICE
+from streamer.text import counted
 
 
 def add_parser(sub) -> None:
@@ -30,7 +31,7 @@ def run(args) -> int:
         raise ValueError(f"--frames must be even and >= {MIN_FRAMES}, got {args.frames}")
     folder = Path(args.folder)
     files = write_sets(folder, args.videos, args.frames, args.first_seed, log=logging.getLogger("streamer").info)
-    print(f"wrote {args.videos} videos to {folder / 'videos'}, {files['ovobench']} and {files['streamingbench']}; run\n"
+    print(f"wrote {counted(args.videos, 'video')} to {folder / 'videos'}, {files['ovobench']} and {files['streamingbench']}; run\n"
           f"  streamer eval ovobench --questions {files['ovobench']} --videos {folder / 'videos'} --fps {FPS:g} "
           f"--model {BUILTIN_CHOICE}\n"
           f"  streamer eval streamingbench --questions {files['streamingbench']} --videos {folder} --fps {FPS:g} "

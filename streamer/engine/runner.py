@@ -315,11 +315,11 @@ class Runner:
         seen = {*self.prefix_ids, self.model.config.video_token_id, *question_ids}
         if self.family.timestamps:
             first = 0
-            for chunk in memory.chunks:
-                for seconds in pair_seconds(first, chunk["frames"], memory.fps,
+            for frames in memory.history["frames"]:
+                for seconds in pair_seconds(first, frames, memory.fps,
                                             self.model.config.vision_config.temporal_patch_size):
                     seen.update(self.encode(pair_opening(seconds)))
-                first += chunk["frames"]
+                first += frames
             seen.update(self.encode(VISION_END))
         return seen
 

@@ -8,6 +8,8 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from streamer.text import counted
+
 DURATIONS = ("short", "medium", "long")
 
 
@@ -166,7 +168,8 @@ def mean_of(values: list[float]) -> float | None:
 def format_table(summary: dict) -> str:
     lines = format_rows([("overall", summary), *((f"duration {d}", s) for d, s in summary["by_duration"].items()),
                          *((f"task {t}", s) for t, s in summary["by_task_type"].items())])
-    lines.append(f"{summary['videos']} videos, {summary['errors']} failed questions (counted wrong)")
+    lines.append(f"{counted(summary['videos'], 'video')}, {counted(summary['errors'], 'failed question')} "
+                 "(counted wrong)")
     if summary["mean_memory_tokens"] is not None:
         lines.append(f"memory: mean {summary['mean_memory_tokens']:.0f} of {summary['mean_full_tokens']:.0f} tokens, "
                      f"retention {100 * summary['mean_retention']:.1f}%; {summary['mean_seconds_per_video']:.2f} s "

@@ -78,11 +78,13 @@ def rescore_results(out: Path, scoring: str) -> list[dict]:
     of an earlier run with another --scoring)."""
     records = read_results(out)
     rescored = [rescore(record, scoring) for record in records]
-    if rescored != records:
-        earlier = sorted({record.get("scoring", UNNAMED_SCORING) for record in records} - {scoring})
+    # lines with a reply that another rule read (a failed line has none: it only gets the rule's name)
+    changed = [old for old, new in zip(records, rescored) if old["reply"] is not None and old != new]
+    if changed:
+        earlier = sorted({record.get("scoring", UNNAMED_SCORING) for record in changed} - {scoring})
         log.info("videomme: %d of %d lines in %s scored again from their replies by the %s rule (they were "
-                 "scored by %s)", sum(a != b for a, b in zip(records, rescored)), len(records), out, scoring,
-                 ", ".join(earlier) or f"an earlier {scoring}")
+                 "scored by %s)", len(changed), len(records), out, scoring, ", ".join(earlier) or f"an earlier {scoring}")
+    if rescored != records:
         write_results(out, rescored)
     return rescored
 

@@ -29,6 +29,7 @@ import json
 import multiprocessing
 import os
 import platform
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -47,6 +48,7 @@ from streamer.config import load_config
 from streamer.engine.models import checkpoint_directory, load_model, resolve_device
 from streamer.engine.runner import Runner
 from streamer.engine.stream import ingest_video
+from streamer.text import counted
 
 MATCHED = ("pyramid", "window")  # baselines given EMLoC's memory ratio
 
@@ -296,12 +298,15 @@ def measure_part(length: int, seeds: list[int], specs: list[RunSpec], chunk_fram
     and the reference."""
     clips = clips_of(length, tuple(seeds))
     runs = []
-    for spec in specs:
+    for number, spec in enumerate(specs, 1):
         run = Run(spec.policy, spec.label, spec.options)
         logits = run_policy(_runner, clips, run, spec.make, chunk_frames, question_probe, reference)
         if spec.policy == "full":
             reference = logits
         runs.append(run)
+        # progress inside a wave (a wave of the quick run is minutes long), from each worker process
+        print(f"  {length} frames, {spec.label} ({number} of {len(specs)}): {counted(len(seeds), 'video')} "
+              f"(seeds {seeds[0]}-{seeds[-1]}) in {run.seconds:.0f} s", file=sys.stderr, flush=True)
     return runs, reference
 
 

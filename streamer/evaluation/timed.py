@@ -29,6 +29,7 @@ from streamer.engine.runner import Runner
 from streamer.engine.stream import ingest_video, with_newest
 from streamer.evaluation.harness import Benchmark, Progress, read_resized
 from streamer.evaluation.results import mean_of
+from streamer.text import counted
 from video_io.frames import Frame
 from video_io.preprocess import VisionPreset
 from video_io.sources import FileSource
@@ -107,7 +108,7 @@ class _Stream:
 
     def _ingested(self, frames: int) -> None:
         self.read += frames
-        self.progress.chunk(len(self.memory.chunks), self.read, len(self.frames))
+        self.progress.chunk(self.memory.chunk_count, self.read, len(self.frames))
 
     def advance(self, until: float) -> tuple[KVMemory, float]:
         """Read every frame up to `until` seconds: full chunks into the memory, the rest as a short chunk
@@ -177,7 +178,8 @@ def failed(question: TimedQuestion, message: str) -> dict:
 
 
 def format_run(summary: dict) -> str:
-    line = f"{summary['questions']} questions on {summary['videos']} videos, {summary['errors']} failed (counted wrong)"
+    line = (f"{counted(summary['questions'], 'question')} on {counted(summary['videos'], 'video')}, "
+            f"{summary['errors']} failed (counted wrong)")
     if summary["mean_memory_tokens"] is not None:
         line += (f"; memory: mean {summary['mean_memory_tokens']:.0f} tokens per layer of {summary['mean_full_tokens']:.0f}"
                  f" unpruned, {summary['mean_frames_seen']:.0f} frames seen; time to first token {summary['mean_ttft_s']:.3f} s")

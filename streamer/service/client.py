@@ -52,6 +52,7 @@ class StreamerClient:
         self.ids = itertools.count(1)
         self.reader: asyncio.Task | None = None
         self.frames_refused: dict | None = None  # the latest refusal of a frame (e.g. frame_limit), if any
+        self.last_error: dict | None = None  # the latest error of no request (why a server closed, e.g. idle_timeout)
 
     async def __aenter__(self) -> "StreamerClient":
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
@@ -95,6 +96,8 @@ class StreamerClient:
         else:
             if kind == "error" and message.get("request") == "frame":
                 self.frames_refused = message
+            elif kind == "error":
+                self.last_error = message
             self.events.put_nowait(message)
 
     async def _request(self, kind: str, **fields) -> dict:

@@ -50,7 +50,7 @@ class Job:
     cancelled: bool = field(compare=False, default=False)
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: a Generation holds tensors
 class Running:
     """An answer in the batch, and what its caller gets when it is done."""
 

@@ -41,6 +41,7 @@ from streamer.engine.runner import load_runner
 from streamer.service.asgi import asgi_app
 from streamer.service.protocol import ServerLimits
 from streamer.service.service import StreamService
+from streamer.text import counted
 
 log = logging.getLogger("streamer")
 
@@ -151,7 +152,7 @@ def wait_until_routed(url: str, count: int, timeout: float = 120.0) -> None:
         except Exception as exc:
             last = exc
         if time.monotonic() > deadline:
-            raise TimeoutError(f"{count} replicas were not all running and routed to within {timeout:.0f} s"
+            raise TimeoutError(f"{counted(count, 'replica')} were not all running and routed to within {timeout:.0f} s"
                                + (f" (last: {last})" if last else ""))
         time.sleep(0.5)
 

@@ -19,6 +19,7 @@ from streamer.service.metrics import CONTENT_TYPE
 from streamer.service.service import Disconnected, StreamService
 
 log = logging.getLogger("streamer")
+JSON = "application/json"
 
 
 class WebsocketConnection:
@@ -51,22 +52,25 @@ async def serve_websockets(service: StreamService, host: str, port: int, ready: 
     except (RuntimeError, ValueError):  # not the main thread: the caller stops us
         pass
 
+    def respond(connection: ServerConnection, status: HTTPStatus, body: str, content_type: str = JSON):
+        response = connection.respond(status, body)
+        del response.headers["Content-Type"]  # websockets' Headers add a value on assignment
+        response.headers["Content-Type"] = content_type
+        return response
+
     async def process_request(connection: ServerConnection, request):
         path = request.path.split("?")[0]
         if path == "/health":
-            return connection.respond(HTTPStatus.OK, json.dumps(service.health()) + "\n")
+            return respond(connection, HTTPStatus.OK, json.dumps(service.health()) + "\n")
         if path == "/health/ready":
             ready, report = await service.ready()
-            return connection.respond(HTTPStatus.OK if ready else HTTPStatus.SERVICE_UNAVAILABLE,
-                                      json.dumps(report) + "\n")
+            return respond(connection, HTTPStatus.OK if ready else HTTPStatus.SERVICE_UNAVAILABLE,
+                           json.dumps(report) + "\n")
         if path == "/metrics":
-            response = connection.respond(HTTPStatus.OK, service.metrics.text().decode())
-            del response.headers["Content-Type"]  # websockets' Headers add a value on assignment
-            response.headers["Content-Type"] = CONTENT_TYPE
-            return response
+            return respond(connection, HTTPStatus.OK, service.metrics.text().decode(), CONTENT_TYPE)
         refused = service.refusal(request.headers.get_all("Authorization"))
         if refused is not None:
-            return connection.respond(HTTPStatus.UNAUTHORIZED, json.dumps(refused) + "\n")
+            return respond(connection, HTTPStatus.UNAUTHORIZED, json.dumps(refused) + "\n")
         return None
 
     async def handle(websocket: ServerConnection) -> None:

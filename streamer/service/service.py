@@ -34,6 +34,7 @@ from streamer.service.metrics import Metrics
 from streamer.service.protocol import (MESSAGE_TYPES, ProtocolError, ServerLimits, error, number, parse_message,
                                        refused, session_config)
 from streamer.service.session import Shared, StreamSession
+from streamer.text import counted
 from video_io.images import decode_image
 from video_io.sampling import Sampling
 from video_io.sources import FileSource, StreamSource
@@ -208,7 +209,7 @@ class StreamService:
             else:
                 self.sessions.pop(session.id, None)
                 await session.close()
-                log.info("session %s closed (%d sessions open)", session.id, len(self.sessions))
+                log.info("session %s closed (%s open)", session.id, counted(len(self.sessions), "session"))
                 session = None  # this frame's reference too, before the collection
                 await asyncio.to_thread(give_memory_back)
             outbox.put_nowait(None)
@@ -232,7 +233,8 @@ class StreamService:
         config = session_config(self.defaults, request, self.limits)
         session = StreamSession(self.shared, config, send)
         self.sessions[session.id] = session
-        log.info("session %s started (%s, %d sessions open)", session.id, config.memory.policy, len(self.sessions))
+        log.info("session %s started (%s, %s open)", session.id, config.memory.policy,
+                 counted(len(self.sessions), "session"))
         send(dict(type="ready", session=session.id, model=self.shared.model_name, policy=config.memory.policy,
                   chunk_frames=config.memory.chunk_frames, budget=session.memory.budget,
                   limits=dict(max_frames=self.limits.max_frames_per_session,
@@ -352,7 +354,7 @@ class StreamService:
         if self.draining is not None:
             return
         self.draining = reason
-        log.info("draining: %s; telling %d sessions", reason, len(self.sessions))
+        log.info("draining: %s; telling %s", reason, counted(len(self.sessions), "session"))
         for session in self.sessions.values():
             session.send(dict(type="draining", seconds=seconds, message=f"{reason}: this connection closes within "
                               f"{seconds:g} s; save the memory now if it is needed, reconnect and load it"))

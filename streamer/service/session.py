@@ -170,7 +170,7 @@ class StreamSession:
             self.ingested_ts = frames[-1].ts
             self.shared.metrics.chunk_seconds.observe(seconds)
             self.shared.metrics.frames_ingested.inc(len(frames))
-            self.send(dict(type="progress", frames=self.memory.frames, chunks=len(self.memory.chunks),
+            self.send(dict(type="progress", frames=self.memory.frames, chunks=self.memory.chunk_count,
                            chunk_frames=len(frames), until_ts=frames[-1].ts, pending=len(self.pending),
                            memory_tokens=self.memory.mean_tokens(), full_tokens=self.memory.full_tokens,
                            ratios=report.get("ratios"), js=report.get("js"), evicted=sum(report["evicted"]),
@@ -307,7 +307,7 @@ class StreamSession:
         runner = self.runner
         memory, _ = await self.shared.executor.submit(
             ASK, load_memory, path, self.shared.identity, runner.device, runner.model.dtype)
-        self.coverage = coverage(memory) if memory.chunks else []  # not shared with the model thread yet
+        self.coverage = coverage(memory) if memory.chunk_count else []  # not shared with the model thread yet
         memory.budget = self.memory.budget
         self.memory = memory
         self.frame_shape = None  # the saved stream's frames are not known; the next frame sets the size
@@ -332,7 +332,7 @@ class StreamSession:
         last = memory.chunks[-1] if memory.chunks else {}
         return dict(type="stats", session=self.id, policy=self.policy.name, frames_received=self.received,
                     frames_ingested=memory.frames, frames_pending=len(self.pending), frames_dropped=self.dropped,
-                    chunks=len(memory.chunks), chunks_queued=self.queued_chunks,
+                    chunks=memory.chunk_count, chunks_queued=self.queued_chunks,
                     memory_tokens=memory.mean_tokens(), full_tokens=memory.full_tokens,
                     memory_tokens_per_layer=memory.tokens_per_layer(), budget=memory.budget,
                     evicted_tokens=memory.evicted, coverage=self.coverage,
