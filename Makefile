@@ -25,7 +25,7 @@ test: $(VENV)/.installed
 # the suite on the oldest transformers pyproject.toml allows (CI runs the newest)
 test-oldest:
 	$(MAKE) VENV=$(OLDEST) $(OLDEST)/.installed
-	$(OLDEST)/bin/pip install --disable-pip-version-check -q "transformers==5.17.0"
+	$(OLDEST)/bin/pip install --disable-pip-version-check -q "transformers==5.18.0"
 	$(OLDEST)/bin/python -m pytest -q
 
 clean:

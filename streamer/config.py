@@ -111,26 +111,26 @@ class Config:
         if (video.frames is None) == (video.fps is None):
             raise ValueError("set exactly one of video.frames (--frames) and video.fps (--fps)")
         if video.frames is not None and video.frames < 1:
-            raise ValueError(f"video.frames must be >= 1, got {video.frames}")
+            raise ValueError(f"video.frames (--frames) must be >= 1, got {video.frames}")
         if video.fps is not None and not (video.fps > 0 and math.isfinite(video.fps)):
-            raise ValueError(f"video.fps must be a finite number > 0, got {video.fps}")
+            raise ValueError(f"video.fps (--fps) must be a finite number > 0, got {video.fps}")
         if video.spread not in SPREADS:
-            raise ValueError(f"video.spread must be one of {', '.join(SPREADS)}, got {video.spread!r}")
+            raise ValueError(f"video.spread (--spread) must be one of {', '.join(SPREADS)}, got {video.spread!r}")
         if video.backend not in ("pyav", "decord"):
-            raise ValueError(f"video.backend must be pyav or decord, got {video.backend!r}")
+            raise ValueError(f"video.backend (--backend) must be pyav or decord, got {video.backend!r}")
         if any(p is not None and p <= 0 for p in (video.min_pixels, video.max_pixels)) or (
                 None not in (video.min_pixels, video.max_pixels) and video.min_pixels > video.max_pixels):
-            raise ValueError(f"need 0 < video.min_pixels <= video.max_pixels, got {video.min_pixels}, {video.max_pixels}")
+            raise ValueError(f"need 0 < video.min_pixels (--min-pixels) <= video.max_pixels (--max-pixels), got {video.min_pixels}, {video.max_pixels}")
         budget = video.total_pixels
         if budget is not None and budget != "qwen-vl-utils" and (isinstance(budget, (str, bool)) or budget < 1):
-            raise ValueError(f"video.total_pixels must be a pixel count >= 1 or 'qwen-vl-utils', got {budget!r}")
+            raise ValueError(f"video.total_pixels (--total-pixels) must be a pixel count >= 1 or 'qwen-vl-utils', got {budget!r}")
         if mem.chunk_frames < 2 or mem.chunk_frames % 2:
             raise ValueError(
                 f"memory.chunk_frames (--chunk-frames) must be a positive multiple of 2, got {mem.chunk_frames}: "
                 "Qwen2-VL encodes frames in pairs"
             )
         if mem.budget < 0:
-            raise ValueError(f"memory.budget must be >= 0 (0 = unbounded), got {mem.budget}")
+            raise ValueError(f"memory.budget (--budget) must be >= 0 (0 = unbounded), got {mem.budget}")
         if isinstance(mem.age_power, bool) or not isinstance(mem.age_power, (int, float)):
             raise ValueError(f"memory.age_power must be a number, got {mem.age_power!r}")
         check_age_power(mem.age_power)
@@ -139,10 +139,10 @@ class Config:
         self.probe.validate()
         self.make_policy(question="?")  # checks the policy name and its options
         if self.generation.max_new_tokens < 1:
-            raise ValueError(f"generation.max_new_tokens must be >= 1, got {self.generation.max_new_tokens}")
+            raise ValueError(f"generation.max_new_tokens (--max-new-tokens) must be >= 1, got {self.generation.max_new_tokens}")
         penalty = self.generation.repetition_penalty
         if penalty is not None and not (penalty > 0 and math.isfinite(penalty)):
-            raise ValueError(f"generation.repetition_penalty must be a finite number > 0, got {penalty}")
+            raise ValueError(f"generation.repetition_penalty (--repetition-penalty) must be a finite number > 0, got {penalty}")
         return self
 
 

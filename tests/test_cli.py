@@ -229,3 +229,41 @@ def test_every_help_shows_defaults_and_quiet_goes_after_the_subcommand(capsys):
         parser.parse_args(["serve", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "(default: 8765)" in text and "(default: 127.0.0.1)" not in text  # its help says it already
+
+
+def test_training_refuses_to_overwrite_weights_without_force(tmp_path, capsys):
+    from streamer.builtin.train import main as train_main
+
+    (tmp_path / "model.safetensors").write_bytes(b"weights")
+    with pytest.raises(SystemExit) as exit_:
+        train_main(["--out", str(tmp_path), "--scale", "0.0001"])
+    assert exit_.value.code == 2 and "holds weights already" in capsys.readouterr().err
+    assert (tmp_path / "model.safetensors").read_bytes() == b"weights"
+
+
+def test_make_video_writes_a_builtin_video_and_its_questions(tmp_path, capsys):
+    from streamer.builtin.videos import make_video
+
+    assert main(["make-video", str(tmp_path / "b.mp4"), "--builtin", "7", "--frames", "32"]) == 0
+    out = capsys.readouterr().out
+    for qa in make_video(7, 32).questions():
+        assert f"{qa.question}  ->  {qa.answer}" in out
+    assert "at 2 fps" in out and (tmp_path / "b.mp4").stat().st_size > 0
+
+
+def test_words_for_people(caplog, capsys):
+    """Counts agree with their nouns, ratios are rounded in progress lines, an empty answer says so."""
+    import logging
+
+    from streamer.cli.ask import print_result
+    from streamer.service.client import log_event
+    from streamer.text import counted
+
+    assert [counted(n, "session") for n in (0, 1, 2)] == ["0 sessions", "1 session", "2 sessions"]
+    with caplog.at_level(logging.INFO, logger="streamer"):
+        log_event(dict(type="progress", frames=8, chunks=2, memory_tokens=40.0, full_tokens=80,
+                       ratios=[0.123456789, 1.0]))
+    assert "ratios 0.123 1" in caplog.text and "0.1234" not in caplog.text
+    print_result(dict(answer=" ", frames=8, memory_tokens=40.0, full_tokens=80, timings=dict(question_prefill=0.01)),
+                 as_json=False)
+    assert "(an empty answer" in capsys.readouterr().out

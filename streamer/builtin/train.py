@@ -528,7 +528,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", help="auto | cpu | cuda (overrides the config)")
     parser.add_argument("--scale", type=float, default=1.0,
                         help="multiply every stage's steps (e.g. 0.01 for a smoke run)")
+    parser.add_argument("--force", action="store_true", help="replace the weights already in --out (e.g. the shipped "
+                                                              "built-in model's in streamer/assets/)")
     args = parser.parse_args(argv)
+    if args.out is not None and (args.out / "model.safetensors").exists() and not args.force:
+        parser.exit(2, f"{parser.prog}: error: --out {args.out} holds weights already (the shipped built-in model's, "
+                       "if it is streamer/assets/...); give another --out, or --force to replace them\n")
     config = TrainConfig.from_dict(tomllib.loads(args.config.read_text()))
     if args.init:
         config.init = args.init

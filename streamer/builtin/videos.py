@@ -118,7 +118,7 @@ def _episode_shapes(rng: np.random.Generator, count: int, doubles: int, longest:
 def make_video(seed: int, num_frames: int) -> SyntheticVideo:
     """A video of `num_frames` frames (even, >= MIN_FRAMES) with 3-6 episodes, at least one of two events."""
     if num_frames % 2 or num_frames < MIN_FRAMES:
-        raise ValueError(f"num_frames must be even and >= {MIN_FRAMES}, got {num_frames}")
+        raise ValueError(f"a built-in video has an even number of frames, at least {MIN_FRAMES} (--frames); got {num_frames}")
     rng = np.random.default_rng([seed, num_frames])
     pairs = num_frames // 2
     count = int(rng.integers(MIN_EPISODES, MAX_EPISODES + 1))

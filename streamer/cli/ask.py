@@ -84,7 +84,7 @@ def ask_video(runner: Runner, video: str, question: str, config: Config,
         for key in totals:
             totals[key] += record["timings"].get(key, 0.0)
         if progress:
-            chosen = f", ratios {record['ratios']}" if "ratios" in record else ""
+            chosen = f", ratios {' '.join(f'{r:.3g}' for r in record['ratios'])}" if record.get("ratios") else ""
             progress(f"chunk {number}{total_chunks}: {len(chunk)} frames ({chunk[0].ts:.1f}-{chunk[-1].ts:.1f} s), "
                      f"{record['tokens']} tokens{chosen} -> memory {record['memory_tokens']:.0f} of "
                      f"{memory.full_tokens} tokens")
@@ -136,7 +136,7 @@ def print_result(result: dict, as_json: bool) -> None:
     if as_json:
         print(json.dumps(result, indent=2))
         return
-    print(result["answer"])
+    print(result["answer"] if result["answer"].strip() else "(an empty answer: the model ended it at once)")
     t = result["timings"]
     ingest = sum(t.get(key, 0.0) for key in ("vision", "prefill", "policy"))
     print(f"\n[{result['frames']} frames, memory {result['memory_tokens']:.0f} of {result['full_tokens']} tokens"

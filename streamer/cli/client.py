@@ -21,18 +21,34 @@ from video_io.sources import FileSource, StreamSource
 log = logging.getLogger("streamer")
 
 
+_screens: dict[asyncio.AbstractEventLoop, asyncio.Lock] = {}
+
+
+def screen() -> asyncio.Lock:
+    """The terminal is shared by streamed answers and progress lines: one holder at a time, so an answer is
+    never cut by a progress line or by another answer (one lock per event loop: each run has its own)."""
+    loop = asyncio.get_running_loop()
+    for old in [other for other in _screens if other.is_closed()]:
+        del _screens[old]
+    return _screens.setdefault(loop, asyncio.Lock())
+
+
 async def log_events(client: StreamerClient) -> None:
     while True:
-        log_event(await client.events.get())
+        event = await client.events.get()
+        async with screen():
+            log_event(event)
 
 
 async def ask_and_print(client: StreamerClient, question: str, max_new_tokens: int | None = None) -> dict:
-    print(f"Q: {question}\nA: ", end="", flush=True)
-    answer = await client.ask(question, max_new_tokens, on_text=lambda text: print(text, end="", flush=True))
-    stats = answer["stats"]
-    rate = f", {stats['tokens_per_s']:.0f} tokens/s" if stats.get("tokens_per_s") else ""
-    print(f"\n   [{stats['frames']} frames, memory {stats['memory_tokens']:.0f} of {stats['full_tokens']} tokens; "
-          f"first token {stats['ttft_s'] * 1000:.0f} ms{rate}]", flush=True)
+    async with screen():
+        print(f"Q: {question}\nA: ", end="", flush=True)
+        answer = await client.ask(question, max_new_tokens, on_text=lambda text: print(text, end="", flush=True))
+        stats = answer["stats"]
+        rate = f", {stats['tokens_per_s']:.0f} tokens/s" if stats.get("tokens_per_s") else ""
+        empty = "(an empty answer: the model ended it at once)" if not answer["text"].strip() else ""
+        print(f"{empty}\n   [{stats['frames']} frames, memory {stats['memory_tokens']:.0f} of {stats['full_tokens']} "
+              f"tokens; first token {stats['ttft_s'] * 1000:.0f} ms{rate}]", flush=True)
     return answer
 
 

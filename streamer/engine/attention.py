@@ -31,7 +31,7 @@ from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLDecoderLayer
 
 MEMORY_ATTENTION = "streamer_memory"
 # transformers 5.24 renamed the decoder layers' `past_key_values` to `cache` (the old name warns and goes
-# in 5.40); 5.17 knows only the old one.
+# in 5.40); 5.18 knows only the old one.
 _CACHE_ARGUMENT = "cache" if "cache" in inspect.signature(Qwen2VLDecoderLayer.forward).parameters else "past_key_values"
 
 

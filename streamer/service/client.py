@@ -188,8 +188,10 @@ class StreamerClient:
 def log_event(event: dict) -> None:
     kind = event.get("type")
     if kind == "progress":
-        log.info("ingested %d frames in %d chunks: memory %.0f of %d tokens, ratios %s", event["frames"],
-                 event["chunks"], event["memory_tokens"], event["full_tokens"], event.get("ratios"))
+        ratios = event.get("ratios")
+        log.info("ingested %d frames in %d chunks: memory %.0f of %d tokens%s", event["frames"], event["chunks"],
+                 event["memory_tokens"], event["full_tokens"],
+                 f", ratios {' '.join(f'{r:.3g}' for r in ratios)}" if ratios else "")
     elif kind in ("warning", "error"):
         log.warning("%s %s: %s", kind, event.get("code"), event.get("message"))
     elif kind == "draining":  # the server's replica is being stopped (Ray Serve)
