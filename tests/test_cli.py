@@ -1,5 +1,6 @@
 """`streamer ask` and `streamer make-video` end to end on the tiny model."""
 
+import argparse
 import json
 import subprocess
 import sys
@@ -267,3 +268,18 @@ def test_words_for_people(caplog, capsys):
     print_result(dict(answer=" ", frames=8, memory_tokens=40.0, full_tokens=80, timings=dict(question_prefill=0.01)),
                  as_json=False)
     assert "(an empty answer" in capsys.readouterr().out
+
+
+def test_the_command_line_loads_only_the_command_it_runs():
+    """`streamer --help` and `streamer client --help` load no torch (importing every command took seconds); each
+    command's one-line help is the one its module gives."""
+    from streamer.cli import COMMANDS, build_parser
+
+    parser = build_parser()
+    [choices] = [action for action in parser._actions if isinstance(action, argparse._SubParsersAction)]
+    assert {a.dest: a.help for a in choices._choices_actions} == {name: text for name, (_, text) in COMMANDS.items()}
+    for argv in (["--help"], ["client", "--help"]):
+        code = f"import sys; from streamer.cli import main\ntry: main({argv!r})\nexcept SystemExit: pass\n" \
+               "print('LOADED', sorted({'torch', 'transformers'} & set(sys.modules)))"
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert "LOADED []" in result.stdout, (argv, result.stdout[-300:], result.stderr[-300:])

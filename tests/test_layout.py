@@ -94,3 +94,15 @@ def test_no_import_circles():
         if node not in state:
             visit(node, [node])
     assert circles == []
+
+
+def test_the_client_imports_without_torch_or_pyav():
+    """A program that only talks to a server (streamer.service.client) needs websockets, numpy and Pillow: not
+    torch and not PyAV (they were pulled in through video_io/__init__.py)."""
+    import subprocess
+    import sys
+
+    code = "import sys, streamer.service.client; print(sorted({'torch', 'av', 'transformers'} & set(sys.modules)))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

@@ -10,7 +10,10 @@ import av
 import numpy as np
 import pytest
 
-from video_io import FileSource, Sampling, decode_index, index_frame, probe, read_frames, uniform_indices, write_video
+from video_io.readers import probe, read_frames
+from video_io.sampling import Sampling, uniform_indices
+from video_io.sources import FileSource
+from video_io.synthetic import decode_index, index_frame, write_video
 from video_io.readers import frame_times
 
 SIZE = (112, 112)

@@ -16,33 +16,20 @@ import torch
 from conftest import live_http, ts_parts
 from PIL import Image
 
-from video_io import (
-    VIDEOMME_PRESET,
-    FileSource,
+from video_io.errors import (
     NoFramesError,
     NotAVideoError,
     NoVideoStreamError,
-    Sampling,
-    StreamSource,
     UnreadableStreamError,
     VideoError,
     VideoNotFoundError,
-    VisionPreset,
-    decode_image,
-    decode_index,
-    demo_frame,
-    encode_image,
-    fps_indices,
-    index_frame,
-    iter_frames,
-    pixels_for_tokens,
-    preprocess_frames,
-    probe,
-    read_frames,
-    smart_resize,
-    uniform_indices,
-    write_video,
 )
+from video_io.images import decode_image, encode_image
+from video_io.preprocess import VIDEOMME_PRESET, VisionPreset, pixels_for_tokens, preprocess_frames, smart_resize
+from video_io.readers import iter_frames, probe, read_frames
+from video_io.sampling import Sampling, fps_indices, uniform_indices
+from video_io.sources import FileSource, StreamSource
+from video_io.synthetic import decode_index, demo_frame, index_frame, write_video
 from video_io.preprocess import CLIP_MEAN, CLIP_STD, QWEN3_PRESET
 
 FPS, NUM_FRAMES, GOP, SIZE = 8.0, 60, 12, (112, 112)

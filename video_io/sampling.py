@@ -5,8 +5,6 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch
-
 
 def uniform_indices(total_frames: int, num_frames: int) -> list[int]:
     """`num_frames` indices spread uniformly over the whole video.
@@ -36,6 +34,8 @@ def linspace_indices(total_frames: int, num_frames: int) -> list[int]:
         raise ValueError(f"num_frames must be >= 1, got {num_frames}")
     if num_frames >= total_frames:
         return list(range(total_frames))
+    import torch  # here, not at the top: torch's own float32 linspace is the rule, and a thin client needs no torch
+
     return torch.linspace(0, total_frames - 1, num_frames).round().long().tolist()
 
 

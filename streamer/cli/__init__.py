@@ -1,6 +1,10 @@
 """`streamer` command line: ask about a video, answer from a saved memory, serve, stream to a server,
 evaluate, measure, make a test video. This module only assembles the subcommands; each lives in
-its own module of this package, and the switches they share in streamer/cli/switches.py."""
+its own module of this package, and the switches they share in streamer/cli/switches.py.
+
+A command's module is imported only when that command runs or shows its help (COMMANDS names it):
+`streamer --help` and `streamer client` load no torch, where importing every command took seconds.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +13,23 @@ import importlib.metadata
 import logging
 import sys
 
-from transformers.utils import logging as transformers_logging
+import importlib
 
-from streamer.cli import ask, bench, bench_serve, client, demo, evaluate, serve, sets, video
 from video_io.errors import VideoError
+
+# command -> (its module in this package, what `streamer --help` says of it)
+COMMANDS = {
+    "ask": ("ask", "answer a question about a video file"),
+    "answer": ("ask", "answer a question from a saved memory, without the video"),
+    "serve": ("serve", "serve live video QA over websockets"),
+    "client": ("client", "stream a video to a `streamer serve` server and ask questions"),
+    "demo": ("demo", "stream a synthetic video through an in-process server and ask questions"),
+    "bench": ("bench", "measure ingest, memory and answer speed per memory policy"),
+    "bench-serve": ("bench_serve", "measure sessions accepted and answers per second of a service"),
+    "eval": ("evaluate", "evaluate on a benchmark"),
+    "make-video": ("video", "write a small synthetic test video (frame index coded in the pixels)"),
+    "make-sets": ("sets", "write OVO-Bench and StreamingBench files on generated videos"),
+}
 
 
 def package_version() -> str:
@@ -35,14 +52,20 @@ class HelpFormatter(argparse.HelpFormatter):
         return text
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; only the module of the command named in `argv` is imported (None: every command's)."""
     parser = argparse.ArgumentParser(prog="streamer", description="Streaming long-video question answering on "
                                      "Qwen2-VL with a pruned key/value memory.", formatter_class=HelpFormatter)
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
     parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
-    sub = parser.add_subparsers(dest="command", required=True)
-    for command in (ask, serve, client, demo, bench, bench_serve, evaluate, video, sets):
-        command.add_parser(sub)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    named = next((arg for arg in argv if arg in COMMANDS), None) if argv is not None else None
+    modules = {module for name, (module, _) in COMMANDS.items() if argv is None or name == named}
+    for module in sorted(modules):
+        importlib.import_module(f"streamer.cli.{module}").add_parser(sub)
+    for name, (_, text) in COMMANDS.items():  # the others: named in the help, loaded when they run
+        if name not in sub.choices:
+            sub.add_parser(name, help=text)
     for command in sub.choices.values():  # `streamer ask -q ...` as well as `streamer -q ask ...`
         command.formatter_class = HelpFormatter
         command.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
@@ -56,12 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
     logging.getLogger("websockets").setLevel(logging.WARNING)  # one line per connection is noise here
-    if args.quiet:
-        transformers_logging.disable_progress_bar()  # "Loading weights" is progress too
+    if args.quiet and "transformers" in sys.modules:  # a command that loads a model: "Loading weights" is progress
+        importlib.import_module("transformers.utils.logging").disable_progress_bar()
     try:
         return args.run(args)
     except (VideoError, ValueError, FileNotFoundError) as exc:

@@ -12,7 +12,7 @@ import threading
 
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
-from streamer.cli.switches import ratio_list
+from streamer.cli.values import ratio_list
 from streamer.service.client import ServerError, StreamerClient, log_event, stream_frames
 from video_io.errors import VideoError
 from video_io.sampling import Sampling

@@ -6,14 +6,8 @@ from __future__ import annotations
 import argparse
 
 from memory.registry import POLICIES, policies_with
+from streamer.cli.values import ratio_list
 from streamer.config import Config, load_config, override
-
-
-def ratio_list(text: str) -> list[float]:
-    try:
-        return [float(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 0.02,0.1,1.0, got {text!r}")
 
 
 def total_pixels(text: str) -> int | str:

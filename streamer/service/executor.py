@@ -219,8 +219,9 @@ class ModelExecutor:
                 m.e2e_latency.observe(now - r.job.submitted)
 
     def _interject(self) -> None:
-        """Called after each decoder layer of a job's forwards: waiting questions, and a step when due."""
-        if self.inside:
+        """Called after each decoder layer of a job's forwards: waiting questions, and a step when due. Only on the
+        model thread: the runner's hook also sees forwards other threads run on it (a test's own answers)."""
+        if self.inside or threading.current_thread() is not self.thread:
             return
         due = self.running and time.perf_counter() - self.last_step_end >= self.last_step_s
         if not due and not (self.jobs and self.jobs[0].priority == ASK):
