@@ -109,6 +109,11 @@ def test_concurrent_sessions_spread_over_replicas_and_answer_as_the_standalone_s
     assert len({replica_of(session) for session, _ in through_serve}) == 2, through_serve
     report = health(cluster[0])
     assert report["transport"] == "ray" and [r["state"] for r in report["replicas"]] == ["RUNNING"] * 2
+    http = cluster[0].replace("ws://", "http://")
+    metrics = urllib.request.urlopen(http + "/metrics", timeout=30).read().decode()  # a replica's own numbers
+    assert "streamer:time_to_first_token_seconds_count" in metrics and "streamer:batch_size_bucket" in metrics
+    ready = json.loads(urllib.request.urlopen(http + "/health/ready", timeout=60).read())
+    assert ready["status"] == "ready"
     print(f"{SESSIONS} sessions through Serve in {seconds:.1f} s")
 
 

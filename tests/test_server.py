@@ -750,3 +750,25 @@ def test_interactive_client_exits_at_once_on_ctrl_c(tiny_runner, clip):
             assert process.wait(timeout=20) == 130
         finally:
             process.kill()
+
+
+def test_a_server_side_live_source_is_opened_again_and_read_on(tiny_runner, tmp_path):
+    """ingest of a URL with `reconnect`: a source that drops after 24 frames is opened again and its next 24
+    frames are ingested too, stream time going on; `read_timeout`/`reconnect` on a file are refused."""
+    parts = ts_parts(tmp_path, count=2, frames=24)
+
+    async def scenario(url, source):
+        async with StreamerClient(url) as client:
+            await client.start(chunk_frames=4)
+            await client.ingest(source, fps=4.0, read_timeout=2.0, reconnect=1)
+            done = await client.next_event("ingest_done", timeout=120)
+            await client.ingest("clip.mp4", reconnect=2)
+            refused = await client.next_event("error", timeout=30)
+            assert refused["code"] == "bad_option" and "for stream URLs" in refused["message"]
+            return done, await client.stats()
+
+    with running_server(tiny_runner, ServerLimits(allow_urls=True, allowed_roots=[tmp_path])) as (_, url), \
+            live_http(parts, then="close") as source:
+        done, stats = asyncio.run(scenario(url, source))
+    assert done["frames_read"] >= 20 and stats["frames_ingested"] == done["frames_read"]  # ~12 per part at 4 fps
+    assert done["frames_read"] > 14  # more than the first part alone holds at 4 fps (3 s)

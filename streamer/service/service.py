@@ -43,6 +43,7 @@ log = logging.getLogger("streamer")
 
 URL_SCHEMES = ("rtsp", "rtmp", "http", "https", "srt", "udp")
 MAX_PATH_CHARS = 4096
+MAX_RECONNECTS = 100  # an ingest's `reconnect`: a reader must not retry a dead source forever
 READY_TIMEOUT_S = 30.0  # /health/ready: a model step must run within this (it waits behind at most one layer)
 
 
@@ -294,14 +295,18 @@ class StreamService:
         if fps is not None and frames is not None:
             raise ProtocolError("bad_option", "give 'fps' or 'frames', not both")
         scheme = urlparse(source).scheme.lower()
+        read_timeout = number(request, "read_timeout", minimum=0.1, maximum=600.0)
+        reconnect = number(request, "reconnect", minimum=0, maximum=MAX_RECONNECTS, integer=True, default=0)
         if scheme in URL_SCHEMES:
             if not self.limits.allow_urls:
                 raise ProtocolError("urls_disabled", "this server does not open network streams (start it with "
                                     "--allow-urls); send frames instead")
             session.fps = fps or session.fps
-            session.start_reader(lambda: StreamSource(source, fps=fps, max_frames=max_frames), live=True,
-                                 label=source)
+            session.start_reader(lambda: StreamSource(source, fps=fps, max_frames=max_frames, read_timeout=read_timeout,
+                                                      reconnect=reconnect), live=True, label=source)
             return
+        if read_timeout is not None or reconnect:
+            raise ProtocolError("bad_option", "'read_timeout' and 'reconnect' are for stream URLs; a file is read whole")
         if scheme and len(scheme) > 1:  # file:, data:, ... (one letter is a Windows drive)
             raise ProtocolError("forbidden_path", f"source scheme {scheme!r} is not allowed; give a path under the "
                                 "allowed roots or a stream URL")
