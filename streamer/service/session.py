@@ -8,7 +8,7 @@ make the reader wait (files). A question sees every frame received before it: th
 frames not in it yet (queued or pending) as the stream's last chunk in a copy of it
 (streamer.engine.stream.with_newest), unless those are more than a chunk: then ingestion is
 behind, and it answers from the memory alone at once (saying how many frames it did not see).
-All model work goes through the shared ModelScheduler; everything else runs on the event loop.
+All model work goes through the shared ModelExecutor; everything else runs on the event loop.
 """
 
 from __future__ import annotations
