@@ -29,6 +29,10 @@ timeout 100 python3 -m streamer bench --model qwen2-vl-7b-random --fixed-ratios 
 # The probe without generated answer tokens (each costs a weight-bound decode step per chunk).
 timeout 100 python3 -m streamer bench --model qwen2-vl-7b-random --policies emloc --answer-tokens 0 \
     --out "$OUT/bench_7b_probe0.json" --markdown "$OUT/bench_7b_probe0.md" 2>&1 | tee "$OUT/bench_7b_probe0.log"
+# Packed answer steps of the service's executor at batch 1, 8, 32 (issue 32: on a GPU a step for 32 sessions should
+# cost about what one does; eager, no CUDA graphs yet).
+timeout 90 python3 tools/decode_batch_curve.py --model qwen2-vl-7b-random --device cuda --batches 1,8,32 \
+    2>&1 | tee "$OUT/decode_batch_curve_7b.md"
 # Last, if time is left: Qwen2.5-VL-7B (windowed vision tower, time-following positions), full and emloc.
 timeout 120 python3 -m streamer bench --model qwen2.5-vl-7b-random --policies full,emloc \
     --out "$OUT/bench_25_7b.json" --markdown "$OUT/bench_25_7b.md" 2>&1 | tee "$OUT/bench_25_7b.log"
