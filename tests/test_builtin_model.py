@@ -105,6 +105,7 @@ def test_shipped_weights_come_from_the_shipped_configs():
     assert asdict(TrainConfig.from_dict({**tuned["config"], "init": ""})) == asdict(tune)
 
 
+@pytest.mark.slow
 def test_training_smoke_saves_a_loadable_checkpoint(tmp_path):
     (tmp_path / "tiny.toml").write_text(
         "warmup = 1\nlog_every = 1\n[model]\nhidden = 32\nintermediate = 64\nlayers = 2\nheads = 2\n"
@@ -133,6 +134,7 @@ def test_training_smoke_saves_a_loadable_checkpoint(tmp_path):
         main(["--config", str(tmp_path / "tiny.toml"), "--init", str(tmp_path)])
 
 
+@pytest.mark.slow
 def test_training_overfits_one_batch():
     torch.manual_seed(0)
     tokenizer = load_model("tiny-random", device="cpu").tokenizer
@@ -250,6 +252,7 @@ def test_token_labels_follow_the_events():
     assert labels[3, :, column["cell"]].tolist() == list(range(9))
 
 
+@pytest.mark.slow
 def test_training_resumes_from_its_checkpoint_exactly(tmp_path):
     config = TrainConfig(model=TINY, stages=[Stage(16, 16, 2, 2)], warmup=1, log_every=1, questions=["first"])
 

@@ -14,6 +14,7 @@ import threading
 import time
 
 import numpy as np
+import pytest
 
 from conftest import random_frames
 from test_server import jpeg_claiming, png_claiming, push, running_server, wait_until
@@ -24,6 +25,8 @@ from streamer.service.protocol import ServerLimits
 from streamer.service.session import StreamSession
 from video_io.images import encode_image
 from video_io.synthetic import write_video
+
+pytestmark = pytest.mark.slow
 
 CHURN = int(os.environ.get("LOAD_CHURN", "40"))
 

@@ -10,10 +10,13 @@ import time
 import tracemalloc
 
 import numpy as np
+import pytest
 
 from memory.baselines import FullPolicy
 from memory.snapshot import STREAM_FIELDS
 from memory.store import coverage
+
+pytestmark = pytest.mark.slow
 
 CHUNKS = 600
 BUDGET = 96  # tokens per layer: full after a few dozen chunks of 2 frames

@@ -25,6 +25,8 @@ from streamer.service.client import ServerError, StreamerClient
 from streamer.service.ray_serve import (APP, DEPLOYMENT, application, replica_states, serve_on_ray,
                                          wait_until_routed)
 
+pytestmark = pytest.mark.slow
+
 SESSIONS = 8
 DRAIN_S = 10.0
 
