@@ -173,7 +173,8 @@ class KVMemory:
         self.full_tokens += chunk_len
         video = int((~protected).sum())
         record = dict(report, video_tokens=video, kept=incoming, evicted=evicted, memory_tokens=self.mean_tokens())
-        self.chunks = [*self.chunks[max(0, len(self.chunks) + 1 - self.records):], record]
+        self.chunks.append(record)  # a fork holds its own list (fork copies it)
+        del self.chunks[:-self.records]
         text = chunk_len - video
         for name, value in zip(HISTORY, (frames, video, text, sum(incoming) - text * len(self.layers))):
             self.history[name].append(value)

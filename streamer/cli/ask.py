@@ -75,7 +75,7 @@ def ask_video(runner: Runner, video: str, question: str, config: Config,
     source = open_video(video, config, seconds)
     chunk_frames = config.memory.chunk_frames
     live = isinstance(source, StreamSource)
-    frames = source.max_frames or math.ceil(seconds * source.fps) if live else len(source)
+    frames = (source.max_frames or math.ceil(seconds * source.fps)) if live else len(source)
     total_chunks = "" if live else f"/{math.ceil(frames / chunk_frames)}"
 
     totals = dict.fromkeys((*STAGES, "read"), 0.0)  # summed here: a stream keeps only its newest chunks' reports

@@ -36,6 +36,20 @@ from video_io.images import encode_image
 log = logging.getLogger("streamer")
 
 
+async def accept(client: StreamerClient, options: dict | None) -> None:
+    """Connect and start a session with the start `options`."""
+    await client.__aenter__()
+    await client.start(**(options or {}))
+
+
+async def ingest(client: StreamerClient, images: list[bytes]) -> None:
+    """Push a video's frames (PNG, 2 fps) and wait until the server has ingested them all."""
+    for i, data in enumerate(images):
+        await client.send_frame(data, ts=i * 0.5)
+    await client.flush()
+    await client.wait_ingested()
+
+
 async def measure(url: str, sessions: int, frames: int, questions: int, max_new_tokens: int,
                   ignore_eos: bool = False, options: dict | None = None) -> dict:
     """One load; `options` go into every session's start message."""
@@ -43,17 +57,6 @@ async def measure(url: str, sessions: int, frames: int, questions: int, max_new_
     pushed = [[encode_image(image, "PNG") for image in video.frames()] for video in videos]
     asked = [[qa.question for qa in video.questions()][:questions] for video in videos]
     clients = [StreamerClient(url) for _ in range(sessions)]
-
-    async def accept(client):
-        await client.__aenter__()
-        await client.start(**(options or {}))
-
-    async def ingest(client, images):
-        for i, data in enumerate(images):
-            await client.send_frame(data, ts=i * 0.5)
-        await client.flush()
-        await client.wait_ingested()
-
     ttfts, tokens = [], []
 
     async def ask(client, texts):
@@ -66,7 +69,7 @@ async def measure(url: str, sessions: int, frames: int, questions: int, max_new_
 
     try:
         started = time.perf_counter()
-        await asyncio.gather(*[accept(client) for client in clients])
+        await asyncio.gather(*[accept(client, options) for client in clients])
         accept_s = time.perf_counter() - started
         started = time.perf_counter()
         await asyncio.gather(*[ingest(client, images) for client, images in zip(clients, pushed)])
@@ -105,12 +108,8 @@ async def measure_interference(url: str, frames: int, long_tokens: int, options:
 
     try:
         for client in clients:
-            await client.__aenter__()
-            await client.start(**(options or {}))
-            for i, data in enumerate(images):
-                await client.send_frame(data, ts=i * 0.5)
-            await client.flush()
-            await client.wait_ingested()
+            await accept(client, options)
+            await ingest(client, images)
         alone = await one_token(clients[1])
         long = asyncio.create_task(clients[0].ask("Describe the whole video in detail.", max_new_tokens=long_tokens,
                                                   ignore_eos=True))

@@ -21,6 +21,7 @@ the evaluations), never for the service's batches.
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -125,7 +126,7 @@ class Packed:
 
     def __init__(self, views: list[MemoryView], sizes: list[int]):
         self.views = views
-        ends = torch.tensor(sizes).cumsum(0).tolist()
+        ends = list(itertools.accumulate(sizes))
         self.bounds = list(zip([0] + ends[:-1], ends))
         self.latest: list[tuple[torch.Tensor, torch.Tensor]] = []
 

@@ -67,11 +67,8 @@ class _ServiceGauges:
         executor = service.shared.executor
         sessions = list(service.sessions.values())
 
-        def gauge(name, text, value, labels=None):
-            family = GaugeMetricFamily(f"streamer:{name}", text, labels=list(labels or {}))
-            if labels is None:
-                family.add_metric([], value)
-            return family
+        def gauge(name, text, value):
+            return GaugeMetricFamily(f"streamer:{name}", text, value=value)
 
         yield gauge("sessions", "Sessions open.", len(sessions))
         yield gauge("num_requests_running", "Answers being generated (in the executor's batch).",
