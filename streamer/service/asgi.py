@@ -1,7 +1,8 @@
 """The service (streamer.service.service) as an ASGI app, for ASGI servers: Ray Serve's proxy, uvicorn.
 
-The same protocol as `streamer serve`: a websocket at any path but the HTTP routes is one session;
-GET /health reports the service, /health/ready runs a model step, /metrics is Prometheus' text. A connection without the bearer token is refused in the
+The same protocol as `streamer serve`: a websocket at any path but the HTTP routes is one session
+(/v1/realtime: in OpenAI Realtime events); GET / is the browser page, /health reports the service,
+/health/ready runs a model step, /metrics is Prometheus' text. A connection without the bearer token is refused in the
 handshake with 401 and the JSON error, where the server supports ASGI's denial-response
 extension (uvicorn does); elsewhere it is closed before it opens (code 1008, which a client sees
 as HTTP 403).
@@ -18,7 +19,8 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from streamer.service.metrics import CONTENT_TYPE
-from streamer.service.service import Disconnected, StreamService
+from streamer.service.page import FILES
+from streamer.service.service import Disconnected, StreamService, browser_token
 
 POLICY_VIOLATION = 1008
 
@@ -56,17 +58,22 @@ def asgi_app(service: StreamService, health: Callable[[], dict] | None = None) -
     async def metrics_route(request):
         return Response(service.metrics.text(), media_type=CONTENT_TYPE)
 
+    async def page_route(request):
+        content_type, body = service.page.get(request.url.path)
+        return Response(body, media_type=content_type)
+
     async def session_route(websocket: WebSocket):
         service.start()  # a server that runs no lifespan starts it here
-        refused = service.refusal(websocket.headers.getlist("authorization"))
-        if refused is not None:
+        offered = websocket.scope.get("subprotocols", [])
+        refused = service.refusal(websocket.headers.getlist("authorization"), offered)
+        if refused is not None and browser_token(offered) is None:  # a browser reads the refusal once open
             if "websocket.http.response" in websocket.scope.get("extensions", {}):
                 await websocket.send_denial_response(JSONResponse(refused, status_code=401))
             else:
                 await websocket.close(code=POLICY_VIOLATION, reason="unauthorized")
             return
-        await websocket.accept()
-        await service.handle(AsgiConnection(websocket))
+        await websocket.accept(subprotocol=browser_token(offered))
+        await service.handle(AsgiConnection(websocket), websocket.url.path, refused)
         if WebSocketState.CONNECTED == websocket.client_state == websocket.application_state:
             try:  # the service ended the session (a timeout, a refused connection): close it from here
                 await websocket.close()
@@ -79,6 +86,7 @@ def asgi_app(service: StreamService, health: Callable[[], dict] | None = None) -
         yield
         await service.close()
 
-    return Starlette(routes=[Route("/health", health_route), Route("/health/ready", ready_route),
+    pages = [Route(path, page_route) for path in FILES]
+    return Starlette(routes=[*pages, Route("/health", health_route), Route("/health/ready", ready_route),
                              Route("/metrics", metrics_route), WebSocketRoute("/{path:path}", session_route)],
                      lifespan=lifespan)

@@ -18,7 +18,7 @@ from memory.registry import POLICIES, policies_with, policy_options
 from streamer.config import Config, override
 from video_io.images import MAX_IMAGE_PIXELS
 
-MESSAGE_TYPES = ("start", "frame", "ingest", "flush", "ask", "stats", "save", "load", "ping")
+MESSAGE_TYPES = ("start", "frame", "ingest", "flush", "ask", "cancel", "stats", "save", "load", "ping")
 SESSION_OPTIONS = {  # start option -> (config section, key, type)
     "policy": ("memory", "policy", str),
     "chunk_frames": ("memory", "chunk_frames", int),

@@ -1,7 +1,8 @@
 """`streamer serve`: the service (streamer.service.service) on the `websockets` library's asyncio server.
 
-Plain asyncio: /health, /health/ready, /metrics and the bearer-token check are answered in the HTTP
-handshake, and each accepted connection is handed to the service for its life.
+Plain asyncio: the page (GET /), /health, /health/ready, /metrics and the bearer-token check are answered
+in the HTTP handshake, and each accepted connection is handed to the service for its life, with its path
+(/v1/realtime: OpenAI Realtime events).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
 from streamer.service.metrics import CONTENT_TYPE
-from streamer.service.service import Disconnected, StreamService
+from streamer.service.service import Disconnected, StreamService, browser_token
 
 log = logging.getLogger("streamer")
 JSON = "application/json"
@@ -41,6 +42,10 @@ class WebsocketConnection:
             raise Disconnected from None
 
 
+def subprotocols(request) -> list[str]:
+    return [p.strip() for header in request.headers.get_all("Sec-WebSocket-Protocol") for p in header.split(",")]
+
+
 async def serve_websockets(service: StreamService, host: str, port: int, ready: asyncio.Future | None = None,
                            stop: asyncio.Event | None = None) -> None:
     """Serve until `stop` is set (or SIGINT/SIGTERM when running in the main thread); `ready` gets the port."""
@@ -60,6 +65,9 @@ async def serve_websockets(service: StreamService, host: str, port: int, ready: 
 
     async def process_request(connection: ServerConnection, request):
         path = request.path.split("?")[0]
+        upgrade = "websocket" in request.headers.get("Upgrade", "").lower()
+        if not upgrade and (page := service.page.get(path)) is not None:
+            return respond(connection, HTTPStatus.OK, page[1].decode(), page[0])
         if path == "/health":
             return respond(connection, HTTPStatus.OK, json.dumps(service.health()) + "\n")
         if path == "/health/ready":
@@ -68,17 +76,21 @@ async def serve_websockets(service: StreamService, host: str, port: int, ready: 
                            json.dumps(report) + "\n")
         if path == "/metrics":
             return respond(connection, HTTPStatus.OK, service.metrics.text().decode(), CONTENT_TYPE)
-        refused = service.refusal(request.headers.get_all("Authorization"))
-        if refused is not None:
+        offered = subprotocols(request)
+        refused = service.refusal(request.headers.get_all("Authorization"), offered)
+        if refused is not None and browser_token(offered) is None:  # a browser reads the refusal once open
             return respond(connection, HTTPStatus.UNAUTHORIZED, json.dumps(refused) + "\n")
         return None
 
     async def handle(websocket: ServerConnection) -> None:
-        await service.handle(WebsocketConnection(websocket))
+        request = websocket.request
+        refused = service.refusal(request.headers.get_all("Authorization"), subprotocols(request))
+        await service.handle(WebsocketConnection(websocket), request.path.split("?")[0], refused)
 
     service.start()
     # the hard size cap is above the soft limit so that an oversized message gets a JSON error
     async with serve(handle, host, port, process_request=process_request,
+                     select_subprotocol=lambda connection, offered: browser_token(offered),
                      max_size=2 * service.limits.max_message_bytes, ping_interval=20, ping_timeout=20) as server:
         sockets = [s.getsockname() for s in server.sockets]
         log.info("serving %s on %s", service.shared.model_name, ", ".join(f"ws://{h}:{p}" for h, p, *_ in sockets))

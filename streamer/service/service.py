@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlparse
 
+from memory.registry import POLICIES
 from memory.snapshot import model_identity
 from streamer.config import Config
 from streamer.engine.runner import Runner
@@ -33,6 +34,8 @@ from streamer.service.executor import ASK, ModelExecutor
 from streamer.service.metrics import Metrics
 from streamer.service.protocol import (MESSAGE_TYPES, ProtocolError, ServerLimits, error, number, parse_message,
                                        refused, session_config)
+from streamer.service.page import Page
+from streamer.service.realtime import REALTIME_PATH, RealtimeConnection
 from streamer.service.session import Shared, StreamSession
 from streamer.text import counted
 from video_io.images import decode_image
@@ -45,6 +48,14 @@ URL_SCHEMES = ("rtsp", "rtmp", "http", "https", "srt", "udp")
 MAX_PATH_CHARS = 4096
 MAX_RECONNECTS = 100  # an ingest's `reconnect`: a reader must not retry a dead source forever
 READY_TIMEOUT_S = 30.0  # /health/ready: a model step must run within this (it waits behind at most one layer)
+
+
+BROWSER_TOKEN = "bearer."  # a websocket subprotocol `bearer.TOKEN` carries a browser's token
+
+
+def browser_token(subprotocols: list[str]) -> str | None:
+    """The `bearer.TOKEN` subprotocol a browser offered, which the server must select to accept it, else None."""
+    return next((p for p in subprotocols if p.startswith(BROWSER_TOKEN)), None)
 
 
 class Disconnected(Exception):
@@ -102,6 +113,7 @@ class StreamService:
                              metrics=self.metrics, limits=limits, defaults=defaults, model_name=runner.model_name,
                              identity=model_identity(runner.model, runner.model_name), name=name)
         self.sessions: dict[str, StreamSession] = {}
+        self.page = Page(self.page_info())
         self.unstarted = 0  # open connections that have not started a session yet
         self.draining: str | None = None  # why new sessions are refused, once drain() was called
 
@@ -128,27 +140,52 @@ class StreamService:
             return False, dict(report, status="failed", message=f"a model step failed: {exc}")
         return True, dict(report, status="ready", step_s=round(time.perf_counter() - started, 4))
 
-    def refusal(self, authorization: list[str]) -> dict | None:
-        """The error for a connection whose Authorization headers do not carry the token, else None."""
+    def page_info(self) -> dict:
+        """What the browser page needs to know about this server (streamer.service.page)."""
+        memory = self.defaults.memory
+        return dict(model=self.shared.model_name, policies=list(POLICIES), policy=memory.policy,
+                    chunk_frames=memory.chunk_frames, budget=min(memory.budget or self.limits.max_budget,
+                                                                 self.limits.max_budget),
+                    fps=self.defaults.video.fps or 1.0, token=self.limits.token is not None,
+                    files=bool(self.roots), max_new_tokens=self.limits.max_new_tokens,
+                    max_frame_pixels=self.limits.max_frame_pixels)
+
+    def refusal(self, authorization: list[str], subprotocols: list[str] = ()) -> dict | None:
+        """The error for a connection that does not carry the token, else None. The token comes in exactly one
+        `Authorization: Bearer TOKEN` header, or, from a browser (which cannot set headers on a websocket), as
+        the offered subprotocol `bearer.TOKEN` (browser_token); never in the URL."""
         if self.limits.token is None:
             return None
-        header = authorization[0] if len(authorization) == 1 else ""  # none, or several: refused alike
-        given = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else None
+        offered = browser_token(subprotocols)
+        if authorization or offered is None:
+            header = authorization[0] if len(authorization) == 1 else ""  # none, or several: refused alike
+            given = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else None
+        else:
+            given = offered.removeprefix(BROWSER_TOKEN)
         if given is None or not hmac.compare_digest(given.encode(), self.limits.token.encode()):
-            return error("unauthorized", "a valid bearer token is required: send 'Authorization: Bearer TOKEN'")
+            return error("unauthorized", "a valid bearer token is required: send 'Authorization: Bearer TOKEN' "
+                         "(a browser page: enter the server's token)")
         return None
 
     # --- one connection ----------------------------------------------------------------------
 
-    async def handle(self, connection: Connection) -> None:
+    async def handle(self, connection: Connection, path: str = "/", refusal: dict | None = None) -> None:
+        """Serve one connection until it closes. `path` chooses the message format: OpenAI Realtime events at
+        /v1/realtime (streamer.service.realtime), the native protocol elsewhere. `refusal`: an error to send
+        before closing (a browser's wrong token, which it can read only once the websocket is open)."""
+        if path == REALTIME_PATH:
+            connection = RealtimeConnection(connection, self.shared.model_name, self.limits.max_message_bytes,
+                                            lambda options: session_config(self.defaults, options, self.limits))
         outbox: asyncio.Queue = asyncio.Queue()
         writer = asyncio.create_task(self._write(connection, outbox))
         send = outbox.put_nowait
         session: StreamSession | None = None
         frame_ts: float | None = None
-        if self.unstarted >= self.limits.max_unstarted:
-            send(error("too_many_connections", f"{self.unstarted} connections are open without a session; "
-                       "try again later"))
+        if refusal is None and self.unstarted >= self.limits.max_unstarted:
+            refusal = error("too_many_connections", f"{self.unstarted} connections are open without a session; "
+                            "try again later")
+        if refusal is not None:
+            send(refusal)
             outbox.put_nowait(None)
             await writer
             return
@@ -263,6 +300,8 @@ class StreamService:
             if not isinstance(ignore_eos, bool):
                 raise ProtocolError("bad_option", "'ignore_eos' must be true or false")
             await session.ask(request.get("id"), question, max_new, ignore_eos)
+        elif kind == "cancel":
+            session.cancel(request.get("id"))
         elif kind == "ingest":
             self._ingest(session, request)
         elif kind == "flush":

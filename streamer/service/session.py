@@ -82,6 +82,7 @@ class StreamSession:
         self.flushing = False
         self.closed = False
         self.tasks: set[asyncio.Task] = set()
+        self.answering: dict[asyncio.Task, Any] = {}  # the questions being answered, by their ids
         self.room = asyncio.Condition()  # signalled when pending frames leave, for readers that wait
         self.reader: threading.Thread | None = None
         self.reader_stop = threading.Event()
@@ -156,10 +157,11 @@ class StreamSession:
         if not self.pending:
             self.flushing = False
 
-    def _spawn(self, coroutine) -> None:
+    def _spawn(self, coroutine) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coroutine)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
+        return task
 
     async def _ingest(self, frames: list[Frame]) -> None:
         try:
@@ -257,14 +259,32 @@ class StreamSession:
             raise ProtocolError("too_many_questions", f"{self.questions} questions are already waiting for answers "
                                 "in this session; wait for one to finish")
         self.questions += 1
-        self._spawn(self._answer(question_id, question, max_new_tokens, waiting, ignore_eos))
+        task = self._spawn(self._answer(question_id, question, max_new_tokens, waiting, ignore_eos))
+        self.answering[task] = question_id
+
+    def cancel(self, question_id: Any) -> None:
+        """Stop answering the question(s) with this id: they leave the batch at the next step and get an answer
+        with `cancelled` and the text so far."""
+        tasks = [task for task, answering in self.answering.items() if answering == question_id]
+        if question_id is None or not tasks:
+            raise ProtocolError("not_answering", f"no question with id {question_id!r} is being answered "
+                                "(it may have finished)")
+        for task in tasks:
+            task.cancel()
 
     async def _answer(self, question_id: Any, question: str, max_new_tokens: int, waiting: list[Frame],
                       ignore_eos: bool) -> None:
         loop = asyncio.get_running_loop()
+        streamed: list[str] = []
+        finished = False
+
+        def deliver(text: str) -> None:  # on the event loop: nothing after the answer (a cancelled one's step)
+            if not finished:
+                streamed.append(text)
+                self.send(dict(type="token", id=question_id, text=text))
 
         def on_text(text: str) -> None:  # called on the model thread
-            loop.call_soon_threadsafe(self.send, dict(type="token", id=question_id, text=text))
+            loop.call_soon_threadsafe(deliver, text)
 
         def setup():  # on the model thread: the chunks that ran before it are in the memory, the rest is not
             newest = [f for f in waiting if f.index > self.ingested_through]
@@ -281,18 +301,24 @@ class StreamSession:
 
         try:
             seen_by, answer = await self.shared.executor.generate(setup)
+            finished = True
             timings = answer.timings
             self.send(dict(type="answer", id=question_id, text=answer.text, stats=dict(
                 tokens=len(answer.token_ids), ttft_s=timings["question_prefill"], decode_s=timings["decode"],
                 tokens_per_s=timings["decode_tokens_per_s"], **seen_by)))
             self.answered += 1
         except asyncio.CancelledError:
-            raise
+            finished = True
+            if self.closed:
+                raise
+            self.send(dict(type="answer", id=question_id, text="".join(streamed), cancelled=True))
         except Exception as exc:
+            finished = True
             log.exception("session %s: answering failed", self.id)
             self.send(dict(type="error", code="answer_failed", id=question_id, message=f"answering failed: {exc}"))
         finally:
             self.questions -= 1
+            self.answering.pop(asyncio.current_task(), None)
 
     # --- snapshots, stats, close ------------------------------------------------------------
 
