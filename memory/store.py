@@ -336,6 +336,12 @@ def default_stretches(seconds: float) -> list[tuple[str, float, float]]:
     return quarters + recent + [("first hour", 0.0, min(seconds, 3600.0))]
 
 
+def equal_stretches(seconds: float, count: int) -> list[tuple[str, float, float]]:
+    """`count` stretches of equal length over a stream `seconds` long."""
+    bounds = [seconds * k / count for k in range(count + 1)]
+    return [(f"{k + 1} of {count}", bounds[k], bounds[k + 1]) for k in range(count)]
+
+
 def coverage(memory: KVMemory, stretches: list[tuple[str, float, float]] | None = None) -> list[dict]:
     """How much of each stretch of the stream the memory still holds, a chunk counting where its middle lies:
     `held`, the share of the stretch's video tokens still in the memory (mean over layers), and `of_kept`, the

@@ -226,3 +226,36 @@ def test_a_failed_step_fails_its_answers_and_the_server_goes_on(tiny_runner, mon
         answer = asyncio.run(scenario(url))
         assert server.shared.executor.generating() == 0
     assert answer["text"] == expected
+
+
+def test_a_cancelled_answer_stops_with_its_text_so_far_and_the_session_goes_on(tiny_runner, monkeypatch):
+    """`cancel` takes an answer out of the batch at the next step: its ask returns the text streamed so far
+    (a prefix of the whole answer) marked cancelled, no token follows, and the session answers again."""
+    monkeypatch.setattr(tiny_runner, "stop_ids", set())
+    frames = random_frames(4)
+    whole = alone(tiny_runner, frames, "Long?", LONG)
+
+    async def scenario(url):
+        client = await ready_client(url, frames)
+        pieces = []
+        try:
+            def on_text(text):
+                pieces.append(text)
+                if len(pieces) == 3:
+                    asyncio.get_running_loop().create_task(client.cancel("long"))
+
+            answer = await client.ask("Long?", max_new_tokens=LONG, on_text=on_text, question_id="long")
+            with pytest.raises(ServerError, match="not_answering"):  # it is over: nothing to cancel
+                await client._request("cancel", id="long")
+            again = await client.ask("Short?", max_new_tokens=2)
+            late = [e for e in list(client.events._queue) if e.get("id") == "long"]
+        finally:
+            await client.close()
+        return answer, pieces, again, late
+
+    with running_server(tiny_runner) as (_, url):
+        answer, pieces, again, late = asyncio.run(scenario(url))
+    assert answer["cancelled"] is True and "stats" not in answer
+    assert answer["text"] == "".join(pieces) and whole.startswith(answer["text"])
+    assert 3 <= len(pieces) < LONG / 4, "the answer went on after the cancel"
+    assert again["text"] == alone(tiny_runner, frames, "Short?", 2) and not late

@@ -432,6 +432,23 @@ def test_questions_overtake_queued_ingestion(tiny_runner, monkeypatch):
     assert stats["frames_behind"] >= 8 and stats["frames"] + stats["frames_behind"] == 20, stats
 
 
+def test_a_question_before_the_first_chunk_is_in_sees_every_frame(tiny_runner, monkeypatch):
+    """Ingestion more than a chunk behind answers from the memory alone, but with nothing in it yet (the stream's
+    first chunks still queued) the question sees every frame received, rather than failing."""
+    monkeypatch.setattr(tiny_runner, "ingest", slowed(tiny_runner, 0.3))
+    frames = random_frames(12)
+
+    async def scenario(url):
+        async with StreamerClient(url) as client:
+            await client.start()
+            await push(client, frames)
+            return await client.ask("What now?", max_new_tokens=3)
+
+    with running_server(tiny_runner, ServerLimits(max_queued_chunks=8)) as (_, url):
+        answer = asyncio.run(scenario(url))
+    assert answer["stats"]["frames"] == 12 and answer["stats"]["frames_behind"] == 0
+
+
 def test_disconnect_mid_ingest_frees_the_session(tiny_runner, monkeypatch):
     jobs = []
     monkeypatch.setattr(tiny_runner, "ingest", slowed(tiny_runner, 0.2, jobs))

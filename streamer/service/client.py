@@ -134,10 +134,12 @@ class StreamerClient:
         await self.connection.send(json.dumps(dict(type="flush")))
 
     async def ask(self, question: str, max_new_tokens: int | None = None,
-                  on_text: Callable[[str], None] | None = None, ignore_eos: bool = False) -> dict:
+                  on_text: Callable[[str], None] | None = None, ignore_eos: bool = False,
+                  question_id: str | None = None) -> dict:
         """Ask and wait for the answer message; streamed text pieces go to on_text. ignore_eos: generate
-        max_new_tokens whatever the model says (for benchmarks, as vLLM's ignore_eos)."""
-        question_id = f"q{next(self.ids)}"
+        max_new_tokens whatever the model says (for benchmarks, as vLLM's ignore_eos). question_id: the id
+        to cancel it by (default: the next of q1, q2, ...)."""
+        question_id = question_id or f"q{next(self.ids)}"
         queue = self.questions[question_id] = asyncio.Queue()
         fields = dict(id=question_id, question=question)
         if max_new_tokens is not None:
@@ -156,6 +158,10 @@ class StreamerClient:
                     raise ServerError(message)
         finally:
             del self.questions[question_id]
+
+    async def cancel(self, question_id: str) -> None:
+        """Stop answering a question: its ask returns the text so far, with `cancelled`."""
+        await self.connection.send(json.dumps(dict(type="cancel", id=question_id)))
 
     async def wait_ingested(self, timeout: float = 600.0, poll: float = 0.05) -> dict:
         """Wait until the server has ingested every frame sent so far; returns the final stats."""

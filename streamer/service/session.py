@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from memory.snapshot import load_memory, save_memory
-from memory.store import coverage
+from memory.store import coverage, equal_stretches
 from streamer.config import Config
 from streamer.engine.runner import CHUNK_STAGES, DEFAULT_FPS, PositionLimitError, Runner
 from streamer.engine.stream import with_newest
@@ -37,6 +37,15 @@ from video_io.preprocess import resize_frames
 
 log = logging.getLogger("streamer")
 session_ids = itertools.count(1)
+
+
+TIMELINE_STRETCHES = 48
+
+
+def timeline(memory) -> list[dict]:
+    """What the memory holds of each of (at most) 48 equal stretches of the stream, a chunk or more each."""
+    seconds = memory.frames / (memory.fps or 1.0)
+    return coverage(memory, equal_stretches(seconds, min(TIMELINE_STRETCHES, memory.chunk_count)))
 
 
 @dataclass
@@ -66,6 +75,7 @@ class StreamSession:
         # what the memory holds of each stretch of the stream, computed on the model thread after each change:
         # stats (on the event loop) must not read a memory that a chunk is being committed into
         self.coverage: list[dict] = []
+        self.timeline: list[dict] = []  # the same in equal stretches, for the page's timeline
         self.last_ts: float | None = None  # the newest frame's time (seconds)
         self.ingested_ts: float | None = None  # the newest ingested frame's time
         # the rate of the frames ingested: the start option (or config), or the source a server-side ingest reads
@@ -196,7 +206,7 @@ class StreamSession:
     def _ingest_now(self, frames: list[Frame]) -> dict:  # on the model thread
         try:
             report = self.runner.ingest(self.memory, [f.image for f in frames], self.policy, self.preset, self.fps)
-            self.coverage = coverage(self.memory)
+            self.coverage, self.timeline = coverage(self.memory), timeline(self.memory)
             return report
         finally:  # taken, in or (failed) never: a question from now on leaves these frames to the memory
             self.ingested_through = frames[-1].index
@@ -289,8 +299,10 @@ class StreamSession:
         def setup():  # on the model thread: the chunks that ran before it are in the memory, the rest is not
             newest = [f for f in waiting if f.index > self.ingested_through]
             # ingestion behind by more than a chunk: answer now from what is in, rather than prefill the backlog
-            # twice (here and in its chunks); the reply says how many frames it did not see
-            seen = newest if len(newest) <= self.chunk_frames else []
+            # twice (here and in its chunks); the reply says how many frames it did not see. With nothing in
+            # yet (the stream's first chunks are still queued) there is no such answer: it sees them all
+            behind = len(newest) > self.chunk_frames and self.memory.video_start is not None
+            seen = [] if behind else newest
             memory = with_newest(self.runner, self.memory, seen, self.policy, self.chunk_frames, self.preset,
                                  self.fps)
             generation = self.runner.begin(memory, question, max_new_tokens, on_text, stop_at_end=not ignore_eos,
@@ -333,7 +345,8 @@ class StreamSession:
         runner = self.runner
         memory, _ = await self.shared.executor.submit(
             ASK, load_memory, path, self.shared.identity, runner.device, runner.model.dtype)
-        self.coverage = coverage(memory) if memory.chunk_count else []  # not shared with the model thread yet
+        # not shared with the model thread yet
+        self.coverage, self.timeline = (coverage(memory), timeline(memory)) if memory.chunk_count else ([], [])
         memory.budget = self.memory.budget
         self.memory = memory
         self.frame_shape = None  # the saved stream's frames are not known; the next frame sets the size
@@ -361,7 +374,7 @@ class StreamSession:
                     chunks=memory.chunk_count, chunks_queued=self.queued_chunks,
                     memory_tokens=memory.mean_tokens(), full_tokens=memory.full_tokens,
                     memory_tokens_per_layer=memory.tokens_per_layer(), budget=memory.budget,
-                    evicted_tokens=memory.evicted, coverage=self.coverage,
+                    evicted_tokens=memory.evicted, coverage=self.coverage, timeline=self.timeline,
                     retimed_positions=memory.time_shift,
                     last_ratios=last.get("ratios"), last_js=last.get("js"),
                     questions_answered=self.answered, questions_waiting=self.questions)
