@@ -7,7 +7,7 @@ import base64
 
 import pytest
 from conftest import random_frames
-from test_server import TRANSPORTS, png, png_claiming, push, running_server, server_config
+from test_server import TRANSPORTS, png, png_claiming, running_server
 
 from streamer.service.client import StreamerClient
 from streamer.service.protocol import ServerLimits
