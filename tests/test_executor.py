@@ -1,6 +1,6 @@
 """The service's executor (streamer/service/executor.py): answers of different sessions share steps, a
 question never waits for another answer or a whole chunk, a session that leaves leaves the batch; and
-what it reports: GET /metrics and /health/ready on both transports. Each answer still equals the
+what it reports: GET /metrics and /health/ready (Ray Serve's: tests/test_ray_serve.py). Each answer still equals the
 session's answer alone (tests/test_batching.py checks the engine under it)."""
 
 import asyncio
@@ -12,7 +12,7 @@ import urllib.request
 import pytest
 from conftest import random_frames, stream
 from prometheus_client.parser import text_string_to_metric_families
-from test_server import TRANSPORTS, push, running_server, server_config, wait_until
+from test_server import push, running_server, server_config, wait_until
 
 import streamer.engine.runner as runner_module
 from streamer.service.client import ServerError, StreamerClient
@@ -156,8 +156,7 @@ def samples(text: str) -> dict:
             for family in text_string_to_metric_families(text) for s in family.samples}
 
 
-@pytest.mark.parametrize("transport", TRANSPORTS)
-def test_metrics_and_readiness(tiny_runner, transport):
+def test_metrics_and_readiness(tiny_runner):
     frames = random_frames(8)
 
     async def scenario(url):
@@ -165,7 +164,7 @@ def test_metrics_and_readiness(tiny_runner, transport):
         answers = await asyncio.gather(*[client.ask(q, max_new_tokens=4) for q in ("One?", "Two?")])
         return client, answers
 
-    with running_server(tiny_runner, ServerLimits(), transport=transport) as (server, url):
+    with running_server(tiny_runner, ServerLimits()) as (server, url):
         http = url.replace("ws://", "http://")
         loop = asyncio.new_event_loop()
         client, answers = loop.run_until_complete(scenario(url))

@@ -14,7 +14,7 @@ import ray
 from ray import serve
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
-from test_server import TRANSPORTS, hostile_limits, png, refuse_hostile_inputs, running_server
+from test_server import hostile_limits, png, refuse_hostile_inputs, running_server
 
 from streamer.builtin.videos import make_video
 from streamer.cli import main
@@ -73,7 +73,7 @@ def standalone(cluster):
     """The websockets server on the same model, config and limits (room for all sessions: it is one)."""
     runner, _ = load_runner(replica_config())
     limits = replace(cluster[1], max_sessions=SESSIONS)
-    with running_server(runner, limits, replica_config(), transport=TRANSPORTS[0]) as (_, url):
+    with running_server(runner, limits, replica_config()) as (_, url):
         yield url
 
 

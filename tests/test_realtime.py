@@ -1,5 +1,5 @@
 """The OpenAI Realtime endpoint (/v1/realtime, streamer/service/realtime.py) driven by the official `openai`
-SDK's realtime client: its answers equal the native protocol's on the same frames, on both transports, and
+SDK's realtime client: its answers equal the native protocol's on the same frames, and
 bad input gets OpenAI-style error events while the connection goes on."""
 
 import asyncio
@@ -7,7 +7,7 @@ import base64
 
 import pytest
 from conftest import random_frames
-from test_server import TRANSPORTS, png, png_claiming, running_server
+from test_server import png, png_claiming, running_server
 
 from streamer.service.client import StreamerClient
 from streamer.service.protocol import ServerLimits
@@ -57,8 +57,7 @@ async def push_untimed(client, frames):  # as input_image items come: no timesta
         await client.send_frame(png(frame))
 
 
-@pytest.mark.parametrize("transport", TRANSPORTS)
-def test_the_sdk_streams_frames_and_gets_the_native_answer(tiny_runner, transport):
+def test_the_sdk_streams_frames_and_gets_the_native_answer(tiny_runner):
     frames = random_frames(8)
 
     async def scenario(url):
@@ -77,7 +76,7 @@ def test_the_sdk_streams_frames_and_gets_the_native_answer(tiny_runner, transpor
             stats = (await events_until(connection, "streamer.stats"))[-1]
         return native, created, updated, events, stats
 
-    with running_server(tiny_runner, transport=transport) as (_, url):
+    with running_server(tiny_runner) as (_, url):
         native, created, updated, events, stats = asyncio.run(scenario(url))
     assert created.type == "session.created" and created.session.model == "tiny-random"
     assert updated[-1].session.max_output_tokens == 5

@@ -32,8 +32,7 @@ from websockets.exceptions import InvalidStatus
 from streamer.cli.ask import ask_video
 from streamer.service.client import ServerError, StreamerClient
 from streamer.config import load_config, override
-from streamer.service.asgi import asgi_app
-from streamer.service.server import serve_websockets
+from streamer.service.server import serve
 from streamer.service.service import StreamService
 from streamer.service.protocol import ServerLimits
 from video_io.sampling import Sampling
@@ -54,28 +53,21 @@ def server_config(policy="emloc", pixels=PIXELS):
     return config.validate()
 
 
-TRANSPORTS = ("websockets", "asgi")
-
-
 @contextmanager
-def running_server(runner, limits=None, config=None, transport="websockets"):
-    """A StreamService on a free loopback port, served on a thread by its own event loop: on the websockets
-    server (`streamer serve`) or as the ASGI app on uvicorn (the app Ray Serve's replicas run)."""
+def running_server(runner, limits=None, config=None):
+    """A StreamService on a free loopback port, served as `streamer serve` serves it (its ASGI app on uvicorn,
+    the app Ray Serve's replicas run) on a thread with its own event loop."""
     server = StreamService(runner, config or server_config(), limits or ServerLimits())
-    if transport == "asgi":
-        with serving_asgi(server) as port:
-            yield server, f"ws://127.0.0.1:{port}"
-        return
     ready: concurrent.futures.Future = concurrent.futures.Future()
     loop = asyncio.new_event_loop()
     stop = asyncio.Event()
 
-    async def serve():
+    async def run():
         started = loop.create_future()
         started.add_done_callback(lambda f: ready.set_result(f.result()))
-        await serve_websockets(server, "127.0.0.1", 0, ready=started, stop=stop)
+        await serve(server, "127.0.0.1", 0, ready=started, stop=stop)
 
-    thread = threading.Thread(target=loop.run_until_complete, args=(serve(),), daemon=True)
+    thread = threading.Thread(target=loop.run_until_complete, args=(run(),), daemon=True)
     thread.start()
     port = ready.result(timeout=30)
     try:
@@ -84,22 +76,6 @@ def running_server(runner, limits=None, config=None, transport="websockets"):
         loop.call_soon_threadsafe(stop.set)
         thread.join(timeout=30)
         assert not thread.is_alive(), "the server did not shut down"
-
-
-@contextmanager
-def serving_asgi(service):
-    uvicorn = pytest.importorskip("uvicorn")
-    server = uvicorn.Server(uvicorn.Config(asgi_app(service), host="127.0.0.1", port=0, log_level="warning",
-                                           ws_max_size=2 * service.limits.max_message_bytes, lifespan="on"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    wait_until(lambda: server.started, timeout=30)
-    try:
-        yield server.servers[0].sockets[0].getsockname()[1]
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        assert not thread.is_alive(), "the ASGI server did not shut down"
 
 
 def wait_until(condition, timeout=10.0):
@@ -345,17 +321,15 @@ async def refuse_hostile_inputs(url: str, root) -> list[str]:
 
 
 
-@pytest.mark.parametrize("transport", TRANSPORTS)
-def test_bad_inputs_are_refused_with_codes_and_the_session_goes_on(tiny_runner, clip, transport):
-    with running_server(tiny_runner, hostile_limits(clip), transport=transport) as (server, url):
+def test_bad_inputs_are_refused_with_codes_and_the_session_goes_on(tiny_runner, clip):
+    with running_server(tiny_runner, hostile_limits(clip)) as (server, url):
         codes = asyncio.run(refuse_hostile_inputs(url, clip))
         health = json.loads(urllib.request.urlopen(url.replace("ws://", "http://") + "/health", timeout=10).read())
         assert health["status"] == "ok"
     assert len(codes) >= 20
 
 
-@pytest.mark.parametrize("transport", TRANSPORTS)
-def test_session_limit_token_and_health(tiny_runner, transport):
+def test_session_limit_token_and_health(tiny_runner):
     async def scenario(url):
         async with StreamerClient(url, token="secret") as first:
             await first.start()
@@ -374,7 +348,7 @@ def test_session_limit_token_and_health(tiny_runner, transport):
             refusals.append(wrong.value.response)
         return refusals
 
-    with running_server(tiny_runner, ServerLimits(max_sessions=1, token="secret"), transport=transport) as (_, url):
+    with running_server(tiny_runner, ServerLimits(max_sessions=1, token="secret")) as (_, url):
         refusals = asyncio.run(scenario(url))
         health = urllib.request.urlopen(url.replace("ws://", "http://") + "/health", timeout=10)
         assert health.status == 200 and json.loads(health.read())["model"] == "tiny-random"

@@ -28,7 +28,7 @@ from streamer.config import load_config, override
 from streamer.engine.runner import load_runner
 from streamer.service.client import StreamerClient
 from streamer.service.protocol import ServerLimits
-from streamer.service.server import serve_websockets
+from streamer.service.server import serve
 from streamer.service.service import StreamService
 from streamer.text import counted
 from video_io.images import encode_image
@@ -128,7 +128,7 @@ def serve_here(config, limits: ServerLimits, port: int) -> None:
     """The service on the websockets transport, in a process of its own (bench-serve's server)."""
     logging.basicConfig(level=logging.WARNING)
     runner, _ = load_runner(config)
-    asyncio.run(serve_websockets(StreamService(runner, config, limits), "127.0.0.1", port))
+    asyncio.run(serve(StreamService(runner, config, limits), "127.0.0.1", port))
 
 
 def wait_ready(port: int, process, timeout: float = 600.0) -> None:

@@ -23,7 +23,7 @@ from streamer.config import load_config, override
 from streamer.engine.runner import load_runner
 from streamer.service.client import StreamerClient, stream_frames
 from streamer.service.protocol import ServerLimits
-from streamer.service.server import serve_websockets
+from streamer.service.server import serve
 from streamer.service.service import StreamService
 from streamer.text import counted
 from video_io.sampling import Sampling
@@ -54,7 +54,7 @@ async def run_demo(args) -> int:
         runner, _ = load_runner(config)
         service = StreamService(runner, config, ServerLimits(allowed_roots=[Path(tmp)]))
         ready, stop = asyncio.get_running_loop().create_future(), asyncio.Event()
-        serving = asyncio.create_task(serve_websockets(service, "127.0.0.1", 0, ready=ready, stop=stop))
+        serving = asyncio.create_task(serve(service, "127.0.0.1", 0, ready=ready, stop=stop))
         port = await ready
         try:
             await demo_session(args, config, video, synthetic, f"ws://127.0.0.1:{port}")

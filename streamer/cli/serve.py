@@ -12,7 +12,7 @@ from pathlib import Path
 from streamer.config import load_config, override
 from streamer.engine.runner import load_runner
 from streamer.service.protocol import ServerLimits
-from streamer.service.server import serve_websockets
+from streamer.service.server import serve
 from streamer.service.service import StreamService
 
 log = logging.getLogger("streamer")
@@ -108,5 +108,5 @@ def run(args) -> int:
                     "--allow-root; give --token or set $STREAMER_TOKEN", args.host)
     runner, _ = load_runner(config)
     service = StreamService(runner, config, limits)
-    asyncio.run(serve_websockets(service, args.host, args.port))
+    asyncio.run(serve(service, args.host, args.port))
     return 0

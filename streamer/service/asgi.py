@@ -10,18 +10,22 @@ as HTTP 403).
 
 from __future__ import annotations
 
+import logging
 from contextlib import asynccontextmanager
 from typing import Callable
 
 from starlette.applications import Starlette
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
+from streamer.service import chat
 from streamer.service.metrics import CONTENT_TYPE
 from streamer.service.page import FILES
+from streamer.text import counted
 from streamer.service.service import Disconnected, StreamService, browser_token
 
+log = logging.getLogger("streamer")
 POLICY_VIOLATION = 1008
 
 
@@ -58,6 +62,21 @@ def asgi_app(service: StreamService, health: Callable[[], dict] | None = None) -
     async def metrics_route(request):
         return Response(service.metrics.text(), media_type=CONTENT_TYPE)
 
+    async def chat_route(request):
+        service.start()
+        answered = await chat.answer(service, request.headers.getlist("authorization"), request.stream())
+        if isinstance(answered, chat.ChatCompletion):
+            return StreamingResponse(answered.chunks(), media_type="text/event-stream")
+        status, body = answered
+        return JSONResponse(body, status_code=status)
+
+    async def models_route(request):
+        refused = service.refusal(request.headers.getlist("authorization"))
+        if refused is not None:
+            status, body = chat.error_body(refused["code"], refused["message"])
+            return JSONResponse(body, status_code=status)
+        return JSONResponse(chat.models(service.shared.model_name))
+
     async def page_route(request):
         content_type, body = service.page.get(request.url.path)
         return Response(body, media_type=content_type)
@@ -84,9 +103,12 @@ def asgi_app(service: StreamService, health: Callable[[], dict] | None = None) -
     async def lifespan(app):
         service.start()
         yield
+        log.info("shutting down: %s open", counted(len(service.sessions), "session"))
         await service.close()
 
     pages = [Route(path, page_route) for path in FILES]
     return Starlette(routes=[*pages, Route("/health", health_route), Route("/health/ready", ready_route),
-                             Route("/metrics", metrics_route), WebSocketRoute("/{path:path}", session_route)],
+                             Route("/metrics", metrics_route),
+                             Route("/v1/chat/completions", chat_route, methods=["POST"]),
+                             Route("/v1/models", models_route), WebSocketRoute("/{path:path}", session_route)],
                      lifespan=lifespan)

@@ -1,103 +1,68 @@
-"""`streamer serve`: the service (streamer.service.service) on the `websockets` library's asyncio server.
+"""`streamer serve`: the service's ASGI app (streamer.service.asgi) on uvicorn.
 
-Plain asyncio: the page (GET /), /health, /health/ready, /metrics and the bearer-token check are answered
-in the HTTP handshake, and each accepted connection is handed to the service for its life, with its path
-(/v1/realtime: OpenAI Realtime events).
+One app for every route (the page, the native and Realtime websockets, chat completions, health, metrics),
+the same app Ray Serve's replicas run. uvicorn is the HTTP server because the websockets library's server
+answers only GET requests, and POST /v1/chat/completions is one; websocket frames still go through the
+websockets library (uvicorn's "websockets-sansio" protocol).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
+import contextlib
 import logging
 import signal
-from http import HTTPStatus
 
-from websockets.asyncio.server import ServerConnection, serve
-from websockets.exceptions import ConnectionClosed
+import uvicorn
 
-from streamer.service.metrics import CONTENT_TYPE
-from streamer.service.service import Disconnected, StreamService, browser_token
+from streamer.service.asgi import asgi_app
+from streamer.service.service import StreamService
 
 log = logging.getLogger("streamer")
-JSON = "application/json"
+PING_S = 20.0  # a websocket without a pong for this long is closed (a client that vanished)
 
 
-class WebsocketConnection:
-    """A websockets ServerConnection as the service's Connection."""
+class Server(uvicorn.Server):
+    """uvicorn's server, ending with exit status 0 on SIGINT/SIGTERM (uvicorn's own re-raises the signal once
+    it has shut down, so the process would die of it)."""
 
-    def __init__(self, websocket: ServerConnection):
-        self.websocket = websocket
-
-    async def recv(self) -> str | bytes:
+    @contextlib.contextmanager
+    def capture_signals(self):
+        loop = asyncio.get_running_loop()
+        installed = []
+        with contextlib.suppress(RuntimeError, ValueError):  # not the main thread: the caller stops us
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, self.handle_exit, sig, None)
+                installed.append(sig)
         try:
-            return await self.websocket.recv()
-        except ConnectionClosed:
-            raise Disconnected from None
-
-    async def send(self, text: str) -> None:
-        try:
-            await self.websocket.send(text)
-        except ConnectionClosed:
-            raise Disconnected from None
+            yield
+        finally:
+            for sig in installed:
+                loop.remove_signal_handler(sig)
 
 
-def subprotocols(request) -> list[str]:
-    return [p.strip() for header in request.headers.get_all("Sec-WebSocket-Protocol") for p in header.split(",")]
-
-
-async def serve_websockets(service: StreamService, host: str, port: int, ready: asyncio.Future | None = None,
-                           stop: asyncio.Event | None = None) -> None:
+async def serve(service: StreamService, host: str, port: int, ready: asyncio.Future | None = None,
+                stop: asyncio.Event | None = None) -> None:
     """Serve until `stop` is set (or SIGINT/SIGTERM when running in the main thread); `ready` gets the port."""
-    stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    try:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-    except (RuntimeError, ValueError):  # not the main thread: the caller stops us
-        pass
-
-    def respond(connection: ServerConnection, status: HTTPStatus, body: str, content_type: str = JSON):
-        response = connection.respond(status, body)
-        del response.headers["Content-Type"]  # websockets' Headers add a value on assignment
-        response.headers["Content-Type"] = content_type
-        return response
-
-    async def process_request(connection: ServerConnection, request):
-        path = request.path.split("?")[0]
-        upgrade = "websocket" in request.headers.get("Upgrade", "").lower()
-        if not upgrade and (page := service.page.get(path)) is not None:
-            return respond(connection, HTTPStatus.OK, page[1].decode(), page[0])
-        if path == "/health":
-            return respond(connection, HTTPStatus.OK, json.dumps(service.health()) + "\n")
-        if path == "/health/ready":
-            ready, report = await service.ready()
-            return respond(connection, HTTPStatus.OK if ready else HTTPStatus.SERVICE_UNAVAILABLE,
-                           json.dumps(report) + "\n")
-        if path == "/metrics":
-            return respond(connection, HTTPStatus.OK, service.metrics.text().decode(), CONTENT_TYPE)
-        offered = subprotocols(request)
-        refused = service.refusal(request.headers.get_all("Authorization"), offered)
-        if refused is not None and browser_token(offered) is None:  # a browser reads the refusal once open
-            return respond(connection, HTTPStatus.UNAUTHORIZED, json.dumps(refused) + "\n")
-        return None
-
-    async def handle(websocket: ServerConnection) -> None:
-        request = websocket.request
-        refused = service.refusal(request.headers.get_all("Authorization"), subprotocols(request))
-        await service.handle(WebsocketConnection(websocket), request.path.split("?")[0], refused)
-
-    service.start()
     # the hard size cap is above the soft limit so that an oversized message gets a JSON error
-    async with serve(handle, host, port, process_request=process_request,
-                     select_subprotocol=lambda connection, offered: browser_token(offered),
-                     max_size=2 * service.limits.max_message_bytes, ping_interval=20, ping_timeout=20) as server:
-        sockets = [s.getsockname() for s in server.sockets]
-        log.info("serving %s on %s", service.shared.model_name, ", ".join(f"ws://{h}:{p}" for h, p, *_ in sockets))
-        if ready is not None:
-            ready.set_result(sockets[0][1])
-        await stop.wait()
-        log.info("shutting down: closing %d sessions", len(service.sessions))
-        server.close(close_connections=True)
-        await server.wait_closed()
-    await service.close()
+    config = uvicorn.Config(asgi_app(service), host=host, port=port, lifespan="on", log_level="warning",
+                            ws="websockets-sansio", ws_max_size=2 * service.limits.max_message_bytes,
+                            ws_ping_interval=PING_S, ws_ping_timeout=PING_S, timeout_graceful_shutdown=5)
+    server = Server(config)
+    serving = asyncio.create_task(server.serve())
+    while not server.started:
+        if serving.done():  # it could not start (uvicorn logged why)
+            await serving
+            raise OSError(f"could not serve on {host}:{port}")
+        await asyncio.sleep(0.01)
+    sockets = [s.getsockname() for listener in server.servers for s in listener.sockets]
+    log.info("serving %s on %s (the page: http://%s:%d/)", service.shared.model_name,
+             ", ".join(f"ws://{h}:{p}" for h, p, *_ in sockets), *sockets[0][:2])
+    if ready is not None:
+        ready.set_result(sockets[0][1])
+    if stop is not None:
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait([serving, stopping], return_when=asyncio.FIRST_COMPLETED)
+        server.should_exit = True
+        stopping.cancel()
+    await serving

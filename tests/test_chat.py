@@ -1,0 +1,100 @@
+"""POST /v1/chat/completions and GET /v1/models (streamer/service/chat.py) driven by the official `openai` SDK:
+a video under the allowed root or a list of frames is answered from a fresh memory, plain and streamed, with
+the answer the native protocol gives on the same video; bad requests get OpenAI's error objects with our codes
+and the server goes on."""
+
+import asyncio
+import base64
+
+import pytest
+from conftest import random_frames
+from test_server import png, running_server
+
+from streamer.service.client import StreamerClient
+from streamer.service.protocol import ServerLimits
+
+openai = pytest.importorskip("openai")
+
+QUESTION = "What happens in the video?"
+
+
+def sdk(url: str, key: str = "unused") -> "openai.OpenAI":
+    return openai.OpenAI(base_url=url.replace("ws://", "http://") + "/v1", api_key=key, max_retries=0)
+
+
+def user(*parts) -> list[dict]:
+    return [dict(role="system", content="You are helpful."), dict(role="user", content=[*parts,
+                                                                                          dict(type="text", text=QUESTION)])]
+
+
+def video_part(path: str) -> dict:
+    return dict(type="video_url", video_url=dict(url=path))
+
+
+def image_part(data: bytes, kind: str = "image/png") -> dict:
+    return dict(type="image_url", image_url=dict(url=f"data:{kind};base64,{base64.b64encode(data).decode()}"))
+
+
+async def native(url: str, tokens: int, source: str | None = None, frames=()) -> str:
+    async with StreamerClient(url) as client:
+        await client.start()
+        if source is not None:
+            await client.ingest(source)
+            await client.next_event("ingest_done", timeout=60)
+        for frame in frames:
+            await client.send_frame(png(frame))
+        return (await client.ask(QUESTION, max_new_tokens=tokens))["text"]
+
+
+def test_a_video_under_the_root_is_answered_plain_and_streamed(tiny_runner, clip):
+    with running_server(tiny_runner, ServerLimits(allowed_roots=[clip])) as (service, url):
+        expected = asyncio.run(native(url, 5, source="clip.mp4"))
+        client = sdk(url)
+        plain = client.chat.completions.create(model="tiny-random", messages=user(video_part("clip.mp4")),
+                                               max_tokens=5)
+        chunks = list(client.chat.completions.create(model="tiny-random", messages=user(video_part("clip.mp4")),
+                                                     max_tokens=5, stream=True,
+                                                     stream_options=dict(include_usage=True)))
+        listed = client.models.list()
+        assert not service.sessions  # each request's session closed with it
+    assert plain.choices[0].message.content == expected and plain.object == "chat.completion"
+    assert plain.choices[0].finish_reason in ("stop", "length") and 1 <= plain.usage.completion_tokens <= 5
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == expected
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == plain.choices[0].finish_reason
+    assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens and not chunks[-1].choices
+    assert [model.id for model in listed.data] == ["tiny-random"]
+
+
+def test_frames_as_image_urls_are_answered_as_the_native_protocol_answers_them(tiny_runner):
+    frames = random_frames(6)
+    with running_server(tiny_runner) as (_, url):
+        expected = asyncio.run(native(url, 4, frames=frames))
+        reply = sdk(url).chat.completions.create(model="m", max_completion_tokens=4,
+                                                 messages=user(*[image_part(png(f)) for f in frames]))
+    assert reply.choices[0].message.content == expected
+
+
+def test_bad_requests_get_openai_errors_and_the_server_goes_on(tiny_runner, clip):
+    (clip.parent / "outside.mp4").write_bytes((clip / "clip.mp4").read_bytes())
+    with running_server(tiny_runner, ServerLimits(allowed_roots=[clip], token="key")) as (service, url):
+        client = sdk(url, key="key")
+        refusals = []
+        for error, messages in [
+                (openai.PermissionDeniedError, user(video_part("../outside.mp4"))),
+                (openai.NotFoundError, user(video_part("missing.mp4"))),
+                (openai.BadRequestError, user(image_part(b"hello", "text/plain"))),
+                (openai.BadRequestError, user(video_part("clip.mp4"), image_part(png(random_frames(1)[0])))),
+                (openai.BadRequestError, [dict(role="user", content=[video_part("clip.mp4")])])]:
+            with pytest.raises(error) as refused:
+                client.chat.completions.create(model="m", messages=messages, max_tokens=2)
+            refusals.append(refused.value.code)
+        with pytest.raises(openai.AuthenticationError):
+            sdk(url, key="wrong").chat.completions.create(model="m", messages=user(video_part("clip.mp4")))
+        with pytest.raises(openai.APIError) as mid_stream:  # refused after the stream began: an error event
+            list(client.chat.completions.create(model="m", messages=user(video_part("corrupt.mp4")), stream=True))
+        after = client.chat.completions.create(model="m", messages=user(video_part("clip.mp4")), max_tokens=2)
+        assert not service.sessions
+    assert refusals == ["forbidden_path", "not_found", "bad_image", "bad_message", "bad_question"]
+    assert "bad_video" in str(mid_stream.value) or getattr(mid_stream.value, "code", None) == "bad_video"
+    assert after.choices[0].message.content
