@@ -25,7 +25,7 @@ MAX_BODY_MESSAGES = 8  # a request body may be this many websocket messages' wor
 
 STATUS = {"unauthorized": 401, "forbidden_path": 403, "not_found": 404, "too_many_sessions": 429,
           "too_many_connections": 429, "draining": 503, "internal_error": 500, "ingest_failed": 500,
-          "answer_failed": 500, "urls_disabled": 403}
+          "answer_failed": 500, "urls_disabled": 403, "message_too_large": 413}
 
 
 def error_body(code: str, message: str) -> tuple[int, dict]:
