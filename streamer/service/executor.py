@@ -188,19 +188,19 @@ class ModelExecutor:
             advance(self.runner, [r.generation for r in batch])
         except Exception as exc:  # e.g. out of memory: every answer of the step fails, the server goes on
             log.exception("an answer step of %d answers failed", len(batch))
+            self.running = [r for r in self.running if r not in batch]  # out before anyone hears of it
             for r in batch:
                 self._settle(r.job, error=exc)
-            self.running = [r for r in self.running if r not in batch]
             return
         finally:
             self.inside = False
             self.last_step_end = time.perf_counter()
             self.last_step_s = self.last_step_end - started
         self._account(batch, before)
+        self.running = [r for r in self.running if not r.generation.done]  # out before anyone hears of it
         for r in batch:
             if r.generation.done:
                 self._settle(r.job, result=(r.extra, r.generation.answer(self.runner.tokenizer)))
-        self.running = [r for r in self.running if not r.generation.done]
 
     def _account(self, batch: list[Running], before: list[int]) -> None:
         if self.metrics is None:
