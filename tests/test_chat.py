@@ -98,3 +98,66 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(tiny_runner, clip
     assert refusals == ["forbidden_path", "not_found", "bad_image", "bad_message", "bad_question"]
     assert "bad_video" in str(mid_stream.value) or getattr(mid_stream.value, "code", None) == "bad_video"
     assert after.choices[0].message.content
+
+
+def test_a_question_to_a_live_session_is_answered_from_its_memory(tiny_runner):
+    """With X-Streamer-Session (the key in a session's `ready`), a chat request asks that session's memory: the
+    answer equals the session's own; a wrong key is not found, and a video beside the key is refused."""
+    frames = random_frames(8)
+
+    async def scenario(url):
+        async with StreamerClient(url) as owner:
+            ready = await owner.start()
+            for frame in frames:
+                await owner.send_frame(png(frame))
+            await owner.wait_ingested()
+            own = (await owner.ask(QUESTION, max_new_tokens=4))["text"]
+            client = openai.AsyncOpenAI(base_url=url.replace("ws://", "http://") + "/v1", api_key="k", max_retries=0)
+            asked = [dict(role="user", content=QUESTION)]
+            plain = await client.chat.completions.create(model="m", messages=asked, max_tokens=4,
+                                                         extra_headers={"X-Streamer-Session": ready["key"]})
+            stream = await client.chat.completions.create(model="m", messages=asked, max_tokens=4, stream=True,
+                                                          extra_headers={"X-Streamer-Session": ready["key"]})
+            streamed = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+            with pytest.raises(openai.NotFoundError):
+                await client.chat.completions.create(model="m", messages=asked,
+                                                     extra_headers={"X-Streamer-Session": "not-a-key"})
+            with pytest.raises(openai.BadRequestError):
+                await client.chat.completions.create(model="m", messages=user(video_part("clip.mp4")),
+                                                     extra_headers={"X-Streamer-Session": ready["key"]})
+            after = await owner.stats()
+        return ready, own, plain.choices[0].message.content, streamed, after
+
+    with running_server(tiny_runner) as (_, url):
+        ready, own, plain, streamed, after = asyncio.run(scenario(url))
+    assert len(ready["key"]) >= 20 and ready["key"] != ready["session"]
+    assert plain == streamed == own
+    assert after["questions_answered"] == 3  # the owner's and the two chat questions
+
+
+def test_a_live_question_ends_with_an_error_when_its_session_closes(tiny_runner, monkeypatch):
+    monkeypatch.setattr(tiny_runner, "stop_ids", set())  # a 400-token answer: the owner leaves mid-answer
+
+    async def scenario(url):
+        owner = StreamerClient(url)
+        await owner.__aenter__()
+        ready = await owner.start()
+        for frame in random_frames(4):
+            await owner.send_frame(png(frame))
+        await owner.wait_ingested()
+        client = openai.AsyncOpenAI(base_url=url.replace("ws://", "http://") + "/v1", api_key="k", max_retries=0)
+        stream = await client.chat.completions.create(model="m", messages=[dict(role="user", content=QUESTION)],
+                                                      max_tokens=400, stream=True,
+                                                      extra_headers={"X-Streamer-Session": ready["key"]})
+        pieces = 0
+        with pytest.raises(openai.APIError, match="session closed"):
+            async for chunk in stream:
+                pieces += 1
+                if pieces == 3:
+                    await owner.close()
+        return pieces
+
+    with running_server(tiny_runner) as (service, url):
+        pieces = asyncio.run(scenario(url))
+        wait_until(lambda: not service.sessions)
+    assert 3 <= pieces < 100

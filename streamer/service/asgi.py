@@ -64,7 +64,8 @@ def asgi_app(service: StreamService, health: Callable[[], dict] | None = None) -
 
     async def chat_route(request):
         service.start()
-        answered = await chat.answer(service, request.headers.getlist("authorization"), request.stream())
+        answered = await chat.answer(service, request.headers.getlist("authorization"), request.stream(),
+                                     request.headers.get("x-streamer-session"))
         if isinstance(answered, chat.ChatCompletion):
             return StreamingResponse(answered.chunks(), media_type="text/event-stream")
         status, body = answered

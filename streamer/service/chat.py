@@ -5,25 +5,29 @@ completions"): `start` with the server's defaults, the video (`ingest` of a `vid
 allowed root, or the `image_url` frames pushed in order), `flush`, then `ask` with the last user
 message's text. The session runs in the service like any other (the same limits, executor, refusals and
 session count); its replies become one chat.completion, or chat.completion.chunk server-sent events when
-`stream` is true. A refusal becomes OpenAI's error object with our code.
+`stream` is true. With the extension header X-Streamer-Session (a live session's key, from its `ready`),
+the question is instead one more of that session's, answered from its memory as the stream goes on.
+A refusal becomes OpenAI's error object with our code.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 from streamer.service.protocol import ProtocolError, _loads, number
 from streamer.service.realtime import image_bytes
 from streamer.service.service import Disconnected, StreamService
 
+CHAT_ID = "chat"  # the id of a fresh session's one question
 MAX_BODY_MESSAGES = 8  # a request body may be this many websocket messages' worth (frames as data URLs)
 
-STATUS = {"unauthorized": 401, "forbidden_path": 403, "not_found": 404, "too_many_sessions": 429,
+STATUS = {"unauthorized": 401, "session_closed": 410, "forbidden_path": 403, "not_found": 404, "too_many_sessions": 429,
           "too_many_connections": 429, "draining": 503, "internal_error": 500, "ingest_failed": 500,
           "answer_failed": 500, "urls_disabled": 403, "message_too_large": 413}
 
@@ -48,9 +52,17 @@ class ChatRequest:
     id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex[:24]}")
     created: int = field(default_factory=lambda: int(time.time()))
 
+    def ask(self, question_id: str) -> dict:
+        """The native ask message of this request."""
+        ask = dict(type="ask", id=question_id, question=self.question)
+        if self.max_tokens is not None:
+            ask["max_new_tokens"] = self.max_tokens
+        return ask
 
-def read_request(body, model: str) -> ChatRequest:
-    """The request body (parsed JSON) as a ChatRequest; a ProtocolError names what is wrong with it."""
+
+def read_request(body, model: str, live: bool = False) -> ChatRequest:
+    """The request body (parsed JSON) as a ChatRequest; a ProtocolError names what is wrong with it. `live`:
+    the video is a live session's memory, so the request gives none."""
     if not isinstance(body, dict):
         raise ProtocolError("bad_message", "the request body must be a JSON object")
     messages = body.get("messages")
@@ -71,7 +83,10 @@ def read_request(body, model: str) -> ChatRequest:
             elif kind != "text" or not isinstance(part.get("text"), str):
                 raise ProtocolError("bad_message", f"content part {kind!r}: this server takes text, video_url (a "
                                     "path under the server's --allow-root) and image_url (JPEG/PNG data URL) parts")
-    if len(videos) + bool(frames) != 1:
+    if live and (videos or frames):
+        raise ProtocolError("bad_message", "a question to a live session (X-Streamer-Session) is about its stream: "
+                            "give no video_url or image_url parts")
+    if not live and len(videos) + bool(frames) != 1:
         raise ProtocolError("bad_message", "give exactly one video: one video_url part, or image_url frames "
                             f"(got {len(videos)} video_url and {len(frames)} image_url parts)")
     last = users[-1]["content"]
@@ -107,12 +122,12 @@ class ScriptedConnection:
     """The service's Connection for one chat completion: its client is the request's script. The ask goes
     once every frame is in (after ingest_done, or at once for pushed frames); the first error ends it."""
 
-    def __init__(self, request: ChatRequest):
+    def __init__(self, request: ChatRequest, reply: Callable[[dict], None]):
         self.request = request
+        self.reply = reply  # token, answer, error: for the response
         self.script = list(request.script)
         self.ingesting = sum(isinstance(m, str) and '"ingest"' in m for m in self.script)
         self.video_in = asyncio.Event()
-        self.events: asyncio.Queue[dict] = asyncio.Queue()  # token, answer, error: for the response
         self.over = asyncio.Event()
         self.asked = False
 
@@ -123,10 +138,7 @@ class ScriptedConnection:
             await wait_either(self.video_in, self.over)
         if not self.over.is_set() and not self.asked:
             self.asked = True
-            ask = dict(type="ask", id="chat", question=self.request.question)
-            if self.request.max_tokens is not None:
-                ask["max_new_tokens"] = self.request.max_tokens
-            return json.dumps(ask)
+            return json.dumps(self.request.ask(CHAT_ID))
         await self.over.wait()
         raise Disconnected  # the request is answered (or refused): the session closes
 
@@ -138,7 +150,7 @@ class ScriptedConnection:
             if not self.ingesting:
                 self.video_in.set()
         elif kind in ("token", "answer", "error"):
-            self.events.put_nowait(message)
+            self.reply(message)
             if kind != "token":
                 self.over.set()
 
@@ -151,24 +163,50 @@ async def wait_either(*events: asyncio.Event) -> None:
 
 
 class ChatCompletion:
-    """One request answered by the service: `await result()` (a chat.completion or an error), or
-    `async for` over `chunks()` (server-sent events, ending with [DONE])."""
+    """One request being answered: `await result()` (a chat.completion or an error), or `async for` over
+    `chunks()` (server-sent events, ending with [DONE]). Made by `fresh` or `live`."""
 
-    def __init__(self, service, request: ChatRequest):
+    def __init__(self, request: ChatRequest, end: Callable[[], Awaitable[None]]):
         self.request = request
-        self.connection = ScriptedConnection(request)
-        self.task = asyncio.ensure_future(service.handle(self.connection))
+        self.events: asyncio.Queue[dict] = asyncio.Queue()  # the native token, answer and error messages
+        self.end = end  # after the answer, or when the client leaves first
+
+    @classmethod
+    def fresh(cls, service: StreamService, request: ChatRequest) -> "ChatCompletion":
+        """Answered by a session of its own, which its script drives (the video, then the question)."""
+        async def end():
+            connection.over.set()
+            await asyncio.shield(task)
+
+        completion = cls(request, end)
+        connection = ScriptedConnection(request, completion.events.put_nowait)
+        task = asyncio.ensure_future(service.handle(connection))
+        return completion
+
+    @classmethod
+    async def live(cls, service: StreamService, request: ChatRequest, key: str) -> "ChatCompletion":
+        """Answered from the memory of the open session whose key this is (the stream goes on meanwhile)."""
+        session = service.session_by_key(key)
+        question, max_new, _ = service.read_ask(request.ask(CHAT_ID))
+        question_id = f"chat-{uuid.uuid4().hex}"  # a question of the session's, private to this request
+
+        async def end():
+            with contextlib.suppress(ProtocolError):  # over already
+                session.cancel(question_id)
+
+        completion = cls(request, end)
+        await session.ask(question_id, question, max_new, send=completion.events.put_nowait)
+        return completion
 
     async def _events(self) -> AsyncIterator[dict]:
         try:
             while True:
-                event = await self.connection.events.get()
+                event = await self.events.get()
                 yield event
                 if event["type"] != "token":
                     return
         finally:
-            self.connection.over.set()  # the client left, or the answer is complete: the session closes
-            await asyncio.shield(self.task)
+            await self.end()
 
     async def result(self) -> tuple[int, dict]:
         async for event in self._events():
@@ -216,10 +254,11 @@ class ChatCompletion:
         return f"data: {json.dumps(data)}\n\n"
 
 
-async def answer(service: StreamService, authorization: list[str], body: AsyncIterator[bytes]
-                 ) -> tuple[int, dict] | ChatCompletion:
+async def answer(service: StreamService, authorization: list[str], body: AsyncIterator[bytes],
+                 key: str | None = None) -> tuple[int, dict] | ChatCompletion:
     """POST /v1/chat/completions: (status, JSON) for a plain request or a refusal, or a ChatCompletion whose
-    chunks() a transport streams (`stream: true`)."""
+    chunks() a transport streams (`stream: true`). `key`: the X-Streamer-Session header, a live session's
+    key (its `ready` message's): the question is asked against that session's memory, with no video."""
     refused = service.refusal(authorization)
     if refused is not None:
         return error_body(refused["code"], refused["message"])
@@ -230,10 +269,15 @@ async def answer(service: StreamService, authorization: list[str], body: AsyncIt
             return error_body("message_too_large", f"request body over this server's limit of {limit} bytes; "
                               "send fewer or smaller frames, or a video_url")
     try:
-        request = read_request(_loads(data.decode("utf-8", errors="replace")), service.shared.model_name)
+        request = read_request(_loads(data.decode("utf-8", errors="replace")), service.shared.model_name,
+                               live=key is not None)
     except ProtocolError as exc:
         return error_body(exc.code, str(exc))
-    completion = ChatCompletion(service, request)
+    try:
+        completion = (ChatCompletion.fresh(service, request) if key is None else
+                      await ChatCompletion.live(service, request, key))
+    except ProtocolError as exc:
+        return error_body(exc.code, str(exc))
     return completion if request.stream else await completion.result()
 
 

@@ -261,6 +261,33 @@ class StreamService:
             except Disconnected:
                 return
 
+    def read_ask(self, request: dict) -> tuple[str, int, bool]:
+        """An ask's (question, max_new_tokens, ignore_eos), within the limits."""
+        question = request.get("question")
+        if not isinstance(question, str) or not question.strip():
+            raise ProtocolError("bad_question", "'question' must be a non-empty string")
+        try:
+            question.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ProtocolError("bad_question", "'question' holds a lone surrogate (not valid Unicode text)") from None
+        if len(question) > self.limits.max_question_chars:
+            raise ProtocolError("bad_question", f"question of {len(question)} characters is over the limit of "
+                                f"{self.limits.max_question_chars}")
+        max_new = number(request, "max_new_tokens", 1, self.limits.max_new_tokens, integer=True,
+                         default=self.defaults.generation.max_new_tokens)
+        ignore_eos = request.get("ignore_eos", False)
+        if not isinstance(ignore_eos, bool):
+            raise ProtocolError("bad_option", "'ignore_eos' must be true or false")
+        return question, max_new, ignore_eos
+
+    def session_by_key(self, key: str) -> StreamSession:
+        """The open session whose `key` (from its `ready`) this is: how a chat request asks a live memory."""
+        for session in self.sessions.values():
+            if hmac.compare_digest(session.key.encode(), key.encode()):
+                return session
+        raise ProtocolError("not_found", "no open session has this key (the `key` of its `ready` message); it may "
+                            "have closed")
+
     def _start(self, request: dict, send) -> StreamSession:
         if self.draining is not None:
             raise ProtocolError("draining", f"{self.draining}: this server takes no new sessions; reconnect "
@@ -273,7 +300,8 @@ class StreamService:
         self.sessions[session.id] = session
         log.info("session %s started (%s, %s open)", session.id, config.memory.policy,
                  counted(len(self.sessions), "session"))
-        send(dict(type="ready", session=session.id, model=self.shared.model_name, policy=config.memory.policy,
+        send(dict(type="ready", session=session.id, key=session.key, model=self.shared.model_name,
+                  policy=config.memory.policy,
                   chunk_frames=config.memory.chunk_frames, budget=session.memory.budget,
                   limits=dict(max_frames=self.limits.max_frames_per_session,
                               max_message_bytes=self.limits.max_message_bytes,
@@ -283,23 +311,7 @@ class StreamService:
 
     async def _dispatch(self, session: StreamSession, kind: str, request: dict, send) -> None:
         if kind == "ask":
-            question = request.get("question")
-            if not isinstance(question, str) or not question.strip():
-                raise ProtocolError("bad_question", "'question' must be a non-empty string")
-            try:
-                question.encode("utf-8")
-            except UnicodeEncodeError:
-                raise ProtocolError("bad_question", "'question' holds a lone surrogate (not valid Unicode text)") \
-                    from None
-            if len(question) > self.limits.max_question_chars:
-                raise ProtocolError("bad_question", f"question of {len(question)} characters is over the limit of "
-                                    f"{self.limits.max_question_chars}")
-            max_new = number(request, "max_new_tokens", 1, self.limits.max_new_tokens, integer=True,
-                                   default=self.defaults.generation.max_new_tokens)
-            ignore_eos = request.get("ignore_eos", False)
-            if not isinstance(ignore_eos, bool):
-                raise ProtocolError("bad_option", "'ignore_eos' must be true or false")
-            await session.ask(request.get("id"), question, max_new, ignore_eos)
+            await session.ask(request.get("id"), *self.read_ask(request))
         elif kind == "cancel":
             session.cancel(request.get("id"))
         elif kind == "ingest":

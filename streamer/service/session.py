@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import secrets
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -65,6 +66,7 @@ class Shared:
 class StreamSession:
     def __init__(self, shared: Shared, config: Config, send: Callable[[dict], None]):
         self.id = f"{shared.name}s{next(session_ids)}"
+        self.key = secrets.token_urlsafe(16)  # its owner may hand it on: a chat request asks this memory with it
         self.shared = shared
         self.config = config
         self.send = send
@@ -261,7 +263,9 @@ class StreamSession:
 
     # --- questions out ---------------------------------------------------------------------
 
-    async def ask(self, question_id: Any, question: str, max_new_tokens: int, ignore_eos: bool = False) -> None:
+    async def ask(self, question_id: Any, question: str, max_new_tokens: int, ignore_eos: bool = False,
+                  send: Callable[[dict], None] | None = None) -> None:
+        """Answer in the background; its tokens and answer go to `send` (default: the session's connection)."""
         waiting = self.queued + self.pending  # what it sees beyond the memory: every frame received by now
         if self.memory.video_start is None and not waiting:
             raise ProtocolError("no_video", "the memory holds no video yet: send frames or an ingest message first")
@@ -269,7 +273,7 @@ class StreamSession:
             raise ProtocolError("too_many_questions", f"{self.questions} questions are already waiting for answers "
                                 "in this session; wait for one to finish")
         self.questions += 1
-        task = self._spawn(self._answer(question_id, question, max_new_tokens, waiting, ignore_eos))
+        task = self._spawn(self._answer(question_id, question, max_new_tokens, waiting, ignore_eos, send or self.send))
         self.answering[task] = question_id
 
     def cancel(self, question_id: Any) -> None:
@@ -283,7 +287,7 @@ class StreamSession:
             task.cancel()
 
     async def _answer(self, question_id: Any, question: str, max_new_tokens: int, waiting: list[Frame],
-                      ignore_eos: bool) -> None:
+                      ignore_eos: bool, send: Callable[[dict], None]) -> None:
         loop = asyncio.get_running_loop()
         streamed: list[str] = []
         finished = False
@@ -291,7 +295,7 @@ class StreamSession:
         def deliver(text: str) -> None:  # on the event loop: nothing after the answer (a cancelled one's step)
             if not finished:
                 streamed.append(text)
-                self.send(dict(type="token", id=question_id, text=text))
+                send(dict(type="token", id=question_id, text=text))
 
         def on_text(text: str) -> None:  # called on the model thread
             loop.call_soon_threadsafe(deliver, text)
@@ -315,19 +319,21 @@ class StreamSession:
             seen_by, answer = await self.shared.executor.generate(setup)
             finished = True
             timings = answer.timings
-            self.send(dict(type="answer", id=question_id, text=answer.text, stats=dict(
+            send(dict(type="answer", id=question_id, text=answer.text, stats=dict(
                 tokens=len(answer.token_ids), ttft_s=timings["question_prefill"], decode_s=timings["decode"],
                 tokens_per_s=timings["decode_tokens_per_s"], **seen_by)))
             self.answered += 1
         except asyncio.CancelledError:
             finished = True
-            if self.closed:
+            if self.closed:  # a chat request asking this session's memory hears it; the connection is gone
+                send(dict(type="error", code="session_closed", id=question_id, message="the session closed before "
+                          "the answer was complete"))
                 raise
-            self.send(dict(type="answer", id=question_id, text="".join(streamed), cancelled=True))
+            send(dict(type="answer", id=question_id, text="".join(streamed), cancelled=True))
         except Exception as exc:
             finished = True
             log.exception("session %s: answering failed", self.id)
-            self.send(dict(type="error", code="answer_failed", id=question_id, message=f"answering failed: {exc}"))
+            send(dict(type="error", code="answer_failed", id=question_id, message=f"answering failed: {exc}"))
         finally:
             self.questions -= 1
             self.answering.pop(asyncio.current_task(), None)
