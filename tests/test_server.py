@@ -7,8 +7,10 @@ import io
 import json
 import os
 import select
+import shutil
 import signal
 import socket
+import ssl
 import struct
 import subprocess
 import sys
@@ -54,7 +56,7 @@ def server_config(policy="emloc", pixels=PIXELS):
 
 
 @contextmanager
-def running_server(runner, limits=None, config=None):
+def running_server(runner, limits=None, config=None, tls=None):
     """A StreamService on a free loopback port, served as `streamer serve` serves it (its ASGI app on uvicorn,
     the app Ray Serve's replicas run) on a thread with its own event loop."""
     server = StreamService(runner, config or server_config(), limits or ServerLimits())
@@ -65,13 +67,13 @@ def running_server(runner, limits=None, config=None):
     async def run():
         started = loop.create_future()
         started.add_done_callback(lambda f: ready.set_result(f.result()))
-        await serve(server, "127.0.0.1", 0, ready=started, stop=stop)
+        await serve(server, "127.0.0.1", 0, ready=started, stop=stop, tls=tls)
 
     thread = threading.Thread(target=loop.run_until_complete, args=(run(),), daemon=True)
     thread.start()
     port = ready.result(timeout=30)
     try:
-        yield server, f"ws://127.0.0.1:{port}"
+        yield server, f"{'wss' if tls else 'ws'}://127.0.0.1:{port}"
     finally:
         loop.call_soon_threadsafe(stop.set)
         thread.join(timeout=30)
@@ -566,6 +568,32 @@ def test_a_long_server_side_ingest_is_not_idle_and_done_means_ingested(tiny_runn
     assert done["frames_read"] == 16 and done["frames_ingested"] == 16
     assert stats["frames_ingested"] == 16 and stats["chunks_queued"] == 0
     assert answer["stats"]["frames_behind"] == 0 and answer["stats"]["frames"] == 16
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl makes the test's certificate")
+def test_tls_serves_the_page_and_sessions_over_https_and_wss(tiny_runner, tmp_path):
+    """--tls-cert/--tls-key: the page over https and a session over wss (a browser's camera needs https
+    anywhere but localhost); a bad certificate is refused in one line before the model loads."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    unverified = ssl.create_default_context()
+    unverified.check_hostname, unverified.verify_mode = False, ssl.CERT_NONE
+
+    async def session(url):
+        async with connect(url, ssl=unverified) as websocket:
+            await websocket.send(json.dumps(dict(type="start")))
+            return json.loads(await websocket.recv())
+
+    with running_server(tiny_runner, tls=(str(cert), str(key))) as (_, url):
+        assert url.startswith("wss://")
+        with urllib.request.urlopen(url.replace("wss://", "https://") + "/", context=unverified, timeout=10) as page:
+            status, body = page.status, page.read()
+        ready = asyncio.run(session(url))
+    assert status == 200 and b"<html" in body.lower() and ready["type"] == "ready"
+    result = subprocess.run([sys.executable, "-m", "streamer", "serve", "--tls-cert", str(key), "--tls-key", str(key),
+                             "--port", "0"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "--tls-cert" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_serve_command_shuts_down_cleanly_on_sigterm(tmp_path):

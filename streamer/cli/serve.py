@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 import socket
+import ssl
 from pathlib import Path
 
 from streamer.config import load_config, override
@@ -33,6 +34,9 @@ def add_parser(sub) -> None:
     p.add_argument("--allow-urls", action="store_true", help="let clients make the server open network streams")
     p.add_argument("--token", default=os.environ.get("STREAMER_TOKEN"),
                    help="bearer token clients must send (default: $STREAMER_TOKEN; none = open)")
+    p.add_argument("--tls-cert", metavar="PEM", help="serve https/wss with this certificate (with --tls-key): a browser "
+                                                  "lets a page use the camera only on https or on localhost")
+    p.add_argument("--tls-key", metavar="PEM", help="the certificate's private key")
     p.add_argument("--max-sessions", type=int, default=16, help="sessions open at once")
     p.add_argument("--max-frames", type=int, default=100_000, help="frames per session")
     p.add_argument("--max-message-mb", type=float, default=8.0, help="largest websocket message (a frame)")
@@ -102,11 +106,18 @@ def run(args) -> int:
         serve_on_ray(config, limits, args.host, args.port, args.replicas, args.ray_address, args.drain_seconds,
                      args.cpus_per_replica)
         return 0
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise ValueError("give both --tls-cert and --tls-key, or neither")
+    if args.tls_cert:
+        try:  # a bad pair is said now, in one line, not after the model has loaded
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(args.tls_cert, args.tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(f"--tls-cert {args.tls_cert} / --tls-key {args.tls_key}: cannot be used ({exc})") from None
     check_port(args.host, args.port)  # before the model loads (a minute for a 7B), not after
     if args.host not in LOOPBACK and not args.token:
         log.warning("serving on %s without a token: anyone who can reach this address can use the model and read "
                     "--allow-root; give --token or set $STREAMER_TOKEN", args.host)
     runner, _ = load_runner(config)
     service = StreamService(runner, config, limits)
-    asyncio.run(serve(service, args.host, args.port))
+    asyncio.run(serve(service, args.host, args.port, tls=(args.tls_cert, args.tls_key) if args.tls_cert else None))
     return 0

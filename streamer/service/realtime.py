@@ -201,7 +201,7 @@ class RealtimeConnection:
         response = self.responses.get(message.get("id")) if isinstance(message.get("id"), str) else None
         if kind == "ready":
             await self._emit("session.updated", session=self._session(
-                dict(self.options, session=message["session"], policy=message["policy"],
+                dict(self.options, session=message["session"], key=message["key"], policy=message["policy"],
                      chunk_frames=message["chunk_frames"], budget=message["budget"])))
         elif kind == "token" and response is not None:
             await self._open(response)

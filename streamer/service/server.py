@@ -42,12 +42,14 @@ class Server(uvicorn.Server):
 
 
 async def serve(service: StreamService, host: str, port: int, ready: asyncio.Future | None = None,
-                stop: asyncio.Event | None = None) -> None:
-    """Serve until `stop` is set (or SIGINT/SIGTERM when running in the main thread); `ready` gets the port."""
+                stop: asyncio.Event | None = None, tls: tuple[str, str] | None = None) -> None:
+    """Serve until `stop` is set (or SIGINT/SIGTERM when running in the main thread); `ready` gets the port.
+    tls: (certificate, key) PEM files: https and wss instead of http and ws."""
     # the hard size cap is above the soft limit so that an oversized message gets a JSON error
     config = uvicorn.Config(asgi_app(service), host=host, port=port, lifespan="on", log_level="warning",
                             ws="websockets-sansio", ws_max_size=2 * service.limits.max_message_bytes,
-                            ws_ping_interval=PING_S, ws_ping_timeout=PING_S, timeout_graceful_shutdown=5)
+                            ws_ping_interval=PING_S, ws_ping_timeout=PING_S, timeout_graceful_shutdown=5,
+                            ssl_certfile=tls[0] if tls else None, ssl_keyfile=tls[1] if tls else None)
     server = Server(config)
     serving = asyncio.create_task(server.serve())
     while not server.started:
@@ -56,8 +58,9 @@ async def serve(service: StreamService, host: str, port: int, ready: asyncio.Fut
             raise OSError(f"could not serve on {host}:{port}")
         await asyncio.sleep(0.01)
     sockets = [s.getsockname() for listener in server.servers for s in listener.sockets]
-    log.info("serving %s on %s (the page: http://%s:%d/)", service.shared.model_name,
-             ", ".join(f"ws://{h}:{p}" for h, p, *_ in sockets), *sockets[0][:2])
+    secure = "s" if tls else ""
+    log.info("serving %s on %s (the page: http%s://%s:%d/)", service.shared.model_name,
+             ", ".join(f"ws{secure}://{h}:{p}" for h, p, *_ in sockets), secure, *sockets[0][:2])
     if ready is not None:
         ready.set_result(sockets[0][1])
     if stop is not None:
