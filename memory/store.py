@@ -336,10 +336,14 @@ def default_stretches(seconds: float) -> list[tuple[str, float, float]]:
     return quarters + recent + [("first hour", 0.0, min(seconds, 3600.0))]
 
 
-def equal_stretches(seconds: float, count: int) -> list[tuple[str, float, float]]:
-    """`count` stretches of equal length over a stream `seconds` long."""
-    bounds = [seconds * k / count for k in range(count + 1)]
-    return [(f"{k + 1} of {count}", bounds[k], bounds[k + 1]) for k in range(count)]
+def chunk_stretches(memory: KVMemory, count: int) -> list[tuple[str, float, float]]:
+    """At most `count` stretches of whole chunks, as many chunks each (the last may have fewer), in seconds:
+    every stretch holds a chunk's middle, whatever the chunks' lengths (a short one after a flush)."""
+    fps = memory.fps or 1.0
+    starts = torch.tensor([0] + memory.history["frames"]).cumsum(0).double() / fps
+    per = -(-memory.chunk_count // count)  # chunks per stretch
+    bounds = [float(starts[k]) for k in range(0, memory.chunk_count, per)] + [float(starts[-1])]
+    return [(f"{k + 1} of {len(bounds) - 1}", bounds[k], bounds[k + 1]) for k in range(len(bounds) - 1)]
 
 
 def coverage(memory: KVMemory, stretches: list[tuple[str, float, float]] | None = None) -> list[dict]:

@@ -14,7 +14,7 @@ from memory.emloc import EmlocPolicy, layer_groups
 from memory.policy import ChunkContext
 from memory.probe import ProbeConfig, js_divergence
 from memory.registry import POLICIES, make_policy, policies_with
-from memory.store import KVMemory, coverage
+from memory.store import KVMemory, chunk_stretches, coverage
 from streamer.engine.positions import text_positions
 from streamer.engine.probing import ChunkProbes
 from streamer.engine.view import MemoryView
@@ -430,3 +430,16 @@ def test_recent_keeps_only_the_newest_frames(tiny_runner):
     assert len(tiny_runner.answer(memory, QUESTION, max_new_tokens=2).token_ids) >= 1
     with pytest.raises(ValueError, match="frames"):
         make_policy("recent", {"frames": 0})
+
+
+def test_chunk_stretches_hold_every_chunk_whatever_their_lengths(tiny_runner):
+    """The page's timeline: stretches of whole chunks, so a short chunk (after a flush) leaves no stretch empty,
+    every chunk counts once, and a fully held stream is held everywhere."""
+    memory = tiny_runner.new_memory()
+    frames = random_frames(13, seed=3)
+    for start, end in [(0, 4), (4, 8), (8, 9), (9, 13)]:  # a 1-frame chunk between 4-frame ones
+        tiny_runner.ingest(memory, frames[start:end], FullPolicy(), fps=2.0)
+    for count, expected in [(48, [(0, 2), (2, 4), (4, 4.5), (4.5, 6.5)]), (3, [(0, 4), (4, 6.5)])]:
+        stretches = chunk_stretches(memory, count)
+        assert [(start, end) for _, start, end in stretches] == expected
+        assert [row["held"] for row in coverage(memory, stretches)] == [1.0] * len(expected)

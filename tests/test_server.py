@@ -1,7 +1,6 @@
 """The websocket service over real loopback connections, on the tiny model."""
 
 import asyncio
-import concurrent.futures
 import gc
 import io
 import json
@@ -34,7 +33,7 @@ from websockets.exceptions import InvalidStatus
 from streamer.cli.ask import ask_video
 from streamer.service.client import ServerError, StreamerClient
 from streamer.config import load_config, override
-from streamer.service.server import serve
+from streamer.service.server import serving
 from streamer.service.service import StreamService
 from streamer.service.protocol import ServerLimits
 from video_io.sampling import Sampling
@@ -59,25 +58,9 @@ def server_config(policy="emloc", pixels=PIXELS):
 def running_server(runner, limits=None, config=None, tls=None):
     """A StreamService on a free loopback port, served as `streamer serve` serves it (its ASGI app on uvicorn,
     the app Ray Serve's replicas run) on a thread with its own event loop."""
-    server = StreamService(runner, config or server_config(), limits or ServerLimits())
-    ready: concurrent.futures.Future = concurrent.futures.Future()
-    loop = asyncio.new_event_loop()
-    stop = asyncio.Event()
-
-    async def run():
-        started = loop.create_future()
-        started.add_done_callback(lambda f: ready.set_result(f.result()))
-        await serve(server, "127.0.0.1", 0, ready=started, stop=stop, tls=tls)
-
-    thread = threading.Thread(target=loop.run_until_complete, args=(run(),), daemon=True)
-    thread.start()
-    port = ready.result(timeout=30)
-    try:
-        yield server, f"{'wss' if tls else 'ws'}://127.0.0.1:{port}"
-    finally:
-        loop.call_soon_threadsafe(stop.set)
-        thread.join(timeout=30)
-        assert not thread.is_alive(), "the server did not shut down"
+    service = StreamService(runner, config or server_config(), limits or ServerLimits())
+    with serving(service, tls=tls) as port:
+        yield service, f"{'wss' if tls else 'ws'}://127.0.0.1:{port}"
 
 
 def wait_until(condition, timeout=10.0):

@@ -101,3 +101,20 @@ def write_video(
             frame.pts, frame.time_base = i, 1 / rate
             container.mux(stream.encode(frame))
         container.mux(stream.encode())
+
+
+def write_y4m(path: Path, frames: list[np.ndarray], fps: int) -> None:
+    """RGB frames as an uncompressed YUV 4:2:0 (JPEG's full-range BT.601) .y4m, a camera file for Chromium's
+    fake camera (--use-file-for-fake-video-capture)."""
+    height, width = frames[0].shape[:2]
+    with open(path, "wb") as out:
+        out.write(f"YUV4MPEG2 W{width} H{height} F{fps}:1 Ip A1:1 C420jpeg\n".encode())
+        for frame in frames:
+            r, g, b = np.moveaxis(frame.astype(np.float32), 2, 0)
+            y = 0.299 * r + 0.587 * g + 0.114 * b
+            u = 128 - 0.168736 * r - 0.331264 * g + 0.5 * b
+            v = 128 + 0.5 * r - 0.418688 * g - 0.081312 * b
+            out.write(b"FRAME\n")
+            for plane, step in ((y, 1), (u, 2), (v, 2)):
+                plane = plane.reshape(height // step, step, width // step, step).mean(axis=(1, 3))
+                out.write(np.clip(np.rint(plane), 0, 255).astype(np.uint8).tobytes())

@@ -9,9 +9,11 @@ websockets library (uvicorn's "websockets-sansio" protocol).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import signal
+import threading
 
 import uvicorn
 
@@ -69,3 +71,32 @@ async def serve(service: StreamService, host: str, port: int, ready: asyncio.Fut
         server.should_exit = True
         stopping.cancel()
     await serving
+
+
+@contextlib.contextmanager
+def serving(service: StreamService, host: str = "127.0.0.1", port: int = 0, tls: tuple[str, str] | None = None):
+    """`serve` on a thread with its own event loop, for programs and tests that go on meanwhile: yields the
+    port, and stops the server on leaving."""
+    ready: concurrent.futures.Future = concurrent.futures.Future()
+    loop = asyncio.new_event_loop()
+    stop = asyncio.Event()
+
+    async def run():
+        started = loop.create_future()
+        started.add_done_callback(lambda f: ready.set_result(f.result()))
+        try:
+            await serve(service, host, port, ready=started, stop=stop, tls=tls)
+        except BaseException as exc:
+            if not ready.done():
+                ready.set_exception(exc)
+            raise
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(run(),), name="server", daemon=True)
+    thread.start()
+    try:
+        yield ready.result(timeout=60)
+    finally:
+        loop.call_soon_threadsafe(stop.set)
+        thread.join(timeout=30)
+        if thread.is_alive():
+            raise RuntimeError("the server did not shut down within 30 s")

@@ -29,7 +29,7 @@ from urllib.parse import urlparse
 from memory.registry import POLICIES
 from memory.snapshot import model_identity
 from streamer.config import Config
-from streamer.engine.runner import Runner
+from streamer.engine.runner import DEFAULT_FPS, Runner
 from streamer.service.executor import ASK, ModelExecutor
 from streamer.service.metrics import Metrics
 from streamer.service.protocol import (MESSAGE_TYPES, ProtocolError, ServerLimits, error, number, parse_message,
@@ -146,7 +146,7 @@ class StreamService:
         return dict(model=self.shared.model_name, policies=list(POLICIES), policy=memory.policy,
                     chunk_frames=memory.chunk_frames, budget=min(memory.budget or self.limits.max_budget,
                                                                  self.limits.max_budget),
-                    fps=self.defaults.video.fps or 1.0, token=self.limits.token is not None,
+                    fps=self.defaults.video.fps or DEFAULT_FPS, token=self.limits.token is not None,
                     files=bool(self.roots), max_new_tokens=self.limits.max_new_tokens,
                     max_frame_pixels=self.limits.max_frame_pixels)
 

@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from memory.snapshot import load_memory, save_memory
-from memory.store import coverage, equal_stretches
+from memory.store import chunk_stretches, coverage
 from streamer.config import Config
 from streamer.engine.runner import CHUNK_STAGES, DEFAULT_FPS, PositionLimitError, Runner
 from streamer.engine.stream import with_newest
@@ -44,9 +44,8 @@ TIMELINE_STRETCHES = 48
 
 
 def timeline(memory) -> list[dict]:
-    """What the memory holds of each of (at most) 48 equal stretches of the stream, a chunk or more each."""
-    seconds = memory.frames / (memory.fps or 1.0)
-    return coverage(memory, equal_stretches(seconds, min(TIMELINE_STRETCHES, memory.chunk_count)))
+    """What the memory holds of each of (at most) 48 stretches of the stream, a chunk or more each."""
+    return coverage(memory, chunk_stretches(memory, TIMELINE_STRETCHES))
 
 
 @dataclass
