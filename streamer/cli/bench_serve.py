@@ -22,11 +22,12 @@ import time
 import urllib.request
 
 import numpy as np
+from websockets.exceptions import InvalidHandshake
 
 from streamer.builtin.videos import make_video
 from streamer.config import load_config, override
 from streamer.engine.runner import load_runner
-from streamer.service.client import StreamerClient
+from streamer.service.client import ServerError, StreamerClient
 from streamer.service.protocol import ServerLimits
 from streamer.service.server import serve
 from streamer.service.service import StreamService
@@ -125,7 +126,7 @@ async def measure_interference(url: str, frames: int, long_tokens: int, options:
 
 
 def serve_here(config, limits: ServerLimits, port: int) -> None:
-    """The service on the websockets transport, in a process of its own (bench-serve's server)."""
+    """`streamer serve`'s server, in a process of its own (bench-serve's server)."""
     logging.basicConfig(level=logging.WARNING)
     runner, _ = load_runner(config)
     asyncio.run(serve(StreamService(runner, config, limits), "127.0.0.1", port))
@@ -148,7 +149,7 @@ def wait_ready(port: int, process, timeout: float = 600.0) -> None:
 
 
 def measure_batching(args, batches: list[int]) -> list[dict]:
-    """The same load on a server started here (websockets transport, its own process), once per max_batch."""
+    """The same load on a server started here (`streamer serve`'s, in its own process), once per max_batch."""
     config = load_config(args.config)
     override(config, "model", name=args.model, dtype=args.dtype, device=args.device)
     config.validate()
@@ -265,6 +266,19 @@ def format_rows(rows: list[dict]) -> str:
 
 
 def run(args) -> int:
+    try:
+        rows = measure_any(args)
+    except (OSError, ServerError, InvalidHandshake, RuntimeError) as exc:  # a server that failed or stalled
+        log.error("bench-serve: the measurement stopped: %s: %s", type(exc).__name__, exc or "no detail")
+        return 1
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(dict(command=vars(args) | {"run": None}, rows=rows), f, indent=1, default=str)
+    return 0
+
+
+def measure_any(args) -> list[dict]:
+    """The rows of the measurement the switches ask for, printed as a table."""
     if args.url:
         rows = [asyncio.run(measure(args.url, args.sessions, args.frames, args.questions, args.max_new_tokens))]
         print(format_rows(rows))
@@ -274,10 +288,7 @@ def run(args) -> int:
     else:
         rows = measure_on_ray(args, counts(args.replicas, "--replicas"))
         print(format_rows(rows))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(dict(command=vars(args) | {"run": None}, rows=rows), f, indent=1, default=str)
-    return 0
+    return rows
 
 
 def add_parser(sub) -> None:

@@ -115,6 +115,7 @@ class StreamService:
         self.sessions: dict[str, StreamSession] = {}
         self.page = Page(self.page_info())
         self.unstarted = 0  # open connections that have not started a session yet
+        self.collecting = self.collect_again = False  # give_memory_back running / wanted once more after it
         self.draining: str | None = None  # why new sessions are refused, once drain() was called
 
     # --- what a transport answers itself: health and the bearer token --------------------------
@@ -249,7 +250,7 @@ class StreamService:
                 await session.close()
                 log.info("session %s closed (%s open)", session.id, counted(len(self.sessions), "session"))
                 session = None  # this frame's reference too, before the collection
-                await asyncio.to_thread(give_memory_back)
+                await self._give_memory_back()
             outbox.put_nowait(None)
             await writer
 
@@ -397,6 +398,22 @@ class StreamService:
         if not any(target.is_relative_to(root) for root in self.roots):
             raise ProtocolError("forbidden_path", f"{value!r} is outside the allowed roots")
         return resolved
+
+    async def _give_memory_back(self) -> None:
+        """give_memory_back once for a burst of closing sessions, not once each: a full collection holds the GIL
+        for ~0.2 s, and 64 sessions closing at once kept new connections' handshakes waiting past 10 s."""
+        if self.collecting:
+            self.collect_again = True  # the running one may have started before this session let go
+            return
+        self.collecting = True
+        try:
+            while True:
+                self.collect_again = False
+                await asyncio.to_thread(give_memory_back)
+                if not self.collect_again:
+                    return
+        finally:
+            self.collecting = False
 
     # --- lifecycle ---------------------------------------------------------------------------
 
