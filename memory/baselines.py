@@ -115,7 +115,7 @@ class RecentPolicy(MemoryPolicy):
     4-frame window beating memory methods on questions about the present, so it belongs in every table."""
 
     name = "recent"
-    frames: int = 4  # rounded up to whole frame pairs, the unit Qwen2-VL encodes and positions
+    frames: int = 4  # rounded up to whole frame pairs, the unit the model encodes and positions
 
     def __post_init__(self):
         if self.frames < 1:

@@ -3,13 +3,12 @@
 The file holds only tensors and a JSON header (no pickle), so loading an untrusted snapshot
 cannot run code. Keys are stored after RoPE and carry the model's weights in them, so a
 snapshot is only meaningful for the model that made it: the header records that model's
-identity (architecture plus a hash of a few weights) and loading refuses any other model.
+identity (a dict the engine makes: streamer.engine.models.model_identity) and loading refuses any other.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -31,39 +30,6 @@ READABLE_VERSIONS = (1, 2, 3)
 TENSOR_FIELDS = TOKEN_FIELDS
 V1_TENSOR_FIELDS = ("keys", "values", "positions", "importance")
 STREAM_FIELDS = tuple(f.name for f in dataclasses.fields(KVMemory) if f.name != "layers")
-HASHED_VALUES = 4096  # per hashed parameter: enough to tell random inits apart, cheap even for 72B
-
-
-def model_identity(model, name: str) -> dict:
-    """What a snapshot must match: the architecture and a sha256 over a few weights.
-
-    `weights` is None for a model on the meta device (no values to hash); such an identity is
-    checked on architecture only.
-    """
-    text, vision = model.config.text_config, model.config.vision_config
-    # the tower's width and its output's: Qwen2-VL calls them embed_dim and hidden_size, Qwen2.5-VL
-    # hidden_size and out_hidden_size
-    if hasattr(vision, "out_hidden_size"):
-        tower, output = vision.hidden_size, vision.out_hidden_size
-    else:
-        tower, output = vision.embed_dim, vision.hidden_size
-    architecture = dict(
-        model_type=model.config.model_type, num_hidden_layers=text.num_hidden_layers,
-        num_attention_heads=text.num_attention_heads, num_key_value_heads=text.num_key_value_heads, hidden_size=text.hidden_size, vocab_size=text.vocab_size,
-        rope_theta=text.rope_parameters["rope_theta"], mrope_section=list(text.rope_parameters["mrope_section"]),
-        vision_depth=vision.depth, vision_embed_dim=tower, vision_hidden_size=output,
-        patch_size=vision.patch_size, temporal_patch_size=vision.temporal_patch_size,
-        spatial_merge_size=vision.spatial_merge_size,
-    )
-    lm = model.model.language_model
-    params = [lm.embed_tokens.weight, lm.norm.weight, model.lm_head.weight, model.model.visual.patch_embed.proj.weight]
-    weights = None
-    if not any(p.is_meta for p in params):
-        digest = hashlib.sha256()
-        for p in params:
-            digest.update(p.detach().reshape(-1)[:HASHED_VALUES].to("cpu", torch.float32).numpy().tobytes())
-        weights = digest.hexdigest()
-    return dict(name=name, architecture=architecture, weights=weights)
 
 
 def save_memory(memory: KVMemory, path, identity: dict, config: dict | None = None) -> None:
@@ -256,7 +222,7 @@ def read_snapshot_meta(path) -> dict:
 def load_memory(path, identity: dict | None, device="cpu", dtype=None) -> tuple[KVMemory, dict]:
     """Read a snapshot; returns the memory on `device` (keys/values cast to `dtype` if given) and its metadata.
 
-    `identity` (from model_identity) must match the model that saved it; None skips that check.
+    `identity` (the engine's model_identity) must match the model that saved it; None skips that check.
     """
     path = Path(path)
     if not path.is_file():

@@ -52,10 +52,10 @@ class KVMemory:
     max_positions: int | None = None
     time_shift: int = 0  # how far re-timing has moved the stream's newest positions back, in all
     next_position: int = 0  # first position of the next text token: 1 + the largest position used
-    video_start: int | None = None  # where the video starts (the open vision block of Qwen2-VL), once the prefix is in
+    video_start: int | None = None  # where the video starts (its open vision block), once the prefix is in
     temporal_groups: int = 0  # frame pairs ingested so far: the next pair's temporal index
     grid_hw: tuple[int, int] | None = None  # patch grid of every frame in this stream
-    fps: float | None = None  # frames per second of video time it is sampled at (Qwen2.5-VL's positions follow it)
+    fps: float | None = None  # frames per second of video time it is sampled at (time-based positions follow it)
     frames: int = 0  # frames ingested (before padding to pairs)
     full_tokens: int = 0  # tokens an unpruned memory would hold: prefix text + video
     evicted: int = 0  # tokens (summed over layers) removed to stay within the budget
@@ -216,7 +216,7 @@ def _keep_columns(layer: LayerMemory, keep: torch.Tensor) -> None:
 
 def chunk_ranks(importance: torch.Tensor) -> torch.Tensor:
     """[kv_heads, k] importance of the tokens one chunk kept (inf: prompt text) -> per head (j - 1/2) / n for the
-    j-th most important of its n video tokens; its text (Qwen3-VL's frame times) ranks with its most important
+    j-th most important of its n video tokens; its text (frame times, where the model has them) ranks with its most important
     token, so it goes with the chunk's last. Equal scores rank the later token higher (so a scoreless chunk thins
     from its start, as a window would)."""
     video = torch.isfinite(importance)
@@ -250,8 +250,8 @@ def eviction_keys(memory: KVMemory, layer: LayerMemory) -> torch.Tensor:
 
 
 def prompt_tokens(memory: KVMemory, layer: LayerMemory) -> torch.Tensor:
-    """Bool [kv_heads, M]: the prompt before the video (the system turn), which no budget evicts; the text between
-    Qwen3-VL's frame pairs is evicted with its chunk. The video starts at video_start, and re-timing never moves
+    """Bool [kv_heads, M]: the prompt before the video (the system turn), which no budget evicts; text between frame
+    pairs (frame times, where the model has them) is evicted with its chunk. The video starts at video_start, and re-timing never moves
     a position across it."""
     if memory.video_start is None:
         return torch.zeros_like(layer.importance, dtype=torch.bool)

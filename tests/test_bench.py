@@ -6,6 +6,7 @@ import pytest
 from transformers import Qwen2VLConfig
 
 from streamer.cli.bench import frame_size, llm_prefill_flops, vision_flops
+from streamer.engine.models import qwen2_5_vl_vision, qwen2_vl_vision, qwen3_vl_vision
 from streamer.cli import main
 from streamer.engine.models import builtin_config, tiny_tokenizer
 
@@ -58,7 +59,7 @@ def test_flop_counts_of_the_7b_architecture():
     linear_params = 28 * (2 * 3584 ** 2 + 2 * 3584 * 512 + 3 * 3584 * 18944)
     assert prefill == pytest.approx(2 * 27648 * linear_params + 28 * 4 * 27648 * 27649 / 2 * 3584)
     assert 500e12 < prefill < 560e12  # docs/DESIGN.md section 8 quotes ~560 TFLOP/s for this prefill at 0.97 s
-    vision = vision_flops(config.vision_config, 192, 18, 32)  # 384 frames of 252x448
+    vision = vision_flops(qwen2_vl_vision(config.vision_config), config.vision_config, 192, 18, 32)  # 384 frames of 252x448
     assert 100e12 < vision < 400e12
 
 
@@ -71,7 +72,8 @@ def test_vision_flops_of_the_qwen25_vl_7b_tower():
     attention = 4 * patches * dim * (28 * 64 + 4 * 256)
     merger = 2 * 64 * (5120 * 5120 + 5120 * 3584)
     embed = 2 * patches * (3 * 2 * 14 * 14) * dim
-    assert vision_flops(config, 1, 16, 16) == pytest.approx(embed + 32 * linear + attention + merger)
+    assert vision_flops(qwen2_5_vl_vision(config), config, 1, 16, 16) == pytest.approx(
+        embed + 32 * linear + attention + merger)
 
 
 def test_bench_runs_on_qwen25_vl(tmp_path):
@@ -94,7 +96,8 @@ def test_flop_counts_of_the_qwen3_vl_8b_architecture():
     blocks = 27 * (2 * patches * (4 * dim * dim + 2 * dim * 4304) + 4 * patches * patches * dim)
     merger = 2 * 64 * (4608 * 4608 + 4608 * 4096)
     embed = 2 * patches * (3 * 2 * 16 * 16) * dim
-    assert vision_flops(config.vision_config, 1, 16, 16) == pytest.approx(embed + blocks + 4 * merger)
+    assert vision_flops(qwen3_vl_vision(config.vision_config), config.vision_config, 1, 16, 16) == pytest.approx(
+        embed + blocks + 4 * merger)
 
 
 def test_flop_count_follows_head_dim_where_it_is_not_hidden_over_heads():

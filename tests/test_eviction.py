@@ -9,7 +9,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from memory.snapshot import load_memory, model_identity, save_memory
+from memory.snapshot import load_memory, save_memory
+from streamer.engine.models import model_identity
 from memory.store import KVMemory
 from streamer.cli import main
 from streamer.builtin.videos import long_stream

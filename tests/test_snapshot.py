@@ -12,7 +12,8 @@ from safetensors.torch import load_file, save_file
 
 import memory.snapshot as snapshot
 from memory.baselines import FullPolicy
-from memory.snapshot import STREAM_FIELDS, TENSOR_FIELDS, load_memory, model_identity, save_memory
+from memory.snapshot import STREAM_FIELDS, TENSOR_FIELDS, load_memory, save_memory
+from streamer.engine.models import model_identity
 from streamer.engine.models import build_random_model, builtin_config, tiny_tokenizer
 from streamer.engine.stream import ingest_video
 

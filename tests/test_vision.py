@@ -19,7 +19,8 @@ def stock_and_batched(model_name: str, frames: int, size: tuple[int, int]):
     patches = preprocess_frames(random_frames(frames, seed=frames, size=size), preset)
     with torch.inference_mode():
         stock = visual(patches.pixel_values, grid_thw=torch.tensor([patches.grid_thw]))
-        batched = vision.encode_pairs(visual, patches.pixel_values, patches.grid_thw)
+        shape = family_of(model).vision(model.config.vision_config)
+        batched = vision.encode_pairs(visual, shape, patches.pixel_values, patches.grid_thw)
     if not hasattr(stock, "pooler_output"):
         return [stock], [batched[0]]
     # Qwen3-VL's DeepStack features are outputs of the tower too

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Callable
 
 from memory.policy import ProbedPolicy
-from memory.snapshot import load_memory, model_identity, read_snapshot_meta, save_memory
+from memory.snapshot import load_memory, read_snapshot_meta, save_memory
+from streamer.engine.models import model_identity
 from memory.store import KVMemory, coverage
 from streamer.cli.switches import add_run_switches, config_from_args
 from streamer.config import Config, override

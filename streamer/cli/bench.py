@@ -31,7 +31,7 @@ import transformers
 from memory.probe import ProbeConfig
 from memory.registry import make_policy
 from streamer.config import load_config
-from streamer.engine.models import family_of, load_model
+from streamer.engine.models import VisionShape, family_of, load_model
 from streamer.engine.runner import Runner, Timer
 from streamer.engine.stream import ingest_video
 from streamer.text import counted
@@ -71,25 +71,14 @@ def llm_prefill_flops(text_config, new: int, context: int) -> float:
     return text_config.num_hidden_layers * (linear + attention)
 
 
-def vision_flops(vision_config, grid_t: int, grid_h: int, grid_w: int) -> float:
-    """Patch embedding, blocks (attention within each frame pair; Qwen2.5-VL's windowed blocks within their
-    window) and the 2x2 merger (Qwen3-VL: one more per DeepStack feature)."""
+def vision_flops(shape: VisionShape, vision_config, grid_t: int, grid_h: int, grid_w: int) -> float:
+    """Patch embedding, blocks (attention within each frame pair; windowed blocks within their window) and
+    the 2x2 merger (one more per DeepStack feature); `shape`: the tower's, from its family's row."""
     patches, group = grid_t * grid_h * grid_w, grid_h * grid_w
-    mergers = 1
-    if hasattr(vision_config, "embed_dim"):  # Qwen2-VL: a plain MLP, every block attends to the whole pair
-        dim, out = vision_config.embed_dim, vision_config.hidden_size
-        mlp_weights = 2 * dim * dim * vision_config.mlp_ratio
-        attended = [group] * vision_config.depth
-    elif hasattr(vision_config, "deepstack_visual_indexes"):  # Qwen3-VL: a plain MLP, the whole pair everywhere
-        dim, out = vision_config.hidden_size, vision_config.out_hidden_size
-        mlp_weights = 2 * dim * vision_config.intermediate_size
-        attended = [group] * vision_config.depth
-        mergers += len(vision_config.deepstack_visual_indexes)
-    else:  # Qwen2.5-VL: a gated MLP, full attention only in fullatt_block_indexes
-        dim, out = vision_config.hidden_size, vision_config.out_hidden_size
-        mlp_weights = 3 * dim * vision_config.intermediate_size
-        window = min(group, (vision_config.window_size // vision_config.patch_size) ** 2)
-        attended = [group if i in vision_config.fullatt_block_indexes else window for i in range(vision_config.depth)]
+    dim, out, mergers = shape.width, shape.out, 1 + len(shape.deepstack)
+    mlp_weights = (3 if shape.gated else 2) * dim * shape.mlp
+    window = group if shape.window is None else min(group, shape.window ** 2)
+    attended = [group if i in shape.full_blocks else window for i in range(vision_config.depth)]
     patch_dim = vision_config.in_channels * vision_config.temporal_patch_size * vision_config.patch_size ** 2
     blocks = sum(2 * patches * (4 * dim * dim + mlp_weights) + 4 * patches * keys * dim for keys in attended)
     merged, wide = patches // vision_config.spatial_merge_size ** 2, dim * vision_config.spatial_merge_size ** 2
@@ -199,7 +188,7 @@ def run_bench(opts: BenchOptions) -> dict:
                                         grid_thw=torch.tensor([patches.grid_thw], device=runner.device)),
                                 runner.device, opts.repeats, opts.warmup)
     results = dict(vision=dict(seconds=vision_s, stock_seconds=stock_s,
-                               tflops=vision_flops(config.vision_config, *patches.grid_thw) / 1e12))
+                               tflops=vision_flops(runner.vision_shape, config.vision_config, *patches.grid_thw) / 1e12))
     results["vision"]["tflop_per_s"] = results["vision"]["tflops"] / vision_s
 
     probe = ProbeConfig() if opts.answer_tokens is None else ProbeConfig(answer_tokens=opts.answer_tokens)

@@ -24,7 +24,9 @@ and repetition penalty of its generation_config.json, and the prompt layout of i
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -89,25 +91,70 @@ TINY_VISION_QWEN3 = dict(
 
 
 @dataclass(frozen=True)
+class VisionShape:
+    """A vision tower's sizes and block kinds, named alike for every family (their configs name them each their
+    own way): what the tower code (streamer.engine.vision), the FLOP counts and a snapshot's identity read."""
+
+    width: int  # a block's hidden size
+    out: int  # the merger's output: the text model's hidden size
+    mlp: int  # a block's MLP inner size
+    gated: bool  # a gated MLP (three matrices) rather than a plain one (two)
+    full_blocks: tuple[int, ...]  # blocks attending over the whole frame pair; the others attend within windows
+    window: int | None  # a window's side in patches (None: no block is windowed)
+    deepstack: tuple[int, ...] = ()  # blocks whose features also feed the text model's first layers
+    learned_positions: bool = False  # a learned position table added to the patches, besides the rotary ones
+
+
+def qwen2_vl_vision(c: PretrainedConfig) -> VisionShape:
+    return VisionShape(c.embed_dim, c.hidden_size, int(c.embed_dim * c.mlp_ratio), gated=False,
+                       full_blocks=tuple(range(c.depth)), window=None)
+
+
+def qwen2_5_vl_vision(c: PretrainedConfig) -> VisionShape:  # window attention but in fullatt_block_indexes
+    return VisionShape(c.hidden_size, c.out_hidden_size, c.intermediate_size, gated=True,
+                       full_blocks=tuple(c.fullatt_block_indexes), window=c.window_size // c.patch_size)
+
+
+def qwen3_vl_vision(c: PretrainedConfig) -> VisionShape:  # DeepStack: features of a few blocks go to the LLM
+    return VisionShape(c.hidden_size, c.out_hidden_size, c.intermediate_size, gated=False,
+                       full_blocks=tuple(range(c.depth)), window=None, deepstack=tuple(c.deepstack_visual_indexes),
+                       learned_positions=True)
+
+
+@dataclass(frozen=True)
 class Family:
+    """Everything that differs between the model families, in one row (docs/DESIGN.md, "Add a model family")."""
+
     config: type[PretrainedConfig]
     model: type[PreTrainedModel]
+    vision: Callable[[PretrainedConfig], VisionShape]  # the tower's shape from its vision_config
     preset: VisionPreset = VisionPreset()  # the processor's defaults: patch size, pixel range, normalisation
     # Qwen3-VL: every frame pair is a vision block of its own after a text timestamp (docs/DESIGN.md section 4)
     timestamps: bool = False
     # whether a processor config's pixel bounds are per frame; Qwen3-VL's bound a whole clip (frames x pixels),
     # which a stream cannot share out, so its frames keep the family's per-frame bounds
     frame_pixels: bool = True
+    # Qwen2.5-VL: temporal positions count seconds (tokens_per_second), not frame pairs
+    absolute_time: bool = False
+
+    def pair_step(self, vision_config: PretrainedConfig, fps: float) -> float:
+        """Temporal M-RoPE positions per frame pair in an open vision block (docs/DESIGN.md section 4): 1, or
+        with absolute time tokens_per_second x the seconds a pair spans (temporal_patch_size / fps), the
+        seconds in float32 as transformers' processor hands them over (second_per_grid_ts)."""
+        if not self.absolute_time:
+            return 1.0
+        return vision_config.tokens_per_second * float(torch.tensor(vision_config.temporal_patch_size / fps))
 
 
 # by the model_type of a checkpoint's config.json
-FAMILIES = {"qwen2_vl": Family(Qwen2VLConfig, Qwen2VLForConditionalGeneration),
-            "qwen2_5_vl": Family(Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration),
-            "qwen3_vl": Family(Qwen3VLConfig, Qwen3VLForConditionalGeneration, QWEN3_PRESET, timestamps=True,
-                               frame_pixels=False),
+FAMILIES = {"qwen2_vl": Family(Qwen2VLConfig, Qwen2VLForConditionalGeneration, qwen2_vl_vision),
+            "qwen2_5_vl": Family(Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, qwen2_5_vl_vision,
+                                 absolute_time=True),
+            "qwen3_vl": Family(Qwen3VLConfig, Qwen3VLForConditionalGeneration, qwen3_vl_vision, QWEN3_PRESET,
+                               timestamps=True, frame_pixels=False),
             # Qwen3-VL's MoE checkpoints: the same tower, layout and positions; the decoder layers' MLPs are experts
-            "qwen3_vl_moe": Family(Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration, QWEN3_PRESET,
-                                   timestamps=True, frame_pixels=False)}
+            "qwen3_vl_moe": Family(Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration, qwen3_vl_vision,
+                                   QWEN3_PRESET, timestamps=True, frame_pixels=False)}
 
 
 @dataclass
@@ -199,6 +246,37 @@ def family(model_type: str | None, where: str) -> Family:
 
 def family_of(model: PreTrainedModel) -> Family:
     return FAMILIES[model.config.model_type]
+
+
+HASHED_VALUES = 4096  # per hashed parameter: enough to tell random inits apart, cheap even for 72B
+
+
+def model_identity(model, name: str) -> dict:
+    """What a snapshot of this model's memory must match (memory.snapshot): the architecture and a sha256 over a
+    few weights.
+
+    `weights` is None for a model on the meta device (no values to hash); such an identity is
+    checked on architecture only.
+    """
+    text, vision = model.config.text_config, model.config.vision_config
+    shape = family_of(model).vision(vision)
+    architecture = dict(
+        model_type=model.config.model_type, num_hidden_layers=text.num_hidden_layers,
+        num_attention_heads=text.num_attention_heads, num_key_value_heads=text.num_key_value_heads, hidden_size=text.hidden_size, vocab_size=text.vocab_size,
+        rope_theta=text.rope_parameters["rope_theta"], mrope_section=list(text.rope_parameters["mrope_section"]),
+        vision_depth=vision.depth, vision_embed_dim=shape.width, vision_hidden_size=shape.out,
+        patch_size=vision.patch_size, temporal_patch_size=vision.temporal_patch_size,
+        spatial_merge_size=vision.spatial_merge_size,
+    )
+    lm = model.model.language_model
+    params = [lm.embed_tokens.weight, lm.norm.weight, model.lm_head.weight, model.model.visual.patch_embed.proj.weight]
+    weights = None
+    if not any(p.is_meta for p in params):
+        digest = hashlib.sha256()
+        for p in params:
+            digest.update(p.detach().reshape(-1)[:HASHED_VALUES].to("cpu", torch.float32).numpy().tobytes())
+        weights = digest.hexdigest()
+    return dict(name=name, architecture=architecture, weights=weights)
 
 
 def builtin_config(name: str, tokenizer: PreTrainedTokenizerBase) -> PretrainedConfig:

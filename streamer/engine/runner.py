@@ -76,6 +76,7 @@ class Runner:
         self.model_name = loaded.name  # a built-in name or an absolute path
         self.tokenizer = loaded.tokenizer
         self.family = family_of(self.model)
+        self.vision_shape = self.family.vision(self.model.config.vision_config)
         self.preset = preset or loaded.preset or self.family.preset
         self.language_model = self.model.model.language_model
         self.visual = self.model.model.visual
@@ -119,14 +120,8 @@ class Runner:
         return limit - min(POSITION_RESERVE, limit // 8)
 
     def pair_step(self, fps: float) -> float:
-        """Temporal M-RoPE positions per frame pair in an open vision block (docs/DESIGN.md section 4): 1 in
-        Qwen2-VL (and Qwen3-VL, whose blocks hold one pair each); in Qwen2.5-VL
-        absolute time, tokens_per_second x the seconds a pair spans (temporal_patch_size / fps), the seconds
-        in float32 as transformers' processor hands them over (second_per_grid_ts)."""
-        vision = self.model.config.vision_config
-        if not hasattr(vision, "tokens_per_second"):  # Qwen2-VL
-            return 1.0
-        return vision.tokens_per_second * float(torch.tensor(vision.temporal_patch_size / fps))
+        """Temporal M-RoPE positions per frame pair at `fps` (the family's rule: Family.pair_step)."""
+        return self.family.pair_step(self.model.config.vision_config, fps)
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False).input_ids
@@ -150,7 +145,7 @@ class Runner:
         """Vision tower on one chunk of frames -> [tokens, hidden] and Qwen3-VL's DeepStack features (exact
         per chunk: the tower never crosses frame pairs), the pairs batched into one attention call per layer."""
         pixels = patches.pixel_values.to(self.device, self.visual.dtype)
-        return encode_pairs(self.visual, pixels, patches.grid_thw)
+        return encode_pairs(self.visual, self.vision_shape, pixels, patches.grid_thw)
 
     def forward_layers(self, hidden: torch.Tensor, positions: torch.Tensor, view: MemoryView,
                        layers: range | None = None, layer_inputs: list | None = None,

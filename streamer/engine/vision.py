@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
 
+from streamer.engine.models import VisionShape
+
 # Without a fused kernel (CPU) attention materialises pairs x heads x (h*w)^2 scores: cap them.
 MAX_SCORES = 2**27
 
@@ -90,27 +92,25 @@ def learned_positions(visual: torch.nn.Module, grid_h: int, grid_w: int) -> torc
     return blocks.reshape(grid_h * grid_w, -1)
 
 
-def encode_pairs(visual: torch.nn.Module, pixels: torch.Tensor,
+def encode_pairs(visual: torch.nn.Module, shape: VisionShape, pixels: torch.Tensor,
                  grid_thw: tuple[int, int, int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Vision tower on one chunk's patches (pixels [t*h*w, channels*patch volume]) -> the merged
-    video tokens [t*h*w / merge^2, hidden], equal to the stock tower's pooler output, and Qwen3-VL's
-    DeepStack features (one [t*h*w / merge^2, hidden] per feature layer; none for the other families)."""
+    video tokens [t*h*w / merge^2, hidden], equal to the stock tower's pooler output, and the DeepStack
+    features (one [t*h*w / merge^2, hidden] per feature block; Qwen3-VL's, none for the other families).
+    `shape` (the family's VisionShape) says which blocks attend within windows and which feed DeepStack."""
     pairs, grid_h, grid_w = grid_thw
     merge = visual.spatial_merge_size
     cos, sin = patch_rotary(visual.rotary_pos_emb.inv_freq.float(), grid_h, grid_w, merge)
-    full_blocks = range(len(visual.blocks))  # Qwen2-VL: every block attends over the whole pair
     windows = None
-    if hasattr(visual, "fullatt_block_indexes"):  # Qwen2.5-VL
-        full_blocks = visual.fullatt_block_indexes
-        window = visual.window_size // merge // visual.patch_size
-        windows = window_mask(grid_h, grid_w, merge, window).to(pixels.device)
+    if shape.window is not None:
+        windows = window_mask(grid_h, grid_w, merge, shape.window // merge).to(pixels.device)
     hidden = visual.patch_embed(pixels)
-    deepstack = getattr(visual, "deepstack_visual_indexes", [])  # Qwen3-VL
-    if deepstack:
+    deepstack = shape.deepstack
+    if shape.learned_positions:
         hidden = hidden + learned_positions(visual, grid_h, grid_w).to(hidden.dtype).repeat(pairs, 1)
     features = []
     for index, block in enumerate(visual.blocks):
-        mask = None if index in full_blocks else windows
+        mask = None if index in shape.full_blocks else windows
         hidden = hidden + batched_attention(block.attn, block.norm1(hidden), pairs, cos, sin, mask)
         hidden = hidden + block.mlp(block.norm2(hidden))
         if index in deepstack:

@@ -27,8 +27,8 @@ from typing import Protocol
 from urllib.parse import urlparse
 
 from memory.registry import POLICIES
-from memory.snapshot import model_identity
 from streamer.config import Config
+from streamer.engine.models import model_identity
 from streamer.engine.runner import DEFAULT_FPS, Runner
 from streamer.service.executor import ASK, ModelExecutor
 from streamer.service.metrics import Metrics
