@@ -14,8 +14,8 @@ from memory.baselines import FullPolicy
 from streamer.builtin.train import (DEFAULT_CONFIG, NAMED_HEADS, PROBE_HEADS, QUESTION_HEADS, VIDEO_HEADS, ModelConfig,
                                     Packer, Probes, Stage, TrainConfig, batch_loss, build_model, main, make_batch,
                                     token_labels, train)
-from streamer.builtin.videos import (ANSWER_WORDS, BUILTIN_PRESET, COLOURS, DURATIONS, FAMILIES, OPTIONS,
-                                     TRAIN_FAMILIES, Event, SyntheticVideo, make_video)
+from streamer.builtin.videos import (ANSWER_WORDS, BUILTIN_PRESET, COLOURS, DURATIONS, QUESTION_KINDS, OPTIONS,
+                                     TRAIN_KINDS, Event, SyntheticVideo, make_video)
 from streamer.engine.attention import MEMORY_ATTENTION
 from streamer.engine.models import BUILTIN, BUILTIN_CHOICE, TRAINED_MODELS, load_model
 from streamer.engine.runner import Runner
@@ -44,8 +44,8 @@ def held_out_correct(runner: Runner) -> Counter:
     for seed in range(8):
         video = make_video(seed, 96)
         memory = stream(runner, video.frames(), 32)
-        for qa in video.questions(FAMILIES):
-            correct[qa.family] += runner.answer(memory, qa.question, max_new_tokens=4).text == qa.answer
+        for qa in video.questions(QUESTION_KINDS):
+            correct[qa.kind] += runner.answer(memory, qa.question, max_new_tokens=4).text == qa.answer
     return correct
 
 
@@ -53,7 +53,7 @@ def test_builtin_answers_held_out_videos(builtin):
     correct = held_out_correct(builtin)
     # measured: 8 of 8 in every family; over the 40 questions uniform guessing gets about 9, the most
     # frequent answers 17. A floor rather than 40, so that float differences across machines can flip one.
-    assert all(correct[family] >= 7 for family in FAMILIES), correct
+    assert all(correct[family] >= 7 for family in QUESTION_KINDS), correct
     assert correct.total() >= 38, correct
 
 
@@ -64,7 +64,7 @@ def test_builtin_answers_in_bfloat16_through_cuda_graphs():
     assert runner.static_decoder is not None
     correct = held_out_correct(runner)
     assert runner.static_decoder.cuda_graphs and runner.static_decoder.buffers.graphs
-    assert all(correct[family] >= 7 for family in FAMILIES), correct
+    assert all(correct[family] >= 7 for family in QUESTION_KINDS), correct
     assert correct.total() >= 38, correct
 
 
@@ -73,7 +73,7 @@ def test_training_layout_is_what_the_runner_computes(builtin):
     first token exactly as the runner does after streaming that video."""
     video = make_video(3, 48)
     packer = Packer(builtin.tokenizer)
-    batch = packer.batch([packer.sample(video, video.questions(FAMILIES))])
+    batch = packer.batch([packer.sample(video, video.questions(QUESTION_KINDS))])
     model = builtin.model
     model.set_attn_implementation({"text_config": "sdpa"})
     try:
@@ -86,7 +86,7 @@ def test_training_layout_is_what_the_runner_computes(builtin):
                          and batch.targets[0, i - 1] == -100]
     memory = builtin.new_memory()
     builtin.ingest(memory, video.frames(), FullPolicy())
-    for row, qa in zip(first_answer_rows, video.questions(FAMILIES), strict=True):
+    for row, qa in zip(first_answer_rows, video.questions(QUESTION_KINDS), strict=True):
         expected = question_logits(builtin, memory, qa.question)[-1]
         with torch.no_grad():
             logits = model.lm_head(hidden[0, row])  # hidden is already normed
@@ -162,15 +162,15 @@ def test_a_text_only_stage_packs_questions_without_a_video():
     model = build_model(TINY, packer.tokenizer, seed=0)
     answer, aux, per_family = batch_loss(model, batch, Probes(TINY.hidden))
     assert math.isfinite(answer.item()) and aux[PROBE_HEADS.index("asked_answer")] > 0
-    assert per_family[TRAIN_FAMILIES.index("pick")] > 0
+    assert per_family[TRAIN_KINDS.index("pick")] > 0
     assert make_batch(packer, 0, 0, Stage(0, 0, 1, 3, ["pick", "pick"])).ids.equal(batch.ids)  # by (seed, step)
     # a video stage's `text`: that many text-only samples join its videos in each batch
     mixed = make_batch(packer, seed=0, step=0, stage=Stage(16, 16, 1, 2, text=1))
     assert len(mixed.ids) == 3 and len(mixed.grids) == 2
     assert [(row == packer.video_token).any().item() for row in mixed.ids] == [True, True, False]
-    assert (mixed.family[2][mixed.family[2] != -1] == TRAIN_FAMILIES.index("pick")).all()
+    assert (mixed.kind[2][mixed.kind[2] != -1] == TRAIN_KINDS.index("pick")).all()
     answer, _, per_family = batch_loss(model, mixed, Probes(TINY.hidden))
-    assert math.isfinite(answer.item()) and per_family[TRAIN_FAMILIES.index("pick")] > 0
+    assert math.isfinite(answer.item()) and per_family[TRAIN_KINDS.index("pick")] > 0
     with pytest.raises(ValueError, match="need no video"):
         Stage(0, 0, 1, 3, ["where"])
     with pytest.raises(ValueError, match="adds text-only samples to a video stage"):
@@ -185,9 +185,9 @@ def test_pruned_questions_see_the_objects_and_some_of_the_rest():
     shown = torch.from_numpy(video.event_tokens().reshape(-1))
     columns = slice(len(packer.prefix), len(packer.prefix) + len(shown))
     for pruned in (0.0, 1.0):
-        sample = packer.sample(video, video.questions(FAMILIES), pruned, np.random.default_rng(0))
+        sample = packer.sample(video, video.questions(QUESTION_KINDS), pruned, np.random.default_rng(0))
         visible, segment = packer.batch([sample]).mask[0, 0], torch.tensor(sample["segment"])
-        for k in range(1, len(FAMILIES) + 1):
+        for k in range(1, len(QUESTION_KINDS) + 1):
             sees = visible[segment == k][:, columns]
             assert (sees == sees[-1]).all(), "every token of a question sees the same video tokens"
             assert sees[-1][shown].all() and (sees[-1].all() if pruned == 0 else sees[-1].float().mean() < 0.5)
@@ -196,7 +196,7 @@ def test_pruned_questions_see_the_objects_and_some_of_the_rest():
 def test_mention_labels_name_what_the_questions_look_up():
     video = make_video(5, 96)
     packer = Packer(load_model("tiny-random", device="cpu").tokenizer)
-    sample = packer.sample(video, video.questions(FAMILIES))
+    sample = packer.sample(video, video.questions(QUESTION_KINDS))
     word = packer.words
     named = [(i, label) for i, label in enumerate(sample["mentions"]) if label[:NAMED_HEADS] != (-100,) * NAMED_HEADS]
     events = {(e.colour, e.shape): (k, e) for k, e in enumerate(video.events, start=1)}

@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from streamer.builtin.videos import (ASK, CELL, CHOICE_PROMPTS, COLOURS, DURATIONS, FAMILIES, FRAME, GRID, MAX_EPISODES,
+from streamer.builtin.videos import (ASK, CELL, CHOICE_PROMPTS, COLOURS, DURATIONS, QUESTION_KINDS, FRAME, GRID, MAX_EPISODES,
                                      MAX_EVENTS, MAX_REPEATS, MIN_EPISODES, MIN_FRAMES, OPTIONS, PLACES, SHAPES,
-                                     TEXT_FAMILIES, TRAIN_FAMILIES, Event, SyntheticVideo, background, make_video,
+                                     TEXT_KINDS, TRAIN_KINDS, Event, SyntheticVideo, background, make_video,
                                      shape_mask)
 from streamer.engine.models import tiny_tokenizer
 
@@ -17,7 +17,7 @@ def constructed() -> SyntheticVideo:
 def test_same_seed_same_video_and_questions():
     a, b = make_video(11, 384), make_video(11, 384)
     assert a == b
-    assert a.questions(TRAIN_FAMILIES) == b.questions(TRAIN_FAMILIES)
+    assert a.questions(TRAIN_KINDS) == b.questions(TRAIN_KINDS)
     assert all(np.array_equal(x, y) for x, y in zip(a.frames(), b.frames()))
     assert make_video(12, 384).events != a.events
 
@@ -83,15 +83,15 @@ def test_answers_of_a_constructed_video():
 
 def test_every_family_over_many_videos():
     """Answers come from closed sets, match the events, and each family's answers vary."""
-    seen = {family: set() for family in FAMILIES}
+    seen = {family: set() for family in QUESTION_KINDS}
     for seed in range(200):
         video = make_video(seed, 2 * (8 + seed % 185))
         for qa in video.questions():
-            seen[qa.family].add(qa.answer)
-            if qa.family == "count":
+            seen[qa.kind].add(qa.answer)
+            if qa.kind == "count":
                 colour = qa.question.split(" a ")[1].split()[0]
                 assert qa.answer == str(sum(e.colour == colour for e in video.events))
-            if qa.family == "first":
+            if qa.kind == "first":
                 assert qa.answer == video.events[0].colour
     assert seen["first"] == seen["together"] == set(COLOURS)
     assert seen["where"] == set(PLACES)
@@ -120,7 +120,7 @@ def test_bad_lengths_are_refused():
         make_video(0, 97)
     with pytest.raises(ValueError, match=str(MIN_FRAMES)):
         make_video(0, MIN_FRAMES - 2)
-    assert set(ASK) == set(TRAIN_FAMILIES)
+    assert set(ASK) == set(TRAIN_KINDS)
 
 
 def test_event_tokens_mark_the_cells_that_show_an_object():
@@ -141,8 +141,8 @@ def test_pick_asks_for_the_option_that_says_a_word_without_a_video():
     for _ in range(200):
         qa = ASK["pick"](None, rng)
         word = qa.asked.removeprefix("Which option is ").removesuffix("?")
-        assert qa.family == "pick" and qa.options[ord(qa.answer) - 65] == word and len(set(qa.options)) == OPTIONS
+        assert qa.kind == "pick" and qa.options[ord(qa.answer) - 65] == word and len(set(qa.options)) == OPTIONS
         assert qa.asked in qa.question and f"{qa.answer}. {word}" in qa.question
         wording = (k for k, prompt in CHOICE_PROMPTS.items() if prompt(qa.asked, list(qa.options)) == qa.question)
         wordings.add(next(wording))
-    assert wordings == set(CHOICE_PROMPTS) and set(TEXT_FAMILIES) <= set(TRAIN_FAMILIES)
+    assert wordings == set(CHOICE_PROMPTS) and set(TEXT_KINDS) <= set(TRAIN_KINDS)

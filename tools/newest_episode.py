@@ -65,7 +65,7 @@ def main() -> int:
                 ingest_video(runner, frames, config.make_policy(), config.memory.chunk_frames, memory)
                 for qa in questions:
                     reply = runner.answer(memory, qa.question, 8).text.strip()
-                    rows.append(dict(run=label, length=length, seed=seed, family=qa.family, question=qa.question,
+                    rows.append(dict(run=label, length=length, seed=seed, kind=qa.kind, question=qa.question,
                                      answer=qa.answer, reply=reply, correct=reply == qa.answer,
                                      memory_tokens=memory.mean_tokens()))
             print(f"length {length} stream {seed}: {len(questions)} questions", file=sys.stderr, flush=True)

@@ -39,7 +39,7 @@ from streamer.engine.models import PRESET_FILE, special_token_ids, resolve_devic
 from streamer.engine.positions import text_positions, video_positions
 from streamer.engine.prompt import SYSTEM_PROMPT, question_suffix, video_prefix
 from streamer.builtin.videos import (ANSWER_WORDS, ASK, BUILTIN_PRESET, CHOICE_BASES, COLOURS, DURATIONS, GRID,
-                                     MAX_EVENTS, MAX_REPEATS, OPTIONS, QA, SHAPES, TEXT_FAMILIES, TRAIN_FAMILIES,
+                                     MAX_EVENTS, MAX_REPEATS, OPTIONS, QA, SHAPES, TEXT_KINDS, TRAIN_KINDS,
                                      SyntheticVideo, make_video)
 from video_io.preprocess import preprocess_frames
 
@@ -68,16 +68,16 @@ class Stage:
     steps: int
     batch: int  # videos (or text-only samples) per step
     questions: list[str] = field(default_factory=list)  # packed after each sample; empty: the config's
-    # text-only samples (four TEXT_FAMILIES questions each) added to each batch of a video stage, so that a hop
+    # text-only samples (four TEXT_KINDS questions each) added to each batch of a video stage, so that a hop
     # a text-only stage taught is still practised while the videos' questions train the same weights
     text: int = 0
 
     def __post_init__(self):
-        if unknown := set(self.questions) - set(TRAIN_FAMILIES):
-            raise ValueError(f"stage questions {sorted(unknown)}: not families of {TRAIN_FAMILIES}")
-        if self.max_frames == 0 and not (self.questions and set(self.questions) <= set(TEXT_FAMILIES)):
+        if unknown := set(self.questions) - set(TRAIN_KINDS):
+            raise ValueError(f"stage questions {sorted(unknown)}: not families of {TRAIN_KINDS}")
+        if self.max_frames == 0 and not (self.questions and set(self.questions) <= set(TEXT_KINDS)):
             raise ValueError(f"a text-only stage (max_frames = 0) needs its own `questions`, of the families "
-                             f"that need no video: {TEXT_FAMILIES}")
+                             f"that need no video: {TEXT_KINDS}")
         if self.text and self.max_frames == 0:
             raise ValueError("`text` adds text-only samples to a video stage; a text-only stage sets `batch`")
 
@@ -96,7 +96,7 @@ class TrainConfig:
     # others, as a memory keeps them, so that a pruned memory reads as a video and not as none
     pruned: float = 0.0
     # questions packed after each video; repeats get different draws (more signal for the hard families)
-    questions: list[str] = field(default_factory=lambda: list(TRAIN_FAMILIES))
+    questions: list[str] = field(default_factory=lambda: list(TRAIN_KINDS))
     seed: int = 0
     # a model directory to start from (a fine-tune: its weights, the same [model]); "": from scratch
     init: str = ""
@@ -149,7 +149,7 @@ class Batch:
     grids: torch.Tensor  # [B, 3]
     targets: torch.Tensor  # [B, L] next token to predict at each position, -100 where there is no loss
     weights: torch.Tensor  # [B, L] loss weight (1 / answer length of the question)
-    family: torch.Tensor  # [B, L] index in TRAIN_FAMILIES of the answer predicted there, -1 elsewhere
+    kind: torch.Tensor  # [B, L] index in TRAIN_KINDS of the answer's question kind there, -1 elsewhere
     labels: torch.Tensor  # [video tokens, len(VIDEO_HEADS)] targets of the training probes (token_labels)
     mentions: torch.Tensor  # [B, L, len(QUESTION_HEADS)] targets of the question-side probes (mention_labels)
 
@@ -186,7 +186,7 @@ class Packer:
             pixels, grid, labels = patches.pixel_values, patches.grid_thw, token_labels(video)
         segment = [0] * len(ids)
         targets, weights = [-100] * len(ids), [0.0] * len(ids)
-        family = [-1] * len(ids)
+        kind = [-1] * len(ids)
         mentions = [(-100,) * len(QUESTION_HEADS)] * len(ids)
         hidden = []  # (first row, end row, video columns it cannot see) per pruned block
         shown = video.event_tokens().reshape(-1) if video is not None and pruned else None
@@ -204,7 +204,7 @@ class Packer:
             segment += [k] * len(block)
             targets += [-100] * len(block)
             weights += [0.0] * len(block)
-            family += [-1] * len(block)
+            kind += [-1] * len(block)
             answering = self.answer_labels(qa, text, encoded.offset_mapping)
             named = (mention_labels(video, [self.words.get(token) for token in block]) if video is not None
                      else [(-100,) * NAMED_HEADS] * len(block))
@@ -212,9 +212,9 @@ class Packer:
             for j, token in enumerate(answer):  # the token before each answer token predicts it
                 targets[start + len(question) - 1 + j] = token
                 weights[start + len(question) - 1 + j] = 1.0 / len(answer)
-                family[start + len(question) - 1 + j] = TRAIN_FAMILIES.index(qa.family)
+                kind[start + len(question) - 1 + j] = TRAIN_KINDS.index(qa.kind)
         return dict(ids=ids, positions=torch.cat(positions), segment=segment, targets=targets, weights=weights,
-                    family=family, pixels=pixels, grid=grid, labels=labels, mentions=mentions, hidden=hidden)
+                    kind=kind, pixels=pixels, grid=grid, labels=labels, mentions=mentions, hidden=hidden)
 
     def answer_labels(self, qa: QA, text: str, spans: list[tuple[int, int]]) -> dict[int, tuple[int, int, int]]:
         """Targets of the answer heads by token of the question block (`text`, its tokens' character `spans`):
@@ -226,7 +226,7 @@ class Packer:
         ending = lambda part: max(i for i, (start, _) in enumerate(spans) if start < text.index(part) + len(part))
         labels = {}
         asked, answer = (qa.asked, qa.options[ord(qa.answer) - 65]) if qa.options else (qa.question, qa.answer)
-        if qa.options or qa.family in CHOICE_BASES:
+        if qa.options or qa.kind in CHOICE_BASES:
             labels[ending(asked)] = (-100, -100, ANSWER_WORDS.index(answer))
         for k, option in enumerate(qa.options):
             labels[ending(f"{chr(65 + k)}. {option}")] = (k, int(chr(65 + k) == qa.answer), -100)
@@ -240,7 +240,7 @@ class Packer:
         segment = torch.full((n, length), -1)
         targets = torch.full((n, length), -100)
         weights = torch.zeros(n, length)
-        family = torch.full((n, length), -1)
+        kind = torch.full((n, length), -1)
         mentions = torch.full((n, length, len(QUESTION_HEADS)), -100)
         for b, s in enumerate(samples):
             size = len(s["ids"])
@@ -249,7 +249,7 @@ class Packer:
             segment[b, :size] = torch.tensor(s["segment"])
             targets[b, :size] = torch.tensor(s["targets"])
             weights[b, :size] = torch.tensor(s["weights"])
-            family[b, :size] = torch.tensor(s["family"])
+            kind[b, :size] = torch.tensor(s["kind"])
             mentions[b, :size] = torch.tensor(s["mentions"])
         causal = torch.ones(length, length, dtype=torch.bool).tril()
         # a query sees the shared context (segment 0) and its own block; padding (-1) sees padding
@@ -260,12 +260,12 @@ class Packer:
         videos = [s for s in samples if s["grid"] is not None]
         pixels = torch.cat([s["pixels"] for s in videos]) if videos else torch.zeros(0)
         return Batch(ids, positions, (visible & causal)[:, None], pixels,
-                     torch.tensor([s["grid"] for s in videos], dtype=torch.long).view(-1, 3), targets, weights, family,
+                     torch.tensor([s["grid"] for s in videos], dtype=torch.long).view(-1, 3), targets, weights, kind,
                      torch.cat([s["labels"] for s in samples]), mentions)
 
 
 def make_batch(packer: Packer, seed: int, step: int, stage: Stage,
-               questions: tuple[str, ...] = TRAIN_FAMILIES, pruned: float = 0.0) -> Batch:
+               questions: tuple[str, ...] = TRAIN_KINDS, pruned: float = 0.0) -> Batch:
     """Deterministic in (seed, step): the length and the videos of this step, or its text-only samples."""
     rng = np.random.default_rng([seed, step])
     questions = tuple(stage.questions) or questions
@@ -275,7 +275,7 @@ def make_batch(packer: Packer, seed: int, step: int, stage: Stage,
     frames = 2 * int(rng.integers(stage.min_frames // 2, stage.max_frames // 2 + 1))
     videos = [make_video(TRAIN_SEEDS + seed * 10**7 + step * stage.batch + i, frames) for i in range(stage.batch)]
     draws = np.random.default_rng([seed, step, 1])
-    texts = [packer.sample(None, [ASK[TEXT_FAMILIES[k % len(TEXT_FAMILIES)]](None, own) for k in range(4)])
+    texts = [packer.sample(None, [ASK[TEXT_KINDS[k % len(TEXT_KINDS)]](None, own) for k in range(4)])
              for own in np.random.default_rng([seed, step, 2]).spawn(stage.text)]
     return packer.batch([packer.sample(video, video.questions(questions), pruned, draws) for video in videos] + texts)
 
@@ -373,7 +373,7 @@ class Probes(torch.nn.Module):
 
 def batch_loss(model: Qwen2VLForConditionalGeneration, batch: Batch, probes: Probes | None = None):
     """(answer loss: mean over questions of the mean cross-entropy of their answer tokens,
-    probe losses [len(PROBE_HEADS)] (zeros without probes), per-family answer loss [len(TRAIN_FAMILIES)])."""
+    probe losses [len(PROBE_HEADS)] (zeros without probes), per-family answer loss [len(TRAIN_KINDS)])."""
     video = model.model.get_video_features(batch.pixels, batch.grids) if len(batch.grids) else None  # text only
     encoded = {"mm_encoder_outputs": {"video": video}} if video is not None else {}
     out = model.model(input_ids=batch.ids, attention_mask=batch.mask, position_ids=batch.positions,
@@ -381,10 +381,10 @@ def batch_loss(model: Qwen2VLForConditionalGeneration, batch: Batch, probes: Pro
     where = batch.targets != -100
     logits = model.lm_head(out.last_hidden_state[where]).float()  # only where there is a loss
     losses = F.cross_entropy(logits, batch.targets[where], reduction="none") * batch.weights[where]
-    family = batch.family[where]
-    zeros = torch.zeros(len(TRAIN_FAMILIES), device=losses.device)
-    weight = zeros.index_add(0, family, batch.weights[where]).clamp(min=1e-9)
-    per_family = zeros.index_add(0, family, losses.detach()) / weight
+    kind = batch.kind[where]
+    zeros = torch.zeros(len(TRAIN_KINDS), device=losses.device)
+    weight = zeros.index_add(0, kind, batch.weights[where]).clamp(min=1e-9)
+    per_family = zeros.index_add(0, kind, losses.detach()) / weight
     answer = losses.sum() / batch.weights.sum()
     if probes is None:
         return answer, answer.new_zeros(len(PROBE_HEADS)), per_family
@@ -458,8 +458,8 @@ def train(config: TrainConfig, out: Path | None, log=print,
             step += 1
             if step % config.log_every == 0 or step == total:
                 mean = torch.stack(running).mean(dim=0).tolist()
-                families = dict(zip(TRAIN_FAMILIES, mean[1:]))
-                heads = dict(zip(PROBE_HEADS, mean[1 + len(TRAIN_FAMILIES):]))
+                families = dict(zip(TRAIN_KINDS, mean[1:]))
+                heads = dict(zip(PROBE_HEADS, mean[1 + len(TRAIN_KINDS):]))
                 entry = dict(step=step, stage=number, frames=[stage.min_frames, stage.max_frames], loss=mean[0],
                              families=families, probes=heads, seconds=time.perf_counter() - started)
                 history.append(entry)

@@ -57,11 +57,11 @@ PLACES = ("top left", "top", "top right", "left", "middle", "right", "bottom lef
 COUNT_ANSWERS = tuple(str(n) for n in range(MAX_REPEATS + 1))
 
 # Question families scored by the synthetic evaluation, and those trained for the benchmark sets and the probe.
-FAMILIES = ("first", "where", "duration", "together", "count")
+QUESTION_KINDS = ("first", "where", "duration", "together", "count")
 DESCRIBE = "describe"
-TRAIN_FAMILIES = (*FAMILIES, DESCRIBE, "last", "choice", "recount", "pick")
-TEXT_FAMILIES = ("pick",)  # those that need no video
-CHOICE_BASES = (*FAMILIES, "last")  # the families a `choice` question puts as multiple choice
+TRAIN_KINDS = (*QUESTION_KINDS, DESCRIBE, "last", "choice", "recount", "pick")
+TEXT_KINDS = ("pick",)  # those that need no video
+CHOICE_BASES = (*QUESTION_KINDS, "last")  # the families a `choice` question puts as multiple choice
 # "plain" is how a user might write a multiple-choice question; the builtin learns its letter first and
 # fastest (configs/train/builtin_tune.toml), the benchmarks' longer wordings after it
 CHOICE_PROMPTS = {"videomme": lambda question, options: videomme_prompt(question, lettered(options)),
@@ -91,12 +91,12 @@ class Event:
 
 @dataclass(frozen=True)
 class QA:
-    family: str
+    kind: str  # which kind of question: a key of ASK
     question: str
     answer: str
     choices: int  # answers that were possible: chance is 1 / choices
     options: tuple[str, ...] = ()  # a `choice` question's options, lettered A, B, ... in the prompt
-    asked: str = ""  # the question of another family that a `choice` question puts (its answer: the right option)
+    asked: str = ""  # the question of another kind that a `choice` question puts (its answer: the right option)
 
 
 def _episode_shapes(rng: np.random.Generator, count: int, doubles: int, longest: int) -> list[list[tuple[int, int]]]:
@@ -199,7 +199,7 @@ class SyntheticVideo:
         """The other event of `event`'s episode, if it has one."""
         return next((e for e in self.events if e.episode == event.episode and e != event), None)
 
-    def questions(self, families: tuple[str, ...] = FAMILIES) -> list[QA]:
+    def questions(self, families: tuple[str, ...] = QUESTION_KINDS) -> list[QA]:
         """One question per family, in the order given; deterministic by the video's seed."""
         rng = np.random.default_rng([self.seed, self.num_frames, 1])
         return [ASK[family](self, rng) for family in families]
@@ -291,7 +291,7 @@ ANSWER_WORDS = tuple(dict.fromkeys(a for f in CHOICE_BASES for a in answer_space
 
 def multiple_choice(qa: QA, rng: np.random.Generator, options: int = OPTIONS) -> tuple[list[str], int]:
     """`qa`'s answer among `options - 1` others of its family, shuffled: (options, index of the right one)."""
-    others = [a for a in answer_space(qa.family) if a != qa.answer]
+    others = [a for a in answer_space(qa.kind) if a != qa.answer]
     chosen = [qa.answer, *rng.choice(others, size=options - 1, replace=False).tolist()]
     order = rng.permutation(options)
     return [chosen[i] for i in order], int(np.argmax(order == 0))
@@ -327,12 +327,12 @@ ASK = {"first": ask_first, "where": ask_where, "duration": ask_duration, "togeth
 
 # --- long streams: questions about what is happening now, after much else ---------------------------
 
-RECENT_FAMILIES = ("where", "duration", "together")  # families that name their object, so they can point at the end
+RECENT_KINDS = ("where", "duration", "together")  # families that name their object, so they can point at the end
 
 
 def long_stream(seed: int, frames: int, final_frames: int = 96) -> tuple[list[np.ndarray], list[QA]]:
     """A stream of `frames` frames whose last `final_frames` are video `seed`, after generated videos of 384
-    frames (cut to fit), and the questions of RECENT_FAMILIES about that last video whose object never appears
+    frames (cut to fit), and the questions of RECENT_KINDS about that last video whose object never appears
     before it: what a memory must keep of the present once it is full."""
     if frames < final_frames or (frames - final_frames) % 2:
         raise ValueError(f"frames must be >= final_frames and leave an even filler, got {frames}, {final_frames}")
@@ -347,5 +347,5 @@ def long_stream(seed: int, frames: int, final_frames: int = 96) -> tuple[list[np
     named = {"where": lambda q: q.question.removeprefix("Where was the ").removesuffix("?"),
              "duration": lambda q: q.question.removeprefix("How many frames did the ").removesuffix(" stay?"),
              "together": lambda q: q.question.removeprefix("What colour was shown with the ").removesuffix("?")}
-    questions = [q for q in final.questions(RECENT_FAMILIES) if named[q.family](q) not in earlier]
+    questions = [q for q in final.questions(RECENT_KINDS) if named[q.kind](q) not in earlier]
     return filler + final.frames(), questions

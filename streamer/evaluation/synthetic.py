@@ -43,7 +43,7 @@ from memory.policy import ChunkContext, MemoryPolicy, ProbedPolicy, Selection
 from memory.probe import ProbeConfig, chunk_importance, js_divergence, kept_indices
 from memory.registry import make_policy
 from streamer.builtin.train import TRAIN_SEEDS
-from streamer.builtin.videos import BUILTIN_PRESET, FAMILIES, QA, make_video
+from streamer.builtin.videos import BUILTIN_PRESET, QUESTION_KINDS, QA, make_video
 from streamer.config import load_config
 from streamer.engine.models import checkpoint_directory, load_model, resolve_device
 from streamer.engine.runner import Runner
@@ -200,7 +200,7 @@ def summarize(run: Run, frames: int, sweep: list[Run], resamples: int) -> dict:
     row = dict(policy=run.policy, label=run.label, options=run.options, frames=frames, videos=len(scores),
                accuracy=100 * float(scores.mean()),
                accuracy_interval=[100 * v for v in bootstrap_interval(scores, resamples)],
-               families=dict(zip(FAMILIES, families.tolist())), memory_fraction=run.memory_fraction,
+               families=dict(zip(QUESTION_KINDS, families.tolist())), memory_fraction=run.memory_fraction,
                memory_tokens=float(np.mean(run.memory_tokens)), full_tokens=float(np.mean(run.full_tokens)),
                answer_js=float(run.mean_js().mean()), probe_s_per_chunk=timings["probe"],
                search_s_per_chunk=timings["search"], seconds=run.seconds)
@@ -411,13 +411,13 @@ def probe_for(probe: ProbeConfig, question: str) -> ProbeConfig:
 def chance_rows(questions: list[QA]) -> dict:
     """Per family: uniform guessing (mean 1/choices) and always giving the most frequent answer."""
     rows = {"uniform guess": {}, "most frequent answer": {}}
-    for family in FAMILIES:
-        asked = [qa for qa in questions if qa.family == family]
+    for family in QUESTION_KINDS:
+        asked = [qa for qa in questions if qa.kind == family]
         answers = [qa.answer for qa in asked]
         rows["uniform guess"][family] = 100 * sum(1 / qa.choices for qa in asked) / len(asked)
         rows["most frequent answer"][family] = 100 * max(answers.count(a) for a in set(answers)) / len(answers)
     for row in rows.values():
-        row["overall"] = sum(row[f] for f in FAMILIES) / len(FAMILIES)  # every family has one question per video
+        row["overall"] = sum(row[f] for f in QUESTION_KINDS) / len(QUESTION_KINDS)  # every family has one question per video
     return rows
 
 
@@ -433,19 +433,19 @@ def format_tables(summary: dict) -> str:
         rows = [row for row in summary["results"] if row["frames"] == length]
         lines += [f"### {length} frames ({rows[0]['videos']} videos, one question per family each)", "",
                   "| policy | memory | accuracy | 95% interval | vs uniform, same memory | 95% interval | answer JS "
-                  "(uniform, same memory) | " + " | ".join(FAMILIES) + " |",
-                  "|---|---:|---:|---|---:|---|---|" + "---:|" * len(FAMILIES)]
+                  "(uniform, same memory) | " + " | ".join(QUESTION_KINDS) + " |",
+                  "|---|---:|---:|---|---:|---|---|" + "---:|" * len(QUESTION_KINDS)]
         for row in rows:
             versus = f"{row['vs_uniform']:+.1f}" if row.get("vs_uniform") is not None else ""
             js = f"{row['answer_js']:.4f}"
             if row.get("uniform_answer_js") is not None:
                 js += f" ({row['uniform_answer_js']:.4f})"
-            families = " | ".join(f"{row['families'][f]:.1f}" for f in FAMILIES)
+            families = " | ".join(f"{row['families'][f]:.1f}" for f in QUESTION_KINDS)
             lines.append(f"| {row['label']} | {100 * row['memory_fraction']:.1f}% | {row['accuracy']:.1f} | "
                          f"{_interval(row['accuracy_interval'])} | {versus} | {_interval(row.get('vs_uniform_interval'))}"
                          f" | {js} | {families} |")
         for name, chance in summary["chance"][length].items():
-            cells = " | ".join(f"{chance[f]:.1f}" for f in FAMILIES)
+            cells = " | ".join(f"{chance[f]:.1f}" for f in QUESTION_KINDS)
             lines.append(f"| *chance: {name}* | | {chance['overall']:.1f} | | | | | {cells} |")
         lines.append("")
     return "\n".join(lines)
