@@ -15,7 +15,7 @@ from streamer.evaluation import synthetic
 from streamer.evaluation.answers import DEFAULT_SCORING, SCORING
 from streamer.evaluation.results import format_table
 from streamer.evaluation.harness import Distributed, config_id
-from streamer.evaluation.run import run
+from streamer.evaluation.videomme import run
 
 log = logging.getLogger("streamer")
 
