@@ -5,18 +5,12 @@ from __future__ import annotations
 import json
 
 from streamer.cli.switches import add_run_switches, config_from_args
-from streamer.evaluation import harness, ovobench, streamingbench, timed
-
-BENCHMARKS = {
-    "ovobench": ("OVO-Bench", ovobench, "OVO-Bench's data/ovo_bench_new.json",
-                 "folder of its source videos (the paths in the file are relative to it)"),
-    "streamingbench": ("StreamingBench", streamingbench, "one of StreamingBench's src/data/questions_{real,omni,sqa}.json",
-                       "folder of its videos (found by the file's path below it, or by file name)"),
-}
-
+from streamer.evaluation import harness, timed
+from streamer.evaluation.registry import TIMED_BENCHMARKS
 
 def add_parsers(benchmarks) -> None:
-    for command, (title, _, questions_help, videos_help) in BENCHMARKS.items():
+    for command, module in TIMED_BENCHMARKS.items():
+        title = module.TITLE
         p = benchmarks.add_parser(
             command, help=f"{title}: each question answered at its moment of the stream",
             description=f"Answer {title}'s questions, one JSON line per question in --out (an existing --out is "
@@ -24,8 +18,8 @@ def add_parsers(benchmarks) -> None:
                         "against the memory when the stream reaches its time, no later frame seen; clip mode: "
                         "the video up to the question's time given afresh, as the papers evaluate. Under "
                         "torchrun, videos are shared out across the processes, one GPU each.")
-        p.add_argument("--questions", required=True, help=questions_help)
-        p.add_argument("--videos", required=True, help=videos_help)
+        p.add_argument("--questions", required=True, help=module.QUESTIONS)
+        p.add_argument("--videos", required=True, help=module.VIDEOS)
         p.add_argument("--out", default=f"{command}.jsonl", help="result lines (JSONL); questions already in it are skipped")
         p.add_argument("--mode", choices=timed.MODES, default="stream",
                        help="stream: one memory per video, questions asked as it plays (default); clip: a fresh "
@@ -38,7 +32,7 @@ def add_parsers(benchmarks) -> None:
 
 
 def run(args) -> int:
-    title, module, _, _ = BENCHMARKS[args.benchmark_name]
+    module = TIMED_BENCHMARKS[args.benchmark_name]
     config = config_from_args(args)
     if args.prefetch < 1:
         raise ValueError(f"--prefetch must be >= 1, got {args.prefetch}")
@@ -54,7 +48,7 @@ def run(args) -> int:
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
-    print(f"{title}, {args.mode} mode, {summary['model']}, memory {summary['policy']}")
+    print(f"{module.TITLE}, {args.mode} mode, {summary['model']}, memory {summary['policy']}")
     print(module.format_table(summary))
     print(timed.format_run(summary))
     return 0

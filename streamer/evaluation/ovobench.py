@@ -23,6 +23,10 @@ from streamer.engine.benchmark_prompts import OVO_CRR_PROMPT, OVO_SSR_PROMPT, ov
 from streamer.evaluation.results import tally
 from streamer.evaluation.timed import TimedQuestion, read_list
 
+TITLE = "OVO-Bench"
+QUESTIONS = "OVO-Bench's data/ovo_bench_new.json"  # what `--questions` names
+VIDEOS = "folder of its source videos (the paths in the file are relative to it)"
+
 BACKWARD = ("EPM", "ASI", "HLD")
 REALTIME = ("OCR", "ACR", "ATR", "STU", "FPD", "OJR")
 FORWARD = ("REC", "SSR", "CRR")

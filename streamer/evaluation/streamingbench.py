@@ -23,6 +23,10 @@ from streamer.engine.benchmark_prompts import (STREAMINGBENCH_SQA_CONTEXT, STREA
 from streamer.evaluation.results import format_rows, tally
 from streamer.evaluation.timed import TimedQuestion, read_list
 
+TITLE = "StreamingBench"
+QUESTIONS = "one of StreamingBench's src/data/questions_{real,omni,sqa}.json"  # what `--questions` names
+VIDEOS = "folder of its videos (found by the file's path below it, or by file name)"
+
 
 def seconds(stamp: str) -> int:
     """'HH:MM:SS' (or 'MM:SS', 'SS') -> seconds."""
