@@ -9,6 +9,7 @@ import pytest
 from conftest import random_frames
 from test_server import png, png_claiming, running_server
 
+from streamer.builtin.videos import make_video
 from streamer.service.client import StreamerClient
 from streamer.service.protocol import ServerLimits
 
@@ -58,7 +59,7 @@ async def push_untimed(client, frames):  # as input_image items come: no timesta
 
 
 def test_the_sdk_streams_frames_and_gets_the_native_answer(tiny_runner):
-    frames = random_frames(8)
+    frames = make_video(1, 16).frames()  # a built-in video's frames, as input_image items
 
     async def scenario(url):
         native = await native_answer(url, frames, QUESTION, 5)
@@ -67,8 +68,8 @@ def test_the_sdk_streams_frames_and_gets_the_native_answer(tiny_runner):
             await connection.session.update(session=dict(type="realtime", output_modalities=["text"],
                                                           max_output_tokens=5, video_memory=dict(chunk_frames=4)))
             updated = await events_until(connection, "session.updated")
-            await connection.conversation.item.create(item=image_item(frames[:5]))
-            await connection.conversation.item.create(item=image_item(frames[5:]))
+            await connection.conversation.item.create(item=image_item(frames[:9]))
+            await connection.conversation.item.create(item=image_item(frames[9:]))
             await connection.conversation.item.create(item=text_item(QUESTION))
             await connection.response.create()
             events = await events_until(connection, "response.done")
@@ -91,7 +92,7 @@ def test_the_sdk_streams_frames_and_gets_the_native_answer(tiny_runner):
     assert done.status == "completed" and done.output[0].content[0].text == native
     assert 1 <= done.usage.output_tokens <= 5
     frames_ingested = getattr(stats, "frames_received", None) or stats.to_dict()["frames_received"]
-    assert frames_ingested == 8
+    assert frames_ingested == 16
 
 
 def test_a_response_is_cancelled_and_the_session_goes_on(tiny_runner, monkeypatch):
