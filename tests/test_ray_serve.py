@@ -3,6 +3,7 @@ cluster, shared by this module's tests (the cluster and its replicas take ~15 s 
 compared with the standalone websockets server on the same model and frames."""
 
 import asyncio
+import base64
 import json
 import threading
 import time
@@ -117,6 +118,25 @@ def test_concurrent_sessions_spread_over_replicas_and_answer_as_the_standalone_s
     ready = json.loads(urllib.request.urlopen(http + "/health/ready", timeout=60).read())
     assert ready["status"] == "ready"
     print(f"{SESSIONS} sessions through Serve in {seconds:.1f} s")
+
+
+def test_the_page_and_chat_completions_work_through_serve(cluster, standalone):
+    """The routes of issue 34 are the same ASGI app's: the page at /, and a streamed chat completion over frames
+    answered as the standalone server answers it."""
+    openai = pytest.importorskip("openai")
+    frames, question = video(3)
+    messages = [dict(role="user", content=[*[dict(type="image_url", image_url=dict(
+        url="data:image/png;base64," + base64.b64encode(png(image)).decode())) for image in frames[:8]],
+        dict(type="text", text=question)])]
+
+    def answer(url):
+        client = openai.OpenAI(base_url=url.replace("ws://", "http://") + "/v1", api_key="k", max_retries=0)
+        chunks = client.chat.completions.create(model="m", messages=messages, max_tokens=8, stream=True)
+        return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+    page = urllib.request.urlopen(cluster[0].replace("ws://", "http://") + "/", timeout=30).read().decode()
+    assert '<script id="server-info"' in page and "{{SERVER_INFO}}" not in page
+    assert answer(cluster[0]) == answer(standalone)
 
 
 def test_hostile_inputs_are_refused_through_serve_as_by_the_standalone_server(cluster, standalone, clip):
