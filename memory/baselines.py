@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from memory.policy import ChunkContext, MemoryPolicy, ProbedPolicy, Selection, check_ratio
+from memory.policy import ChunkContext, MemoryPolicy, ProbeScores, ScoringPolicy, Selection, check_ratio
 from memory.probe import keep_top, kept_indices
 from memory.store import KVMemory
 
@@ -25,18 +25,17 @@ class FullPolicy(MemoryPolicy):
 
 
 @dataclass(kw_only=True)
-class UniformPolicy(ProbedPolicy):
-    """The same ratio in every layer, tokens chosen by the probe's importance."""
+class UniformRatios(ScoringPolicy):
+    """Ratios: the same fraction of each chunk's video tokens in every layer."""
 
-    name = "uniform"
     ratio: float = 0.1  # fraction of each chunk's video tokens every layer keeps
 
     def __post_init__(self):
         super().__post_init__()
-        check_ratio("uniform ratio", self.ratio)
+        check_ratio(f"{self.name} ratio", self.ratio)
 
-    def select(self, ctx: ChunkContext) -> Selection:
-        return self.select_ratios(ctx, [self.ratio] * ctx.model.num_layers)
+    def ratios(self, ctx: ChunkContext) -> list[float]:
+        return [self.ratio] * ctx.model.num_layers
 
 
 def pyramid_ratios(ratio: float, beta: float, layers: int) -> list[float]:
@@ -49,21 +48,58 @@ def pyramid_ratios(ratio: float, beta: float, layers: int) -> list[float]:
 
 
 @dataclass(kw_only=True)
-class PyramidPolicy(ProbedPolicy):
-    """More tokens in lower layers, fewer in upper ones, at a fixed total."""
+class PyramidRatios(ScoringPolicy):
+    """Ratios: more in lower layers, fewer in upper ones, at the same total as UniformRatios at `ratio`."""
 
-    name = "pyramid"
     ratio: float = 0.1  # mean fraction kept over layers: the same total as uniform at this ratio
     beta: float = 20.0  # PyramidKV's steepness: the top layer keeps ratio / beta
 
     def __post_init__(self):
         super().__post_init__()
-        check_ratio("pyramid ratio", self.ratio)
+        check_ratio(f"{self.name} ratio", self.ratio)
         if not (self.beta >= 1 and math.isfinite(self.beta)):
-            raise ValueError(f"pyramid beta must be a finite number >= 1, got {self.beta}")
+            raise ValueError(f"{self.name} beta must be a finite number >= 1, got {self.beta}")
 
-    def select(self, ctx: ChunkContext) -> Selection:
-        return self.select_ratios(ctx, pyramid_ratios(self.ratio, self.beta, ctx.model.num_layers))
+    def ratios(self, ctx: ChunkContext) -> list[float]:
+        return pyramid_ratios(self.ratio, self.beta, ctx.model.num_layers)
+
+
+@dataclass(kw_only=True)
+class RandomScores(ScoringPolicy):
+    """Scores: uniform random, per layer and head, from its own seeded generator."""
+
+    seed: int = 0
+    generator: torch.Generator = field(init=False, repr=False, compare=False)
+    evict_by_score = False  # its draws say nothing about a token: evictions go by the memory's own order
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.generator = torch.Generator().manual_seed(self.seed)
+
+    def score(self, ctx: ChunkContext) -> list[torch.Tensor]:
+        return [torch.rand(ctx.model.kv_heads, ctx.chunk_len, generator=self.generator)
+                for _ in range(ctx.model.num_layers)]
+
+
+@dataclass(kw_only=True)
+class UniformPolicy(UniformRatios, ProbeScores):
+    """The same ratio in every layer, tokens chosen by the probe's importance."""
+
+    name = "uniform"
+
+
+@dataclass(kw_only=True)
+class PyramidPolicy(PyramidRatios, ProbeScores):
+    """More tokens in lower layers, fewer in upper ones, at a fixed total, chosen by the probe's importance."""
+
+    name = "pyramid"
+
+
+@dataclass(kw_only=True)
+class RandomPolicy(UniformRatios, RandomScores):
+    """A random subset of each chunk per layer and head: the floor any scoring must beat."""
+
+    name = "random"
 
 
 @dataclass(kw_only=True)
@@ -132,24 +168,3 @@ class RecentPolicy(MemoryPolicy):
         scores = times.float().expand(ctx.model.kv_heads, -1).contiguous()  # older = evicted first under a budget
         layers = ctx.model.num_layers
         return Selection([kept_indices(keep)] * layers, [scores] * layers, forget_before=since)
-
-
-@dataclass(kw_only=True)
-class RandomPolicy(MemoryPolicy):
-    """A random subset of each chunk per layer and head: the floor any scoring must beat."""
-
-    name = "random"
-    ratio: float = 0.1
-    seed: int = 0
-    generator: torch.Generator = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self):
-        check_ratio("random ratio", self.ratio)
-        self.generator = torch.Generator().manual_seed(self.seed)
-
-    def select(self, ctx: ChunkContext) -> Selection:
-        kept = []
-        for _ in range(ctx.model.num_layers):
-            scores = torch.rand(ctx.model.kv_heads, ctx.chunk_len, generator=self.generator)
-            kept.append(kept_indices(keep_top(scores, ctx.protected, self.ratio)))
-        return Selection(kept, report=dict(ratios=[self.ratio] * ctx.model.num_layers))

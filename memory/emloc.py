@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from memory.baselines import pyramid_ratios
 from memory.policy import ChunkContext, ProbedPolicy, Selection, check_ratio
-from memory.probe import chunk_importance, js_divergence, keep_count, kept_indices, outlier_count, ratio_tokens
+from memory.probe import js_divergence, keep_count, kept_indices, outlier_count, ratio_tokens
 
 
 def layer_groups(num_layers: int, group_size: int) -> list[range]:
@@ -79,8 +79,7 @@ class EmlocPolicy(ProbedPolicy):
     def select(self, ctx: ChunkContext) -> Selection:
         num_layers = ctx.model.num_layers
         start = time.perf_counter()
-        runs = self.run_probes(ctx)
-        scores = chunk_importance(runs, self.probe.smoothing)
+        runs, scores = self.probe_scores(ctx)
         probe_s = time.perf_counter() - start
 
         groups = layer_groups(num_layers, self.group_size)

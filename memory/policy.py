@@ -12,7 +12,8 @@ and optionally a temporal position before which the memory forgets what it holds
 Protected tokens are always kept.
 
 A policy is one dataclass: its fields are its options (what configs and clients may set), its
-`__post_init__` checks them, `select` does the work (see memory/baselines.py, memory/emloc.py).
+`__post_init__` checks them, `select` does the work (see memory/baselines.py, memory/emloc.py). One that
+only ranks tokens writes `score` and takes a ratio rule (ScoringPolicy): the base does the keeping.
 """
 
 from __future__ import annotations
@@ -58,26 +59,64 @@ def check_ratio(name: str, ratio: float) -> None:
 class MemoryPolicy:
     name: ClassVar[str]
 
+    def __post_init__(self):  # the end of the chain of checks its parts' __post_init__ make
+        pass
+
     def select(self, ctx: ChunkContext) -> Selection:
         raise NotImplementedError
 
 
-@dataclass
+@dataclass(kw_only=True)
+class ScoringPolicy(MemoryPolicy):
+    """A policy that only ranks a chunk's tokens (kvpress's ScorerPress): `score` gives each layer's importance
+    [kv_heads, chunk_len], `ratios` how much of each layer's video tokens to keep; the base keeps the top of
+    every head (protected text always) and hands the scores on to rank the tokens for evictions. A scorer and
+    a ratio rule are separate classes (ProbeScores, RandomScores; UniformRatios, PyramidRatios in
+    memory/baselines.py), so a policy is one of each: `class PyramidPolicy(PyramidRatios, ProbeScores)`."""
+
+    evict_by_score: ClassVar[bool] = True  # False: the memory's default order ranks its tokens for evictions
+    probes: ClassVar[bool] = False  # its scores come from probe forwards (timed as the chunk's "probe" stage)
+
+    def score(self, ctx: ChunkContext) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def ratios(self, ctx: ChunkContext) -> list[float]:
+        raise NotImplementedError
+
+    def select(self, ctx: ChunkContext) -> Selection:
+        start = time.perf_counter()
+        scores, ratios = self.score(ctx), self.ratios(ctx)
+        kept = [kept_indices(keep_top(s, ctx.protected, r)) for s, r in zip(scores, ratios)]
+        return Selection(kept, scores if self.evict_by_score else None, report=dict(ratios=ratios),
+                         timings=dict(probe=time.perf_counter() - start) if self.probes else {})
+
+
+@dataclass(kw_only=True)
 class ProbedPolicy(MemoryPolicy):
-    """A policy that scores chunk tokens with the probe. `probe` comes from the [probe] section of a
-    config, not from the policy's own options."""
+    """A policy that runs the probe. `probe` comes from the [probe] section of a config, not from the
+    policy's own options."""
 
     probe: ProbeConfig = field(default_factory=ProbeConfig)
 
     def __post_init__(self):
+        super().__post_init__()
         self.probe.validate()
 
     def run_probes(self, ctx: ChunkContext) -> list[ChunkProbe]:
         return [ctx.model.probe(prompt, self.probe) for prompt in self.probe.prompts]
 
-    def select_ratios(self, ctx: ChunkContext, ratios: list[float]) -> Selection:
-        """Keep ratios[l] of the chunk's video tokens in layer l, by probe importance."""
-        start = time.perf_counter()
-        scores = chunk_importance(self.run_probes(ctx), self.probe.smoothing)
-        kept = [kept_indices(keep_top(s, ctx.protected, r)) for s, r in zip(scores, ratios)]
-        return Selection(kept, scores, report=dict(ratios=ratios), timings=dict(probe=time.perf_counter() - start))
+    def probe_scores(self, ctx: ChunkContext) -> tuple[list[ChunkProbe], list[torch.Tensor]]:
+        """The probe forwards and the importance they give each chunk token, per layer: the one ranking every
+        probed policy keeps by (EMLoC's search included)."""
+        runs = self.run_probes(ctx)
+        return runs, chunk_importance(runs, self.probe.smoothing)
+
+
+@dataclass(kw_only=True)
+class ProbeScores(ScoringPolicy, ProbedPolicy):
+    """Scores: the probe's importance (memory/probe.py chunk_importance)."""
+
+    probes = True
+
+    def score(self, ctx: ChunkContext) -> list[torch.Tensor]:
+        return self.probe_scores(ctx)[1]

@@ -39,8 +39,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from memory.policy import ChunkContext, MemoryPolicy, ProbedPolicy, Selection
-from memory.probe import ProbeConfig, chunk_importance, js_divergence, kept_indices
+from memory.policy import ChunkContext, MemoryPolicy, ProbedPolicy, ProbeScores, Selection
+from memory.probe import ProbeConfig, js_divergence, kept_indices
 from memory.registry import make_policy
 from streamer.builtin.train import TRAIN_SEEDS
 from streamer.builtin.videos import BUILTIN_PRESET, QUESTION_KINDS, QA, make_video
@@ -121,7 +121,7 @@ class OraclePolicy(ProbedPolicy):
         if not self.extra:
             return Selection([kept_indices(keep)] * ctx.model.num_layers)
         started = time.perf_counter()
-        scores = chunk_importance(self.run_probes(ctx), self.probe.smoothing)
+        scores = self.probe_scores(ctx)[1]
         probe_s = time.perf_counter() - started
         extra = min(self.extra, int((~shows).sum()))
         kept = []
@@ -132,7 +132,7 @@ class OraclePolicy(ProbedPolicy):
 
 
 @dataclass(kw_only=True)
-class LayerAblation(ProbedPolicy):
+class LayerAblation(ProbeScores):
     """Prunes one layer alone to `ratio` of each chunk (probe-ranked, as uniform does) and keeps every
     other layer whole: how much the answers need that layer's memory."""
 
@@ -140,10 +140,10 @@ class LayerAblation(ProbedPolicy):
     layer: int
     ratio: float
 
-    def select(self, ctx: ChunkContext) -> Selection:
+    def ratios(self, ctx: ChunkContext) -> list[float]:
         ratios = [1.0] * ctx.model.num_layers
         ratios[self.layer] = self.ratio
-        return self.select_ratios(ctx, ratios)
+        return ratios
 
 
 @dataclass
