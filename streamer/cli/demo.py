@@ -89,7 +89,7 @@ async def demo_session(args, config, video: Path, synthetic, url: str) -> None:
             correct = answer["text"].strip().lower().startswith(qa.answer.lower())
             right += correct
             print(f"   expected {qa.answer!r}: {'right' if correct else 'wrong'} "
-                  f"({qa.family}; chance 1 in {qa.choices})")
+                  f"({qa.kind}; chance 1 in {qa.choices})")
         print(f"{right} of {len(synthetic.questions())} right")
         progress = []
         while not client.events.empty():
