@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from memory.store import HISTORY, TOKEN_FIELDS, KVMemory, LayerMemory, check_age_power, chunk_ranks
+from memory.store import HISTORY, TOKEN_FIELDS, ChunkRecord, KVMemory, LayerMemory, check_age_power, chunk_ranks
 
 SNAPSHOT_FORMAT = "video-streamer-memory"
 # 3: a history of four numbers per chunk, reports of the newest chunks only; 2: each token's chunk and rank
@@ -32,6 +32,12 @@ V1_TENSOR_FIELDS = ("keys", "values", "positions", "importance")
 STREAM_FIELDS = tuple(f.name for f in dataclasses.fields(KVMemory) if f.name != "layers")
 
 
+def stream_fields(memory: KVMemory) -> dict:
+    """The memory's fields but its tensors, as a snapshot's JSON header holds them."""
+    return {name: [c.to_dict() for c in memory.chunks] if name == "chunks" else getattr(memory, name)
+            for name in STREAM_FIELDS}
+
+
 def save_memory(memory: KVMemory, path, identity: dict, config: dict | None = None) -> None:
     """Write `memory` to `path` atomically: an interrupted save leaves any old file there intact."""
     path = Path(path)
@@ -40,7 +46,7 @@ def save_memory(memory: KVMemory, path, identity: dict, config: dict | None = No
     _, kv_heads, _, head_dim = memory.layers[0].keys.shape
     meta = dict(model=identity, config=config or {}, dtype=str(memory.layers[0].keys.dtype).removeprefix("torch."),
                 num_layers=len(memory.layers), kv_heads=kv_heads, head_dim=head_dim,
-                stream={name: getattr(memory, name) for name in STREAM_FIELDS},
+                stream=stream_fields(memory),
                 created_at=datetime.now(timezone.utc).isoformat())
     header = dict(format=SNAPSHOT_FORMAT, version=str(SNAPSHOT_VERSION), meta=json.dumps(meta))
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -246,6 +252,11 @@ def load_memory(path, identity: dict | None, device="cpu", dtype=None) -> tuple[
         for name in ("positions", "importance", "chunk", "rank"):
             setattr(layer, name, getattr(layer, name).to(device))
     stream = dict(meta["stream"])
+    try:
+        stream["chunks"] = [ChunkRecord.from_dict(record) for record in stream["chunks"]]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{path} is damaged: a chunk report of its header is incomplete ({exc}); save it again") \
+            from None
     if stream["grid_hw"] is not None:
         stream["grid_hw"] = tuple(stream["grid_hw"])  # JSON has no tuples
     return KVMemory(layers=layers, **stream), meta

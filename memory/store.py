@@ -38,6 +38,44 @@ class LayerMemory:
 
 
 @dataclass
+class ChunkRecord:
+    """What ingesting one chunk did (KVMemory.chunks keeps the newest `records` of them). Written out flat
+    (to_dict: `streamer ask --json`, snapshots), the policy's own keys beside the others."""
+
+    frames: int
+    tokens: int  # the chunk's tokens: its video and the text between its frames
+    video_tokens: int
+    kept: list[int]  # of the chunk's tokens, per layer
+    evicted: list[int]  # older tokens evicted or forgotten to make room for it, per layer
+    memory_tokens: float  # the memory's mean tokens per layer after it
+    chosen: dict = field(default_factory=dict)  # the policy's report (ratios, js, ...; `capped` by the budget)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage: the runner's, the policy's, reading
+
+    @property
+    def ratios(self) -> list[float] | None:
+        return self.chosen.get("ratios")
+
+    @property
+    def js(self) -> list[float] | None:
+        return self.chosen.get("js")
+
+    def to_dict(self) -> dict:
+        record = dict(self.chosen, frames=self.frames, tokens=self.tokens, video_tokens=self.video_tokens,
+                      kept=self.kept, evicted=self.evicted, memory_tokens=self.memory_tokens)
+        return dict(record, timings=self.timings) if self.timings else record
+
+    @classmethod
+    def from_dict(cls, record: dict) -> "ChunkRecord":
+        """A record as to_dict wrote it; an older snapshot's may lack video_tokens (then all its tokens were)."""
+        own = ("frames", "tokens", "kept", "evicted", "memory_tokens", "video_tokens", "timings")
+        kept = list(record["kept"])
+        return cls(frames=record["frames"], tokens=record["tokens"], video_tokens=record.get("video_tokens", record["tokens"]),
+                   kept=kept, evicted=list(record.get("evicted", [0] * len(kept))),
+                   memory_tokens=record.get("memory_tokens", sum(kept) / max(len(kept), 1)),
+                   chosen={k: v for k, v in record.items() if k not in own}, timings=dict(record.get("timings", {})))
+
+
+@dataclass
 class KVMemory:
     """The compact context of one stream: per-layer caches plus where the stream stands."""
 
@@ -61,7 +99,7 @@ class KVMemory:
     evicted: int = 0  # tokens (summed over layers) removed to stay within the budget
     # the reports of the newest `records` chunks ingested (older ones are dropped: an endless stream's records
     # must not grow without end); every chunk since the start keeps the four numbers of `history`
-    chunks: list[dict] = field(default_factory=list)
+    chunks: list[ChunkRecord] = field(default_factory=list)
     records: int = 1024
     history: dict[str, list[int]] = field(default_factory=lambda: {name: [] for name in HISTORY})
 
@@ -122,8 +160,8 @@ class KVMemory:
 
     def commit(self, new_kv: list[tuple[torch.Tensor, torch.Tensor]], positions: torch.Tensor,
                protected: torch.Tensor, kept: list[torch.Tensor] | None, scores: list[torch.Tensor] | None, *,
-               frames: int, grid_thw: tuple[int, int, int], fps: float, video_start: int, report: dict,
-               forget_before: int | None = None) -> dict:
+               frames: int, grid_thw: tuple[int, int, int], fps: float, video_start: int, chosen: dict,
+               forget_before: int | None = None) -> ChunkRecord:
         """Append a chunk's kept tokens to every layer, in position order, and advance the stream.
 
         new_kv[l]: the chunk's keys and values in layer l, [1, kv_heads, chunk_len, head_dim];
@@ -133,9 +171,8 @@ class KVMemory:
         grid_thw: the chunk's patch grid; fps: its frame rate; video_start: where the stream's vision block
         starts; forget_before: drop the stored video tokens whose temporal position is below it first. With a
         budget the chunk takes at most half of it (cap_chunk) and old tokens are evicted first (make_room). All or
-        nothing: a chunk refused (frame size, budget) leaves the memory as it was. Returns the chunk's record --
-        `report` plus video_tokens, kept, evicted (per layer, forgotten included), memory_tokens and, when
-        capped, capped -- which is also kept in `chunks`.
+        nothing: a chunk refused (frame size, budget) leaves the memory as it was. Returns the chunk's record
+        (`chosen`: the policy's report, plus `capped` when the budget cut the chunk), also kept in `chunks`.
         """
         self.check_grid(grid_thw[1:])
         self.check_fps(fps)
@@ -143,7 +180,7 @@ class KVMemory:
         heads = self.layers[0].keys.shape[1]
         kept, capped = cap_chunk(self, kept, scores, protected, chunk_len)
         if capped is not None:
-            report = dict(report, capped=capped)
+            chosen = dict(chosen, capped=capped)
         incoming = [chunk_len] * len(self.layers) if kept is None else [k.shape[1] for k in kept]
         # every layer before any changes, so a refused chunk leaves the memory as it was; forgetting frees only
         # what eviction could, so the same chunks fit either way
@@ -172,7 +209,8 @@ class KVMemory:
         self.frames += frames
         self.full_tokens += chunk_len
         video = int((~protected).sum())
-        record = dict(report, video_tokens=video, kept=incoming, evicted=evicted, memory_tokens=self.mean_tokens())
+        record = ChunkRecord(frames=frames, tokens=chunk_len, video_tokens=video, kept=incoming, evicted=evicted,
+                             memory_tokens=self.mean_tokens(), chosen=chosen)
         self.chunks.append(record)  # a fork holds its own list (fork copies it)
         del self.chunks[:-self.records]
         text = chunk_len - video

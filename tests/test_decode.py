@@ -130,10 +130,10 @@ def test_probe_answers_through_the_static_decoder_choose_the_same_memory(tiny_ru
         assert tiny_runner.static_decoder.buffers is not None, "the probe should have used the static decoder"
     finally:
         tiny_runner.static_decoder = saved
-    assert [c["ratios"] for c in static.chunks] == [c["ratios"] for c in eager.chunks] == [[0.5, 0.1, 0.1]] * 2
+    assert [c.ratios for c in static.chunks] == [c.ratios for c in eager.chunks] == [[0.5, 0.1, 0.1]] * 2
     for a, b in zip(static.chunks, eager.chunks):  # every candidate's re-run, accepted (0.1) or not (0.1 in layers 0-1)
-        assert [e[:2] for e in a["evaluations"]] == [e[:2] for e in b["evaluations"]]
-        assert [e[2] for e in a["evaluations"]] == pytest.approx([e[2] for e in b["evaluations"]], abs=1e-5)
+        assert [e[:2] for e in a.chosen["evaluations"]] == [e[:2] for e in b.chosen["evaluations"]]
+        assert [e[2] for e in a.chosen["evaluations"]] == pytest.approx([e[2] for e in b.chosen["evaluations"]], abs=1e-5)
     for a, b in zip(static.layers, eager.layers):
         assert torch.equal(a.positions, b.positions)
         torch.testing.assert_close(a.keys, b.keys, atol=1e-5, rtol=0)

@@ -39,15 +39,15 @@ def commit_chunk(memory: KVMemory, kept: list[int], video: int, generator: torch
         keeps.append(torch.cat([torch.arange(text).expand(HEADS, -1), top], dim=1).sort(dim=1).values)
     new_kv = [(torch.randn(1, HEADS, length, DIM), torch.randn(1, HEADS, length, DIM)) for _ in kept]
     return memory.commit(new_kv, positions, protected, keeps, scores, frames=2, grid_thw=(1, 2, 2), fps=1.0,
-                         video_start=0, report=dict(frames=2, tokens=length))
+                         video_start=0, chosen={})
 
 
 def held_shares(memory: KVMemory, layer: int) -> torch.Tensor:
     """Per chunk, the share of what layer `layer` kept of it that is still held."""
     chunks = memory.layers[layer].chunk[0][torch.isfinite(memory.layers[layer].importance[0])]
     held = torch.bincount(chunks, minlength=len(memory.chunks)).double()
-    text = torch.tensor([r["tokens"] - r["video_tokens"] for r in memory.chunks])
-    kept = torch.tensor([r["kept"][layer] for r in memory.chunks]) - text
+    text = torch.tensor([r.tokens - r.video_tokens for r in memory.chunks])
+    kept = torch.tensor([r.kept[layer] for r in memory.chunks]) - text
     return held / kept
 
 
@@ -177,7 +177,7 @@ def test_an_endless_stream_is_retimed_within_the_models_positions(family_runner,
                 newest = before >= held.next_position - (limit - held.video_start) // 4
                 assert bool((before[newest] - after[newest] == back).all()), "the newest quarter moves as a block"
                 assert bool((after[before < held.video_start] == before[before < held.video_start]).all())
-        assert record["frames"] == 8
+        assert record.frames == 8
     assert memory.time_shift > 0 and memory.frames == 96
     assert family_runner.answer(memory, "What happens?", max_new_tokens=2).token_ids
 

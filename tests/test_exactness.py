@@ -53,7 +53,7 @@ def test_ragged_per_layer_memory_equals_masked_recomputation(family_runner):
     counts = memory.tokens_per_layer()
     assert len(set(counts)) > 1, "the test policy should leave layers with different lengths"
 
-    chunk_lens = [report["tokens"] for report in memory.chunks]
+    chunk_lens = [report.tokens for report in memory.chunks]
     chunk_of = torch.cat([torch.full((n,), c) for c, n in enumerate(chunk_lens)])
 
     def key_mask(layer, seq):

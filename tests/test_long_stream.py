@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from memory.baselines import FullPolicy
-from memory.snapshot import STREAM_FIELDS
+from memory.snapshot import stream_fields
 from memory.store import coverage
 
 pytestmark = pytest.mark.slow
@@ -23,7 +23,7 @@ BUDGET = 96  # tokens per layer: full after a few dozen chunks of 2 frames
 
 
 def header_bytes(memory) -> int:
-    return len(json.dumps({name: getattr(memory, name) for name in STREAM_FIELDS}))
+    return len(json.dumps(stream_fields(memory)))
 
 
 def test_a_long_stream_stays_flat(family_runner):

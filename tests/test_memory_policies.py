@@ -30,7 +30,7 @@ def emloc(delta, ratios=(0.1, 0.5, 1.0), group_size=2, probe=PROBE):
 def kept_mask_reference(runner, memory, full_memory):
     """key_mask for reference.one_shot_logits from the positions each layer and head kept."""
     all_positions = full_memory.layers[0].positions[0]  # [N, 3]; unique per token in this stream
-    chunk_of = torch.cat([torch.full((report["tokens"],), c) for c, report in enumerate(memory.chunks)])
+    chunk_of = torch.cat([torch.full((report.tokens,), c) for c, report in enumerate(memory.chunks)])
 
     def kept(layer, head):
         mine = memory.layers[layer].positions[head]
@@ -54,7 +54,7 @@ def test_delta_zero_keeps_the_full_context(tiny_runner):
     for policy in (emloc(0.0), emloc(0.5, ratios=[1.0])):
         memory = stream(tiny_runner, frames, 4, policy)
         assert memory.tokens_per_layer() == full.tokens_per_layer()
-        assert all(ratio == 1.0 for chunk in memory.chunks for ratio in chunk["ratios"])
+        assert all(ratio == 1.0 for chunk in memory.chunks for ratio in chunk.ratios)
         torch.testing.assert_close(question_logits(tiny_runner, memory, QUESTION),
                                    question_logits(tiny_runner, full, QUESTION), atol=1e-5, rtol=0)
 
@@ -63,10 +63,10 @@ def test_delta_one_takes_the_smallest_ratio_everywhere(tiny_runner):
     frames = random_frames(8, seed=5)
     memory = stream(tiny_runner, frames, 4, emloc(1.0, ratios=[0.1, 0.5, 1.0]))
     for chunk in memory.chunks:
-        assert chunk["ratios"] == [0.1] * 3
+        assert chunk.ratios == [0.1] * 3
         video_tokens = 2 * 8  # 2 frame pairs of 8 tokens
-        protected = chunk["tokens"] - video_tokens
-        assert chunk["kept"] == [math.ceil(0.1 * video_tokens) + protected] * tiny_runner.num_layers
+        protected = chunk.tokens - video_tokens
+        assert chunk.kept == [math.ceil(0.1 * video_tokens) + protected] * tiny_runner.num_layers
 
 
 @pytest.mark.parametrize("group_size", [1, 2, 4, 6])
@@ -77,17 +77,17 @@ def test_group_search_order_and_shared_ratios(tiny_runner, group_size):
     groups = layer_groups(tiny_runner.num_layers, group_size)
     assert [len(g) for g in groups] == [group_size] * (6 // group_size) + ([6 % group_size] if 6 % group_size else [])
     for chunk in memory.chunks:
-        assert len(chunk["ratios"]) == len(groups)
-        order = [g for g, _, _ in chunk["evaluations"]]
+        assert len(chunk.ratios) == len(groups)
+        order = [g for g, _, _ in chunk.chosen["evaluations"]]
         assert order == sorted(order, reverse=True), "groups are searched top-down"
         for g, layers in enumerate(groups):
-            assert len({chunk["kept"][layer] for layer in layers}) == 1, "a group shares one ratio"
-            tried = [ratio for gg, ratio, _ in chunk["evaluations"] if gg == g]
+            assert len({chunk.kept[layer] for layer in layers}) == 1, "a group shares one ratio"
+            tried = [ratio for gg, ratio, _ in chunk.chosen["evaluations"] if gg == g]
             assert tried == sorted(tried), "ratios are tried smallest first"
-        for js, ratio in zip(chunk["js"], chunk["ratios"]):
+        for js, ratio in zip(chunk.js, chunk.ratios):
             assert js <= 0.01
-        for g, ratio, js in chunk["evaluations"]:  # every candidate, evaluated together: the smallest within delta won
-            assert js > 0.01 if ratio < chunk["ratios"][g] else (ratio > chunk["ratios"][g] or js <= 0.01)
+        for g, ratio, js in chunk.chosen["evaluations"]:  # every candidate, evaluated together: the smallest within delta won
+            assert js > 0.01 if ratio < chunk.ratios[g] else (ratio > chunk.ratios[g] or js <= 0.01)
 
 
 def test_recorded_js_matches_a_recomputation_from_scratch(tiny_runner):
@@ -99,15 +99,15 @@ def test_recorded_js_matches_a_recomputation_from_scratch(tiny_runner):
     unpruned, pruned = copy.deepcopy(before), copy.deepcopy(before)
     tiny_runner.ingest(unpruned, frames[4:], FullPolicy())
     report = tiny_runner.ingest(pruned, frames[4:], policy)
-    assert any(r < 1.0 for r in report["ratios"]), "the test needs some pruning"
+    assert any(r < 1.0 for r in report.ratios), "the test needs some pruning"
 
     ids = tiny_runner.suffix_ids(PROBE.prompts[0])
     for _ in range(PROBE.answer_tokens):  # the probe's greedy continuation, on the unpruned memory
         ids.append(int(probe_logits(tiny_runner, unpruned, ids, 1)[-1].argmax()))
     reference = probe_logits(tiny_runner, unpruned, ids, PROBE.js_positions)
     final = probe_logits(tiny_runner, pruned, ids, PROBE.js_positions)
-    assert js_divergence(reference, final) == pytest.approx(report["js"][0], abs=1e-5)
-    assert max(report["js"]) <= 0.05
+    assert js_divergence(reference, final) == pytest.approx(report.js[0], abs=1e-5)
+    assert max(report.js) <= 0.05
 
 
 @torch.inference_mode()
@@ -179,13 +179,13 @@ def test_budget_is_never_exceeded_over_a_long_stream(family_runner, name):
     for chunk in range(50):
         report = family_runner.ingest(memory, frames[2 * chunk:2 * chunk + 2], policy)
         assert sum(memory.tokens_per_layer()) <= budget * family_runner.num_layers  # the layers share the budget
-        newest = memory.layers[0].positions[0][-report["kept"][0]:]
+        newest = memory.layers[0].positions[0][-report.kept[0]:]
         if family_runner.family.timestamps:  # the chunk ends with its pair's <|vision_end|>
             time = memory.next_position - 1
         else:
             time = memory.video_start + int(chunk * family_runner.pair_step(memory.fps))  # one frame pair per chunk
         assert int(newest[-1, 0]) == time, "the newest chunk is kept as chosen"
-    assert memory.evicted > 0 and sum(sum(c["evicted"]) for c in memory.chunks) == memory.evicted
+    assert memory.evicted > 0 and sum(sum(c.evicted) for c in memory.chunks) == memory.evicted
     quarters = [row["of_kept"] for row in coverage(memory)[:4]]  # oldest first: none held better than a newer one
     assert quarters == sorted(quarters) and quarters[-1] > 0, quarters
     prefix = len(family_runner.prefix_ids)
@@ -208,8 +208,8 @@ def test_a_chunk_takes_at_most_half_the_budget(tiny_runner):
     policy = make_policy("uniform", {"ratio": 1.0}, PROBE)
     for start in (0, 8):
         record = tiny_runner.ingest(memory, frames[start:start + 8], policy)
-        assert 0 < record["capped"] < 1
-        assert sum(record["kept"]) <= 40 * tiny_runner.num_layers // 2 + 1
+        assert 0 < record.chosen["capped"] < 1
+        assert sum(record.kept) <= 40 * tiny_runner.num_layers // 2 + 1
     assert sum(memory.tokens_per_layer()) <= 40 * tiny_runner.num_layers
     held = memory.layers[0].chunk[0]
     assert bool((held == 0).any()), "the first chunk is still held after the second came in"
@@ -419,7 +419,7 @@ def test_recent_keeps_only_the_newest_frames(tiny_runner):
     pair_tokens = None
     for start, count in ((0, 4), (4, 4), (8, 2), (10, 2)):  # short chunks, as when a question arrives mid-chunk
         report = tiny_runner.ingest(memory, frames[start:start + count], policy)
-        pair_tokens = pair_tokens or (report["tokens"] - len(tiny_runner.prefix_ids)) // 2
+        pair_tokens = pair_tokens or (report.tokens - len(tiny_runner.prefix_ids)) // 2
         prefix = len(tiny_runner.prefix_ids)
         for layer in memory.layers:
             times = layer.positions[:, prefix:, 0]

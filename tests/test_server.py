@@ -649,7 +649,7 @@ def test_frames_without_a_time_keep_the_streams_time_and_progress_counts_each_st
         progress, stats, records = asyncio.run(scenario(url, server))
     assert [p["until_ts"] for p in progress] == [1.5, 3.5, 5.5]  # frames 3, 7, 11 at 2 fps
     for event, record in zip(progress, records):
-        stages = record["timings"]
+        stages = record.timings
         assert event["seconds"] == pytest.approx(sum(stages[s] for s in ("preprocess", "vision", "prefill", "policy")))
         assert stages["probe"] + stages["search"] <= stages["policy"]
     assert stats["budget"] == ServerLimits().max_budget

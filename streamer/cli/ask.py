@@ -16,7 +16,7 @@ from typing import Callable
 from memory.policy import ProbedPolicy
 from memory.snapshot import load_memory, read_snapshot_meta, save_memory
 from streamer.engine.models import model_identity
-from memory.store import KVMemory, coverage
+from memory.store import ChunkRecord, KVMemory, coverage
 from streamer.cli.switches import add_run_switches, config_from_args
 from streamer.config import Config, override
 from streamer.engine.runner import Answer, Runner, load_runner
@@ -81,13 +81,13 @@ def ask_video(runner: Runner, video: str, question: str, config: Config,
 
     totals = dict.fromkeys((*STAGES, "read"), 0.0)  # summed here: a stream keeps only its newest chunks' reports
 
-    def on_chunk(number: int, chunk: list, record: dict) -> None:
+    def on_chunk(number: int, chunk: list, record: ChunkRecord) -> None:
         for key in totals:
-            totals[key] += record["timings"].get(key, 0.0)
+            totals[key] += record.timings.get(key, 0.0)
         if progress:
-            chosen = f", ratios {' '.join(f'{r:.3g}' for r in record['ratios'])}" if record.get("ratios") else ""
+            chosen = f", ratios {' '.join(f'{r:.3g}' for r in record.ratios)}" if record.ratios else ""
             progress(f"chunk {number}{total_chunks}: {len(chunk)} frames ({chunk[0].ts:.1f}-{chunk[-1].ts:.1f} s), "
-                     f"{record['tokens']} tokens{chosen} -> memory {record['memory_tokens']:.0f} of "
+                     f"{record.tokens} tokens{chosen} -> memory {record.memory_tokens:.0f} of "
                      f"{memory.full_tokens} tokens")
 
     memory = runner.new_memory(**config.memory.limits())
@@ -105,10 +105,11 @@ def ask_video(runner: Runner, video: str, question: str, config: Config,
     return result, memory
 
 
-def chunk_summary(record: dict) -> dict:
+def chunk_summary(record: ChunkRecord) -> dict:
     """The per-chunk fields of the public result: what the policy chose and what it cost."""
     keys = ("frames", "tokens", "ratios", "js", "kept", "evicted", "memory_tokens", "timings")
-    return {key: record[key] for key in keys if key in record}
+    flat = record.to_dict()
+    return {key: flat[key] for key in keys if key in flat}
 
 
 def memory_summary(memory: KVMemory) -> dict:

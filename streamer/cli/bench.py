@@ -133,7 +133,7 @@ def bench_policy(runner: Runner, frames, chunk_frames: int, policy_factory: Call
 
     with PeakMemory(runner.device) as peak:
         seconds, memory = median_run(ingest, runner.device, opts.repeats, opts.warmup)
-    stages = {key: sum(chunk["timings"].get(key, 0.0) for chunk in memory.chunks)
+    stages = {key: sum(chunk.timings.get(key, 0.0) for chunk in memory.chunks)
               for key in ("preprocess", "vision", "prefill", "probe", "search", "policy")}
     ttft, decode = answer_speed(runner, memory, opts)
     eager = {}
@@ -146,15 +146,15 @@ def bench_policy(runner: Runner, frames, chunk_frames: int, policy_factory: Call
     ingest_s = seconds - stages["preprocess"]  # frame preprocessing is CPU work a reader thread can overlap
     flops, context = 0.0, 0.0
     for chunk in memory.chunks:  # each chunk attends to the memory left by the chunks before it
-        flops += llm_prefill_flops(runner.model.config.text_config, chunk["tokens"], context)
-        context = chunk["memory_tokens"]
+        flops += llm_prefill_flops(runner.model.config.text_config, chunk.tokens, context)
+        context = chunk.memory_tokens
     protected = int(torch.isinf(memory.layers[0].importance[0]).sum())  # prompt text (Qwen3-VL: frame text too)
     return dict(ingest_s=ingest_s, stages_s=stages, chunks=len(memory.chunks), memory_tokens=memory.mean_tokens(),
                 full_tokens=memory.full_tokens, retention=memory.mean_tokens() / memory.full_tokens,
                 video_retention=(memory.mean_tokens() - protected) / (memory.full_tokens - protected),
                 prefill_tflops=flops / 1e12,
                 prefill_tflop_per_s=flops / 1e12 / stages["prefill"] if stages["prefill"] else None,
-                ratios=[chunk.get("ratios") for chunk in memory.chunks], peak_gib_above_weights=peak.gib,
+                ratios=[chunk.ratios for chunk in memory.chunks], peak_gib_above_weights=peak.gib,
                 ttft_s=ttft, decode_tokens_per_s=decode, **eager)
 
 

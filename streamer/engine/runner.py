@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from memory.policy import ChunkContext, MemoryPolicy
-from memory.store import KVMemory
+from memory.store import ChunkRecord, KVMemory
 from streamer.config import Config
 from streamer.engine.attention import run_layer
 from streamer.engine.compaction import compact
@@ -187,7 +187,7 @@ class Runner:
 
     @torch.inference_mode()
     def ingest(self, memory: KVMemory, frames: Sequence[np.ndarray], policy: MemoryPolicy,
-               preset: VisionPreset | None = None, fps: float | None = None) -> dict:
+               preset: VisionPreset | None = None, fps: float | None = None) -> ChunkRecord:
         """Prefill one chunk of frames against the memory, let the policy prune it, commit it.
 
         The first chunk of a stream also carries the prompt prefix (the system turn, and <|vision_start|> but in
@@ -240,10 +240,9 @@ class Runner:
             new_kv = [view.new_tokens(layer, chunk_len) for layer in range(self.num_layers)]
             record = memory.commit(new_kv, positions, protected, selection.kept, selection.scores,
                                    frames=len(frames), grid_thw=patches.grid_thw, fps=fps, video_start=video_start,
-                                   report=dict(frames=len(frames), tokens=chunk_len, **selection.report),
-                                   forget_before=selection.forget_before)
-        record["timings"] = dict(preprocess=preprocess_s, vision=vision_s, prefill=prefill_s, policy=timer.seconds,
-                                 **selection.timings)
+                                   chosen=selection.report, forget_before=selection.forget_before)
+        record.timings = dict(preprocess=preprocess_s, vision=vision_s, prefill=prefill_s, policy=timer.seconds,
+                              **selection.timings)
         return record
 
     def check_positions(self, memory: KVMemory, positions: torch.Tensor, frames: int) -> None:

@@ -15,7 +15,7 @@ from typing import TypeVar
 import numpy as np
 
 from memory.policy import MemoryPolicy
-from memory.store import KVMemory
+from memory.store import ChunkRecord, KVMemory
 from streamer.engine.runner import Runner
 from video_io.frames import Frame
 from video_io.preprocess import VisionPreset
@@ -31,7 +31,7 @@ def batched(items: Iterable[T], size: int) -> Iterator[list[T]]:
 
 
 def ingest_video(runner: Runner, frames: Iterable[np.ndarray | Frame], policy: MemoryPolicy, chunk_frames: int,
-                 memory: KVMemory | None = None, on_chunk: Callable[[int, list, dict], None] | None = None,
+                 memory: KVMemory | None = None, on_chunk: Callable[[int, list, ChunkRecord], None] | None = None,
                  preset: VisionPreset | None = None, fps: float | None = None) -> KVMemory:
     """Ingest `frames` (arrays, or video_io Frames) `chunk_frames` at a time into `memory` (default: a new,
     unbounded one) and return it.
@@ -53,7 +53,7 @@ def ingest_video(runner: Runner, frames: Iterable[np.ndarray | Frame], policy: M
         number += 1
         images = [frame.image if isinstance(frame, Frame) else frame for frame in chunk]
         record = runner.ingest(memory, images, policy, preset, fps)
-        record["timings"]["read"] = read_s
+        record.timings["read"] = read_s
         if on_chunk is not None:
             on_chunk(number, chunk, record)
 

@@ -244,7 +244,7 @@ def run_policy(runner: Runner, clips: list, run: Run, make, chunk_frames: int, q
         for group in groups:
             memory = ingest_video(runner, frames, make(video, questions[group[0]].question), chunk_frames)
             memory_tokens.append(memory.mean_tokens())
-            run.chunk_timings += [chunk["timings"] for chunk in memory.chunks]
+            run.chunk_timings += [chunk.timings for chunk in memory.chunks]
             for k in group:
                 qa = questions[k]
                 answer = runner.answer(memory, qa.question, max_new_tokens=4)

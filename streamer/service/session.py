@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from memory.snapshot import load_memory, save_memory
-from memory.store import chunk_stretches, coverage
+from memory.store import ChunkRecord, chunk_stretches, coverage
 from streamer.config import Config
 from streamer.engine.runner import CHUNK_STAGES, DEFAULT_FPS, PositionLimitError, Runner
 from streamer.engine.stream import with_newest
@@ -178,15 +178,15 @@ class StreamSession:
         try:
             async with self.room:
                 self.room.notify_all()
-            report = await self.shared.executor.submit(INGEST, self._ingest_now, frames)
-            seconds = sum(report["timings"][stage] for stage in CHUNK_STAGES)
+            record = await self.shared.executor.submit(INGEST, self._ingest_now, frames)
+            seconds = sum(record.timings[stage] for stage in CHUNK_STAGES)
             self.ingested_ts = frames[-1].ts
             self.shared.metrics.chunk_seconds.observe(seconds)
             self.shared.metrics.frames_ingested.inc(len(frames))
             self.send(dict(type="progress", frames=self.memory.frames, chunks=self.memory.chunk_count,
                            chunk_frames=len(frames), until_ts=frames[-1].ts, pending=len(self.pending),
                            memory_tokens=self.memory.mean_tokens(), full_tokens=self.memory.full_tokens,
-                           ratios=report.get("ratios"), js=report.get("js"), evicted=sum(report["evicted"]),
+                           ratios=record.ratios, js=record.js, evicted=sum(record.evicted),
                            seconds=seconds))
         except asyncio.CancelledError:
             raise
@@ -204,11 +204,11 @@ class StreamSession:
             async with self.room:  # wakes a reader waiting for room, and an ingest_done waiting for the chunks
                 self.room.notify_all()
 
-    def _ingest_now(self, frames: list[Frame]) -> dict:  # on the model thread
+    def _ingest_now(self, frames: list[Frame]) -> ChunkRecord:  # on the model thread
         try:
-            report = self.runner.ingest(self.memory, [f.image for f in frames], self.policy, self.preset, self.fps)
+            record = self.runner.ingest(self.memory, [f.image for f in frames], self.policy, self.preset, self.fps)
             self.coverage, self.timeline = coverage(self.memory), timeline(self.memory)
-            return report
+            return record
         finally:  # taken, in or (failed) never: a question from now on leaves these frames to the memory
             self.ingested_through = frames[-1].index
 
@@ -373,7 +373,7 @@ class StreamSession:
 
     def stats(self) -> dict:
         memory = self.memory
-        last = memory.chunks[-1] if memory.chunks else {}
+        last = memory.chunks[-1] if memory.chunks else None
         return dict(type="stats", session=self.id, policy=self.policy.name, frames_received=self.received,
                     frames_ingested=memory.frames, frames_pending=len(self.pending), frames_dropped=self.dropped,
                     chunks=memory.chunk_count, chunks_queued=self.queued_chunks,
@@ -381,7 +381,7 @@ class StreamSession:
                     memory_tokens_per_layer=memory.tokens_per_layer(), budget=memory.budget,
                     evicted_tokens=memory.evicted, coverage=self.coverage, timeline=self.timeline,
                     retimed_positions=memory.time_shift,
-                    last_ratios=last.get("ratios"), last_js=last.get("js"),
+                    last_ratios=last and last.ratios, last_js=last and last.js,
                     questions_answered=self.answered, questions_waiting=self.questions)
 
     async def close(self) -> None:
