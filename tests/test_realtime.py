@@ -152,6 +152,7 @@ def test_bad_events_get_openai_errors_and_the_connection_goes_on(tiny_runner, cl
             await refused(dict(type="response.create", event_id="e4"))  # no question yet
             await refused(dict(type="session.update", event_id="e5", session=dict(video_memory=dict(budget=-1))))
             await refused(dict(type="streamer.ingest", event_id="e6", source="../outside.mp4"))
+            await refused(dict(type="response.cancel", event_id="e7", response_id=["not", "an", "id"]))
             await connection.send(dict(type="conversation.item.create", item=dict(
                 type="message", role="user", content=[dict(type="input_image",
                                                            image_url=data_url(png_claiming(4000, 4000)))])))
@@ -168,6 +169,7 @@ def test_bad_events_get_openai_errors_and_the_connection_goes_on(tiny_runner, cl
     assert errors == [("bad_image", "invalid_request_error", "e1"), ("bad_image", "invalid_request_error", "e2"),
                       ("unknown_type", "invalid_request_error", "e3"), ("bad_question", "invalid_request_error", "e4"),
                       ("bad_option", "invalid_request_error", "e5"), ("forbidden_path", "invalid_request_error", None),
+                      ("not_answering", "invalid_request_error", "e7"),
                       ("bad_image", "invalid_request_error", None)]
     assert done.status == "completed"
 

@@ -22,8 +22,9 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 from streamer.service import chat
 from streamer.service.metrics import CONTENT_TYPE
 from streamer.service.page import FILES
+from streamer.service.protocol import Disconnected
+from streamer.service.service import StreamService, browser_token
 from streamer.text import counted
-from streamer.service.service import Disconnected, StreamService, browser_token
 
 log = logging.getLogger("streamer")
 POLICY_VIOLATION = 1008

@@ -20,9 +20,9 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
-from streamer.service.protocol import ProtocolError, _loads, number
+from streamer.service.protocol import Disconnected, ProtocolError, number, read_json
 from streamer.service.realtime import image_bytes
-from streamer.service.service import Disconnected, StreamService
+from streamer.service.service import StreamService
 
 CHAT_ID = "chat"  # the id of a fresh session's one question
 MAX_BODY_MESSAGES = 8  # a request body may be this many websocket messages' worth (frames as data URLs)
@@ -269,7 +269,7 @@ async def answer(service: StreamService, authorization: list[str], body: AsyncIt
             return error_body("message_too_large", f"request body over this server's limit of {limit} bytes; "
                               "send fewer or smaller frames, or a video_url")
     try:
-        request = read_request(_loads(data.decode("utf-8", errors="replace")), service.shared.model_name,
+        request = read_request(read_json(data.decode("utf-8", errors="replace")), service.shared.model_name,
                                live=key is not None)
     except ProtocolError as exc:
         return error_body(exc.code, str(exc))

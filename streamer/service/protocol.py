@@ -32,6 +32,10 @@ SESSION_OPTIONS = {  # start option -> (config section, key, type)
 POLICY_OPTIONS = {name: kind for policy in POLICIES for name, kind in policy_options(policy).items()}
 
 
+class Disconnected(Exception):
+    """The client's connection is gone (raised by a Connection's recv and send)."""
+
+
 class ProtocolError(Exception):
     """A refusal sent to the client as {"type": "error", "code": ..., "message": ...}."""
 
@@ -69,7 +73,7 @@ def error(code: str, message: str, **extra) -> dict:
     return dict(type="error", code=code, message=message, **extra)
 
 
-def _loads(message: str):
+def read_json(message: str):
     """json.loads, with every way it can refuse a text as bad_json: besides JSONDecodeError, an
     integer of thousands of digits is a ValueError and deep nesting a RecursionError."""
     try:
@@ -82,7 +86,7 @@ def _loads(message: str):
 
 
 def parse_message(message: str) -> dict:
-    request = _loads(message)
+    request = read_json(message)
     if not isinstance(request, dict) or not isinstance(request.get("type"), str):
         raise ProtocolError("bad_message", 'a message must be a JSON object with a string "type"')
     return request
@@ -94,7 +98,7 @@ def refused(message) -> dict:
     if isinstance(message, bytes):
         return dict(request="frame")
     try:
-        request = _loads(message)
+        request = read_json(message)
     except ProtocolError:
         return dict(request=None)
     if not isinstance(request, dict):

@@ -22,11 +22,14 @@ import base64
 import binascii
 import itertools
 import json
+import logging
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
-from streamer.service.protocol import ProtocolError, parse_message
+from streamer.service.protocol import Disconnected, ProtocolError, parse_message
+
+log = logging.getLogger("streamer")
 
 REALTIME_PATH = "/v1/realtime"
 EXTENSION = "streamer."  # a client event streamer.TYPE is the native message TYPE, and back
@@ -84,6 +87,12 @@ class RealtimeConnection:
                 await self._receive(event)
             except ProtocolError as exc:
                 await self._error(exc.code, str(exc), client_event)
+            except Disconnected:
+                raise
+            except Exception as exc:  # a bug must cost the client one event, never the connection
+                log.exception("realtime: unexpected error on a client event")
+                await self._error("internal_error", f"the server failed on this event ({type(exc).__name__}); the "
+                                  "connection goes on -- please report it", client_event)
         return self.inbox.popleft()
 
     async def _receive(self, event: dict) -> None:
@@ -176,7 +185,7 @@ class RealtimeConnection:
     def _cancel(self, response_id) -> None:
         if response_id is None and self.responses:
             response_id = next(reversed(self.responses))  # the newest
-        if response_id not in self.responses:
+        if not isinstance(response_id, str) or response_id not in self.responses:
             raise ProtocolError("not_answering", f"no response {response_id!r} is in progress")
         self.inbox.append(json.dumps(dict(type="cancel", id=response_id)))
 
@@ -196,7 +205,16 @@ class RealtimeConnection:
     # --- native messages out ---------------------------------------------------------------
 
     async def send(self, text: str) -> None:
-        message = json.loads(text)
+        try:
+            await self._translate(json.loads(text))
+        except Disconnected:
+            raise
+        except Exception as exc:  # the writer must go on: later answers still reach the client
+            log.exception("realtime: unexpected error translating a native message")
+            await self._error("internal_error", f"the server failed on a reply ({type(exc).__name__}) -- please "
+                              "report it", None)
+
+    async def _translate(self, message: dict) -> None:
         kind = message.pop("type")
         response = self.responses.get(message.get("id")) if isinstance(message.get("id"), str) else None
         if kind == "ready":

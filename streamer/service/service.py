@@ -32,8 +32,8 @@ from streamer.engine.models import model_identity
 from streamer.engine.runner import DEFAULT_FPS, Runner
 from streamer.service.executor import ASK, ModelExecutor
 from streamer.service.metrics import Metrics
-from streamer.service.protocol import (MESSAGE_TYPES, ProtocolError, ServerLimits, error, number, parse_message,
-                                       refused, session_config)
+from streamer.service.protocol import (MESSAGE_TYPES, Disconnected, ProtocolError, ServerLimits, error, number,
+                                       parse_message, refused, session_config)
 from streamer.service.page import Page
 from streamer.service.realtime import REALTIME_PATH, RealtimeConnection
 from streamer.service.session import Shared, StreamSession
@@ -56,10 +56,6 @@ BROWSER_TOKEN = "bearer."  # a websocket subprotocol `bearer.TOKEN` carries a br
 def browser_token(subprotocols: list[str]) -> str | None:
     """The `bearer.TOKEN` subprotocol a browser offered, which the server must select to accept it, else None."""
     return next((p for p in subprotocols if p.startswith(BROWSER_TOKEN)), None)
-
-
-class Disconnected(Exception):
-    """The client's connection is gone (raised by a Connection's recv and send)."""
 
 
 class Connection(Protocol):
