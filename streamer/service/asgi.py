@@ -73,11 +73,8 @@ def asgi_app(service: StreamService, health: Callable[[], dict] | None = None) -
         return JSONResponse(body, status_code=status)
 
     async def models_route(request):
-        refused = service.refusal(request.headers.getlist("authorization"))
-        if refused is not None:
-            status, body = chat.error_body(refused["code"], refused["message"])
-            return JSONResponse(body, status_code=status)
-        return JSONResponse(chat.models(service.shared.model_name))
+        status, body = chat.models(service, request.headers.getlist("authorization"))
+        return JSONResponse(body, status_code=status)
 
     async def page_route(request):
         content_type, body = service.page.get(request.url.path)

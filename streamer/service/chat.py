@@ -45,12 +45,18 @@ class ChatRequest:
 
     model: str
     question: str
-    script: list[str | bytes]  # native messages up to the ask
+    videos: list[str]  # video_url paths, each read by an `ingest`
+    frames: list[bytes]  # image_url frames, pushed in order
     max_tokens: int | None
     stream: bool
     usage_chunk: bool  # stream_options.include_usage
     id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex[:24]}")
     created: int = field(default_factory=lambda: int(time.time()))
+
+    def script(self) -> list[str | bytes]:
+        """The native messages up to the ask: start, the video, flush."""
+        ingests = [json.dumps(dict(type="ingest", source=video)) for video in self.videos]
+        return [json.dumps(dict(type="start")), *ingests, *self.frames, json.dumps(dict(type="flush"))]
 
     def ask(self, question_id: str) -> dict:
         """The native ask message of this request."""
@@ -102,11 +108,8 @@ def read_request(body, model: str, live: bool = False) -> ChatRequest:
         raise ProtocolError("bad_option", "'stream' must be true or false and 'stream_options' an object")
     if body.get("n", 1) != 1:
         raise ProtocolError("bad_option", "'n' must be 1: this server gives one answer per request")
-    script: list[str | bytes] = [json.dumps(dict(type="start"))]
-    script += [json.dumps(dict(type="ingest", source=video)) for video in videos] + frames
-    script.append(json.dumps(dict(type="flush")))
     return ChatRequest(model=body.get("model") if isinstance(body.get("model"), str) else model, question=question,
-                       script=script, max_tokens=limit, stream=stream,
+                       videos=videos, frames=frames, max_tokens=limit, stream=stream,
                        usage_chunk=bool(options.get("include_usage")))
 
 
@@ -125,8 +128,8 @@ class ScriptedConnection:
     def __init__(self, request: ChatRequest, reply: Callable[[dict], None]):
         self.request = request
         self.reply = reply  # token, answer, error: for the response
-        self.script = list(request.script)
-        self.ingesting = sum(isinstance(m, str) and '"ingest"' in m for m in self.script)
+        self.script = request.script()
+        self.ingesting = len(request.videos)  # ingest_done messages to wait for before the ask
         self.video_in = asyncio.Event()
         self.over = asyncio.Event()
         self.asked = False
@@ -271,9 +274,6 @@ async def answer(service: StreamService, authorization: list[str], body: AsyncIt
     try:
         request = read_request(read_json(data.decode("utf-8", errors="replace")), service.shared.model_name,
                                live=key is not None)
-    except ProtocolError as exc:
-        return error_body(exc.code, str(exc))
-    try:
         completion = (ChatCompletion.fresh(service, request) if key is None else
                       await ChatCompletion.live(service, request, key))
     except ProtocolError as exc:
@@ -281,6 +281,10 @@ async def answer(service: StreamService, authorization: list[str], body: AsyncIt
     return completion if request.stream else await completion.result()
 
 
-def models(model: str) -> dict:
-    """GET /v1/models: the one model this server answers with."""
-    return dict(object="list", data=[dict(id=model, object="model", created=0, owned_by="streamer")])
+def models(service: StreamService, authorization: list[str]) -> tuple[int, dict]:
+    """GET /v1/models: (status, JSON): the one model this server answers with, or the refusal."""
+    refused = service.refusal(authorization)
+    if refused is not None:
+        return error_body(refused["code"], refused["message"])
+    model = service.shared.model_name
+    return 200, dict(object="list", data=[dict(id=model, object="model", created=0, owned_by="streamer")])

@@ -108,7 +108,9 @@ class RealtimeConnection:
         elif kind.startswith(EXTENSION) and len(kind) > len(EXTENSION):
             native = {k: v for k, v in event.items() if k != "event_id"}
             native["type"] = kind.removeprefix(EXTENSION)
-            if native["type"] not in ("start", "ping"):
+            if native["type"] == "start":
+                self.started = True  # started by hand: no second start with the first image
+            elif native["type"] != "ping":
                 self._start()
             self.inbox.append(json.dumps(native))
         else:

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import secrets
 import logging
+import secrets
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,7 +76,7 @@ class StreamSession:
         # what the memory holds of each stretch of the stream, computed on the model thread after each change:
         # stats (on the event loop) must not read a memory that a chunk is being committed into
         self.coverage: list[dict] = []
-        self.timeline: list[dict] = []  # the same in equal stretches, for the page's timeline
+        self.timeline: list[dict] = []  # the same in stretches of whole chunks, for the page's timeline
         self.last_ts: float | None = None  # the newest frame's time (seconds)
         self.ingested_ts: float | None = None  # the newest ingested frame's time
         # the rate of the frames ingested: the start option (or config), or the source a server-side ingest reads
@@ -89,7 +89,7 @@ class StreamSession:
         self.queued: list[Frame] = []  # the frames of the chunks queued for the model, in stream order
         self.ingested_through = -1  # index of the last frame a chunk job has taken (set on the model thread)
         self.frame_shape: tuple[int, ...] | None = None
-        self.received = self.dropped = self.queued_chunks = self.questions = self.answered = 0
+        self.received = self.dropped = self.queued_chunks = self.answered = 0
         self.flushing = False
         self.closed = False
         self.tasks: set[asyncio.Task] = set()
@@ -271,9 +271,14 @@ class StreamSession:
         if self.questions >= self.shared.limits.max_questions:
             raise ProtocolError("too_many_questions", f"{self.questions} questions are already waiting for answers "
                                 "in this session; wait for one to finish")
-        self.questions += 1
         task = self._spawn(self._answer(question_id, question, max_new_tokens, waiting, ignore_eos, send or self.send))
         self.answering[task] = question_id
+        task.add_done_callback(self.answering.pop)  # even a task cancelled before it ran
+
+    @property
+    def questions(self) -> int:
+        """Questions being answered (or waiting for the model)."""
+        return len(self.answering)
 
     def cancel(self, question_id: Any) -> None:
         """Stop answering the question(s) with this id: they leave the batch at the next step and get an answer
@@ -289,7 +294,7 @@ class StreamSession:
                       ignore_eos: bool, send: Callable[[dict], None]) -> None:
         loop = asyncio.get_running_loop()
         streamed: list[str] = []
-        finished = False
+        finished = False  # set before this coroutine yields for the last time: later tokens are dropped
 
         def deliver(text: str) -> None:  # on the event loop: nothing after the answer (a cancelled one's step)
             if not finished:
@@ -316,26 +321,22 @@ class StreamSession:
 
         try:
             seen_by, answer = await self.shared.executor.generate(setup)
-            finished = True
             timings = answer.timings
             send(dict(type="answer", id=question_id, text=answer.text, stats=dict(
                 tokens=len(answer.token_ids), ttft_s=timings["question_prefill"], decode_s=timings["decode"],
                 tokens_per_s=timings["decode_tokens_per_s"], **seen_by)))
             self.answered += 1
         except asyncio.CancelledError:
-            finished = True
             if self.closed:  # a chat request asking this session's memory hears it; the connection is gone
                 send(dict(type="error", code="session_closed", id=question_id, message="the session closed before "
                           "the answer was complete"))
                 raise
             send(dict(type="answer", id=question_id, text="".join(streamed), cancelled=True))
         except Exception as exc:
-            finished = True
             log.exception("session %s: answering failed", self.id)
             send(dict(type="error", code="answer_failed", id=question_id, message=f"answering failed: {exc}"))
         finally:
-            self.questions -= 1
-            self.answering.pop(asyncio.current_task(), None)
+            finished = True
 
     # --- snapshots, stats, close ------------------------------------------------------------
 
