@@ -69,8 +69,8 @@ class ChunkRecord:
         """A record as to_dict wrote it; an older snapshot's may lack video_tokens (then all its tokens were)."""
         own = ("frames", "tokens", "kept", "evicted", "memory_tokens", "video_tokens", "timings")
         kept = list(record["kept"])
-        return cls(frames=record["frames"], tokens=record["tokens"], video_tokens=record.get("video_tokens", record["tokens"]),
-                   kept=kept, evicted=list(record.get("evicted", [0] * len(kept))),
+        return cls(frames=record["frames"], tokens=record["tokens"],
+                   video_tokens=record.get("video_tokens", record["tokens"]), kept=kept, evicted=list(record.get("evicted", [0] * len(kept))),
                    memory_tokens=record.get("memory_tokens", sum(kept) / max(len(kept), 1)),
                    chosen={k: v for k, v in record.items() if k not in own}, timings=dict(record.get("timings", {})))
 
