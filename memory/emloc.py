@@ -8,6 +8,9 @@ re-running the probe from the group's first layer on its stored hidden state -- 
 groups below are still unpruned. All candidates of a group are re-run in one forward (the engine
 packs them: a forward bound by reading the weights costs about the same for three as for one),
 and the smallest ratio whose JS to the reference is <= delta is accepted; 1.0 is the fallback.
+A stream's chunks mostly choose what the chunk before chose, so a group's candidates up to that
+choice go first and the larger ones only if none of those passes: the same choice, from fewer rows
+(on a CPU a forward of three candidates' rows costs nearly three times one's).
 
 The fallback needs no forward: with the group unpruned the state is exactly the one in which
 the group above was accepted, so its JS is that group's (0 for the top group). Hence every
@@ -88,6 +91,9 @@ class EmlocPolicy(ProbedPolicy):
         accepted = {}  # layer -> bool [kv_heads, chunk_len], pruned layers only
         ratios, js_values, evaluations = [1.0] * len(groups), [0.0] * len(groups), []
         js_above = 0.0
+        previous = ctx.memory.chunks[-1].ratios if ctx.memory.chunks else None
+        if previous is None or len(previous) != len(groups):
+            previous = [1.0] * len(groups)  # no guess: every candidate at once
         for g in reversed(range(len(groups))):
             layers = groups[g]
             chosen, chosen_js = 1.0, js_above
@@ -105,15 +111,18 @@ class EmlocPolicy(ProbedPolicy):
                     tried.add(tuple(counts.values()))
                     tries.append((ratio, {layer: keep_count(scores[layer], ctx.protected, counts[layer])
                                           for layer in layers}))
-            js_sums = [0.0] * len(tries)
-            for run in runs if tries else []:
-                for i, logits in enumerate(run.rerun(layers.start, [{**accepted, **keep} for _, keep in tries])):
-                    js_sums[i] += js_divergence(run.reference, logits, self.js_reduce)
-            for (ratio, candidate), js_sum in zip(tries, js_sums):
-                evaluations.append([g, ratio, js_sum / len(runs)])
-            for (ratio, candidate), js_sum in zip(tries, js_sums):
-                if js_sum / len(runs) <= self.delta:
-                    chosen, chosen_js = ratio, js_sum / len(runs)
+            guessed = max(1, sum(ratio <= previous[g] for ratio, _ in tries))
+            for batch in (tries[:guessed], tries[guessed:]):
+                js_sums = [0.0] * len(batch)
+                for run in runs if batch else []:
+                    for i, logits in enumerate(run.rerun(layers.start, [{**accepted, **keep} for _, keep in batch])):
+                        js_sums[i] += js_divergence(run.reference, logits, self.js_reduce)
+                for (ratio, candidate), js_sum in zip(batch, js_sums):
+                    evaluations.append([g, ratio, js_sum / len(runs)])
+                passed = next(((ratio, candidate, js_sum / len(runs)) for (ratio, candidate), js_sum
+                               in zip(batch, js_sums) if js_sum / len(runs) <= self.delta), None)
+                if passed is not None:
+                    chosen, candidate, chosen_js = passed
                     accepted.update(candidate)
                     break
             ratios[g], js_values[g] = chosen, chosen_js

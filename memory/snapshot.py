@@ -29,7 +29,8 @@ SNAPSHOT_VERSION = 3
 READABLE_VERSIONS = (1, 2, 3)
 TENSOR_FIELDS = TOKEN_FIELDS
 V1_TENSOR_FIELDS = ("keys", "values", "positions", "importance")
-STREAM_FIELDS = tuple(f.name for f in dataclasses.fields(KVMemory) if f.name != "layers")
+STREAM_FIELDS = tuple(f.name for f in dataclasses.fields(KVMemory)
+                      if f.name != "layers" and f.metadata.get("snapshot", True))
 
 
 def stream_fields(memory: KVMemory) -> dict:

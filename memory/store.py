@@ -102,6 +102,9 @@ class KVMemory:
     chunks: list[ChunkRecord] = field(default_factory=list)
     records: int = 1024
     history: dict[str, list[int]] = field(default_factory=lambda: {name: [] for name in HISTORY})
+    # per probe prompt, its tokens (prompt and greedy answer) at the newest chunk: the engine drafts the next
+    # chunk's probe answer from them (a hint for speed only, not in snapshots; replaced whole, never mutated)
+    probe_drafts: dict[str, list[int]] = field(default_factory=dict, metadata=dict(snapshot=False))
 
     @classmethod
     def empty(cls, num_layers: int, kv_heads: int, head_dim: int, device, dtype,

@@ -6,7 +6,8 @@ from conftest import random_frames, stream
 from reference import RaggedSubsetPolicy, one_shot_greedy
 
 from memory.emloc import EmlocPolicy
-from streamer.engine.decode import BUCKETS, EagerDecoder, StaticDecoder
+from streamer.engine import decode
+from streamer.engine.decode import BUCKETS, EagerDecoder, StaticDecoder, greedy_tokens
 
 QUESTION = "What happens in the video?"
 
@@ -175,3 +176,89 @@ def assert_same_probes(runner, memory, static):
 def test_static_probes_and_reruns_equal_eager_on_ragged_context(tiny_runner):
     memory = stream(tiny_runner, random_frames(8, seed=3), 2, RaggedSubsetPolicy(seed=0))
     assert_same_probes(tiny_runner, memory, StaticDecoder(tiny_runner))
+
+
+class CountingDecoder:
+    """A decoder that counts its forwards."""
+
+    def __init__(self, decoder):
+        self.decoder, self.forwards = decoder, 0
+
+    def __getattr__(self, name):
+        return getattr(self.decoder, name)
+
+    def extend(self, ids, rows=1):
+        self.forwards += 1
+        return self.decoder.extend(ids, rows)
+
+
+@pytest.mark.parametrize("kind", ["eager", "static"])
+@torch.inference_mode()
+def test_drafted_tokens_are_the_step_by_step_greedy_ones(tiny_runner, kind):
+    memory = stream(tiny_runner, random_frames(8, seed=1), 2)  # an answer of many different tokens
+    ids, count = tiny_runner.encode(QUESTION), 12
+
+    def greedy(lookup, stops=frozenset()):
+        decoder = CountingDecoder(EagerDecoder(tiny_runner) if kind == "eager" else StaticDecoder(tiny_runner))
+        tokens, drafted = greedy_tokens(decoder, memory.context(), memory.next_position, ids, count, set(stops),
+                                        lookup)
+        return tokens, drafted, decoder.forwards
+
+    expected = []
+    for _ in range(count):  # one step at a time, teacher-forced
+        expected.append(int(step_logits(EagerDecoder(tiny_runner), tiny_runner, memory, QUESTION, expected)[-1]
+                            .argmax()))
+    assert len(set(expected)) >= 4
+    assert greedy([])[0] == expected
+    # the answer itself as the draft (as the previous chunk's probe would give it): one forward for all of it
+    assert greedy(ids + expected) == (expected, count, 1)
+    # a draft that goes wrong after 5 tokens keeps those, then goes on step by step or from new drafts
+    wrong = [(token + 1) % tiny_runner.model.config.text_config.vocab_size for token in expected[5:]]
+    tokens, drafted, forwards = greedy(ids + expected[:5] + wrong)
+    assert tokens == expected and drafted >= 5 and forwards <= count - 5
+    # a stop token ends the answer before it, drafted or not
+    stop_at = next(i for i, token in enumerate(expected) if i > 0 and token not in expected[:i])
+    for lookup in ([], ids + expected):
+        assert greedy(lookup, {expected[stop_at]})[0] == expected[:stop_at]
+
+
+def test_drafted_probes_choose_the_same_memory(tiny_runner, monkeypatch):
+    """A stream whose probes draft their answers ends with the memory of one whose probes step token by token."""
+    frames = random_frames(16, seed=11)
+    policy = EmlocPolicy(delta=0.02, ratios=[0.1, 0.5, 1.0], group_size=2)
+    memories = []
+    for drafts in (True, False):
+        if not drafts:
+            monkeypatch.setattr(decode, "propose", lambda *args: [])
+        memories.append(stream(tiny_runner, frames, 4, policy))
+    drafted, plain = memories
+    assert sum(c.chosen["probe_tokens"]["drafted"] for c in drafted.chunks) > 0
+    assert all(c.chosen["probe_tokens"]["drafted"] == 0 for c in plain.chunks)
+    for a, b in zip(drafted.chunks, plain.chunks):
+        assert a.ratios == b.ratios and a.kept == b.kept
+        assert [e[:2] for e in a.chosen["evaluations"]] == [e[:2] for e in b.chosen["evaluations"]]
+        assert [e[2] for e in a.chosen["evaluations"]] == pytest.approx([e[2] for e in b.chosen["evaluations"]], abs=1e-5)
+    for a, b in zip(drafted.layers, plain.layers):
+        assert torch.equal(a.positions, b.positions)
+        torch.testing.assert_close(a.keys, b.keys, atol=1e-5, rtol=0)
+
+
+def test_a_probe_answer_that_still_holds_costs_one_forward(tiny_runner, monkeypatch):
+    """Given the greedy answer as its draft, the probe's recorded forward checks it and is the whole probe."""
+    frames = random_frames(8, seed=12)
+    policy = EmlocPolicy(delta=0.02, ratios=[0.1, 0.5, 1.0], group_size=2)
+    memory = stream(tiny_runner, frames[:4], 4, policy)
+    first = memory.fork()
+    tiny_runner.ingest(first, frames[4:], policy)
+    forwards = []
+    for name in ("probe", "extend"):
+        monkeypatch.setattr(EagerDecoder, name, lambda self, *args, name=name, method=getattr(EagerDecoder, name), **kw:
+                            forwards.append(name) or method(self, *args, **kw))
+    again = memory.fork()
+    again.probe_drafts = first.probe_drafts  # as if the previous chunk's answer were this one's
+    tiny_runner.ingest(again, frames[4:], policy)
+    assert forwards == ["probe"]
+    assert again.chunks[-1].chosen["probe_tokens"] == dict(answer=15, drafted=15)
+    assert again.chunks[-1].chosen["evaluations"] == first.chunks[-1].chosen["evaluations"]
+    for a, b in zip(again.layers, first.layers):
+        assert torch.equal(a.positions, b.positions) and torch.equal(a.keys, b.keys)

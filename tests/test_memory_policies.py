@@ -90,6 +90,29 @@ def test_group_search_order_and_shared_ratios(tiny_runner, group_size):
             assert js > 0.01 if ratio < chunk.ratios[g] else (ratio > chunk.ratios[g] or js <= 0.01)
 
 
+@pytest.mark.parametrize("delta", [0.005, 0.02])
+def test_candidates_up_to_the_previous_choice_first_choose_as_all_at_once(tiny_runner, delta):
+    """A group's candidates up to the previous chunk's choice are re-run first, the larger ones only if none
+    passes: every chunk chooses what re-running every candidate at once chooses."""
+    frames = random_frames(28, seed=13)
+    policy = emloc(delta, ratios=[0.05, 0.2, 0.6, 1.0], group_size=2)
+    guessed = stream(tiny_runner, frames, 4, policy)
+    every, every_choices = tiny_runner.new_memory(), []
+    for start in range(0, len(frames), 4):
+        every_choices.append(tiny_runner.ingest(every, frames[start:start + 4], policy).ratios)
+        every.chunks[-1].chosen = dict(every.chunks[-1].chosen, ratios=[1.0] * 3)  # the next chunk has no guess
+    choices = [c.ratios for c in guessed.chunks]
+    assert any(a != b for a, b in zip(choices, choices[1:])), "the test needs guesses that miss"
+    assert choices == every_choices
+    for a, b in zip(guessed.chunks, every.chunks):
+        assert a.kept == b.kept
+        tried = {(g, ratio): js for g, ratio, js in a.chosen["evaluations"]}
+        assert tried.items() <= {(g, ratio): pytest.approx(js, abs=1e-6)
+                                 for g, ratio, js in b.chosen["evaluations"]}.items()
+    assert sum(len(c.chosen["evaluations"]) for c in guessed.chunks) < sum(
+        len(c.chosen["evaluations"]) for c in every.chunks), "the guesses should have saved re-runs"
+
+
 def test_recorded_js_matches_a_recomputation_from_scratch(tiny_runner):
     """The JS recorded for the lowest group is the JS of the final choice: recompute it with plain
     forwards of the probe over the committed memory vs. over the unpruned memory."""

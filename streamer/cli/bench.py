@@ -155,6 +155,9 @@ def bench_policy(runner: Runner, frames, chunk_frames: int, policy_factory: Call
                 prefill_tflops=flops / 1e12,
                 prefill_tflop_per_s=flops / 1e12 / stages["prefill"] if stages["prefill"] else None,
                 ratios=[chunk.ratios for chunk in memory.chunks], peak_gib_above_weights=peak.gib,
+                chunk_probe_s=[chunk.timings.get("probe") for chunk in memory.chunks],
+                chunk_search_s=[chunk.timings.get("search") for chunk in memory.chunks],
+                probe_tokens=[chunk.chosen.get("probe_tokens") for chunk in memory.chunks],
                 ttft_s=ttft, decode_tokens_per_s=decode, **eager)
 
 

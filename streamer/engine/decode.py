@@ -4,7 +4,10 @@ A context is, per layer, the keys and values a forward attends to: a memory, or 
 plus the chunk being ingested. It is never modified. Both decoders offer the same calls:
 - `start(context, next_position, ids, max_new_tokens)` runs a question (text positions from
   `next_position` on) and returns the float32 logits of its last token; `step(token)` appends
-  one answer token and returns the logits after it;
+  one answer token and returns the logits after it. Both are `begin(context, next_position, room)`
+  (room: tokens that may be written after the context) then `extend(ids, rows)`, which appends any
+  number of tokens and returns the logits after each of the last `rows`; `back(count)` forgets the
+  last `count` appended, so drafted tokens the model would not have chosen cost no copy (greedy_tokens);
 - `probe(context, next_position, ids, rows)` runs a probe, recording its attention over the
   context, the hidden state entering every layer and the logits of its last `rows` tokens;
   `rerun(probe, from_layer, visibles)` re-runs it from a layer's stored input with context keys
@@ -75,19 +78,28 @@ class EagerDecoder:
         self.runner = runner
 
     def start(self, context: Context, next_position: int, ids: list[int], max_new_tokens: int) -> torch.Tensor:
-        self.view = MemoryView(context, extra=len(ids) + max_new_tokens)
-        self.position = next_position
-        return self._forward(ids)
+        self.begin(context, next_position, len(ids) + max_new_tokens)
+        return self.extend(ids)[0]
 
     def step(self, token: int) -> torch.Tensor:
-        return self._forward([token])
+        return self.extend([token])[0]
 
-    def _forward(self, ids: list[int]) -> torch.Tensor:
+    def begin(self, context: Context, next_position: int, room: int) -> None:
+        self.view = MemoryView(context, extra=room)
+        self.position, self.written = next_position, 0
+
+    def extend(self, ids: list[int], rows: int = 1) -> torch.Tensor:
         runner = self.runner
         positions = text_positions(self.position, len(ids))
         self.position += len(ids)
+        self.written += len(ids)
         hidden = runner.forward_layers(runner.embed_tokens(ids), positions, self.view)
-        return runner.logits(hidden[:, -1])[0]
+        return runner.logits(hidden[:, -rows:])[0]
+
+    def back(self, count: int) -> None:
+        self.position -= count
+        self.written -= count
+        self.view.rewind(self.written)
 
     def probe(self, context: Context, next_position: int, ids: list[int], rows: int) -> ProbeForward:
         runner = self.runner
@@ -178,19 +190,30 @@ class StaticDecoder:
         return tokens <= BUCKETS[-1]
 
     def start(self, context: Context, next_position: int, ids: list[int], max_new_tokens: int) -> torch.Tensor:
-        n = self._load(context, ids, max_new_tokens)
-        self.slot, self.position = self.buffers.context_slots, next_position
-        self.end = self.slot + len(ids) + max_new_tokens - 1  # the first answer token needs no step
-        return self._run(("forward", n), len(ids))[0]
+        self.begin(context, next_position, len(ids) + max_new_tokens - 1)  # the first answer token needs no step
+        return self.extend(ids)[0]
 
     def step(self, token: int) -> torch.Tensor:
-        if self.slot >= self.end:
+        return self.extend([token])[0]
+
+    def begin(self, context: Context, next_position: int, room: int) -> None:
+        self._load(context, room)
+        self.slot, self.position = self.buffers.context_slots, next_position
+        self.end = self.slot + room
+
+    def extend(self, ids: list[int], rows: int = 1) -> torch.Tensor:
+        if self.slot + len(ids) > self.end:
             raise RuntimeError("more decode steps than the max_new_tokens given to start()")
-        self._input(1).fill_(token)
-        return self._run(("forward", 1), 1)[0]
+        return self._run(("forward", self._write(ids), rows), len(ids))
+
+    def back(self, count: int) -> None:
+        """The slots past the new end are written again before a query may see them (the causal mask)."""
+        self.slot -= count
+        self.position -= count
 
     def probe(self, context: Context, next_position: int, ids: list[int], rows: int) -> ProbeForward:
-        n = self._load(context, ids, 0)
+        self._load(context, 0)
+        n = self._write(ids)
         b = self.buffers
         if n not in b.layer_inputs:
             b.layer_inputs[n] = b.keys[0].new_zeros(self.runner.num_layers, 1, n, self.runner.hidden_size)
@@ -218,12 +241,10 @@ class StaticDecoder:
 
     # --- buffers and graphs ---------------------------------------------------------------
 
-    def _load(self, context: Context, ids: list[int], max_new_tokens: int) -> int:
-        """Copy the context and the padded ids into the buffers; returns the padded length."""
-        if not self.fits(len(ids)):
-            raise ValueError(f"{len(ids)} tokens is longer than the largest bucket {BUCKETS[-1]}")
+    def _load(self, context: Context, room: int) -> None:
+        """Copy the context into the buffers, with `room` slots after it (and a bucket's pads)."""
         lengths = [keys.shape[2] for keys, _ in context]
-        self._reserve(max(lengths), BUCKETS[-1] + max_new_tokens)
+        self._reserve(max(lengths), BUCKETS[-1] + room)
         b = self.buffers
         for layer, (keys, values) in enumerate(context):
             b.keys[layer][:, :, :lengths[layer]].copy_(keys)
@@ -231,7 +252,12 @@ class StaticDecoder:
         limits = torch.tensor(lengths, device=b.columns.device)[:, None, None]
         b.context_visible.copy_((b.columns < limits).expand_as(b.context_visible))
         b.visible_keys.copy_(b.context_visible)
-        n = next(n for n in BUCKETS if n >= len(ids))
+
+    def _write(self, ids: list[int]) -> int:
+        """Copy the ids, padded to a bucket (a single token is its own), into the input; returns the padded length."""
+        if not self.fits(len(ids)):
+            raise ValueError(f"{len(ids)} tokens is longer than the largest bucket {BUCKETS[-1]}")
+        n = 1 if len(ids) == 1 else next(n for n in BUCKETS if n >= len(ids))
         self._input(n).copy_(torch.tensor([ids + [ids[-1]] * (n - len(ids))]))
         return n
 
@@ -340,3 +366,49 @@ class StaticDecoder:
 
 def _round_up(tokens: float) -> int:
     return max(1, math.ceil(tokens / SLOT_ROUND)) * SLOT_ROUND
+
+
+def greedy_tokens(decoder: "EagerDecoder | StaticDecoder", context: Context, next_position: int, ids: list[int],
+                  count: int, stop_ids: set[int], lookup: list[int]) -> tuple[list[int], int]:
+    """The `count` greedy tokens after `ids` (fewer if one of `stop_ids` comes first; it is left out), exactly as
+    one step at a time would choose them, and how many of them were drafted.
+
+    Drafts (prompt lookup): the tokens that followed the latest earlier occurrence of the sequence's last
+    few tokens in `lookup` + the sequence, e.g. the same probe's answer at the previous chunk. One forward checks
+    a whole draft and keeps it up to the first token the model would not have chosen, plus the model's own
+    choice there. A forward of a few tokens costs about one step where reading the weights bounds it (a GPU,
+    or a CPU at small batch), so every drafted token that holds saves a step.
+    """
+    if count < 1:
+        return [], 0
+    decoder.begin(context, next_position, len(ids) + count + 1)
+    draft = propose(lookup, ids, count)
+    logits = decoder.extend(ids + draft, rows=len(draft) + 1)
+    answer, drafted = [], 0
+    while True:
+        chosen = logits.argmax(dim=-1).tolist()  # chosen[i]: the greedy token after draft[:i]
+        held = 0
+        while held < len(draft) and chosen[held] == draft[held] and draft[held] not in stop_ids:
+            held += 1
+        decoder.back(len(draft) - held)
+        answer += draft[:held]
+        drafted += held
+        if len(answer) == count or chosen[held] in stop_ids:
+            return answer, drafted
+        answer.append(chosen[held])
+        if len(answer) == count:
+            return answer, drafted
+        draft = propose(lookup, ids + answer, count - len(answer))
+        logits = decoder.extend([answer[-1]] + draft, rows=len(draft) + 1)
+
+
+def propose(lookup: list[int], sequence: list[int], limit: int, longest: int = 3) -> list[int]:
+    """Up to `limit` tokens that followed the latest earlier occurrence of the sequence's last n tokens in
+    lookup + sequence, n from `longest` down to 1; none if there is no such occurrence."""
+    haystack = lookup + sequence
+    for n in range(min(longest, len(sequence)), 0, -1):
+        tail = haystack[-n:]
+        for start in range(len(haystack) - n - 1, -1, -1):
+            if haystack[start:start + n] == tail:
+                return haystack[start + n:start + n + limit]
+    return []

@@ -235,12 +235,15 @@ class Runner:
             self.forward_layers(hidden, positions, view, deepstack=(index, deepstack))
         prefill_s = timer.seconds
         with timer:
-            model = ChunkProbes(self, view, chunk_len, memory.position_after(positions))
+            model = ChunkProbes(self, view, chunk_len, memory.position_after(positions), memory.probe_drafts)
             selection = policy.select(ChunkContext(memory, positions, protected, model))
             new_kv = [view.new_tokens(layer, chunk_len) for layer in range(self.num_layers)]
             record = memory.commit(new_kv, positions, protected, selection.kept, selection.scores,
                                    frames=len(frames), grid_thw=patches.grid_thw, fps=fps, video_start=video_start,
                                    chosen=selection.report, forget_before=selection.forget_before)
+        if model.probed:
+            memory.probe_drafts = model.probed
+            record.chosen["probe_tokens"] = dict(answer=model.answer_tokens, drafted=model.drafted_tokens)
         record.timings = dict(preprocess=preprocess_s, vision=vision_s, prefill=prefill_s, policy=timer.seconds,
                               **selection.timings)
         return record
