@@ -1,4 +1,4 @@
-"""`streamer eval videomme` and `streamer eval synthetic`: the command lines of the evaluations."""
+"""`streamer eval videomme`, `synthetic` and `long-stream`: the command lines of the evaluations."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 from streamer.cli import timed
 from streamer.cli.switches import add_run_switches, config_from_args
 from streamer.engine.models import BUILTIN_CHOICE
-from streamer.evaluation import synthetic
+from streamer.evaluation import long_stream, synthetic
 from streamer.evaluation.answers import DEFAULT_SCORING, SCORING
 from streamer.evaluation.results import format_table
 from streamer.evaluation.harness import Distributed, config_id
@@ -25,6 +25,7 @@ def add_parser(sub) -> None:
     benchmark_parsers = benchmarks.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
     add_videomme(benchmark_parsers)
     add_synthetic(benchmark_parsers)
+    add_long_stream(benchmark_parsers)
     timed.add_parsers(benchmark_parsers)
 
 
@@ -127,12 +128,60 @@ def run_synthetic(args) -> int:
                                   bootstrap=args.bootstrap, device=args.device, threads=args.threads,
                                   workers=args.workers)
     summary = synthetic.evaluate(config, log=lambda line: print(line, file=sys.stderr))
-    print(synthetic.format_tables(summary))
-    argv = sys.argv[sys.argv.index("synthetic") + 1:] if "synthetic" in sys.argv else []
-    command = "streamer eval synthetic " + shlex.join(argv)
+    return report(args, "synthetic", summary, synthetic.format_tables(summary),
+                  lambda path, command: synthetic.write_markdown(path, summary, config, command))
+
+
+def report(args, benchmark: str, summary: dict, tables: str, write) -> int:
+    """Print the tables; with --write, write(path, command) puts them into Markdown; --json the summary."""
+    print(tables)
+    argv = sys.argv[sys.argv.index(benchmark) + 1:] if benchmark in sys.argv else []
+    command = f"streamer eval {benchmark} " + shlex.join(argv)
     if args.write:
-        synthetic.write_markdown(args.write, summary, config, command)
+        write(args.write, command)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(dict(command=command, **summary), indent=2) + "\n")
     return 0
+
+
+def add_long_stream(benchmarks) -> None:
+    p = benchmarks.add_parser(
+        "long-stream", help="streams of 4-16 generated videos: what a bounded memory knows of the first, middle "
+                            "and last part",
+        description="Accuracy per part of long generated streams (with bootstrap intervals), the paired difference "
+                    "to the first memory, memory tokens and answer JS to the full context, per memory and length.")
+    defaults = long_stream.LongStreamConfig()
+    p.add_argument("--model", default=defaults.model, help="built-in name or checkpoint (default: %(default)s)")
+    p.add_argument("--lengths", type=_numbers(int), default=defaults.lengths,
+                   help=f"videos of {long_stream.SEGMENT} frames per stream, at least 3 (default: 4,8)")
+    p.add_argument("--streams", type=int, default=defaults.streams, help="streams per length (default: %(default)s)")
+    p.add_argument("--first-seed", type=int, default=defaults.first_seed)
+    p.add_argument("--chunk-frames", type=int, default=defaults.chunk_frames, help="(default: %(default)s)")
+    p.add_argument("--budget", type=int, default=defaults.budget,
+                   help="tokens per layer on average (default: %(default)s, the service's 8,192 scaled to the "
+                        "builtin's 9 tokens per frame pair)")
+    p.add_argument("--memories", type=lambda s: [m for m in s.split(";") if m], default=defaults.memories,
+                   help="semicolon-separated LABEL:CONFIG_OR_POLICY[:KEY=VALUE,...]; the first is what the others "
+                        "are compared with and what `alone` uses (default: %(default)s)")
+    p.add_argument("--no-mid-stream", action="store_true", help="skip the middle part's questions asked right "
+                                                                "after it")
+    p.add_argument("--no-alone", action="store_true", help="skip each part's video streamed alone")
+    p.add_argument("--bootstrap", type=int, default=defaults.bootstrap, help="resamples per interval")
+    p.add_argument("--device", default=defaults.device)
+    p.add_argument("--threads", type=int, default=defaults.threads, help="CPU threads (default: %(default)s)")
+    p.add_argument("--write", type=Path, help="also put the tables into this Markdown file's long-stream section "
+                                              "(e.g. docs/SYNTHETIC.md)")
+    p.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON")
+    p.set_defaults(run=run_long_stream)
+
+
+def run_long_stream(args) -> int:
+    config = long_stream.LongStreamConfig(
+        model=args.model, lengths=args.lengths, streams=args.streams, first_seed=args.first_seed,
+        chunk_frames=args.chunk_frames, budget=args.budget, memories=args.memories,
+        mid_stream=not args.no_mid_stream, alone=not args.no_alone, bootstrap=args.bootstrap, device=args.device,
+        threads=args.threads)
+    summary = long_stream.evaluate(config, log=lambda line: print(line, file=sys.stderr))
+    return report(args, "long-stream", summary, long_stream.format_tables(summary),
+                  lambda path, command: long_stream.write_section(path, summary, config, command))

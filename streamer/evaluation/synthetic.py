@@ -518,4 +518,6 @@ def write_markdown(path: Path, summary: dict, config: EvalConfig, command: str) 
         format_tables(summary),
     ]
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(text))
+    previous = path.read_text() if path.exists() else ""
+    kept = previous.find("\n## ")  # sections other commands put there (`streamer eval long-stream`) stay
+    path.write_text("\n".join(text) + (previous[kept:] if kept >= 0 else ""))

@@ -1,0 +1,338 @@
+"""What a bounded memory still knows about a long stream's whole length (`streamer eval long-stream`).
+
+A stream is K generated videos of SEGMENT frames one after another (K = a length, 4-16 for 4x-16x the
+384 frames the builtin was trained on). Three of them are the parts asked about: the first video, the
+middle one (K // 2) and the last, drawn to show different objects; each other video is the one of
+FILLER_DRAWS that shows the fewest of the parts' objects. Every object of a part that appears nowhere else
+in the stream (so a question naming it has one answer) is asked about (where it was, how many frames it stayed, and what colour was shown with it when it
+had a companion), and the first part also "What colour appeared first?". All are asked at the end of the
+stream; the middle part's are also asked right after it (mid-stream: a question about now).
+
+Each memory (LABEL:CONFIG_OR_POLICY[:KEY=VALUE,...], under `budget` tokens per layer unless it is `full`)
+streams every stream chunk by chunk. Two references run beside them: `full`, the full context without a
+budget (positions re-timed past the model's limit as always), whose first answer token's distribution the
+answer JS compares with; and `alone`, each part's video streamed alone through the first memory, which is
+what that memory knows of the part without the rest of the stream.
+
+Per length and memory: accuracy per part with a 95% bootstrap interval over streams (each stream's
+questions of a part count as one resample unit), the paired difference to the first memory per part,
+memory tokens (mean per layer, on the device), and the answer JS per part.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from memory.probe import js_divergence
+from streamer.builtin.train import TRAIN_SEEDS
+from streamer.builtin.videos import COLOURS, DURATIONS, QA, Event, SyntheticVideo, ask_first, make_video, where_of
+from streamer.config import Config, load_config, override
+from streamer.engine.models import load_model
+from streamer.engine.runner import Runner
+from streamer.engine.stream import ingest_video
+from streamer.evaluation.synthetic import bootstrap_interval
+
+SEGMENT = 384  # frames per video of a stream: the longest the builtin was trained on
+PARTS = ("first", "middle", "last")
+MID = "middle, then"  # the middle part's questions asked right after it
+SECTION = "## Long streams"  # the section of docs/SYNTHETIC.md this evaluation writes
+DRAWS = 5000  # candidate videos per stream: stream s draws seeds s * DRAWS ..
+FILLER_DRAWS = 100  # candidates per video between the parts
+FULL = override(Config(), "memory", policy="full")
+
+
+@dataclass
+class LongStreamConfig:
+    model: str = "builtin"
+    lengths: list[int] = field(default_factory=lambda: [4, 8])  # videos of SEGMENT frames per stream
+    streams: int = 24  # per length; seeds first_seed ..
+    first_seed: int = 0
+    chunk_frames: int = 16
+    # tokens per layer on average: the service's 8,192 at 144 tokens per frame pair (stream_default) holds
+    # ~57 pairs whole; the builtin has 9 tokens per pair, so 512
+    budget: int = 512
+    memories: list[str] = field(default_factory=lambda: ["default:stream_default", "recent:recent:frames=112"])
+    mid_stream: bool = True
+    alone: bool = True
+    bootstrap: int = 2000
+    device: str = "auto"
+    threads: int = 1
+
+    def validate(self) -> "LongStreamConfig":
+        if not self.lengths or min(self.lengths) < 3:
+            raise ValueError(f"lengths are videos per stream, at least 3 (first, middle, last); got {self.lengths}")
+        if self.streams < 1 or self.first_seed < 0:
+            raise ValueError(f"need streams >= 1 and first_seed >= 0, got {self.streams}, {self.first_seed}")
+        if (self.first_seed + self.streams) * DRAWS > TRAIN_SEEDS:
+            raise ValueError(f"streams from seed {self.first_seed} on would draw training videos (seeds >= "
+                             f"{TRAIN_SEEDS}); use at most {TRAIN_SEEDS // DRAWS - self.first_seed} streams")
+        if self.chunk_frames < 2 or self.chunk_frames % 2 or SEGMENT % self.chunk_frames:
+            raise ValueError(f"chunk_frames must be even and divide {SEGMENT}, got {self.chunk_frames}")
+        if self.budget < 1:
+            raise ValueError(f"budget must be >= 1 token per layer, got {self.budget}")
+        if not self.memories:
+            raise ValueError("give at least one memory")
+        for spec in self.memories:
+            memory_config(spec)  # refuses a bad spec by name before anything runs
+        return self
+
+
+def memory_config(spec: str) -> tuple[str, Config]:
+    """LABEL:CONFIG_OR_POLICY[:KEY=VALUE,...] -> (label, config); the options go to the policy."""
+    label, _, rest = spec.partition(":")
+    source, _, options_text = rest.partition(":")
+    if not label or not source:
+        raise ValueError(f"a memory is LABEL:CONFIG_OR_POLICY[:KEY=VALUE,...], got {spec!r}")
+    try:
+        config = load_config(source)
+    except FileNotFoundError:
+        config = override(Config(), "memory", policy=source)
+    options = {}
+    for pair in filter(None, options_text.split(",")):
+        key, _, value = pair.partition("=")
+        options[key] = _number(value)
+    if options:
+        override(config, config.memory.policy, **options)
+    config.make_policy()  # unknown policies and options are refused here, by name
+    return label, config
+
+
+def _number(text: str):
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+@dataclass
+class LongStream:
+    seed: int
+    videos: list[SyntheticVideo]
+    parts: dict[str, int]  # part -> index of its video
+    questions: dict[str, list[QA]]  # part -> its questions
+
+    def frames(self, videos: int | None = None) -> list[np.ndarray]:
+        return [frame for video in self.videos[:videos] for frame in video.frames()]
+
+
+def part_questions(video: SyntheticVideo) -> list[tuple[Event, QA]]:
+    """Every object of the video: where it was, how long it stayed, the colour shown with it."""
+    questions = []
+    for event in video.events:
+        questions.append((event, where_of(event)))
+        questions.append((event, QA("duration", f"How many frames did the {event.name} stay?", str(event.frames),
+                                    len(DURATIONS))))
+        companion = video.companion(event)
+        if companion is not None:
+            questions.append((event, QA("together", f"What colour was shown with the {event.name}?",
+                                        companion.colour, len(COLOURS))))
+    return questions
+
+
+def names(video: SyntheticVideo) -> set[str]:
+    return {event.name for event in video.events}
+
+
+def make_stream(seed: int, count: int) -> LongStream:
+    """K = count videos and the questions about its parts' objects shown nowhere else (module docstring)."""
+    parts = dict(first=0, middle=count // 2, last=count - 1)
+    draws = iter(range(seed * DRAWS, (seed + 1) * DRAWS))
+
+    def draw(avoid: set[str], tries: int) -> SyntheticVideo:
+        """Of the next `tries` videos, the first that shows none of `avoid`, else the one that shows fewest."""
+        best = None
+        for candidate, _ in zip(draws, range(tries)):
+            video = make_video(candidate, SEGMENT)
+            if best is None or len(names(video) & avoid) < len(names(best) & avoid):
+                best = video
+            if not names(best) & avoid:
+                break
+        if best is None:
+            raise RuntimeError(f"stream {seed} used up its {DRAWS} video seeds")
+        return best
+
+    chosen, named = {}, set()
+    for index in sorted(set(parts.values())):
+        chosen[index] = draw(named, DRAWS)
+        named |= names(chosen[index])
+    videos = [chosen[i] if i in chosen else draw(named, FILLER_DRAWS) for i in range(count)]
+    shown = [name for video in videos for name in names(video)]
+    once = {name for name in shown if shown.count(name) == 1}
+    questions = {part: [qa for event, qa in part_questions(videos[index]) if event.name in once]
+                 for part, index in parts.items()}
+    questions["first"].insert(0, ask_first(videos[0], np.random.default_rng(0)))
+    return LongStream(seed, videos, parts, questions)
+
+
+@dataclass
+class Answers:
+    """One memory's answers to one stream: per part, right or wrong and the first answer token's logits."""
+
+    correct: dict[str, list[bool]] = field(default_factory=dict)
+    logits: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    memory_tokens: float = 0.0
+    evicted: int = 0
+
+
+def ask(runner: Runner, memory, questions: list[QA], answers: Answers, part: str) -> None:
+    for qa in questions:
+        reply = runner.answer(memory, qa.question, max_new_tokens=4)
+        answers.correct.setdefault(part, []).append(reply.text.strip() == qa.answer)
+        answers.logits.setdefault(part, []).append(reply.first_logits)
+
+
+def stream_through(runner: Runner, stream: LongStream, config: Config, budget: int | None, mid_stream: bool,
+                   chunk_frames: int) -> Answers:
+    answers = Answers()
+    memory = runner.new_memory(**{**config.memory.limits(), "budget": budget})
+    middle_end = (stream.parts["middle"] + 1) * SEGMENT
+    frames = stream.frames()
+    ingest_video(runner, frames[:middle_end], config.make_policy(), chunk_frames, memory)
+    if mid_stream:
+        ask(runner, memory, stream.questions["middle"], answers, MID)
+    ingest_video(runner, frames[middle_end:], config.make_policy(), chunk_frames, memory)
+    for part in PARTS:
+        ask(runner, memory, stream.questions[part], answers, part)
+    answers.memory_tokens, answers.evicted = memory.mean_tokens(), memory.evicted
+    return answers
+
+
+def alone(runner: Runner, stream: LongStream, config: Config, budget: int, chunk_frames: int) -> Answers:
+    answers = Answers()
+    for part, index in stream.parts.items():
+        memory = runner.new_memory(**{**config.memory.limits(), "budget": budget})
+        ingest_video(runner, stream.videos[index].frames(), config.make_policy(), chunk_frames, memory)
+        ask(runner, memory, stream.questions[part], answers, part)
+    return answers
+
+
+def evaluate(config: LongStreamConfig, log=print) -> dict:
+    config.validate()
+    torch.set_num_threads(config.threads)
+    runner = Runner(load_model(config.model, device=config.device))
+    memories = [memory_config(spec) for spec in config.memories]
+    summary = dict(config=asdict(config), lengths={})
+    started = time.perf_counter()
+    for count in config.lengths:
+        runs: dict[str, list[Answers]] = {label: [] for label, _ in memories}
+        runs["full"], runs["alone"] = [], []
+        for s, seed in enumerate(range(config.first_seed, config.first_seed + config.streams)):
+            stream = make_stream(seed, count)
+            with torch.inference_mode():
+                for label, memory in memories:
+                    budget = None if memory.memory.policy == "full" else config.budget
+                    runs[label].append(stream_through(runner, stream, memory, budget, config.mid_stream,
+                                                      config.chunk_frames))
+                runs["full"].append(stream_through(runner, stream, FULL, None, False, config.chunk_frames))
+                if config.alone:
+                    runs["alone"].append(alone(runner, stream, memories[0][1], config.budget, config.chunk_frames))
+            log(f"{count} x {SEGMENT} frames: stream {s + 1}/{config.streams} "
+                f"({time.perf_counter() - started:.0f} s)")
+        if not config.alone:
+            del runs["alone"]
+        summary["lengths"][count] = summarize(runs, memories[0][0], config.bootstrap)
+    summary["seconds"] = time.perf_counter() - started
+    return summary
+
+
+def summarize(runs: dict[str, list[Answers]], first: str, resamples: int) -> dict:
+    """Per memory: per part, accuracy [interval], the paired difference to `first` [interval], answer JS."""
+    rows = {}
+    for label, answers in runs.items():
+        row = dict(parts={}, memory_tokens=float(np.mean([a.memory_tokens for a in answers])) if label != "alone"
+                   else None)
+        for part in (*PARTS, MID):
+            if not any(part in a.correct for a in answers):
+                continue
+            for a in answers:
+                a.correct.setdefault(part, [])
+                a.logits.setdefault(part, [])
+            asked = [i for i, a in enumerate(answers) if a.correct[part]]  # a part may have no question
+            per_stream = np.array([np.mean(answers[i].correct[part]) for i in asked])
+            entry = dict(accuracy=float(per_stream.mean()), interval=bootstrap_interval(per_stream, resamples),
+                         correct=int(sum(sum(a.correct[part]) for a in answers)),
+                         questions=int(sum(len(a.correct[part]) for a in answers)))
+            if label != first and part in runs[first][0].correct:
+                base = np.array([np.mean(runs[first][i].correct[part]) for i in asked])
+                entry["vs_first"] = float((per_stream - base).mean())
+                entry["vs_first_interval"] = bootstrap_interval(per_stream - base, resamples)
+            if part in PARTS and label != "full":
+                entry["answer_js"] = float(np.mean([
+                    js_divergence(f[None], m[None]) for a, ref in zip(answers, runs["full"])
+                    for m, f in zip(a.logits[part], ref.logits[part])]))
+            row["parts"][part] = entry
+        rows[label] = row
+    return dict(first=first, memories=rows)
+
+
+def _percent(entry: dict) -> str:
+    low, high = entry["interval"]
+    return f"{100 * entry['accuracy']:.1f} [{100 * low:.0f}, {100 * high:.0f}]"
+
+
+def _difference(entry: dict) -> str:
+    if "vs_first" not in entry:
+        return ""
+    low, high = entry["vs_first_interval"]
+    return f"{100 * entry['vs_first']:+.1f} [{100 * low:+.0f}, {100 * high:+.0f}]"
+
+
+def format_tables(summary: dict) -> str:
+    lines = []
+    for count, table in summary["lengths"].items():
+        first = table["first"]
+        lines += [f"### {count} x {SEGMENT} frames ({int(count) * SEGMENT} frames, streams of {count} videos)", "",
+                  f"| memory | {' | '.join(PARTS)} | {MID} | vs {first}: {' / '.join(PARTS)} | memory tokens | "
+                  f"answer JS: {' / '.join(PARTS)} |",
+                  "|---|---|---|---|---|---|---:|---|"]
+        for label, row in table["memories"].items():
+            parts = row["parts"]
+            cells = [_percent(parts[p]) for p in PARTS]
+            mid = _percent(parts[MID]) if MID in parts else ""
+            versus = " / ".join(_difference(parts[p]) for p in PARTS) if label != first else ""
+            tokens = f"{row['memory_tokens']:.0f}" if row["memory_tokens"] is not None else ""
+            js = " / ".join(f"{parts[p]['answer_js']:.3f}" for p in PARTS) if "answer_js" in parts["first"] else ""
+            lines.append(f"| {label} | {' | '.join(cells)} | {mid} | {versus} | {tokens} | {js} |")
+        questions = {p: table["memories"][first]["parts"][p]["questions"] for p in PARTS}
+        lines += ["", "Questions per part: " + ", ".join(f"{p} {n}" for p, n in questions.items()) + ".", ""]
+    return "\n".join(lines)
+
+
+def write_section(path: Path, summary: dict, config: LongStreamConfig, command: str) -> None:
+    """Put the tables under SECTION in `path`, replacing that section if it is there, keeping the rest."""
+    section = "\n".join([
+        SECTION, "",
+        f"Produced by `{command}` on {date.today().isoformat()} ({platform.machine()} CPU with {os.cpu_count()} "
+        f"cores, {summary['seconds'] / 60:.0f} min), model `{config.model}`, chunks of {config.chunk_frames} frames, "
+        f"budget {config.budget} tokens per layer, streams of seeds {config.first_seed}.."
+        f"{config.first_seed + config.streams - 1}. " + DESCRIPTION, "",
+        format_tables(summary)])
+    text = path.read_text() if path.exists() else ""
+    start = text.find(SECTION)
+    if start < 0:
+        text = text.rstrip("\n") + ("\n\n" if text else "") + section
+    else:
+        end = text.find("\n## ", start + len(SECTION))
+        text = text[:start] + section + (text[end:] if end >= 0 else "\n")
+    path.write_text(text)
+
+
+DESCRIPTION = (
+    "A stream is generated videos of 384 frames one after another; the first, middle and last are the parts asked "
+    "about, and their objects appear in no other video. Per part: accuracy in % with a 95% bootstrap interval over "
+    "streams, asked at the end of the stream (`middle, then`: the middle part's questions asked right after it); "
+    "vs: the paired difference to the first memory; memory tokens: mean per layer at the end; answer JS: of the "
+    "first answer token, from the memory vs from the full context. `full` is the full context with no budget "
+    "(positions re-timed as always); `alone` streams each part's video alone through the first memory "
+    "(streamer/evaluation/long_stream.py).")
+

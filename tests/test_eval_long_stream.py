@@ -1,0 +1,78 @@
+"""`streamer eval long-stream`: its streams, its memories, the tables and the section it writes."""
+
+import json
+
+import pytest
+
+from streamer.builtin.train import TRAIN_SEEDS
+from streamer.cli import main
+from streamer.evaluation import long_stream, synthetic
+from streamer.evaluation.long_stream import (DRAWS, MID, PARTS, SECTION, SEGMENT, LongStreamConfig, make_stream,
+                                             memory_config, names)
+
+
+@pytest.mark.parametrize("count", [3, 8])
+def test_a_question_names_an_object_shown_in_one_video_of_its_part(count):
+    stream = make_stream(seed=2, count=count)
+    assert len(stream.videos) == count and stream.parts == dict(first=0, middle=count // 2, last=count - 1)
+    assert all(video.seed < TRAIN_SEEDS and video.num_frames == SEGMENT for video in stream.videos)
+    shown = [name for video in stream.videos for name in names(video)]
+    for part, questions in stream.questions.items():
+        assert questions, f"the {part} part has no question"
+        own = names(stream.videos[stream.parts[part]])
+        for qa in questions:
+            if qa.kind == "first":
+                assert part == "first" and qa.answer == stream.videos[0].events[0].colour
+                continue
+            named = [name for name in own if f"the {name}" in qa.question]
+            assert len(named) == 1 and shown.count(named[0]) == 1, qa.question
+    again = make_stream(seed=2, count=count)
+    assert [v.seed for v in again.videos] == [v.seed for v in stream.videos] and again.questions == stream.questions
+    assert {v.seed for v in make_stream(seed=3, count=count).videos}.isdisjoint(v.seed for v in stream.videos)
+
+
+def test_memories_are_given_by_config_or_policy_with_options():
+    label, config = memory_config("recent:recent:frames=112")
+    assert label == "recent" and config.make_policy().frames == 112
+    label, config = memory_config("default:stream_default")
+    assert config.memory.policy == "emloc" and config.memory.budget == 8192
+    with pytest.raises(ValueError, match="LABEL:CONFIG_OR_POLICY"):
+        memory_config("recent")
+    with pytest.raises(ValueError, match="unknown"):
+        memory_config("r:recent:frame=3")
+    with pytest.raises(ValueError, match="training videos"):
+        LongStreamConfig(first_seed=TRAIN_SEEDS // DRAWS).validate()
+    with pytest.raises(ValueError, match="at least 3"):
+        LongStreamConfig(lengths=[2]).validate()
+
+
+def test_a_short_run_end_to_end(tmp_path, capsys):
+    page = tmp_path / "SYNTHETIC.md"
+    page.write_text("# Synthetic\n\ntables\n")
+    out = tmp_path / "long.json"
+    args = ["eval", "long-stream", "--lengths", "3", "--streams", "2", "--chunk-frames", "128", "--bootstrap", "50",
+            "--memories", "default:stream_default;recent:recent:frames=32", "--write", str(page), "--json", str(out)]
+    assert main(args) == 0
+    summary = json.loads(out.read_text())
+    table = summary["lengths"]["3"]
+    assert table["first"] == "default" and list(table["memories"]) == ["default", "recent", "full", "alone"]
+    questions = {p: table["memories"]["default"]["parts"][p]["questions"] for p in PARTS}
+    for label, row in table["memories"].items():
+        for part in PARTS:
+            entry = row["parts"][part]
+            assert entry["questions"] == questions[part] and 0 <= entry["accuracy"] <= 1
+            assert entry["interval"][0] <= entry["accuracy"] <= entry["interval"][1]
+            assert ("answer_js" in entry) == (label != "full") and ("vs_first" in entry) == (label != "default")
+        assert (MID in row["parts"]) == (label in ("default", "recent"))
+    memory = {label: row["memory_tokens"] for label, row in table["memories"].items()}
+    assert memory["recent"] < memory["default"] < memory["full"] and memory["alone"] is None
+    # a 3-video stream through a 512-token budget: the full context holds its 3 x 192 pairs x 9 tokens
+    assert memory["full"] > 3 * SEGMENT // 2 * 9 and memory["default"] <= 512
+    text = page.read_text()
+    assert text.startswith("# Synthetic\n\ntables\n") and text.count(SECTION) == 1 and "| alone |" in text
+    # written again: the section is replaced, not repeated; and `eval synthetic` keeps it
+    long_stream.write_section(page, summary, LongStreamConfig(lengths=[3]), "again")
+    assert page.read_text().count(SECTION) == 1 and "`again`" in page.read_text()
+    synthetic.write_markdown(page, dict(results=[]), synthetic.EvalConfig(), "streamer eval synthetic")
+    assert page.read_text().count(SECTION) == 1 and "`again`" in page.read_text()
+    assert "| default |" in capsys.readouterr().out
