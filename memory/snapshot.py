@@ -20,7 +20,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from memory.store import HISTORY, TOKEN_FIELDS, ChunkRecord, KVMemory, LayerMemory, check_age_power, chunk_ranks
+from memory.store import (HISTORY, TOKEN_FIELDS, ChunkRecord, KVMemory, LayerMemory, check_age_power, chunk_ranks,
+                          empty_layer)
 
 SNAPSHOT_FORMAT = "video-streamer-memory"
 # 3: a history of four numbers per chunk, reports of the newest chunks only; 2: each token's chunk and rank
@@ -135,6 +136,7 @@ def _read_meta(header: dict, path: Path, tensors: int) -> dict:
         stream.update(age_power=stream.get("age_power", 1.0), max_positions=None, time_shift=0)
     if header["version"] in ("1", "2"):  # every chunk's report was kept: the history is read from them
         stream.update(records=KVMemory.records, history=_history(path, stream.get("chunks"), layers))
+    stream.setdefault("recall", 0)  # written before a memory could keep evicted tokens on the host
     differing = set(stream) ^ set(STREAM_FIELDS)
     if differing:
         raise ValueError(f"{path} stream fields differ from this build's KVMemory in {sorted(differing)}; "
@@ -147,6 +149,7 @@ def _read_meta(header: dict, path: Path, tensors: int) -> dict:
         raise ValueError(f"{path} is damaged: its header field stream.age_power: {exc}; save it again") from None
     _field(path, "stream.video_start", stream["video_start"], int, 0, optional=True)
     _field(path, "stream.max_positions", stream["max_positions"], int, 1, optional=True)
+    _field(path, "stream.recall", stream["recall"], int, 0)
     for name in ("next_position", "temporal_groups", "frames", "full_tokens", "evicted", "time_shift"):
         _field(path, f"stream.{name}", stream[name], int, 0)
     grid = _field(path, "stream.grid_hw", stream["grid_hw"], list, optional=True)
@@ -260,4 +263,6 @@ def load_memory(path, identity: dict | None, device="cpu", dtype=None) -> tuple[
             from None
     if stream["grid_hw"] is not None:
         stream["grid_hw"] = tuple(stream["grid_hw"])  # JSON has no tuples
-    return KVMemory(layers=layers, **stream), meta
+    _, kv_heads, _, head_dim = layers[0].keys.shape
+    host = [empty_layer(kv_heads, head_dim, "cpu", layers[0].keys.dtype) for _ in layers] if stream["recall"] else []
+    return KVMemory(layers=layers, host=host, **stream), meta

@@ -88,6 +88,9 @@ class KVMemory:
     # most positions the stream may span (None: the model's max_position_embeddings); past it the engine re-times
     # the memory's past onto fewer positions (streamer/engine/compaction.py)
     max_positions: int | None = None
+    # > 0: tokens evicted under the budget go to `host` (CPU memory) instead of away, and a question brings back
+    # up to this many per layer on average, of the chunks it attends to most (streamer/engine/recall.py); 0: none
+    recall: int = 0
     time_shift: int = 0  # how far re-timing has moved the stream's newest positions back, in all
     next_position: int = 0  # first position of the next text token: 1 + the largest position used
     video_start: int | None = None  # where the video starts (its open vision block), once the prefix is in
@@ -105,26 +108,26 @@ class KVMemory:
     # per probe prompt, its tokens (prompt and greedy answer) at the newest chunk: the engine drafts the next
     # chunk's probe answer from them (a hint for speed only, not in snapshots; replaced whole, never mutated)
     probe_drafts: dict[str, list[int]] = field(default_factory=dict, metadata=dict(snapshot=False))
+    # with recall: per layer, the tokens evicted so far, on the CPU (not in snapshots: a saved memory is its
+    # device part)
+    host: list[LayerMemory] = field(default_factory=list, metadata=dict(snapshot=False))
 
     @classmethod
     def empty(cls, num_layers: int, kv_heads: int, head_dim: int, device, dtype,
-              budget: int | None = None, age_power: float = 1.0, max_positions: int | None = None) -> "KVMemory":
+              budget: int | None = None, age_power: float = 1.0, max_positions: int | None = None,
+              recall: int = 0) -> "KVMemory":
         check_age_power(age_power)
-
-        def layer():
-            kv = torch.empty(1, kv_heads, 0, head_dim, device=device, dtype=dtype)
-            return LayerMemory(kv, kv.clone(), torch.empty(kv_heads, 0, 3, dtype=torch.long, device=device),
-                               torch.empty(kv_heads, 0, device=device),
-                               torch.empty(kv_heads, 0, dtype=torch.long, device=device),
-                               torch.empty(kv_heads, 0, device=device))
-
-        return cls(layers=[layer() for _ in range(num_layers)], budget=budget, age_power=age_power,
-                   max_positions=max_positions)
+        if recall < 0:
+            raise ValueError(f"memory recall must be >= 0 tokens per layer (0: evicted tokens are gone), got {recall}")
+        host = [empty_layer(kv_heads, head_dim, "cpu", dtype) for _ in range(num_layers)] if recall else []
+        return cls(layers=[empty_layer(kv_heads, head_dim, device, dtype) for _ in range(num_layers)],
+                   budget=budget, age_power=age_power, max_positions=max_positions, recall=recall, host=host)
 
     def fork(self) -> "KVMemory":
         """A copy to extend without changing this memory. It shares the tensors: commit, forget and
         evictions put new tensors in place of the old ones, never write into them."""
         return replace(self, layers=[replace(layer) for layer in self.layers], chunks=list(self.chunks),
+                       host=[replace(layer) for layer in self.host],
                        history={name: list(values) for name, values in self.history.items()})
 
     @property
@@ -181,6 +184,7 @@ class KVMemory:
         self.check_fps(fps)
         chunk_len = positions.shape[0]
         heads = self.layers[0].keys.shape[1]
+        chose = kept
         kept, capped = cap_chunk(self, kept, scores, protected, chunk_len)
         if capped is not None:
             chosen = dict(chosen, capped=capped)
@@ -198,12 +202,18 @@ class KVMemory:
             chunk = torch.full((heads, chunk_len), index, dtype=torch.long, device=device)
             new = LayerMemory(keys, values, positions.to(device).unsqueeze(0).expand(heads, -1, -1), importance,
                               chunk, torch.zeros(heads, chunk_len, device=device))
+            if capped is not None:  # what the policy kept and the cap did not: evicted as it comes in
+                cut = torch.zeros(heads, chunk_len, dtype=torch.bool, device=device)
+                if chose is None:
+                    cut[:] = True
+                else:
+                    cut.scatter_(1, chose[idx].to(device), True)
+                cut.scatter_(1, kept[idx].to(device), False)
+                _offload_from(self, idx, new, cut.nonzero()[:, 1].view(heads, -1))
             if kept is not None:
                 _keep_columns(new, kept[idx].to(device))
             new.rank = chunk_ranks(new.importance)
-            for name in TOKEN_FIELDS:
-                dim = 2 if name in ("keys", "values") else 1
-                setattr(layer, name, torch.cat([getattr(layer, name), getattr(new, name)], dim=dim))
+            append(layer, new)
         self.next_position = self.position_after(positions)
         self.video_start = video_start
         self.grid_hw = tuple(grid_thw[1:])
@@ -231,8 +241,9 @@ class KVMemory:
             if bool((counts != counts[0]).any()):
                 raise ValueError(f"layer {idx}'s heads hold different tokens: cannot forget by position")
         dropped = []
-        for layer, keep in zip(self.layers, keeps):
+        for idx, (layer, keep) in enumerate(zip(self.layers, keeps)):
             dropped.append(len(layer) - int(keep[0].sum()))
+            _offload(self, idx, (~keep).nonzero()[:, 1].view(keep.shape[0], -1))
             _keep_columns(layer, keep.nonzero()[:, 1].view(keep.shape[0], -1))
         self.evicted += sum(dropped)
         return dropped
@@ -242,6 +253,37 @@ TOKEN_FIELDS = ("keys", "values", "positions", "importance", "chunk", "rank")  #
 # per chunk since the stream started: its frames, its video and text tokens, and the video tokens its policy kept
 # (summed over layers): what coverage and the prompt's frame times need, once its report is gone
 HISTORY = ("frames", "video_tokens", "text_tokens", "kept")
+
+
+def empty_layer(kv_heads: int, head_dim: int, device, dtype) -> LayerMemory:
+    kv = torch.empty(1, kv_heads, 0, head_dim, device=device, dtype=dtype)
+    return LayerMemory(kv, kv.clone(), torch.empty(kv_heads, 0, 3, dtype=torch.long, device=device),
+                       torch.empty(kv_heads, 0, device=device), torch.empty(kv_heads, 0, dtype=torch.long, device=device),
+                       torch.empty(kv_heads, 0, device=device))
+
+
+def columns(layer: LayerMemory, keep: torch.Tensor, device=None) -> LayerMemory:
+    """A new LayerMemory of the tokens at sorted indices keep [kv_heads, k] per head (on `device` if given)."""
+    part = replace(layer)
+    _keep_columns(part, keep)
+    return part if device is None else LayerMemory(*(getattr(part, name).to(device) for name in TOKEN_FIELDS))
+
+
+def append(layer: LayerMemory, new: LayerMemory) -> None:
+    """Put `new`'s tokens after the layer's (new tensors: a fork sharing the old ones is unchanged)."""
+    for name in TOKEN_FIELDS:
+        dim = 2 if name in ("keys", "values") else 1
+        setattr(layer, name, torch.cat([getattr(layer, name), getattr(new, name)], dim=dim))
+
+
+def _offload(memory: KVMemory, idx: int, evicted: torch.Tensor) -> None:
+    """With recall, layer idx's tokens at sorted indices evicted [kv_heads, k] go to the host, not away."""
+    _offload_from(memory, idx, memory.layers[idx], evicted)
+
+
+def _offload_from(memory: KVMemory, idx: int, layer: LayerMemory, evicted: torch.Tensor) -> None:
+    if memory.recall and evicted.shape[1]:
+        append(memory.host[idx], columns(layer, evicted, "cpu"))
 
 
 def _keep_columns(layer: LayerMemory, keep: torch.Tensor) -> None:
@@ -360,9 +402,10 @@ def make_room(memory: KVMemory, incoming: list[int]) -> list[int]:
     by_chunk = torch.sort(torch.cat([layer.chunk[0].cpu() for layer in memory.layers]), stable=True).indices
     by_key = torch.sort(torch.cat([k[0].cpu() for k in keys])[by_chunk], descending=True, stable=True).indices
     counts = torch.bincount(owner[by_chunk[by_key[:excess]]], minlength=len(memory.layers)).tolist()
-    for layer, layer_keys, count in zip(memory.layers, keys, counts):
+    for idx, (layer, layer_keys, count) in enumerate(zip(memory.layers, keys, counts)):
         if count:
             order = torch.sort(layer_keys, dim=1, descending=True, stable=True).indices
+            _offload(memory, idx, order[:, :count].sort(dim=1).values)
             _keep_columns(layer, order[:, count:].sort(dim=1).values)  # back to position order
     memory.evicted += excess
     return counts

@@ -55,10 +55,14 @@ class MemoryOptions:
     age_power: float = 1.0
     # most positions a stream spans before its past is re-timed onto fewer (0: the model's max_position_embeddings)
     max_positions: int = 0
+    # under a budget: > 0 keeps evicted tokens on the host, and a question brings back up to this many per layer on
+    # average, of the chunks it attends to most (streamer/engine/recall.py); 0: evicted tokens are gone
+    recall: int = 0
 
     def limits(self) -> dict:
         """The keyword arguments of Runner.new_memory: what bounds a memory and how it evicts."""
-        return dict(budget=self.budget or None, age_power=float(self.age_power), max_positions=self.max_positions or None)
+        return dict(budget=self.budget or None, age_power=float(self.age_power), max_positions=self.max_positions or None,
+                    recall=int(self.recall))
 
 
 @dataclass
@@ -136,6 +140,8 @@ class Config:
         check_age_power(mem.age_power)
         if mem.max_positions < 0:
             raise ValueError(f"memory.max_positions must be >= 0 (0 = the model's), got {mem.max_positions}")
+        if isinstance(mem.recall, bool) or not isinstance(mem.recall, int) or mem.recall < 0:
+            raise ValueError(f"memory.recall must be a token count >= 0 (0 = evicted tokens are gone), got {mem.recall!r}")
         self.probe.validate()
         self.make_policy(question="?")  # checks the policy name and its options
         if self.generation.max_new_tokens < 1:

@@ -32,14 +32,17 @@ def test_a_question_names_an_object_shown_in_one_video_of_its_part(count):
 
 
 def test_memories_are_given_by_config_or_policy_with_options():
-    label, config = memory_config("recent:recent:frames=112")
+    label, config = memory_config("recent:recent:frames=112", 512)
     assert label == "recent" and config.make_policy().frames == 112
-    label, config = memory_config("default:stream_default")
-    assert config.memory.policy == "emloc" and config.memory.budget == 8192
+    assert config.memory.budget == 512
+    label, config = memory_config("default:stream_default:budget=256,recall=128,delta=0.2", 512)
+    assert config.memory.policy == "emloc" and config.memory.limits()["budget"] == 256
+    assert config.memory.recall == 128 and config.make_policy().delta == 0.2
+    assert memory_config("full:full", 512)[1].memory.limits()["budget"] is None
     with pytest.raises(ValueError, match="LABEL:CONFIG_OR_POLICY"):
-        memory_config("recent")
+        memory_config("recent", 512)
     with pytest.raises(ValueError, match="unknown"):
-        memory_config("r:recent:frame=3")
+        memory_config("r:recent:frame=3", 512)
     with pytest.raises(ValueError, match="training videos"):
         LongStreamConfig(first_seed=TRAIN_SEEDS // DRAWS).validate()
     with pytest.raises(ValueError, match="at least 3"):

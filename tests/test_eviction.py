@@ -142,7 +142,7 @@ def test_moving_every_token_keeps_the_answer(family_runner):
         family_runner.ingest(memory, random_frames(8, seed=seed), POLICY, fps=2.0)
     before = family_runner.answer(memory, "What happens?", max_new_tokens=1).first_logits
     moved, unrotated = memory.fork(), memory.fork()
-    move_tokens(family_runner.language_model.rotary_emb, moved, [torch.full_like(l.positions, 1000) for l in moved.layers])
+    move_tokens(family_runner.language_model.rotary_emb, moved.layers, [torch.full_like(l.positions, 1000) for l in moved.layers])
     for layer in unrotated.layers:
         layer.positions = layer.positions + 1000
     for fork in (moved, unrotated):

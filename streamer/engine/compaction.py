@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from memory.store import KVMemory
+from memory.store import KVMemory, LayerMemory
 from streamer.engine.positions import as_position_ids
 
 
@@ -29,13 +29,13 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def move_tokens(rotary, memory: KVMemory, shifts: list[torch.Tensor]) -> None:
-    """Add shifts[l] [kv_heads, M_l, 3] to layer l's positions and rotate its keys to match. New tensors replace
+def move_tokens(rotary, layers: list[LayerMemory], shifts: list[torch.Tensor]) -> None:
+    """Add shifts[l] [kv_heads, M_l, 3] to layers[l]'s positions and rotate its keys to match. New tensors replace
     the old ones (a fork sharing them is unchanged)."""
     if getattr(rotary, "attention_scaling", 1.0) != 1.0:
         raise ValueError("this model's rotary embedding scales its angles (attention_scaling != 1): its stored keys "
                          "cannot be moved to new positions")
-    for layer, shift in zip(memory.layers, shifts):
+    for layer, shift in zip(layers, shifts):
         if not bool(shift.any()):
             continue
         heads, count, dim = layer.keys.shape[1], layer.keys.shape[2], layer.keys.shape[3]
@@ -59,13 +59,13 @@ def compact(rotary, memory: KVMemory, limit: int, moves_all: bool) -> int:
     back = end - start - target  # how far the newest block moves
     ratio = (target - recent) / (end - recent - start)  # the older part is squeezed by this
     components = torch.tensor([1, 1, 1] if moves_all else [1, 0, 0])
-    shifts = []
-    for layer in memory.layers:
+    shifts, layers = [], [*memory.layers, *memory.host]  # tokens kept on the host for recall move alike
+    for layer in layers:
         t = layer.positions[..., 0].cpu()
         new = torch.where(t >= end - recent, t - back, start + torch.floor((t - start).double() * ratio).long())
         new = torch.where(t < start, t, new)  # the prompt before the video stays
         shifts.append((new - t)[..., None] * components)
-    move_tokens(rotary, memory, shifts)
+    move_tokens(rotary, layers, shifts)
     memory.next_position = end - back
     memory.time_shift += back
     return back

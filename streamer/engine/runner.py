@@ -26,6 +26,7 @@ from streamer.engine.generation import Answer, Generation, advance
 from streamer.engine.models import BUILTIN_MODELS, RANDOM_MODELS, LoadedModel, family_of, load_model
 from streamer.engine.positions import as_position_ids, text_positions, video_positions
 from streamer.engine.probing import ChunkProbes
+from streamer.engine.recall import recall
 from streamer.engine.prompt import SYSTEM_PROMPT, VISION_END, chat_layout, pair_opening, pair_seconds
 from streamer.engine.view import MemoryView
 from streamer.engine.vision import encode_pairs
@@ -127,14 +128,16 @@ class Runner:
         return self.tokenizer(text, add_special_tokens=False).input_ids
 
     def new_memory(self, budget: int | None = None, age_power: float = 1.0,
-                   max_positions: int | None = None) -> KVMemory:
+                   max_positions: int | None = None, recall: int = 0) -> KVMemory:
         """An empty memory; `budget` caps the tokens per layer on average (None: unbounded), `age_power` how
-        evictions weigh age (memory.store), `max_positions` the positions a stream may span (None: the model's)."""
+        evictions weigh age (memory.store), `max_positions` the positions a stream may span (None: the model's),
+        `recall` the evicted tokens per layer on average a question may bring back from the host (0: none kept;
+        streamer/engine/recall.py)."""
         if max_positions is not None and max_positions < len(self.prefix_ids) + 2:
             raise ValueError(f"max_positions {max_positions} leaves no room for a stream: give at least "
                              f"{len(self.prefix_ids) + 2} (0 or none: the model's own)")
         return KVMemory.empty(self.num_layers, self.kv_heads, self.head_dim, self.device, self.model.dtype, budget,
-                              age_power, max_positions)
+                              age_power, max_positions, recall)
 
     # --- forwards -------------------------------------------------------------------------
 
@@ -221,8 +224,8 @@ class Runner:
                     moves_all=self.family.timestamps)
             ids, positions, video_start = layout(retimed)
             self.check_positions(retimed, positions, len(frames))
-            memory.layers, memory.next_position, memory.time_shift = (retimed.layers, retimed.next_position,
-                                                                      retimed.time_shift)
+            memory.layers, memory.host = retimed.layers, retimed.host
+            memory.next_position, memory.time_shift = retimed.next_position, retimed.time_shift
         is_video = torch.tensor(ids) == self.model.config.video_token_id
         hidden = self.embed_tokens(ids)
         index = is_video.nonzero()[:, 0].to(self.device)
@@ -340,6 +343,7 @@ class Runner:
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         ids = self._question_ids(memory, question)
+        memory = recall(self, memory, ids)  # with evicted tokens on the host: the chunks the question reads, back
         seen = self.prompt_ids(memory, ids) if self.repetition_penalty != 1.0 else set()
         generation = Generation(position=memory.next_position, inputs=ids, max_new_tokens=max_new_tokens,
                                 stop_at_end=stop_at_end, seen=seen, on_text=on_text)

@@ -8,7 +8,8 @@ in the stream (so a question naming it has one answer) is asked about (where it 
 had a companion), and the first part also "What colour appeared first?". All are asked at the end of the
 stream; the middle part's are also asked right after it (mid-stream: a question about now).
 
-Each memory (LABEL:CONFIG_OR_POLICY[:KEY=VALUE,...], under `budget` tokens per layer unless it is `full`)
+Each memory (LABEL:CONFIG_OR_POLICY[:KEY=VALUE,...], under `budget` tokens per layer unless it is `full` or
+sets its own)
 streams every stream chunk by chunk. Two references run beside them: `full`, the full context without a
 budget (positions re-timed past the model's limit as always), whose first answer token's distribution the
 answer JS compares with; and `alone`, each part's video streamed alone through the first memory, which is
@@ -47,6 +48,7 @@ SECTION = "## Long streams"  # the section of docs/SYNTHETIC.md this evaluation 
 DRAWS = 5000  # candidate videos per stream: stream s draws seeds s * DRAWS ..
 FILLER_DRAWS = 100  # candidates per video between the parts
 FULL = override(Config(), "memory", policy="full")
+MEMORY_SETTINGS = ("budget", "age_power", "max_positions", "recall")  # [memory] settings a memory spec may set
 
 
 @dataclass
@@ -81,12 +83,14 @@ class LongStreamConfig:
         if not self.memories:
             raise ValueError("give at least one memory")
         for spec in self.memories:
-            memory_config(spec)  # refuses a bad spec by name before anything runs
+            memory_config(spec, self.budget)  # refuses a bad spec by name before anything runs
         return self
 
 
-def memory_config(spec: str) -> tuple[str, Config]:
-    """LABEL:CONFIG_OR_POLICY[:KEY=VALUE,...] -> (label, config); the options go to the policy."""
+def memory_config(spec: str, budget: int) -> tuple[str, Config]:
+    """LABEL:CONFIG_OR_POLICY[:KEY=VALUE,...] -> (label, config) under `budget` tokens per layer (none for the
+    full policy); an option named like a [memory] setting (budget, age_power, recall, ...) sets it, the others
+    go to the policy."""
     label, _, rest = spec.partition(":")
     source, _, options_text = rest.partition(":")
     if not label or not source:
@@ -95,10 +99,11 @@ def memory_config(spec: str) -> tuple[str, Config]:
         config = load_config(source)
     except FileNotFoundError:
         config = override(Config(), "memory", policy=source)
-    options = {}
+    options, memory = {}, {}
     for pair in filter(None, options_text.split(",")):
         key, _, value = pair.partition("=")
-        options[key] = _number(value)
+        (memory if key in MEMORY_SETTINGS else options)[key] = _number(value)
+    override(config, "memory", **{"budget": 0 if config.memory.policy == "full" else budget, **memory})
     if options:
         override(config, config.memory.policy, **options)
     config.make_policy()  # unknown policies and options are refused here, by name
@@ -191,10 +196,10 @@ def ask(runner: Runner, memory, questions: list[QA], answers: Answers, part: str
         answers.logits.setdefault(part, []).append(reply.first_logits)
 
 
-def stream_through(runner: Runner, stream: LongStream, config: Config, budget: int | None, mid_stream: bool,
+def stream_through(runner: Runner, stream: LongStream, config: Config, mid_stream: bool,
                    chunk_frames: int) -> Answers:
     answers = Answers()
-    memory = runner.new_memory(**{**config.memory.limits(), "budget": budget})
+    memory = runner.new_memory(**config.memory.limits())
     middle_end = (stream.parts["middle"] + 1) * SEGMENT
     frames = stream.frames()
     ingest_video(runner, frames[:middle_end], config.make_policy(), chunk_frames, memory)
@@ -207,10 +212,10 @@ def stream_through(runner: Runner, stream: LongStream, config: Config, budget: i
     return answers
 
 
-def alone(runner: Runner, stream: LongStream, config: Config, budget: int, chunk_frames: int) -> Answers:
+def alone(runner: Runner, stream: LongStream, config: Config, chunk_frames: int) -> Answers:
     answers = Answers()
     for part, index in stream.parts.items():
-        memory = runner.new_memory(**{**config.memory.limits(), "budget": budget})
+        memory = runner.new_memory(**config.memory.limits())
         ingest_video(runner, stream.videos[index].frames(), config.make_policy(), chunk_frames, memory)
         ask(runner, memory, stream.questions[part], answers, part)
     return answers
@@ -220,7 +225,7 @@ def evaluate(config: LongStreamConfig, log=print) -> dict:
     config.validate()
     torch.set_num_threads(config.threads)
     runner = Runner(load_model(config.model, device=config.device))
-    memories = [memory_config(spec) for spec in config.memories]
+    memories = [memory_config(spec, config.budget) for spec in config.memories]
     summary = dict(config=asdict(config), lengths={})
     started = time.perf_counter()
     for count in config.lengths:
@@ -230,12 +235,11 @@ def evaluate(config: LongStreamConfig, log=print) -> dict:
             stream = make_stream(seed, count)
             with torch.inference_mode():
                 for label, memory in memories:
-                    budget = None if memory.memory.policy == "full" else config.budget
-                    runs[label].append(stream_through(runner, stream, memory, budget, config.mid_stream,
+                    runs[label].append(stream_through(runner, stream, memory, config.mid_stream,
                                                       config.chunk_frames))
-                runs["full"].append(stream_through(runner, stream, FULL, None, False, config.chunk_frames))
+                runs["full"].append(stream_through(runner, stream, FULL, False, config.chunk_frames))
                 if config.alone:
-                    runs["alone"].append(alone(runner, stream, memories[0][1], config.budget, config.chunk_frames))
+                    runs["alone"].append(alone(runner, stream, memories[0][1], config.chunk_frames))
             log(f"{count} x {SEGMENT} frames: stream {s + 1}/{config.streams} "
                 f"({time.perf_counter() - started:.0f} s)")
         if not config.alone:
