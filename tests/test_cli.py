@@ -152,6 +152,20 @@ def test_budget_switch(capsys, video):
     assert "held of what the policy kept, by quarter of the stream" in capsys.readouterr().err
 
 
+def test_recall_switch_keeps_evicted_tokens_and_serve_refuses_it(capsys, video, tmp_path):
+    args = ("--frames", "16", "--chunk-frames", "2", "--budget", "40", "--max-new-tokens", "1")
+    plain = ask_json(capsys, video, *args)
+    kept = ask_json(capsys, video, *args, "--recall", "20")
+    # the device memory is the same; the answer may read recalled chunks
+    assert kept["memory_tokens_per_layer"] == plain["memory_tokens_per_layer"] and kept["evicted_tokens"] > 0
+    assert main(["-q", "ask", str(video), "Q?", *SMALL, *args, "--recall", "-1"]) == 2
+    assert "memory.recall must be a token count >= 0" in capsys.readouterr().err
+    config = tmp_path / "recall.toml"
+    config.write_text("[memory]\npolicy = \"full\"\nbudget = 100\nrecall = 10\n")
+    assert main(["-q", "serve", "--config", str(config), "--model", "tiny-random"]) == 2
+    assert "memory.recall is not served yet" in capsys.readouterr().err
+
+
 def test_saved_memory_answers_without_the_video(capsys, video, tmp_path):
     path = tmp_path / "memory.safetensors"
     asked = ask_json(capsys, video, "--frames", "8", "--chunk-frames", "4", "--memory", "emloc", "--delta", "0.5",

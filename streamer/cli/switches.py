@@ -52,6 +52,8 @@ def add_run_switches(p: argparse.ArgumentParser, config_default: str | None = No
                    "(0 = unbounded)")
     p.add_argument("--age-power", type=float, help="under a budget, a chunk of age a keeps about c / a^P of what it "
                    "kept (default 1: every doubling of the past holds the same share; 0: all thinned alike)")
+    p.add_argument("--recall", type=int, help="under a budget, keep evicted tokens in host memory and let a question "
+                   "bring back this many per layer on average, of the chunks it attends to most (0 = none)")
     p.add_argument("--max-new-tokens", type=int, help="longest answer in tokens")
     p.add_argument("--repetition-penalty", type=float,
                    help="transformers' repetition penalty (default: the checkpoint's generation_config.json, else 1)")
@@ -69,7 +71,7 @@ def config_from_args(args) -> Config:
              backend=args.backend,
              min_pixels=args.min_pixels, max_pixels=args.max_pixels, total_pixels=args.total_pixels)
     override(config, "memory", policy=args.memory, chunk_frames=args.chunk_frames, budget=args.budget,
-             age_power=args.age_power)
+             age_power=args.age_power, recall=args.recall)
     override(config, "emloc", delta=args.delta, ratios=args.ratios, group_size=args.group_size)
     if args.ratio is not None:
         takes_ratio = policies_with("ratio")
