@@ -7,8 +7,8 @@ import pytest
 from streamer.builtin.train import TRAIN_SEEDS
 from streamer.cli import main
 from streamer.evaluation import long_stream, synthetic
-from streamer.evaluation.long_stream import (DRAWS, MID, PARTS, SECTION, SEGMENT, LongStreamConfig, make_stream,
-                                             memory_config, names)
+from streamer.builtin.streams import DRAWS, PARTS, SEGMENT, make_stream, names
+from streamer.evaluation.long_stream import MID, SECTION, LongStreamConfig, memory_config
 
 
 @pytest.mark.parametrize("count", [3, 8])
@@ -29,6 +29,8 @@ def test_a_question_names_an_object_shown_in_one_video_of_its_part(count):
     again = make_stream(seed=2, count=count)
     assert [v.seed for v in again.videos] == [v.seed for v in stream.videos] and again.questions == stream.questions
     assert {v.seed for v in make_stream(seed=3, count=count).videos}.isdisjoint(v.seed for v in stream.videos)
+    training = make_stream(seed=2, count=count, first_video=TRAIN_SEEDS)
+    assert all(video.seed >= TRAIN_SEEDS for video in training.videos)
 
 
 def test_memories_are_given_by_config_or_policy_with_options():

@@ -1,16 +1,11 @@
 """What a bounded memory still knows about a long stream's whole length (`streamer eval long-stream`).
 
-A stream is K generated videos of SEGMENT frames one after another (K = a length, 4-16 for 4x-16x the
-384 frames the builtin was trained on). Three of them are the parts asked about: the first video, the
-middle one (K // 2) and the last, drawn to show different objects; each other video is the one of
-FILLER_DRAWS that shows the fewest of the parts' objects. Every object of a part that appears nowhere else
-in the stream (so a question naming it has one answer) is asked about (where it was, how many frames it stayed, and what colour was shown with it when it
-had a companion), and the first part also "What colour appeared first?". All are asked at the end of the
-stream; the middle part's are also asked right after it (mid-stream: a question about now).
+Streams of generated videos (streamer/builtin/streams.py: the first, middle and last video are the parts
+asked about) are asked about all three parts at the end, and the middle part's questions also right after it
+(mid-stream: a question about now).
 
 Each memory (LABEL:CONFIG_OR_POLICY[:KEY=VALUE,...], under `budget` tokens per layer unless it is `full` or
-sets its own)
-streams every stream chunk by chunk. Two references run beside them: `full`, the full context without a
+sets its own) streams every stream chunk by chunk. Two references run beside them: `full`, the full context without a
 budget (positions re-timed past the model's limit as always), whose first answer token's distribution the
 answer JS compares with; and `alone`, each part's video streamed alone through the first memory, which is
 what that memory knows of the part without the rest of the stream.
@@ -34,19 +29,16 @@ import torch
 
 from memory.probe import js_divergence
 from streamer.builtin.train import TRAIN_SEEDS
-from streamer.builtin.videos import COLOURS, DURATIONS, QA, Event, SyntheticVideo, ask_first, make_video, where_of
+from streamer.builtin.streams import DRAWS, PARTS, SEGMENT, LongStream, make_stream
+from streamer.builtin.videos import QA
 from streamer.config import Config, load_config, override
 from streamer.engine.models import load_model
 from streamer.engine.runner import Runner
 from streamer.engine.stream import ingest_video
 from streamer.evaluation.synthetic import bootstrap_interval
 
-SEGMENT = 384  # frames per video of a stream: the longest the builtin was trained on
-PARTS = ("first", "middle", "last")
 MID = "middle, then"  # the middle part's questions asked right after it
 SECTION = "## Long streams"  # the section of docs/SYNTHETIC.md this evaluation writes
-DRAWS = 5000  # candidate videos per stream: stream s draws seeds s * DRAWS ..
-FILLER_DRAWS = 100  # candidates per video between the parts
 FULL = override(Config(), "memory", policy="full")
 MEMORY_SETTINGS = ("budget", "age_power", "max_positions", "recall")  # [memory] settings a memory spec may set
 
@@ -117,66 +109,6 @@ def _number(text: str):
         except ValueError:
             pass
     return text
-
-
-@dataclass
-class LongStream:
-    seed: int
-    videos: list[SyntheticVideo]
-    parts: dict[str, int]  # part -> index of its video
-    questions: dict[str, list[QA]]  # part -> its questions
-
-    def frames(self, videos: int | None = None) -> list[np.ndarray]:
-        return [frame for video in self.videos[:videos] for frame in video.frames()]
-
-
-def part_questions(video: SyntheticVideo) -> list[tuple[Event, QA]]:
-    """Every object of the video: where it was, how long it stayed, the colour shown with it."""
-    questions = []
-    for event in video.events:
-        questions.append((event, where_of(event)))
-        questions.append((event, QA("duration", f"How many frames did the {event.name} stay?", str(event.frames),
-                                    len(DURATIONS))))
-        companion = video.companion(event)
-        if companion is not None:
-            questions.append((event, QA("together", f"What colour was shown with the {event.name}?",
-                                        companion.colour, len(COLOURS))))
-    return questions
-
-
-def names(video: SyntheticVideo) -> set[str]:
-    return {event.name for event in video.events}
-
-
-def make_stream(seed: int, count: int) -> LongStream:
-    """K = count videos and the questions about its parts' objects shown nowhere else (module docstring)."""
-    parts = dict(first=0, middle=count // 2, last=count - 1)
-    draws = iter(range(seed * DRAWS, (seed + 1) * DRAWS))
-
-    def draw(avoid: set[str], tries: int) -> SyntheticVideo:
-        """Of the next `tries` videos, the first that shows none of `avoid`, else the one that shows fewest."""
-        best = None
-        for candidate, _ in zip(draws, range(tries)):
-            video = make_video(candidate, SEGMENT)
-            if best is None or len(names(video) & avoid) < len(names(best) & avoid):
-                best = video
-            if not names(best) & avoid:
-                break
-        if best is None:
-            raise RuntimeError(f"stream {seed} used up its {DRAWS} video seeds")
-        return best
-
-    chosen, named = {}, set()
-    for index in sorted(set(parts.values())):
-        chosen[index] = draw(named, DRAWS)
-        named |= names(chosen[index])
-    videos = [chosen[i] if i in chosen else draw(named, FILLER_DRAWS) for i in range(count)]
-    shown = [name for video in videos for name in names(video)]
-    once = {name for name in shown if shown.count(name) == 1}
-    questions = {part: [qa for event, qa in part_questions(videos[index]) if event.name in once]
-                 for part, index in parts.items()}
-    questions["first"].insert(0, ask_first(videos[0], np.random.default_rng(0)))
-    return LongStream(seed, videos, parts, questions)
 
 
 @dataclass
