@@ -126,3 +126,15 @@ def ts_parts(tmp_path, count=2, frames=24):
         write_video(path, frames, fps=8.0, size=size, content=lambda i, p=part: index_frame(p * frames + i, size))
         parts.append(path.read_bytes())
     return parts
+
+
+class Stopped(Exception):
+    """A run interrupted by stop_at's log function."""
+
+
+def stop_at(prefix: str):
+    """A log function that interrupts a run (raises Stopped) at its first line starting with `prefix`."""
+    def log(line: str) -> None:
+        if line.startswith(prefix):
+            raise Stopped
+    return log

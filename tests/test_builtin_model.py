@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from conftest import question_logits, stream
+from conftest import Stopped, question_logits, stop_at, stream
 
 from memory.baselines import FullPolicy
 from streamer.builtin.train import (DEFAULT_CONFIG, NAMED_HEADS, PROBE_HEADS, QUESTION_HEADS, VIDEO_HEADS, ModelConfig,
@@ -256,16 +256,9 @@ def test_token_labels_follow_the_events():
 def test_training_resumes_from_its_checkpoint_exactly(tmp_path):
     config = TrainConfig(model=TINY, stages=[Stage(16, 16, 2, 2)], warmup=1, log_every=1, questions=["first"])
 
-    class Stop(Exception):
-        pass
-
-    def stop_after_first_step(line):
-        if line.startswith("step 1/"):
-            raise Stop
-
     checkpoint = tmp_path / "run.ckpt"
-    with pytest.raises(Stop):
-        train(config, None, log=stop_after_first_step, checkpoint=checkpoint)
+    with pytest.raises(Stopped):
+        train(config, None, log=stop_at("step 1/"), checkpoint=checkpoint)
     resumed, record = train(config, None, log=lambda line: None, checkpoint=checkpoint)
     straight, _ = train(config, None, log=lambda line: None)
     assert [h["step"] for h in record["history"]] == [1, 2]
