@@ -56,11 +56,11 @@ def test_a_short_run_end_to_end(tmp_path, capsys):
     page.write_text("# Synthetic\n\ntables\n")
     out = tmp_path / "long.json"
     args = ["eval", "long-stream", "--lengths", "3", "--streams", "2", "--chunk-frames", "128", "--bootstrap", "50",
-            "--memories", "default:stream_default;recent:recent:frames=32", "--write", str(page), "--json", str(out)]
+            "--memories", "default:stream_default;recent:recent:frames=32;recall:stream_default:budget=64,recall=32", "--write", str(page), "--json", str(out)]
     assert main(args) == 0
     summary = json.loads(out.read_text())
     table = summary["lengths"]["3"]
-    assert table["first"] == "default" and list(table["memories"]) == ["default", "recent", "full", "alone"]
+    assert table["first"] == "default" and list(table["memories"]) == ["default", "recent", "recall", "full", "alone"]
     questions = {p: table["memories"]["default"]["parts"][p]["questions"] for p in PARTS}
     for label, row in table["memories"].items():
         for part in PARTS:
@@ -68,11 +68,12 @@ def test_a_short_run_end_to_end(tmp_path, capsys):
             assert entry["questions"] == questions[part] and 0 <= entry["accuracy"] <= 1
             assert entry["interval"][0] <= entry["accuracy"] <= entry["interval"][1]
             assert ("answer_js" in entry) == (label != "full") and ("vs_first" in entry) == (label != "default")
-        assert (MID in row["parts"]) == (label in ("default", "recent"))
+        assert (MID in row["parts"]) == (label in ("default", "recent", "recall"))
+        assert (row["host_tokens"] > 0) == (label == "recall"), "only a recalling memory keeps evicted tokens"
     memory = {label: row["memory_tokens"] for label, row in table["memories"].items()}
     assert memory["recent"] < memory["default"] < memory["full"] and memory["alone"] is None
     # a 3-video stream through a 512-token budget: the full context holds its 3 x 192 pairs x 9 tokens
-    assert memory["full"] > 3 * SEGMENT // 2 * 9 and memory["default"] <= 512
+    assert memory["full"] > 3 * SEGMENT // 2 * 9 and memory["default"] <= 512 and memory["recall"] <= 64
     text = page.read_text()
     assert text.startswith("# Synthetic\n\ntables\n") and text.count(SECTION) == 1 and "| alone |" in text
     # written again: the section is replaced, not repeated; and `eval synthetic` keeps it

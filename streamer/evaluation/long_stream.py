@@ -118,6 +118,7 @@ class Answers:
     correct: dict[str, list[bool]] = field(default_factory=dict)
     logits: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     memory_tokens: float = 0.0
+    host_tokens: float = 0.0  # kept on the host for recall, mean per layer
     evicted: int = 0
 
 
@@ -141,6 +142,7 @@ def stream_through(runner: Runner, stream: LongStream, config: Config, mid_strea
     for part in PARTS:
         ask(runner, memory, stream.questions[part], answers, part)
     answers.memory_tokens, answers.evicted = memory.mean_tokens(), memory.evicted
+    answers.host_tokens = sum(len(layer) for layer in memory.host) / len(memory.layers)
     return answers
 
 
@@ -186,7 +188,7 @@ def summarize(runs: dict[str, list[Answers]], first: str, resamples: int) -> dic
     rows = {}
     for label, answers in runs.items():
         row = dict(parts={}, memory_tokens=float(np.mean([a.memory_tokens for a in answers])) if label != "alone"
-                   else None)
+                   else None, host_tokens=float(np.mean([a.host_tokens for a in answers])))
         for part in (*PARTS, MID):
             if not any(part in a.correct for a in answers):
                 continue
@@ -229,16 +231,17 @@ def format_tables(summary: dict) -> str:
         first = table["first"]
         lines += [f"### {count} x {SEGMENT} frames ({int(count) * SEGMENT} frames, streams of {count} videos)", "",
                   f"| memory | {' | '.join(PARTS)} | {MID} | vs {first}: {' / '.join(PARTS)} | memory tokens | "
-                  f"answer JS: {' / '.join(PARTS)} |",
-                  "|---|---|---|---|---|---|---:|---|"]
+                  f"host tokens | answer JS: {' / '.join(PARTS)} |",
+                  "|---|---|---|---|---|---|---:|---:|---|"]
         for label, row in table["memories"].items():
             parts = row["parts"]
             cells = [_percent(parts[p]) for p in PARTS]
             mid = _percent(parts[MID]) if MID in parts else ""
             versus = " / ".join(_difference(parts[p]) for p in PARTS) if label != first else ""
             tokens = f"{row['memory_tokens']:.0f}" if row["memory_tokens"] is not None else ""
+            host = f"{row['host_tokens']:.0f}" if row["host_tokens"] else ""
             js = " / ".join(f"{parts[p]['answer_js']:.3f}" for p in PARTS) if "answer_js" in parts["first"] else ""
-            lines.append(f"| {label} | {' | '.join(cells)} | {mid} | {versus} | {tokens} | {js} |")
+            lines.append(f"| {label} | {' | '.join(cells)} | {mid} | {versus} | {tokens} | {host} | {js} |")
         questions = {p: table["memories"][first]["parts"][p]["questions"] for p in PARTS}
         lines += ["", "Questions per part: " + ", ".join(f"{p} {n}" for p, n in questions.items()) + ".", ""]
     return "\n".join(lines)
@@ -267,7 +270,8 @@ DESCRIPTION = (
     "A stream is generated videos of 384 frames one after another; the first, middle and last are the parts asked "
     "about, and their objects appear in no other video. Per part: accuracy in % with a 95% bootstrap interval over "
     "streams, asked at the end of the stream (`middle, then`: the middle part's questions asked right after it); "
-    "vs: the paired difference to the first memory; memory tokens: mean per layer at the end; answer JS: of the "
+    "vs: the paired difference to the first memory; memory tokens: mean per layer at the end, on the device; host "
+    "tokens: those kept in host memory for recall (`recall` > 0), mean per layer; answer JS: of the "
     "first answer token, from the memory vs from the full context. `full` is the full context with no budget "
     "(positions re-timed as always); `alone` streams each part's video alone through the first memory "
     "(streamer/evaluation/long_stream.py).")
