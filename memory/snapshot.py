@@ -137,6 +137,7 @@ def _read_meta(header: dict, path: Path, tensors: int) -> dict:
     if header["version"] in ("1", "2"):  # every chunk's report was kept: the history is read from them
         stream.update(records=KVMemory.records, history=_history(path, stream.get("chunks"), layers))
     stream.setdefault("recall", 0)  # written before a memory could keep evicted tokens on the host
+    stream.setdefault("host_budget", None)
     differing = set(stream) ^ set(STREAM_FIELDS)
     if differing:
         raise ValueError(f"{path} stream fields differ from this build's KVMemory in {sorted(differing)}; "
@@ -150,6 +151,7 @@ def _read_meta(header: dict, path: Path, tensors: int) -> dict:
     _field(path, "stream.video_start", stream["video_start"], int, 0, optional=True)
     _field(path, "stream.max_positions", stream["max_positions"], int, 1, optional=True)
     _field(path, "stream.recall", stream["recall"], int, 0)
+    _field(path, "stream.host_budget", stream["host_budget"], int, 1, optional=True)
     for name in ("next_position", "temporal_groups", "frames", "full_tokens", "evicted", "time_shift"):
         _field(path, f"stream.{name}", stream[name], int, 0)
     grid = _field(path, "stream.grid_hw", stream["grid_hw"], list, optional=True)

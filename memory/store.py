@@ -91,6 +91,9 @@ class KVMemory:
     # > 0: tokens evicted under the budget go to `host` (CPU memory) instead of away, and a question brings back
     # up to this many per layer on average, of the chunks it attends to most (streamer/engine/recall.py); 0: none
     recall: int = 0
+    # with recall: tokens per layer on average the host may keep (None: all); beyond it the host thins by the
+    # same rank x age rule as the device
+    host_budget: int | None = None
     time_shift: int = 0  # how far re-timing has moved the stream's newest positions back, in all
     next_position: int = 0  # first position of the next text token: 1 + the largest position used
     video_start: int | None = None  # where the video starts (its open vision block), once the prefix is in
@@ -115,13 +118,16 @@ class KVMemory:
     @classmethod
     def empty(cls, num_layers: int, kv_heads: int, head_dim: int, device, dtype,
               budget: int | None = None, age_power: float = 1.0, max_positions: int | None = None,
-              recall: int = 0) -> "KVMemory":
+              recall: int = 0, host_budget: int | None = None) -> "KVMemory":
         check_age_power(age_power)
         if recall < 0:
             raise ValueError(f"memory recall must be >= 0 tokens per layer (0: evicted tokens are gone), got {recall}")
+        if host_budget is not None and host_budget < 1:
+            raise ValueError(f"memory host_budget must be >= 1 token per layer (None: unbounded), got {host_budget}")
         host = [empty_layer(kv_heads, head_dim, "cpu", dtype) for _ in range(num_layers)] if recall else []
         return cls(layers=[empty_layer(kv_heads, head_dim, device, dtype) for _ in range(num_layers)],
-                   budget=budget, age_power=age_power, max_positions=max_positions, recall=recall, host=host)
+                   budget=budget, age_power=age_power, max_positions=max_positions, recall=recall,
+                   host_budget=host_budget, host=host)
 
     def fork(self) -> "KVMemory":
         """A copy to extend without changing this memory. It shares the tensors: commit, forget and
@@ -224,6 +230,10 @@ class KVMemory:
         video = int((~protected).sum())
         record = ChunkRecord(frames=frames, tokens=chunk_len, video_tokens=video, kept=incoming, evicted=evicted,
                              memory_tokens=self.mean_tokens(), chosen=chosen)
+        if self.host and self.host_budget is not None:  # what went to the host this chunk may overfill it
+            over = sum(len(layer) for layer in self.host) - self.host_budget * len(self.host)
+            if over > 0:
+                thin(self, self.host, over)
         self.chunks.append(record)  # a fork holds its own list (fork copies it)
         del self.chunks[:-self.records]
         text = chunk_len - video
@@ -395,19 +405,27 @@ def make_room(memory: KVMemory, incoming: list[int]) -> list[int]:
     excess = sum(len(layer) for layer in memory.layers) + sum(incoming) - memory.budget * len(memory.layers)
     if excess <= 0:
         return [0] * len(memory.layers)
-    keys = [eviction_keys(memory, layer) for layer in memory.layers]
+    counts = thin(memory, memory.layers, excess)
+    memory.evicted += excess
+    return counts
+
+
+def thin(memory: KVMemory, layers: list[LayerMemory], excess: int) -> list[int]:
+    """Remove `excess` tokens from `layers` (the device's, or the host's) together, the largest eviction keys
+    first; those leaving the device go to the host where recall keeps them. Returns the count per layer."""
+    keys = [eviction_keys(memory, layer) for layer in layers]
     # one ranking of head 0's keys over all layers decides how many each layer gives up; equal keys go older
     # chunk first, then lower layer (a stable sort by chunk, then a stable one by key)
-    owner = torch.cat([torch.full((len(layer),), idx) for idx, layer in enumerate(memory.layers)])
-    by_chunk = torch.sort(torch.cat([layer.chunk[0].cpu() for layer in memory.layers]), stable=True).indices
+    owner = torch.cat([torch.full((len(layer),), idx) for idx, layer in enumerate(layers)])
+    by_chunk = torch.sort(torch.cat([layer.chunk[0].cpu() for layer in layers]), stable=True).indices
     by_key = torch.sort(torch.cat([k[0].cpu() for k in keys])[by_chunk], descending=True, stable=True).indices
-    counts = torch.bincount(owner[by_chunk[by_key[:excess]]], minlength=len(memory.layers)).tolist()
-    for idx, (layer, layer_keys, count) in enumerate(zip(memory.layers, keys, counts)):
+    counts = torch.bincount(owner[by_chunk[by_key[:excess]]], minlength=len(layers)).tolist()
+    for idx, (layer, layer_keys, count) in enumerate(zip(layers, keys, counts)):
         if count:
             order = torch.sort(layer_keys, dim=1, descending=True, stable=True).indices
-            _offload(memory, idx, order[:, :count].sort(dim=1).values)
+            if layers is memory.layers:
+                _offload(memory, idx, order[:, :count].sort(dim=1).values)
             _keep_columns(layer, order[:, count:].sort(dim=1).values)  # back to position order
-    memory.evicted += excess
     return counts
 
 

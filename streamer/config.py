@@ -58,11 +58,13 @@ class MemoryOptions:
     # under a budget: > 0 keeps evicted tokens on the host, and a question brings back up to this many per layer on
     # average, of the chunks it attends to most (streamer/engine/recall.py); 0: evicted tokens are gone
     recall: int = 0
+    # with recall: tokens per layer on average the host may keep, thinned by rank x age beyond it (0: unbounded)
+    host_budget: int = 0
 
     def limits(self) -> dict:
         """The keyword arguments of Runner.new_memory: what bounds a memory and how it evicts."""
         return dict(budget=self.budget or None, age_power=float(self.age_power), max_positions=self.max_positions or None,
-                    recall=int(self.recall))
+                    recall=int(self.recall), host_budget=self.host_budget or None)
 
 
 @dataclass
@@ -140,6 +142,8 @@ class Config:
         check_age_power(mem.age_power)
         if mem.max_positions < 0:
             raise ValueError(f"memory.max_positions must be >= 0 (0 = the model's), got {mem.max_positions}")
+        if isinstance(mem.host_budget, bool) or not isinstance(mem.host_budget, int) or mem.host_budget < 0:
+            raise ValueError(f"memory.host_budget must be a token count >= 0 (0 = unbounded), got {mem.host_budget!r}")
         if isinstance(mem.recall, bool) or not isinstance(mem.recall, int) or mem.recall < 0:
             raise ValueError(f"memory.recall must be a token count >= 0 (0 = evicted tokens are gone), got {mem.recall!r}")
         self.probe.validate()

@@ -163,7 +163,7 @@ def test_recall_switch_keeps_evicted_tokens_and_serve_refuses_it(capsys, video, 
     config = tmp_path / "recall.toml"
     config.write_text("[memory]\npolicy = \"full\"\nbudget = 100\nrecall = 10\n")
     assert main(["-q", "serve", "--config", str(config), "--model", "tiny-random"]) == 2
-    assert "memory.recall is not served yet" in capsys.readouterr().err
+    assert "memory.recall needs memory.host_budget in a served config" in capsys.readouterr().err
 
 
 def test_saved_memory_answers_without_the_video(capsys, video, tmp_path):

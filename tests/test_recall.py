@@ -97,9 +97,22 @@ def test_a_question_brings_back_whole_chunks_within_recall_and_changes_nothing(t
     assert recall(tiny_runner, without, ids) is without
 
 
+def test_a_host_budget_thins_the_host_by_age_and_rank(tiny_runner):
+    frames = random_frames(40, seed=25)
+    everything = streamed(tiny_runner, frames, budget=40, recall=30)
+    bounded = streamed(tiny_runner, frames, budget=40, recall=30, host_budget=60)
+    assert sum(len(layer) for layer in everything.host) > 60 * tiny_runner.num_layers, "the test needs a full host"
+    assert sum(len(layer) for layer in bounded.host) <= 60 * tiny_runner.num_layers
+    for all_of, part in zip(everything.host, bounded.host):
+        assert set(places(part)) <= set(places(all_of))  # what it keeps, it kept as the unbounded host did
+        assert part.chunk.float().mean() > all_of.chunk.float().mean()  # the old thinned most
+    for a, b in zip(bounded.layers, everything.layers):  # the device is the same either way
+        assert torch.equal(a.keys, b.keys)
+
+
 def test_a_snapshot_keeps_recall_but_not_the_host(tiny_runner, tmp_path):
-    memory = streamed(tiny_runner, random_frames(16, seed=24), budget=40, recall=30)
+    memory = streamed(tiny_runner, random_frames(16, seed=24), budget=40, recall=30, host_budget=50)
     save_memory(memory, tmp_path / "m.safetensors", model_identity(tiny_runner.model, tiny_runner.model_name))
     loaded, _ = load_memory(tmp_path / "m.safetensors", model_identity(tiny_runner.model, tiny_runner.model_name))
-    assert loaded.recall == 30 and all(len(layer) == 0 for layer in loaded.host)
+    assert loaded.recall == 30 and loaded.host_budget == 50 and all(len(layer) == 0 for layer in loaded.host)
     assert len(loaded.host) == tiny_runner.num_layers

@@ -94,9 +94,9 @@ def run(args) -> int:
     config = load_config(args.config)
     override(config, "model", name=args.model, device=args.device, dtype=args.dtype)
     config.validate()
-    if config.memory.recall:  # a live session's hosted tokens would grow for as long as it streams
-        raise ValueError(f"{args.config}: memory.recall is not served yet (a session's host memory would grow "
-                         "without end); set it to 0, and use it with `streamer ask` and the evaluations")
+    if config.memory.recall and not config.memory.host_budget:  # else a session's host memory grows without end
+        raise ValueError(f"{args.config}: memory.recall needs memory.host_budget in a served config (tokens per "
+                         "layer a session's host memory may keep; without it a live stream's grows without end)")
     roots = [Path(root) for root in args.allow_root]
     for root in roots:
         if not root.is_dir():

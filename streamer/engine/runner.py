@@ -128,16 +128,16 @@ class Runner:
         return self.tokenizer(text, add_special_tokens=False).input_ids
 
     def new_memory(self, budget: int | None = None, age_power: float = 1.0,
-                   max_positions: int | None = None, recall: int = 0) -> KVMemory:
+                   max_positions: int | None = None, recall: int = 0, host_budget: int | None = None) -> KVMemory:
         """An empty memory; `budget` caps the tokens per layer on average (None: unbounded), `age_power` how
         evictions weigh age (memory.store), `max_positions` the positions a stream may span (None: the model's),
         `recall` the evicted tokens per layer on average a question may bring back from the host (0: none kept;
-        streamer/engine/recall.py)."""
+        streamer/engine/recall.py), `host_budget` how many per layer the host may keep (None: all)."""
         if max_positions is not None and max_positions < len(self.prefix_ids) + 2:
             raise ValueError(f"max_positions {max_positions} leaves no room for a stream: give at least "
                              f"{len(self.prefix_ids) + 2} (0 or none: the model's own)")
         return KVMemory.empty(self.num_layers, self.kv_heads, self.head_dim, self.device, self.model.dtype, budget,
-                              age_power, max_positions, recall)
+                              age_power, max_positions, recall, host_budget)
 
     # --- forwards -------------------------------------------------------------------------
 
