@@ -237,7 +237,8 @@ def test_drafted_probes_choose_the_same_memory(tiny_runner, monkeypatch):
     for a, b in zip(drafted.chunks, plain.chunks):
         assert a.ratios == b.ratios and a.kept == b.kept
         assert [e[:2] for e in a.chosen["evaluations"]] == [e[:2] for e in b.chosen["evaluations"]]
-        assert [e[2] for e in a.chosen["evaluations"]] == pytest.approx([e[2] for e in b.chosen["evaluations"]], abs=1e-5)
+        assert [e[2] for e in a.chosen["evaluations"]] == pytest.approx([e[2] for e in b.chosen["evaluations"]],
+                                                                         abs=1e-5)
     for a, b in zip(drafted.layers, plain.layers):
         assert torch.equal(a.positions, b.positions)
         torch.testing.assert_close(a.keys, b.keys, atol=1e-5, rtol=0)

@@ -56,7 +56,8 @@ def test_a_short_run_end_to_end(tmp_path, capsys):
     page.write_text("# Synthetic\n\ntables\n")
     out = tmp_path / "long.json"
     args = ["eval", "long-stream", "--lengths", "3", "--streams", "2", "--chunk-frames", "128", "--bootstrap", "50",
-            "--memories", "default:stream_default;recent:recent:frames=32;recall:stream_default:budget=64,recall=32", "--write", str(page), "--json", str(out)]
+            "--memories", "default:stream_default;recent:recent:frames=32;recall:stream_default:budget=64,recall=32",
+            "--write", str(page), "--json", str(out)]
     assert main(args) == 0
     summary = json.loads(out.read_text())
     table = summary["lengths"]["3"]

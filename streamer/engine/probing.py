@@ -2,8 +2,9 @@
 
 A probe is a prompt laid out as a question turn after the memory and the full chunk, plus
 `answer_tokens` tokens the model generates greedily after it (drafted from the same probe at the
-previous chunk, and checked: decode.greedy_tokens); one recorded forward over it leaves the hidden state entering every layer, the attention to every context key and the
-reference logits (streamer/engine/decode.py). This module turns that into the policy's terms:
+previous chunk, and checked: decode.greedy_tokens); one recorded forward over it leaves the hidden
+state entering every layer, the attention to every context key and the reference logits
+(streamer/engine/decode.py). This module turns that into the policy's terms:
 attention to the chunk's tokens only, and re-runs that hide chunk tokens per layer and head.
 """
 

@@ -7,7 +7,8 @@ as a probe over the device memory and every host token together, recording its a
 decode.py); each evicted chunk scores the attention its tokens received, summed over layers, the mean over
 KV heads; the best chunks come back whole (their tokens in every layer) while they fit in `recall` tokens
 per layer on average, and the question is answered over the memory with them, in a fork (which recalls
-nothing more): the memory itself is unchanged. The probe reads the host keys once per question, the price of remembering.
+nothing more): the memory itself is unchanged. The probe reads the host keys once per question, the
+price of remembering.
 """
 
 from __future__ import annotations
