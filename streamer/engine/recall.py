@@ -1,8 +1,9 @@
 """Questions over a memory that keeps what it evicts: bring back the evicted chunks the question reads most.
 
 With `KVMemory.recall` > 0 the tokens a budget evicts go to host memory instead of away (memory/store.py), so
-the device holds no more than the budget while the host holds everything the policy once kept (as ReKV keeps
-a whole stream's cache on the host and retrieves per question). Before a question is answered it is run once
+the device holds no more than the budget while the host holds everything else the policy once kept, or
+with `host_budget` what the rank x age rule leaves of it (as ReKV keeps a whole stream's cache on the host and
+retrieves per question). Before a question is answered it is run once
 as a probe over the device memory and every host token together, recording its attention to each (engine/
 decode.py); each evicted chunk scores the attention its tokens received, summed over layers, the mean over
 KV heads; the best chunks come back whole (their tokens in every layer) while they fit in `recall` tokens
