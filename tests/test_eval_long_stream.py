@@ -55,7 +55,7 @@ def test_a_short_run_end_to_end(tmp_path, capsys):
     page = tmp_path / "SYNTHETIC.md"
     page.write_text("# Synthetic\n\ntables\n")
     out = tmp_path / "long.json"
-    args = ["eval", "long-stream", "--lengths", "3", "--streams", "2", "--chunk-frames", "128", "--bootstrap", "50",
+    args = ["eval", "long-stream", "--lengths", "3", "--streams", "1", "--chunk-frames", "128", "--bootstrap", "50",
             "--memories", "default:stream_default;recent:recent:frames=32;recall:stream_default:budget=64,recall=32",
             "--write", str(page), "--json", str(out)]
     assert main(args) == 0

@@ -655,6 +655,30 @@ def test_frames_without_a_time_keep_the_streams_time_and_progress_counts_each_st
     assert stats["budget"] == ServerLimits().max_budget
 
 
+def test_a_session_with_recall_keeps_what_it_evicts_and_answers_over_what_it_brings_back(tiny_runner):
+    """A served config with recall and a host budget: the session's evicted tokens stay on the host within that
+    budget, and its answer is the runner's own over the memory, recall included."""
+    config = server_config(policy="full")  # everything kept: a short stream fills the budget
+    override(config, "memory", budget=40, recall=20, host_budget=60)
+    frames = random_frames(24, seed=42)
+
+    async def scenario(url, server):
+        async with StreamerClient(url) as client:
+            await client.start(budget=40)
+            await push(client, frames)
+            await client.flush()
+            await client.wait_ingested()
+            reply = await client.ask("What happens in the video?", max_new_tokens=4)
+            return reply, next(iter(server.sessions.values())).memory
+
+    with running_server(tiny_runner, config=config) as (server, url):
+        reply, memory = asyncio.run(scenario(url, server))
+    hosted = sum(len(layer) for layer in memory.host)
+    assert memory.evicted > 0 and 0 < hosted <= 60 * tiny_runner.num_layers and memory.mean_tokens() <= 40
+    expected = tiny_runner.answer(memory, "What happens in the video?", max_new_tokens=4)
+    assert reply["text"] == expected.text
+
+
 def test_client_command_says_what_went_wrong_in_one_line(tiny_runner, tmp_path, capsys, caplog):
     """What a client meets -- the server's frame limit mid-file, a token it lacks, a wrong address -- ends in one
     clear line and an exit code, never a traceback; the frame limit stops the sending, and the questions are still

@@ -14,7 +14,7 @@ from streamer.engine.models import load_model
 from streamer.engine.runner import Runner
 from streamer.engine.stream import ingest_video
 
-QUICK = dict(videos=[1, 1], chunk_frames=64, steps=2, warmup=1, log_every=1, budget=128)
+QUICK = dict(videos=[1, 1], chunk_frames=128, steps=2, warmup=1, log_every=1, budget=128)
 
 
 def test_the_answer_loss_reads_the_memory_and_its_gradient_lowers_it():
