@@ -38,7 +38,7 @@ def test_the_answer_loss_reads_the_memory_and_its_gradient_lowers_it():
         for parameter in parameters:
             if parameter.grad is not None:
                 parameter -= 1e-2 * parameter.grad
-    assert float(answer_loss(runner, memory, questions)) < float(loss.detach())
+    assert float(answer_loss(runner, memory, questions).detach()) < float(loss.detach())
 
 
 def test_training_changes_the_reader_not_the_tower_and_resumes_exactly(tmp_path):
