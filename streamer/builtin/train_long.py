@@ -5,8 +5,8 @@ gives them.
         --checkpoint long.ckpt      # resumable: rerun the same command after an interruption
 
 Each step streams a long stream of generated videos (streamer/builtin/streams.py, training seeds) through the
-runner under the configured memory and budget, with no gradients: that memory, thinned and re-timed, is what
-the model is given in service. Then the questions about the stream's parts are taught over it: each question
+runner under the configured memory and budget, with no gradients: that memory, thinned and re-timed, with the
+evicted chunks a question recalls, is what the model is given in service. Then the questions about the stream's parts are taught over it: each question
 and its answer run over the memory's keys and values with gradients, and the loss is the answer's tokens and
 <|im_end|>, the mean per question. With `mid_stream`, the middle part's questions are also taught right after
 it, over the memory as it stood then. The memory is rebuilt with the current weights at every step, so what
@@ -37,6 +37,7 @@ from streamer.builtin.videos import QA
 from streamer.config import load_config
 from streamer.engine.models import load_model
 from streamer.engine.positions import text_positions
+from streamer.engine.recall import recall
 from streamer.engine.runner import Runner
 from streamer.engine.stream import ingest_video
 from streamer.engine.view import MemoryView
@@ -47,6 +48,8 @@ class LongTrainConfig:
     init: str = "builtin"  # the model to fine-tune: a built-in name or a directory train.py wrote
     memory: str = "stream_default"  # the config whose memory (policy, probe, age_power) streams are read through
     budget: int = 512  # tokens per layer on average (the service's 8,192 scaled to the builtin's 9 per frame pair)
+    recall: int = 256  # evicted tokens per layer a question brings back, and the host's bound (the service's
+    host_budget: int = 1024  # 4,096 and 16,384 scaled alike): the questions read what the service would give them
     chunk_frames: int = 16
     videos: list[int] = field(default_factory=lambda: [2, 8])  # videos of SEGMENT frames per stream: [least, most]
     mid_stream: bool = True
@@ -74,13 +77,16 @@ class LongTrainConfig:
 
 
 def answer_loss(runner: Runner, memory: KVMemory, questions: list[QA]) -> torch.Tensor:
-    """Mean over questions of the cross-entropy of each answer's tokens and <|im_end|>, read over the memory (its
-    keys and values as constants) at the positions an answer would have."""
+    """Mean over questions of the cross-entropy of each answer's tokens and <|im_end|>, read over the memory as a
+    question gets it (with the evicted chunks it recalls) at the positions an answer would have; the memory's keys
+    and values are constants."""
     end = runner.tokenizer.convert_tokens_to_ids("<|im_end|>")
-    context = [(keys.clone(), values.clone()) for keys, values in memory.context()]  # plain tensors, off inference
     losses = []
     for qa in questions:
         question, answer = runner.suffix_ids(qa.question), [*runner.encode(qa.answer), end]
+        with torch.no_grad():
+            read = recall(runner, memory, question)
+        context = [(keys.clone(), values.clone()) for keys, values in read.context()]  # plain tensors, off inference
         ids = question + answer
         view = MemoryView(context, extra=len(ids))
         hidden = runner.forward_layers(runner.embed_tokens(ids), text_positions(memory.next_position, len(ids)), view)
@@ -106,7 +112,8 @@ def train_long(config: LongTrainConfig, out: Path | None, log=print, checkpoint:
     runner = Runner(loaded)
     model = runner.model
     memory_config = load_config(config.memory)
-    limits = dict(memory_config.memory.limits(), budget=config.budget)
+    limits = dict(memory_config.memory.limits(), budget=config.budget, recall=config.recall,
+                  host_budget=config.host_budget or None)
     for name, parameter in model.named_parameters():
         parameter.requires_grad_(not name.startswith("model.visual"))
     trained = [p for p in model.parameters() if p.requires_grad]
