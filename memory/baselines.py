@@ -168,3 +168,18 @@ class RecentPolicy(MemoryPolicy):
         scores = times.float().expand(ctx.model.kv_heads, -1).contiguous()  # older = evicted first under a budget
         layers = ctx.model.num_layers
         return Selection([kept_indices(keep)] * layers, [scores] * layers, forget_before=since)
+
+
+@dataclass(kw_only=True)
+class LayerAblation(ProbeScores):
+    """Prunes one layer alone to `ratio` of each chunk (probe-ranked, as uniform does) and keeps every
+    other layer whole: how much the answers need that layer's memory."""
+
+    name = "layer ablation"
+    layer: int
+    ratio: float
+
+    def ratios(self, ctx: ChunkContext) -> list[float]:
+        ratios = [1.0] * ctx.model.num_layers
+        ratios[self.layer] = self.ratio
+        return ratios

@@ -27,6 +27,7 @@ COMMANDS = {
     "bench": ("bench", "measure ingest, memory and answer speed per memory policy"),
     "bench-serve": ("bench_serve", "measure sessions accepted and answers per second of a service"),
     "eval": ("evaluate", "evaluate on a benchmark"),
+    "calibrate": ("calibrate", "per-layer memory weights from a few of your videos, written into a config"),
     "make-video": ("video", "write a small synthetic test video (frame index coded in the pixels)"),
     "make-sets": ("sets", "write OVO-Bench and StreamingBench files on generated videos"),
 }

@@ -39,7 +39,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from memory.policy import ChunkContext, MemoryPolicy, ProbedPolicy, ProbeScores, Selection
+from memory.baselines import LayerAblation
+from memory.policy import ChunkContext, MemoryPolicy, ProbedPolicy, Selection
 from memory.probe import ProbeConfig, js_divergence, kept_indices
 from memory.registry import make_policy
 from streamer.builtin.train import TRAIN_SEEDS
@@ -129,21 +130,6 @@ class OraclePolicy(ProbedPolicy):
             best = layer_scores.masked_fill(shows, float("-inf")).topk(extra, dim=1).indices
             kept.append(kept_indices(keep.clone().scatter_(1, best, True)))
         return Selection(kept, scores, timings=dict(probe=probe_s))
-
-
-@dataclass(kw_only=True)
-class LayerAblation(ProbeScores):
-    """Prunes one layer alone to `ratio` of each chunk (probe-ranked, as uniform does) and keeps every
-    other layer whole: how much the answers need that layer's memory."""
-
-    name = "layer ablation"
-    layer: int
-    ratio: float
-
-    def ratios(self, ctx: ChunkContext) -> list[float]:
-        ratios = [1.0] * ctx.model.num_layers
-        ratios[self.layer] = self.ratio
-        return ratios
 
 
 @dataclass
