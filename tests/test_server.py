@@ -669,7 +669,11 @@ def test_a_session_with_recall_keeps_what_it_evicts_and_answers_over_what_it_bri
             await client.flush()
             await client.wait_ingested()
             reply = await client.ask("What happens in the video?", max_new_tokens=4)
-            return reply, next(iter(server.sessions.values())).memory
+            stats = await client.stats()
+            memory = next(iter(server.sessions.values())).memory
+            assert stats["recall"] == 20 and stats["host_tokens"] == pytest.approx(
+                sum(len(layer) for layer in memory.host) / len(memory.layers)) and stats["host_tokens"] > 0
+            return reply, memory
 
     with running_server(tiny_runner, config=config) as (server, url):
         reply, memory = asyncio.run(scenario(url, server))

@@ -384,7 +384,8 @@ class StreamSession:
                     chunks=memory.chunk_count, chunks_queued=self.queued_chunks,
                     memory_tokens=memory.mean_tokens(), full_tokens=memory.full_tokens,
                     memory_tokens_per_layer=memory.tokens_per_layer(), budget=memory.budget,
-                    evicted_tokens=memory.evicted, coverage=self.coverage, timeline=self.timeline,
+                    evicted_tokens=memory.evicted, host_tokens=sum(len(layer) for layer in memory.host) / len(
+                        memory.layers), recall=memory.recall, coverage=self.coverage, timeline=self.timeline,
                     retimed_positions=memory.time_shift,
                     last_ratios=last and last.ratios, last_js=last and last.js,
                     questions_answered=self.answered, questions_waiting=self.questions)
