@@ -215,7 +215,7 @@ class KVMemory:
                 else:
                     cut.scatter_(1, chose[idx].to(device), True)
                 cut.scatter_(1, kept[idx].to(device), False)
-                _offload_from(self, idx, new, cut.nonzero()[:, 1].view(heads, -1))
+                _offload(self, idx, new, cut.nonzero()[:, 1].view(heads, -1))
             if kept is not None:
                 _keep_columns(new, kept[idx].to(device))
             new.rank = chunk_ranks(new.importance)
@@ -253,7 +253,7 @@ class KVMemory:
         dropped = []
         for idx, (layer, keep) in enumerate(zip(self.layers, keeps)):
             dropped.append(len(layer) - int(keep[0].sum()))
-            _offload(self, idx, (~keep).nonzero()[:, 1].view(keep.shape[0], -1))
+            _offload(self, idx, layer, (~keep).nonzero()[:, 1].view(keep.shape[0], -1))
             _keep_columns(layer, keep.nonzero()[:, 1].view(keep.shape[0], -1))
         self.evicted += sum(dropped)
         return dropped
@@ -286,12 +286,8 @@ def append(layer: LayerMemory, new: LayerMemory) -> None:
         setattr(layer, name, torch.cat([getattr(layer, name), getattr(new, name)], dim=dim))
 
 
-def _offload(memory: KVMemory, idx: int, evicted: torch.Tensor) -> None:
-    """With recall, layer idx's tokens at sorted indices evicted [kv_heads, k] go to the host, not away."""
-    _offload_from(memory, idx, memory.layers[idx], evicted)
-
-
-def _offload_from(memory: KVMemory, idx: int, layer: LayerMemory, evicted: torch.Tensor) -> None:
+def _offload(memory: KVMemory, idx: int, layer: LayerMemory, evicted: torch.Tensor) -> None:
+    """With recall, `layer`'s tokens at sorted indices evicted [kv_heads, k] go to layer idx of the host, not away."""
     if memory.recall and evicted.shape[1]:
         append(memory.host[idx], columns(layer, evicted, "cpu"))
 
@@ -424,7 +420,7 @@ def thin(memory: KVMemory, layers: list[LayerMemory], excess: int) -> list[int]:
         if count:
             order = torch.sort(layer_keys, dim=1, descending=True, stable=True).indices
             if layers is memory.layers:
-                _offload(memory, idx, order[:, :count].sort(dim=1).values)
+                _offload(memory, idx, layer, order[:, :count].sort(dim=1).values)
             _keep_columns(layer, order[:, count:].sort(dim=1).values)  # back to position order
     return counts
 

@@ -123,10 +123,12 @@ class Answers:
 
 
 def ask(runner: Runner, memory, questions: list[QA], answers: Answers, part: str) -> None:
+    """Answer a part's questions (a part may have none: it is recorded all the same)."""
+    correct, logits = answers.correct.setdefault(part, []), answers.logits.setdefault(part, [])
     for qa in questions:
         reply = runner.answer(memory, qa.question, max_new_tokens=4)
-        answers.correct.setdefault(part, []).append(reply.text.strip() == qa.answer)
-        answers.logits.setdefault(part, []).append(reply.first_logits)
+        correct.append(reply.text.strip() == qa.answer)
+        logits.append(reply.first_logits)
 
 
 def stream_through(runner: Runner, stream: LongStream, config: Config, mid_stream: bool,
@@ -190,11 +192,8 @@ def summarize(runs: dict[str, list[Answers]], first: str, resamples: int) -> dic
         row = dict(parts={}, memory_tokens=float(np.mean([a.memory_tokens for a in answers])) if label != "alone"
                    else None, host_tokens=float(np.mean([a.host_tokens for a in answers])))
         for part in (*PARTS, MID):
-            if not any(part in a.correct for a in answers):
+            if part not in answers[0].correct:  # asked of every stream or of none
                 continue
-            for a in answers:
-                a.correct.setdefault(part, [])
-                a.logits.setdefault(part, [])
             asked = [i for i, a in enumerate(answers) if a.correct[part]]  # a part may have no question
             per_stream = np.array([np.mean(answers[i].correct[part]) for i in asked])
             entry = dict(accuracy=float(per_stream.mean()), interval=bootstrap_interval(per_stream, resamples),
