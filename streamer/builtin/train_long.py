@@ -35,7 +35,7 @@ from streamer.builtin.streams import PARTS, SEGMENT, make_stream
 from streamer.builtin.train import TRAIN_SEEDS, same_run, save
 from streamer.builtin.videos import QA
 from streamer.config import load_config
-from streamer.engine.models import load_model
+from streamer.engine.models import checkpoint_directory, load_model
 from streamer.engine.positions import text_positions
 from streamer.engine.recall import recall
 from streamer.engine.runner import Runner
@@ -158,8 +158,8 @@ def train_long(config: LongTrainConfig, out: Path | None, log=print, checkpoint:
                              model=model.state_dict(), optimizer=optimizer.state_dict())
                 torch.save(state, checkpoint.with_suffix(".tmp"))
                 checkpoint.with_suffix(".tmp").replace(checkpoint)  # never half-written
-    base = json.loads((Path(loaded.name) / "training.json").read_text()) if (
-        Path(loaded.name) / "training.json").is_file() else None
+    record_file = checkpoint_directory(config.init) / "training.json"  # what the fine-tuned model came from
+    base = json.loads(record_file.read_text()) if record_file.is_file() else None
     record = dict(long_stream=asdict(config), seconds=time.perf_counter() - started, history=history,
                   torch=torch.__version__, transformers=transformers.__version__, base=base)
     if out is not None:
