@@ -110,7 +110,7 @@ def test_a_runaway_fps_is_bounded_and_its_reader_stops(tiny_runner, tmp_path):
     with running_server(tiny_runner, ServerLimits(allowed_roots=[tmp_path])) as (server, url):
         done, seconds = asyncio.run(scenario(url))
         wait_until(lambda: server.sessions == {})
-        wait_until(lambda: not any(t.name.startswith("reader-") for t in threading.enumerate()), timeout=10)
+        wait_until(lambda: not any(t.name.startswith("reader-") for t in threading.enumerate()), timeout=30)
     assert done["frames_read"] == 4 and seconds < 20
 
 
@@ -136,7 +136,7 @@ def test_large_frames_and_image_bombs_leave_memory_bounded(tiny_runner):
         codes, stats = asyncio.run(attack(url))
         peak = footprint()["rss_mb"]
         # the session leaves the table first, then closes and gives the heap back
-        wait_until(lambda: footprint()["rss_mb"] < before + 40, timeout=10)
+        wait_until(lambda: footprint()["rss_mb"] < before + 40, timeout=30)
     assert codes == ["bad_image"] * 4
     assert stats["frames_received"] == 2  # the 4000 x 4000 frames, held at model resolution
     assert peak < before + 1000, (before, peak)

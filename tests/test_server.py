@@ -63,7 +63,7 @@ def running_server(runner, limits=None, config=None, tls=None):
         yield service, f"{'wss' if tls else 'ws'}://127.0.0.1:{port}"
 
 
-def wait_until(condition, timeout=10.0):
+def wait_until(condition, timeout=30.0):
     deadline = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < deadline, "timed out waiting"

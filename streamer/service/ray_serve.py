@@ -135,25 +135,36 @@ def start_serve(host: str, port: int, address: str | None = None) -> None:
     serve.start(http_options=dict(host=host, port=port))
 
 
-def wait_until_routed(url: str, count: int, timeout: float = 120.0) -> None:
+def wait_until_routed(url: str, count: int, stall: float = 300.0) -> None:
     """Wait until `count` replicas run and the proxy at `url` (http://host:port) sends requests to each:
-    it learns of a new replica a moment after the controller reports it running."""
-    deadline = time.monotonic() + timeout
+    it learns of a new replica a moment after the controller reports it running.
 
+    Gives up only after `stall` seconds in which nothing changed (replica states, replicas answering):
+    on a loaded machine a replica's start takes minutes but keeps moving, which a fixed deadline
+    would mistake for a failure."""
     def answering() -> set[str]:
         return {json.loads(urllib.request.urlopen(url + "/health", timeout=30).read())["replica"]
                 for _ in range(4 * count)}
 
-    last = None
+    seen, since, last = None, time.monotonic(), None
     while True:
+        now_seen = None
         try:  # Serve or its proxy may not be up yet
-            if [r["state"] for r in replica_states()].count("RUNNING") == count and len(answering()) == count:
-                return
+            states = sorted(r["state"] for r in replica_states())
+            now_seen = (tuple(states), None)
+            if states.count("RUNNING") == count:
+                routed = answering()
+                now_seen = (tuple(states), len(routed))
+                if len(routed) == count:
+                    return
         except Exception as exc:
             last = exc
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{counted(count, 'replica')} were not all running and routed to within {timeout:.0f} s"
-                               + (f" (last: {last})" if last else ""))
+        if now_seen is not None and now_seen != seen:
+            seen, since = now_seen, time.monotonic()
+        if time.monotonic() - since > stall:
+            raise TimeoutError(f"{counted(count, 'replica')} were not all running and routed to: nothing changed "
+                               f"for {stall:.0f} s (replicas: {', '.join(seen[0]) if seen else 'none'})"
+                               + (f"; last error: {last}" if last else ""))
         time.sleep(0.5)
 
 
