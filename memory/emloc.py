@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import math
 import time
+
+import torch
 from dataclasses import dataclass, field
 
 from memory.baselines import pyramid_ratios
@@ -89,6 +91,9 @@ class EmlocPolicy(ProbedPolicy):
         video_tokens = int((~ctx.protected).sum())
         grid = sorted(r for r in set(self.ratios) if r < 1.0)
         accepted = {}  # layer -> bool [kv_heads, chunk_len], pruned layers only
+        # per layer, the lowest JS (over the bound) of a candidate that dropped each token: how far a tiered memory
+        # may compact this chunk as its bound loosens with age (free: every candidate below the choice is run)
+        levels = [torch.full_like(score, float("inf")) for score in scores] if self.delta > 0 else None
         ratios, js_values, evaluations = [1.0] * len(groups), [0.0] * len(groups), []
         js_above = 0.0
         previous = ctx.memory.chunks[-1].ratios if ctx.memory.chunks else None
@@ -119,6 +124,9 @@ class EmlocPolicy(ProbedPolicy):
                         js_sums[i] += js_divergence(run.reference, logits, self.js_reduce)
                 for (ratio, candidate), js_sum in zip(batch, js_sums):
                     evaluations.append([g, ratio, js_sum / len(runs)])
+                    for layer, keep in candidate.items() if levels is not None else ():
+                        level = js_sum / len(runs) / self.delta
+                        levels[layer] = torch.where(keep, levels[layer], levels[layer].clamp(max=level))
                 passed = next(((ratio, candidate, js_sum / len(runs)) for (ratio, candidate), js_sum
                                in zip(batch, js_sums) if js_sum / len(runs) <= self.delta), None)
                 if passed is not None:
@@ -137,4 +145,4 @@ class EmlocPolicy(ProbedPolicy):
             kept = [k if k is not None else all_tokens for k in kept]
         report = dict(ratios=ratios, js=js_values, groups=[[r.start, r.stop] for r in groups],
                       evaluations=evaluations)
-        return Selection(kept, scores, report=report, timings=dict(probe=probe_s, search=search_s))
+        return Selection(kept, scores, report=report, timings=dict(probe=probe_s, search=search_s), levels=levels)

@@ -48,6 +48,9 @@ class Selection:
     timings: dict = field(default_factory=dict)  # seconds per policy stage
     # set: the memory forgets its video tokens whose temporal position is below this before the chunk is added
     forget_before: int | None = None
+    # per layer [kv_heads, chunk_len]: the JS, in multiples of the policy's bound, at which its search first dropped
+    # each token (inf: never); a tiered memory compacts by it (memory/store.py eviction_keys). None: no search
+    levels: list[torch.Tensor] | None = None
 
 
 def check_ratio(name: str, ratio: float) -> None:

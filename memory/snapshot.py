@@ -20,16 +20,21 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from memory.store import (HISTORY, TOKEN_FIELDS, ChunkRecord, KVMemory, LayerMemory, check_age_power, chunk_ranks,
-                          empty_layer)
+from memory.store import (HISTORY, TOKEN_FIELDS, ChunkRecord, KVMemory, LayerMemory, check_age_power,
+                          check_tier_growth, chunk_ranks, empty_layer)
 
 SNAPSHOT_FORMAT = "video-streamer-memory"
-# 3: a history of four numbers per chunk, reports of the newest chunks only; 2: each token's chunk and rank
-# (evictions by age); 1 lacks them
-SNAPSHOT_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
+# 4: each token's JS level (tiered compaction); 3: a history of four numbers per chunk, reports of the newest
+# chunks only; 2: each token's chunk and rank (evictions by age); 1 lacks them
+SNAPSHOT_VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)
 TENSOR_FIELDS = TOKEN_FIELDS
 V1_TENSOR_FIELDS = ("keys", "values", "positions", "importance")
+V3_TENSOR_FIELDS = tuple(name for name in TOKEN_FIELDS if name != "level")  # versions 2 and 3
+
+
+def tensor_fields(version: str) -> tuple[str, ...]:
+    return {"1": V1_TENSOR_FIELDS, "2": V3_TENSOR_FIELDS, "3": V3_TENSOR_FIELDS}.get(version, TENSOR_FIELDS)
 STREAM_FIELDS = tuple(f.name for f in dataclasses.fields(KVMemory)
                       if f.name != "layers" and f.metadata.get("snapshot", True))
 
@@ -124,7 +129,7 @@ def _read_meta(header: dict, path: Path, tensors: int) -> dict:
                          f"{', '.join(DTYPES)}; save it again")
     layers = _field(path, "num_layers", meta["num_layers"], int, 1)
     # far more layers than tensors is refused before any per-layer work (a missing few are named later)
-    per_layer = len(V1_TENSOR_FIELDS if header["version"] == "1" else TENSOR_FIELDS)
+    per_layer = len(tensor_fields(header["version"]))
     if layers != architecture["num_hidden_layers"] or layers * per_layer > tensors + per_layer:
         raise ValueError(f"{path} is damaged: its header says {layers} layers of a "
                          f"{architecture['num_hidden_layers']}-layer model, and the file holds {tensors} tensors "
@@ -138,6 +143,7 @@ def _read_meta(header: dict, path: Path, tensors: int) -> dict:
         stream.update(records=KVMemory.records, history=_history(path, stream.get("chunks"), layers))
     stream.setdefault("recall", 0)  # written before a memory could keep evicted tokens on the host
     stream.setdefault("host_budget", None)
+    stream.setdefault("tier_growth", 0.0)  # written before tiered compaction
     differing = set(stream) ^ set(STREAM_FIELDS)
     if differing:
         raise ValueError(f"{path} stream fields differ from this build's KVMemory in {sorted(differing)}; "
@@ -152,6 +158,10 @@ def _read_meta(header: dict, path: Path, tensors: int) -> dict:
     _field(path, "stream.max_positions", stream["max_positions"], int, 1, optional=True)
     _field(path, "stream.recall", stream["recall"], int, 0)
     _field(path, "stream.host_budget", stream["host_budget"], int, 1, optional=True)
+    try:
+        check_tier_growth(_field(path, "stream.tier_growth", stream["tier_growth"], float))
+    except ValueError as exc:
+        raise ValueError(f"{path} is damaged: its header field stream.tier_growth: {exc}; save it again") from None
     for name in ("next_position", "temporal_groups", "frames", "full_tokens", "evicted", "time_shift"):
         _field(path, f"stream.{name}", stream[name], int, 0)
     grid = _field(path, "stream.grid_hw", stream["grid_hw"], list, optional=True)
@@ -200,7 +210,7 @@ def _check_layer(layer: LayerMemory, index: int, meta: dict, path: Path) -> None
     keys = ((1, heads, m, dim), getattr(torch, meta["dtype"]))
     expected = dict(keys=keys, values=keys, positions=((heads, m, 3), torch.int64),
                     importance=((heads, m), torch.float32), chunk=((heads, m), torch.int64),
-                    rank=((heads, m), torch.float32))
+                    rank=((heads, m), torch.float32), level=((heads, m), torch.float32))
     for name, (shape, dtype) in expected.items():
         tensor = getattr(layer, name)
         if (tuple(tensor.shape), tensor.dtype) != (shape, dtype):
@@ -212,11 +222,14 @@ def _check_layer(layer: LayerMemory, index: int, meta: dict, path: Path) -> None
                          "save it again")
 
 
-def _layer(keys, values, positions, importance, chunk=None, rank=None) -> LayerMemory:
-    """A stored layer; a version-1 file's tokens all count as chunk 0, ranked by their score among them all."""
+def _layer(keys, values, positions, importance, chunk=None, rank=None, level=None) -> LayerMemory:
+    """A stored layer; a version-1 file's tokens all count as chunk 0, ranked by their score among them all; before
+    version 4 no token has a JS level (inf: tiered compaction treats them as rank x age alone does)."""
     if chunk is None:
         chunk, rank = torch.zeros(importance.shape, dtype=torch.int64), chunk_ranks(importance)
-    return LayerMemory(keys, values, positions, importance, chunk, rank)
+    if level is None:
+        level = torch.full(importance.shape, float("inf"))
+    return LayerMemory(keys, values, positions, importance, chunk, rank, level)
 
 
 def read_snapshot_meta(path) -> dict:
@@ -244,7 +257,7 @@ def load_memory(path, identity: dict | None, device="cpu", dtype=None) -> tuple[
             meta = _read_meta(f.metadata() or {}, path, len(f.keys()))
             if identity is not None:
                 _check_model(meta["model"], identity, path)
-            fields = V1_TENSOR_FIELDS if f.metadata()["version"] == "1" else TENSOR_FIELDS
+            fields = tensor_fields(f.metadata()["version"])
             names = [[f"layers.{i}.{name}" for name in fields] for i in range(meta["num_layers"])]
             missing = sorted({name for layer in names for name in layer} - set(f.keys()))
             if missing:
@@ -255,7 +268,7 @@ def load_memory(path, identity: dict | None, device="cpu", dtype=None) -> tuple[
     for i, layer in enumerate(layers):
         _check_layer(layer, i, meta, path)
         layer.keys, layer.values = layer.keys.to(device, dtype), layer.values.to(device, dtype)
-        for name in ("positions", "importance", "chunk", "rank"):
+        for name in ("positions", "importance", "chunk", "rank", "level"):
             setattr(layer, name, getattr(layer, name).to(device))
     stream = dict(meta["stream"])
     try:

@@ -32,6 +32,8 @@ class LayerMemory:
     chunk: torch.Tensor  # [kv_heads, M] int64: the chunk each token came in with (its index in KVMemory.chunks)
     rank: torch.Tensor  # [kv_heads, M] float32: (j - 1/2) / k for the j-th most important of the k video tokens
     #                     its chunk kept in this layer and head; the chunk's text ranks with its first
+    level: torch.Tensor  # [kv_heads, M] float32: the JS, in multiples of its policy's bound, of the smallest
+    #                      one of its chunk's searched candidates that dropped it (inf: none did, or no search)
 
     def __len__(self) -> int:
         return self.keys.shape[2]
@@ -94,6 +96,9 @@ class KVMemory:
     # with recall: tokens per layer on average the host may keep (None: all); beyond it the host thins by the
     # same rank x age rule as the device
     host_budget: int | None = None
+    # > 0: tiered compaction. A chunk of age a gives up first the tokens its search's candidates dropped at a JS
+    # of up to a^tier_growth times its bound (`level`), then evictions go on by rank x age; 0: rank x age alone
+    tier_growth: float = 0.0
     time_shift: int = 0  # how far re-timing has moved the stream's newest positions back, in all
     next_position: int = 0  # first position of the next text token: 1 + the largest position used
     video_start: int | None = None  # where the video starts (its open vision block), once the prefix is in
@@ -118,8 +123,9 @@ class KVMemory:
     @classmethod
     def empty(cls, num_layers: int, kv_heads: int, head_dim: int, device, dtype,
               budget: int | None = None, age_power: float = 1.0, max_positions: int | None = None,
-              recall: int = 0, host_budget: int | None = None) -> "KVMemory":
+              recall: int = 0, host_budget: int | None = None, tier_growth: float = 0.0) -> "KVMemory":
         check_age_power(age_power)
+        check_tier_growth(tier_growth)
         if recall < 0:
             raise ValueError(f"memory recall must be >= 0 tokens per layer (0: evicted tokens are gone), got {recall}")
         if host_budget is not None and host_budget < 1:
@@ -127,7 +133,7 @@ class KVMemory:
         host = [empty_layer(kv_heads, head_dim, "cpu", dtype) for _ in range(num_layers)] if recall else []
         return cls(layers=[empty_layer(kv_heads, head_dim, device, dtype) for _ in range(num_layers)],
                    budget=budget, age_power=age_power, max_positions=max_positions, recall=recall,
-                   host_budget=host_budget, host=host)
+                   host_budget=host_budget, tier_growth=float(tier_growth), host=host)
 
     def fork(self) -> "KVMemory":
         """A copy to extend without changing this memory. It shares the tensors: commit, forget and
@@ -173,7 +179,7 @@ class KVMemory:
     def commit(self, new_kv: list[tuple[torch.Tensor, torch.Tensor]], positions: torch.Tensor,
                protected: torch.Tensor, kept: list[torch.Tensor] | None, scores: list[torch.Tensor] | None, *,
                frames: int, grid_thw: tuple[int, int, int], fps: float, video_start: int, chosen: dict,
-               forget_before: int | None = None) -> ChunkRecord:
+               forget_before: int | None = None, levels: list[torch.Tensor] | None = None) -> ChunkRecord:
         """Append a chunk's kept tokens to every layer, in position order, and advance the stream.
 
         new_kv[l]: the chunk's keys and values in layer l, [1, kv_heads, chunk_len, head_dim];
@@ -181,7 +187,8 @@ class KVMemory:
         kept[l]: [kv_heads, k] sorted chunk indices each head keeps (None: all); scores[l]: [kv_heads,
         chunk_len] importance, which ranks the chunk's tokens for evictions (None: zeros, the later first);
         grid_thw: the chunk's patch grid; fps: its frame rate; video_start: where the stream's vision block
-        starts; forget_before: drop the stored video tokens whose temporal position is below it first. With a
+        starts; forget_before: drop the stored video tokens whose temporal position is below it first; levels[l]:
+        [kv_heads, chunk_len] each token's JS level (LayerMemory.level; None: inf, no search dropped it). With a
         budget the chunk takes at most half of it (cap_chunk) and old tokens are evicted first (make_room). All or
         nothing: a chunk refused (frame size, budget) leaves the memory as it was. Returns the chunk's record
         (`chosen`: the policy's report, plus `capped` when the budget cut the chunk), also kept in `chunks`.
@@ -206,8 +213,10 @@ class KVMemory:
             importance = torch.zeros(heads, chunk_len, device=device) if scores is None else scores[idx].float().to(device)
             importance = importance.masked_fill(protected.to(device), float("inf"))
             chunk = torch.full((heads, chunk_len), index, dtype=torch.long, device=device)
+            level = torch.full((heads, chunk_len), float("inf"), device=device) if levels is None \
+                else levels[idx].float().to(device)
             new = LayerMemory(keys, values, positions.to(device).unsqueeze(0).expand(heads, -1, -1), importance,
-                              chunk, torch.zeros(heads, chunk_len, device=device))
+                              chunk, torch.zeros(heads, chunk_len, device=device), level)
             if capped is not None:  # what the policy kept and the cap did not: evicted as it comes in
                 cut = torch.zeros(heads, chunk_len, dtype=torch.bool, device=device)
                 if chose is None:
@@ -259,7 +268,7 @@ class KVMemory:
         return dropped
 
 
-TOKEN_FIELDS = ("keys", "values", "positions", "importance", "chunk", "rank")  # per-token tensors of a LayerMemory
+TOKEN_FIELDS = ("keys", "values", "positions", "importance", "chunk", "rank", "level")  # per-token tensors of a LayerMemory
 # per chunk since the stream started: its frames, its video and text tokens, and the video tokens its policy kept
 # (summed over layers): what coverage and the prompt's frame times need, once its report is gone
 HISTORY = ("frames", "video_tokens", "text_tokens", "kept")
@@ -269,7 +278,7 @@ def empty_layer(kv_heads: int, head_dim: int, device, dtype) -> LayerMemory:
     kv = torch.empty(1, kv_heads, 0, head_dim, device=device, dtype=dtype)
     return LayerMemory(kv, kv.clone(), torch.empty(kv_heads, 0, 3, dtype=torch.long, device=device),
                        torch.empty(kv_heads, 0, device=device), torch.empty(kv_heads, 0, dtype=torch.long, device=device),
-                       torch.empty(kv_heads, 0, device=device))
+                       torch.empty(kv_heads, 0, device=device), torch.empty(kv_heads, 0, device=device))
 
 
 def columns(layer: LayerMemory, keep: torch.Tensor, device=None) -> LayerMemory:
@@ -299,7 +308,7 @@ def _keep_columns(layer: LayerMemory, keep: torch.Tensor) -> None:
     layer.keys = layer.keys.gather(2, gather)
     layer.values = layer.values.gather(2, gather)
     layer.positions = layer.positions.gather(1, keep[:, :, None].expand(-1, -1, 3))
-    for name in ("importance", "chunk", "rank"):
+    for name in ("importance", "chunk", "rank", "level"):
         setattr(layer, name, getattr(layer, name).gather(1, keep))
 
 
@@ -328,13 +337,25 @@ def check_age_power(age_power: float) -> None:
 MAX_AGE_POWER = 8.0  # beyond this the oldest chunk goes first anyway, whatever it ranks
 
 
+def check_tier_growth(tier_growth: float) -> None:
+    if not (0 <= tier_growth <= MAX_AGE_POWER):
+        raise ValueError(f"memory tier_growth must be between 0 (off) and {MAX_AGE_POWER}, got {tier_growth}")
+
+
 def eviction_keys(memory: KVMemory, layer: LayerMemory) -> torch.Tensor:
     """[kv_heads, M] float64: rank x age^age_power per token (largest evicted first); -inf for the prompt before
     the video, which is never evicted. Age counts chunks back from the one being added (the newest stored chunk is
     1 old). Every head of a layer holds the same keys (each kept the same number per chunk), so every head evicts
-    the same (chunk, rank) places."""
+    the same (chunk, rank) places.
+
+    Tiered (tier_growth > 0): a token whose level its chunk's age allows (level <= age^tier_growth: a candidate of
+    its chunk's search dropped it at a JS that many times the bound) ranks above every other, so the JS bound,
+    loosening with age, decides how far each chunk is compacted before rank x age thins what it kept."""
     age = (memory.chunk_count - layer.chunk).double()
     keys = layer.rank.double() * age.pow(memory.age_power)
+    if memory.tier_growth:
+        allowed = layer.level.double() <= age.pow(memory.tier_growth)
+        keys = torch.where(allowed, keys + float(memory.chunk_count) ** memory.age_power + 1, keys)
     return keys.masked_fill(prompt_tokens(memory, layer), float("-inf"))
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from memory.probe import ProbeConfig
 from memory.registry import POLICIES, make_policy
-from memory.store import check_age_power
+from memory.store import check_age_power, check_tier_growth
 from video_io.preprocess import VisionPreset, qwen_vl_utils_video, within_total_pixels
 from video_io.sampling import SPREADS, Sampling
 
@@ -60,11 +60,15 @@ class MemoryOptions:
     recall: int = 0
     # with recall: tokens per layer on average the host may keep, thinned by rank x age beyond it (0: unbounded)
     host_budget: int = 0
+    # > 0: tiered compaction: under the budget a chunk of age a first gives up what its EMLoC search dropped at a JS
+    # of up to a^tier_growth times the bound (memory.store eviction_keys; docs/MEMORY.md); 0: rank x age alone
+    tier_growth: float = 0.0
 
     def limits(self) -> dict:
         """The keyword arguments of Runner.new_memory: what bounds a memory and how it evicts."""
         return dict(budget=self.budget or None, age_power=float(self.age_power), max_positions=self.max_positions or None,
-                    recall=int(self.recall), host_budget=self.host_budget or None)
+                    recall=int(self.recall), host_budget=self.host_budget or None,
+                    tier_growth=float(self.tier_growth))
 
 
 @dataclass
@@ -140,6 +144,9 @@ class Config:
         if isinstance(mem.age_power, bool) or not isinstance(mem.age_power, (int, float)):
             raise ValueError(f"memory.age_power must be a number, got {mem.age_power!r}")
         check_age_power(mem.age_power)
+        if isinstance(mem.tier_growth, bool) or not isinstance(mem.tier_growth, (int, float)):
+            raise ValueError(f"memory.tier_growth must be a number (0 = off), got {mem.tier_growth!r}")
+        check_tier_growth(mem.tier_growth)
         if mem.max_positions < 0:
             raise ValueError(f"memory.max_positions must be >= 0 (0 = the model's), got {mem.max_positions}")
         if isinstance(mem.host_budget, bool) or not isinstance(mem.host_budget, int) or mem.host_budget < 0:

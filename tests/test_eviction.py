@@ -125,7 +125,7 @@ def test_a_version_1_snapshot_still_loads_as_one_old_chunk(tiny_runner, tmp_path
     for name in ("age_power", "max_positions", "time_shift"):
         del meta["stream"][name]
     metadata.update(version="1", meta=json.dumps(meta))
-    tensors = {k: v for k, v in load_file(path).items() if not k.endswith((".chunk", ".rank"))}
+    tensors = {k: v for k, v in load_file(path).items() if not k.endswith((".chunk", ".rank", ".level"))}
     save_file(tensors, old, metadata=metadata)
     loaded, _ = load_memory(old, None)
     assert loaded.age_power == 1.0 and loaded.tokens_per_layer() == memory.tokens_per_layer()
@@ -226,3 +226,90 @@ def test_the_builtin_answers_about_now_no_worse_than_a_window():
     finally:
         torch.set_num_threads(threads)
     assert asked >= 15 and correct["default"] >= correct["window"], (correct, asked)
+
+
+def test_a_version_3_snapshot_loads_without_js_levels(tiny_runner, tmp_path):
+    """Before version 4 no token had a JS level: they load as inf (nothing tiered compaction may take early)."""
+    memory = tiny_runner.new_memory(budget=200)
+    strict = override(load_config("stream_default"), "emloc", delta=1e-4).make_policy()  # keeps what smaller ratios drop
+    tiny_runner.ingest(memory, random_frames(4, seed=3), strict)
+    assert any(bool(torch.isfinite(layer.level).any()) for layer in memory.layers), "EMLoC records levels"
+    path, old = tmp_path / "v4.safetensors", tmp_path / "v3.safetensors"
+    save_memory(memory, path, model_identity(tiny_runner.model, tiny_runner.model_name))
+    loaded, _ = load_memory(path, None)
+    for mine, theirs in zip(memory.layers, loaded.layers):
+        assert torch.equal(mine.level, theirs.level)
+    with safe_open(path, framework="pt") as f:
+        metadata = dict(f.metadata())
+    meta = json.loads(metadata["meta"])
+    del meta["stream"]["tier_growth"]
+    metadata.update(version="3", meta=json.dumps(meta))
+    save_file({k: v for k, v in load_file(path).items() if not k.endswith(".level")}, old, metadata=metadata)
+    loaded, _ = load_memory(old, None)
+    assert loaded.tier_growth == 0.0 and all(bool(torch.isinf(layer.level).all()) for layer in loaded.layers)
+    tiny_runner.ingest(loaded, random_frames(4, seed=9), load_config("stream_default").make_policy())
+
+
+def commit_levelled(memory: KVMemory, generator: torch.Generator, video: int = 40, keep: int = 16) -> None:
+    """A chunk whose layers keep their `keep` best of `video` tokens; the worse half of those a search dropped
+    at 1.5 times its bound, the better half at no bound (level inf)."""
+    start = memory.next_position
+    positions = torch.arange(start, start + video)[:, None].expand(-1, 3)
+    scores, keeps, levels = [], [], []
+    for _ in memory.layers:
+        score = torch.rand(HEADS, video, generator=generator)
+        order = score.argsort(dim=1, descending=True)
+        keeps.append(order[:, :keep].sort(dim=1).values)
+        levels.append(torch.full((HEADS, video), float("inf")).scatter_(1, order[:, keep // 2:], 1.5))
+        scores.append(score)
+    new_kv = [(torch.randn(1, HEADS, video, DIM, generator=generator), torch.randn(1, HEADS, video, DIM, generator=generator))
+              for _ in memory.layers]
+    memory.commit(new_kv, positions, torch.zeros(video, dtype=torch.bool), keeps, scores, frames=2,
+                  grid_thw=(1, 2, 2), fps=1.0, video_start=0, chosen={}, levels=levels)
+
+
+def split_by_level(memory: KVMemory, tier_growth: float, chunks: int) -> tuple[int, int]:
+    """Over all layers, the stored tokens of the first `chunks` chunks that a commit now may evict early (their
+    level <= age^tier_growth, age counted from the next chunk) and the others."""
+    chunk = torch.cat([layer.chunk[0] for layer in memory.layers])
+    level = torch.cat([layer.level[0] for layer in memory.layers]).double()
+    allowed = level <= (memory.chunk_count - chunk).double().pow(tier_growth)
+    old = chunk < chunks
+    return int((allowed & old).sum()), int((~allowed & old).sum())
+
+
+@pytest.mark.parametrize("tier_growth", [0.6, 1.0])
+def test_tiered_memory_gives_up_what_the_js_bound_allows_first(tier_growth):
+    """A token its chunk's age allows to go (level <= age^tier_growth) is evicted before any other: a commit that
+    evicts a token not yet allowed leaves no allowed one; rank x age takes over when none is left."""
+    generator = torch.Generator().manual_seed(1)
+    memory = KVMemory.empty(3, HEADS, DIM, "cpu", torch.float32, budget=80, tier_growth=tier_growth)
+    early = fallback = 0
+    for index in range(24):
+        allowed, others = split_by_level(memory, tier_growth, index)
+        commit_levelled(memory, generator)
+        assert sum(memory.tokens_per_layer()) <= 80 * 3
+        chunk = torch.cat([layer.chunk[0] for layer in memory.layers])
+        level = torch.cat([layer.level[0] for layer in memory.layers]).double()
+        may = level <= (index - chunk).double().clamp(min=1).pow(tier_growth)  # as this commit's evictions saw it
+        allowed_after, others_after = int((may & (chunk < index)).sum()), int((~may & (chunk < index)).sum())
+        if others_after < others:
+            fallback += 1
+            assert allowed_after == 0, "a token not yet allowed went while an allowed one stayed"
+        elif allowed_after < allowed:
+            early += 1
+    assert early and fallback, "the stream must see both: early compaction, then rank x age"
+
+
+def test_tier_growth_zero_ignores_levels():
+    """Off (the default), the levels change nothing: the same memory as a stream without them."""
+    memories = [KVMemory.empty(3, HEADS, DIM, "cpu", torch.float32, budget=80) for _ in range(2)]
+    for memory, levelled in zip(memories, (True, False)):
+        generator = torch.Generator().manual_seed(2)
+        for _ in range(12):
+            commit_levelled(memory, generator)
+            if not levelled:
+                for layer in memory.layers:
+                    layer.level = torch.full_like(layer.level, float("inf"))
+    for one, other in zip(*(memory.layers for memory in memories)):
+        assert torch.equal(one.keys, other.keys) and torch.equal(one.chunk, other.chunk)

@@ -12,7 +12,7 @@ from reference import one_shot_logits
 from memory.baselines import FullPolicy, pyramid_ratios
 from memory.emloc import EmlocPolicy, layer_groups
 from memory.policy import ChunkContext
-from memory.probe import ProbeConfig, js_divergence
+from memory.probe import ProbeConfig, js_divergence, keep_count
 from memory.registry import POLICIES, make_policy, policies_with
 from memory.store import KVMemory, chunk_stretches, coverage
 from streamer.engine.positions import text_positions
@@ -349,6 +349,29 @@ def test_emloc_search_on_a_fake_model():
     assert kept == [20, 20, 2 + math.ceil(0.1 * video), 2 + math.ceil(0.1 * video)]
     top = selection.kept[3][0]
     assert top[:2].tolist() == [0, 1] and top[2:].tolist() == [18, 19], "protected text + the best-scored tokens"
+
+
+def test_emloc_levels_are_the_js_at_which_a_candidate_first_dropped_each_token():
+    """Selection.levels (what a tiered memory compacts by): per layer and token, the lowest JS over the bound of the
+    group's evaluated candidates that did not keep it; inf for tokens every candidate kept, and for prompt text."""
+    model = FakeModel([8.0, 8.0, 0.01, 0.01])
+    policy = EmlocPolicy(delta=0.01, ratios=[0.1, 0.5, 1.0], group_size=2)
+    context = fake_context(model)
+    selection = policy.select(context)
+    assert selection.report["ratios"] == [1.0, 0.1]
+    video = 18
+    for layer in range(4):
+        expected = torch.full((2, 20), float("inf"))
+        for group, ratio, js in selection.report["evaluations"]:
+            if layer // 2 == group:
+                keep = keep_count(selection.scores[layer], context.protected, math.ceil(round(ratio * video, 6)))
+                expected = torch.where(keep, expected, expected.clamp(max=js / 0.01))
+        torch.testing.assert_close(selection.levels[layer], expected)
+    assert bool(torch.isinf(selection.levels[3].gather(1, selection.kept[3])).all()), "the smallest candidate kept these"
+    bottom = selection.levels[0][:, 2:]
+    assert bool(torch.isfinite(bottom).any()) and bool((bottom > 1).all()), "every candidate of a group that kept all failed"
+    assert bool(torch.isinf(selection.levels[0][:, :2]).all()), "prompt text"
+    assert EmlocPolicy(delta=0.0, ratios=[0.1, 1.0]).select(fake_context(model)).levels is None
 
 
 def test_emloc_keeps_everything_when_every_layer_matters():

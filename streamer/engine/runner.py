@@ -128,16 +128,18 @@ class Runner:
         return self.tokenizer(text, add_special_tokens=False).input_ids
 
     def new_memory(self, budget: int | None = None, age_power: float = 1.0,
-                   max_positions: int | None = None, recall: int = 0, host_budget: int | None = None) -> KVMemory:
+                   max_positions: int | None = None, recall: int = 0, host_budget: int | None = None,
+                   tier_growth: float = 0.0) -> KVMemory:
         """An empty memory; `budget` caps the tokens per layer on average (None: unbounded), `age_power` how
         evictions weigh age (memory.store), `max_positions` the positions a stream may span (None: the model's),
         `recall` the evicted tokens per layer on average a question may bring back from the host (0: none kept;
-        streamer/engine/recall.py), `host_budget` how many per layer the host may keep (None: all)."""
+        streamer/engine/recall.py), `host_budget` how many per layer the host may keep (None: all), `tier_growth`
+        how fast the JS bound that compacts old chunks loosens with age (0: off; memory.store eviction_keys)."""
         if max_positions is not None and max_positions < len(self.prefix_ids) + 2:
             raise ValueError(f"max_positions {max_positions} leaves no room for a stream: give at least "
                              f"{len(self.prefix_ids) + 2} (0 or none: the model's own)")
         return KVMemory.empty(self.num_layers, self.kv_heads, self.head_dim, self.device, self.model.dtype, budget,
-                              age_power, max_positions, recall, host_budget)
+                              age_power, max_positions, recall, host_budget, tier_growth)
 
     # --- forwards -------------------------------------------------------------------------
 
@@ -243,7 +245,8 @@ class Runner:
             new_kv = [view.new_tokens(layer, chunk_len) for layer in range(self.num_layers)]
             record = memory.commit(new_kv, positions, protected, selection.kept, selection.scores,
                                    frames=len(frames), grid_thw=patches.grid_thw, fps=fps, video_start=video_start,
-                                   chosen=selection.report, forget_before=selection.forget_before)
+                                   chosen=selection.report, forget_before=selection.forget_before,
+                                   levels=selection.levels)
         if model.probed:
             memory.probe_drafts = model.probed
             record.chosen["probe_tokens"] = dict(answer=model.answer_tokens, drafted=model.drafted_tokens)
