@@ -71,12 +71,17 @@ def test_a_short_run_end_to_end(tmp_path, capsys):
             assert ("answer_js" in entry) == (label != "full") and ("vs_first" in entry) == (label != "default")
         assert (MID in row["parts"]) == (label in ("default", "recent", "recall"))
         assert (row["host_tokens"] > 0) == (label == "recall"), "only a recalling memory keeps evicted tokens"
+        if label != "alone":  # 9 chunks of 128 frames: every quarter of the stream has one
+            assert len(row["chunk_seconds"]) == 4 and min(row["chunk_seconds"]) > 0
+            assert set(row["first_token_s"]) == ({MID, PARTS[-1]} if label != "full" else {PARTS[-1]})
+            assert min(row["first_token_s"].values()) > 0
     memory = {label: row["memory_tokens"] for label, row in table["memories"].items()}
     assert memory["recent"] < memory["default"] < memory["full"] and memory["alone"] is None
     # a 3-video stream through a 512-token budget: the full context holds its 3 x 192 pairs x 9 tokens
     assert memory["full"] > 3 * SEGMENT // 2 * 9 and memory["default"] <= 512 and memory["recall"] <= 64
     text = page.read_text()
     assert text.startswith("# Synthetic\n\ntables\n") and text.count(SECTION) == 1 and "| alone |" in text
+    assert "seconds per chunk" in text
     # written again: the section is replaced, not repeated; and `eval synthetic` keeps it
     long_stream.write_section(page, summary, LongStreamConfig(lengths=[3]), "again")
     assert page.read_text().count(SECTION) == 1 and "`again`" in page.read_text()

@@ -12,7 +12,8 @@ what that memory knows of the part without the rest of the stream.
 
 Per length and memory: accuracy per part with a 95% bootstrap interval over streams (each stream's
 questions of a part count as one resample unit), the paired difference to the first memory per part,
-memory tokens (mean per layer, on the device), and the answer JS per part.
+memory tokens (mean per layer, on the device), the answer JS per part, and what it costs as the stream goes
+on: a chunk's ingest seconds per quarter of the stream, and a question's seconds to its first answer token.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from streamer.builtin.train import TRAIN_SEEDS
 from streamer.builtin.streams import DRAWS, PARTS, SEGMENT, LongStream, make_stream
 from streamer.builtin.videos import QA
 from streamer.config import Config, load_config, override
+from streamer.engine.generation import advance
 from streamer.engine.models import load_model
 from streamer.engine.runner import Runner
 from streamer.engine.stream import ingest_video
@@ -120,13 +122,22 @@ class Answers:
     memory_tokens: float = 0.0
     host_tokens: float = 0.0  # kept on the host for recall, mean per layer
     evicted: int = 0
+    chunk_seconds: list[float] = field(default_factory=list)  # per chunk in stream order: its ingest's seconds
+    first_token_s: dict[str, list[float]] = field(default_factory=dict)  # per part: each question's time to its
+    #                                                                      first token (recall included)
 
 
 def ask(runner: Runner, memory, questions: list[QA], answers: Answers, part: str) -> None:
     """Answer a part's questions (a part may have none: it is recorded all the same)."""
     correct, logits = answers.correct.setdefault(part, []), answers.logits.setdefault(part, [])
+    first_token_s = answers.first_token_s.setdefault(part, [])
     for qa in questions:
-        reply = runner.answer(memory, qa.question, max_new_tokens=4)
+        started = time.perf_counter()
+        generation = runner.begin(memory, qa.question, max_new_tokens=4)  # its first token's logits are in
+        first_token_s.append(time.perf_counter() - started)
+        while not generation.done:
+            advance(runner, [generation])
+        reply = generation.answer(runner.tokenizer)
         correct.append(reply.text.strip() == qa.answer)
         logits.append(reply.first_logits)
 
@@ -137,10 +148,14 @@ def stream_through(runner: Runner, stream: LongStream, config: Config, mid_strea
     memory = runner.new_memory(**config.memory.limits())
     middle_end = (stream.parts["middle"] + 1) * SEGMENT
     frames = stream.frames()
-    ingest_video(runner, frames[:middle_end], config.make_policy(), chunk_frames, memory)
+
+    def timed(number, chunk, record):
+        answers.chunk_seconds.append(sum(s for stage, s in record.timings.items() if stage != "read"))
+
+    ingest_video(runner, frames[:middle_end], config.make_policy(), chunk_frames, memory, on_chunk=timed)
     if mid_stream:
         ask(runner, memory, stream.questions["middle"], answers, MID)
-    ingest_video(runner, frames[middle_end:], config.make_policy(), chunk_frames, memory)
+    ingest_video(runner, frames[middle_end:], config.make_policy(), chunk_frames, memory, on_chunk=timed)
     for part in PARTS:
         ask(runner, memory, stream.questions[part], answers, part)
     answers.memory_tokens, answers.evicted = memory.mean_tokens(), memory.evicted
@@ -191,6 +206,11 @@ def summarize(runs: dict[str, list[Answers]], first: str, resamples: int) -> dic
     for label, answers in runs.items():
         row = dict(parts={}, memory_tokens=float(np.mean([a.memory_tokens for a in answers])) if label != "alone"
                    else None, host_tokens=float(np.mean([a.host_tokens for a in answers])))
+        if label != "alone":  # is a chunk's cost, and a question's wait, flat once the budget is full?
+            quarters = [np.array_split(np.array(a.chunk_seconds), 4) for a in answers]
+            row["chunk_seconds"] = [float(np.mean([q[k].mean() for q in quarters])) for k in range(4)]
+            row["first_token_s"] = {part: float(np.mean([s for a in answers for s in a.first_token_s.get(part, [])]))
+                                    for part in (MID, PARTS[-1]) if any(a.first_token_s.get(part) for a in answers)}
         for part in (*PARTS, MID):
             if part not in answers[0].correct:  # asked of every stream or of none
                 continue
@@ -243,6 +263,15 @@ def format_tables(summary: dict) -> str:
             lines.append(f"| {label} | {' | '.join(cells)} | {mid} | {versus} | {tokens} | {host} | {js} |")
         questions = {p: table["memories"][first]["parts"][p]["questions"] for p in PARTS}
         lines += ["", "Questions per part: " + ", ".join(f"{p} {n}" for p, n in questions.items()) + ".", ""]
+        timed = {label: row for label, row in table["memories"].items() if row.get("chunk_seconds")}
+        if timed:  # (summaries written before these were measured lack them)
+            lines += ["| memory | seconds per chunk, quarters 1 / 2 / 3 / 4 of the stream | seconds to the first answer "
+                      f"token: {MID} / at the end |", "|---|---|---|"]
+            for label, row in timed.items():
+                waits = " / ".join(f"{row['first_token_s'][p]:.3f}" if p in row["first_token_s"] else "-"
+                                   for p in (MID, PARTS[-1]))
+                lines.append(f"| {label} | {' / '.join(f'{s:.3f}' for s in row['chunk_seconds'])} | {waits} |")
+            lines.append("")
     return "\n".join(lines)
 
 
@@ -271,7 +300,8 @@ DESCRIPTION = (
     "streams, asked at the end of the stream (`middle, then`: the middle part's questions asked right after it); "
     "vs: the paired difference to the first memory; memory tokens: mean per layer at the end, on the device; host "
     "tokens: those kept in host memory for recall (`recall` > 0), mean per layer; answer JS: of the "
-    "first answer token, from the memory vs from the full context. `full` is the full context with no budget "
+    "first answer token, from the memory vs from the full context. Cost: seconds of a chunk's ingest, mean per "
+    "quarter of the stream, and seconds to a question's first answer token (recall included). `full` is the full context with no budget "
     "(positions re-timed as always); `alone` streams each part's video alone through the first memory "
     "(streamer/evaluation/long_stream.py).")
 
