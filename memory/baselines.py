@@ -171,15 +171,18 @@ class RecentPolicy(MemoryPolicy):
 
 
 @dataclass(kw_only=True)
-class LayerAblation(ProbeScores):
-    """Prunes one layer alone to `ratio` of each chunk (probe-ranked, as uniform does) and keeps every
-    other layer whole: how much the answers need that layer's memory."""
+class LayerRatios(ProbeScores):
+    """Keeps layer_ratios[l] of each chunk's video tokens in layer l (probe-ranked, as uniform does), every
+    layer it does not name whole: one layer pruned alone (how much the answers need that layer's memory), or a
+    whole layer profile at a fixed size (how well the profile spends it: `streamer calibrate`)."""
 
-    name = "layer ablation"
-    layer: int
-    ratio: float
+    name = "layer ratios"
+    layer_ratios: dict[int, float]
+
+    def __post_init__(self):
+        super().__post_init__()
+        for layer, ratio in self.layer_ratios.items():
+            check_ratio(f"layer {layer}'s ratio", ratio)
 
     def ratios(self, ctx: ChunkContext) -> list[float]:
-        ratios = [1.0] * ctx.model.num_layers
-        ratios[self.layer] = self.ratio
-        return ratios
+        return [self.layer_ratios.get(layer, 1.0) for layer in range(ctx.model.num_layers)]

@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from memory.baselines import LayerAblation
+from memory.baselines import LayerRatios
 from memory.policy import ChunkContext, MemoryPolicy, ProbedPolicy, Selection
 from memory.probe import ProbeConfig, js_divergence, kept_indices
 from memory.registry import make_policy
@@ -260,7 +260,7 @@ class RunSpec:
         if self.policy == "oracle":
             return OraclePolicy(events=video.event_tokens(), extra=self.options["extra"], probe=probe)
         if self.policy == "layer ablation":
-            return LayerAblation(layer=self.options["layer"], ratio=self.options["ratio"], probe=probe)
+            return LayerRatios(layer_ratios={self.options["layer"]: self.options["ratio"]}, probe=probe)
         return make_policy(self.policy, self.options, probe)
 
 
