@@ -3,11 +3,17 @@ the same greedy tokens and first-token log-probabilities within 1e-5 (float32), 
 memories whose lengths differ per layer and per session, with answers joining and leaving between steps.
 The service's executor on top of it: tests/test_server.py and test_executor below."""
 
+import math
+
 import torch
 from conftest import FAMILY_FPS, random_frames, stream
 
+import pytest
+
 from memory.registry import make_policy
+from streamer.engine import static_batch
 from streamer.engine.generation import advance
+from streamer.engine.static_batch import StaticBatch
 
 QUESTIONS = ["What happens in the video?", "Which colour is first?", "Describe it.", "Is anything moving now?"]
 
@@ -79,3 +85,62 @@ def test_streamed_text_and_stops_are_per_answer(tiny_runner):
         assert_same(expected, g.answer(tiny_runner.tokenizer))
         assert "".join(into) == expected.text
         assert g.view is None  # the answer's copy of the memory is freed when it is done
+
+
+@pytest.mark.parametrize("buckets", [static_batch.BUCKETS, (1, 2)])
+def test_seated_answers_equal_each_alone(family_runner, monkeypatch, buckets):
+    """On a GPU the service's answers take seats of fixed buffers stepped as one CUDA graph per batch size
+    (streamer/engine/static_batch.py); its eager path gives each answer what it gets alone. Answers join at
+    different steps, the later ones with longer contexts (the buffers grow under the seated ones), one leaves
+    mid-answer (the last seat's answer moves into its seat), and with two seats only the others take the
+    packed steps beside them."""
+    runner = family_runner
+    monkeypatch.setattr(static_batch, "BUCKETS", buckets)
+    stored = sorted(memories(runner), key=lambda m: max(m.tokens_per_layer()))
+    alone = [runner.answer(m, q, max_new_tokens=7, stop_at_end=False) for m, q in zip(stored, QUESTIONS)]
+    monkeypatch.setattr(runner, "static_batch", StaticBatch(runner, cuda_graphs=False))
+    monkeypatch.setattr(static_batch, "_round_up", lambda tokens: math.ceil(tokens))  # grow at every longer context
+    monkeypatch.setattr(static_batch, "CONTEXT_GROWTH", 1.0)
+    joins, leaves = {0: [0], 1: [1], 2: [2], 3: [3]}, {4: 0}
+    generations, step = {}, 0
+    while step == 0 or any(not g.done for g in generations.values()):
+        for i in joins.get(step, []):
+            generations[i] = runner.begin(stored[i], QUESTIONS[i], 7, stop_at_end=False, packed=True)
+            assert generations[i].batch is runner.static_batch
+        if step in leaves:  # cancelled: the executor releases it and drops it from the next step on
+            left = generations.pop(leaves[step])
+            left.release()
+        advance(runner, list(generations.values()))
+        if step == 0:
+            first_slots = runner.static_batch.context_slots
+        if step == 3:  # four answers in flight: the third and fourth seated only if there are four seats
+            assert all((generations[i].seat is not None) == (buckets[-1] >= 4) for i in (2, 3))
+        step += 1
+    assert left.tokens == alone[0].token_ids[:4]
+    for i, g in generations.items():
+        assert_same(alone[i], g.answer(runner.tokenizer))
+    batch = runner.static_batch
+    assert batch.seated == [] and batch.seats == min(4, buckets[-1]), "every seat freed; buffers grew to a bucket"
+    if buckets[-1] >= 4:  # the buffers grew under the seated answers, up to the longest context
+        assert batch.context_slots >= max(max(m.tokens_per_layer()) for m in stored) > first_slots
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_seated_answers_replayed_as_cuda_graphs_equal_each_alone():
+    from conftest import TEST_PRESET
+
+    from streamer.engine.models import load_model
+    from streamer.engine.runner import Runner
+
+    runner = Runner(load_model("tiny-random", device="cuda", dtype="float32"), preset=TEST_PRESET)
+    stored = memories(runner)
+    batch = runner.static_batch
+    assert batch is not None and batch.cuda_graphs, "a runner on a GPU seats the answers stepped together"
+    alone = [runner.answer(m, q, max_new_tokens=7, stop_at_end=False) for m, q in zip(stored, QUESTIONS)]
+    for _ in range(2):  # the second round replays the graphs recorded in the first
+        generations = [runner.begin(m, q, 7, stop_at_end=False, packed=True) for m, q in zip(stored, QUESTIONS)]
+        while not all(g.done for g in generations):
+            advance(runner, generations)
+        for g, expected in zip(generations, alone):
+            assert_same(expected, g.answer(runner.tokenizer))
+    assert batch.cuda_graphs and batch.graphs, "graphs should have been recorded, not skipped"

@@ -15,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from test_server import push, running_server, server_config, wait_until
 
 import streamer.engine.runner as runner_module
+from streamer.engine.static_batch import StaticBatch
 from streamer.service.client import ServerError, StreamerClient
 from streamer.service.protocol import ServerLimits
 
@@ -121,8 +122,12 @@ def test_a_question_is_answered_inside_a_long_chunk(tiny_runner, monkeypatch):
     assert answer["text"] == expected
 
 
-def test_a_session_that_leaves_mid_answer_leaves_the_batch(tiny_runner, monkeypatch):
+@pytest.mark.parametrize("seats", [False, True])
+def test_a_session_that_leaves_mid_answer_leaves_the_batch(tiny_runner, monkeypatch, seats):
+    """...and frees its seat of the static batch (a GPU's CUDA-graph steps; their eager path here)."""
     monkeypatch.setattr(tiny_runner, "stop_ids", set())
+    if seats:
+        monkeypatch.setattr(tiny_runner, "static_batch", StaticBatch(tiny_runner, cuda_graphs=False))
     frames = random_frames(4)
     expected = alone(tiny_runner, frames, "Short?", 5)
 
@@ -141,6 +146,8 @@ def test_a_session_that_leaves_mid_answer_leaves_the_batch(tiny_runner, monkeypa
         answer = asyncio.run(scenario(url, server))
         wait_until(lambda: server.shared.executor.generating() == 0 and not server.sessions)
     assert answer["text"] == expected
+    if seats:
+        assert tiny_runner.static_batch.seats >= 1 and tiny_runner.static_batch.seated == [], "seated, then freed"
 
 
 def fetch(url: str) -> tuple[int, str, str]:

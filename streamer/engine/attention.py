@@ -42,11 +42,12 @@ def run_layer(layer: torch.nn.Module, hidden: torch.Tensor, cache, **kwargs) -> 
 
 def memory_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0,
                      key_masks=None, attention_recorder=None, segments=None, **kwargs):
-    """query [1, Hq, q, D]; key/value [1, Hkv, kv, D]. Returns [1, q, Hq, D].
+    """query [B, Hq, q, D]; key/value [B, Hkv, kv, D]. Returns [B, q, Hq, D].
 
     attention_mask, if given, is the caller's bool visibility, [q, kv] or per KV head
-    [Hkv, q, kv] (streamer.engine.decode's static buffers); otherwise the q new tokens are the last
-    q keys and the mask is lower-right causal.
+    [Hkv, q, kv] (streamer.engine.decode's static buffers), or per batch row [B, Hkv, q, kv]
+    (streamer.engine.static_batch's seats); otherwise the q new tokens are the last q keys and the
+    mask is lower-right causal. B is 1 but for static_batch's steps.
     """
     if segments is not None:  # each segment's queries over its own keys (streamer.engine.generation.Packed)
         return torch.cat([memory_attention(module, query[:, :, a:b], keys, values, scaling=scaling)[0]
@@ -76,24 +77,27 @@ def memory_attention(module, query, key, value, attention_mask=None, scaling=Non
 
 
 def _fold(query: torch.Tensor, kv_heads: int) -> torch.Tensor:
-    """[1, Hq, q, D] -> [1, Hkv, groups * q, D]: the query heads that share a KV head become its rows,
+    """[B, Hq, q, D] -> [B, Hkv, groups * q, D]: the query heads that share a KV head become its rows,
     so attention under a mask needs no grouped-query support and never repeats the keys."""
-    return query.reshape(1, kv_heads, -1, query.shape[-1])
+    return query.reshape(query.shape[0], kv_heads, -1, query.shape[-1])
 
 
 def _folded_mask(visible: torch.Tensor, kv_heads: int, groups: int) -> torch.Tensor:
-    """bool [q, kv] or [Hkv, q, kv] -> [1, Hkv or 1, groups * q, kv], rows in _fold's order."""
+    """bool [q, kv], [Hkv, q, kv] or per batch row [B, Hkv, q, kv] -> [1 or B, Hkv or 1, groups * q, kv],
+    rows in _fold's order."""
     if visible.dim() == 2:
         return visible.repeat(groups, 1)[None, None]
-    return visible.repeat(1, groups, 1)[None]
+    if visible.dim() == 3:
+        return visible.repeat(1, groups, 1)[None]
+    return visible.repeat(1, 1, groups, 1)
 
 
 def _masked_attention(query, key, value, visible, scaling):
-    _, heads, q_len, dim = query.shape
+    batch, heads, q_len, dim = query.shape
     kv_heads = key.shape[1]
     mask = _folded_mask(visible, kv_heads, heads // kv_heads)
     out = F.scaled_dot_product_attention(_fold(query, kv_heads), key, value, attn_mask=mask, scale=scaling)
-    return out.view(1, heads, q_len, dim).transpose(1, 2).contiguous()
+    return out.view(batch, heads, q_len, dim).transpose(1, 2).contiguous()
 
 
 def _probabilities(query, key, visible, scaling) -> torch.Tensor:

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -306,31 +307,12 @@ class StaticDecoder:
         b.last_row.fill_(count - 1)
         self.slot += count
         self.position += count
-        if not self.cuda_graphs:
-            return self._forward(*key)
-        if key not in b.graphs:
-            try:
-                b.graphs[key] = self._record(key)
-            except RuntimeError as exc:  # an op that cannot be captured: stay correct, only slower
-                log.warning("recording a CUDA graph failed (%s); using eager forwards from now on", exc)
-                self.cuda_graphs = False
-                return self._forward(*key)
-        graph, logits = b.graphs[key]
-        graph.replay()
-        return logits
-
-    def _record(self, key: tuple):
-        """Capture a forward, after one eager run (lazy initialisations, kernel choices)."""
-        device = self.runner.device
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):  # the warm-up writes what the replay will write
-            self._forward(*key)
-        torch.cuda.current_stream(device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            logits = self._forward(*key)
-        return graph, logits
+        if self.cuda_graphs:
+            logits = graphed(b.graphs, key, lambda: self._forward(*key), self.runner.device)
+            if logits is not None:
+                return logits
+            self.cuda_graphs = False
+        return self._forward(*key)
 
     def _forward(self, kind: str, n: int, rows: int = 1, from_layer: int = 0) -> torch.Tensor:
         """Float32 logits [rows, vocab] of the last `rows` real tokens.
@@ -362,6 +344,29 @@ class StaticDecoder:
                                position_embeddings=rotary, **extra)
         last = b.last_row - (rows - 1) + offsets[:rows]
         return runner.logits(hidden.index_select(1, last))[0]
+
+
+def graphed(graphs: dict, key, forward: Callable[[], torch.Tensor], device) -> torch.Tensor | None:
+    """forward()'s output, by replaying its CUDA graph (recorded into graphs[key] on first use, after one
+    eager run: lazy initialisations, kernel choices); None if it cannot be recorded (an op that cannot be
+    captured: the caller stays correct, only slower, by running eagerly from then on)."""
+    if key not in graphs:
+        try:
+            stream = torch.cuda.Stream(device)
+            stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(stream):  # the warm-up writes what the replay will write
+                forward()
+            torch.cuda.current_stream(device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                output = forward()
+            graphs[key] = graph, output
+        except RuntimeError as exc:
+            log.warning("recording a CUDA graph failed (%s); using eager forwards from now on", exc)
+            return None
+    graph, output = graphs[key]
+    graph.replay()
+    return output
 
 
 def _round_up(tokens: float) -> int:

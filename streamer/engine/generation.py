@@ -16,7 +16,9 @@ more rows (float32: ~1e-7). A generation alone takes the same path with one segm
 
 A generation given a StaticDecoder (CUDA graphs, streamer.engine.decode) steps alone: its buffers
 are shared by every user of that decoder, so it is for answers run one at a time (`streamer ask`,
-the evaluations), never for the service's batches.
+the evaluations), never for the service's batches. Those, on a GPU, take seats of the runner's
+StaticBatch (streamer.engine.static_batch): the same step over fixed per-seat buffers, replayed as one
+CUDA graph per batch size; with every seat taken, an answer takes the packed steps instead.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import torch
 
 from streamer.engine.decode import Context, StaticDecoder
 from streamer.engine.positions import text_positions
+from streamer.engine.static_batch import Seat, StaticBatch
 from streamer.engine.text_model import TextModel
 from streamer.engine.view import MemoryView
 
@@ -56,7 +59,9 @@ class Generation:
     seen: set[int]  # the token ids the repetition penalty counts: the prompt's, then the answer's
     view: MemoryView | None = None  # the memory plus room for the question and answer (packed steps)
     static: StaticDecoder | None = None  # or a CUDA-graph decoder (steps alone)
-    context: Context | None = None  # what `static` is loaded with at the first step
+    batch: StaticBatch | None = None  # or seats stepped together under CUDA graphs (seated at the first step)
+    seat: Seat | None = None
+    context: Context | None = None  # what `static` is loaded with, or `batch` seats, at the first step
     on_text: Callable[[str], None] | None = None  # the answer's text, piece by piece (whole characters)
     tokens: list[int] = field(default_factory=list)
     first_token_logprobs: list[dict] = field(default_factory=list)
@@ -116,7 +121,13 @@ class Generation:
         self._stream(runner.tokenizer, final=True)
         self.done = True
         self.finished_at = time.perf_counter()
-        self.view = self.context = None  # the copy of the memory goes as soon as the answer is done
+        self.release()
+
+    def release(self) -> None:
+        """Let go of the copy of the memory (and the seat) as soon as the answer is done or abandoned."""
+        if self.seat is not None:
+            self.seat.release()
+        self.view = self.context = self.seat = self.batch = None
 
 
 class Packed:
@@ -147,7 +158,8 @@ def advance(runner: TextModel, generations: list[Generation]) -> None:
         else:
             logits = g.static.step(g.inputs[0])
         g._take(runner, logits)
-    packed = [g for g in live if g.static is None]
+    _seated(runner, [g for g in live if g.batch is not None])
+    packed = [g for g in live if g.static is None and g.batch is None and not g.done]
     if not packed:
         return
     ids = [token for g in packed for token in g.inputs]
@@ -162,3 +174,21 @@ def advance(runner: TextModel, generations: list[Generation]) -> None:
     logits = runner.logits(hidden[:, lasts])[0]
     for g, row in zip(packed, logits):
         g._take(runner, row)
+
+
+def _seated(runner: TextModel, generations: list[Generation]) -> None:
+    """The step of the generations that use static seats: those seated already in one forward, each new one
+    seated with its question (or, with every seat taken, sent to the packed steps)."""
+    stepping = [g for g in generations if g.seat is not None]
+    new = [g for g in generations if g.seat is None]
+    if stepping:
+        logits = stepping[0].batch.step([(g.seat, g.inputs[0]) for g in stepping])
+        for g, row in zip(stepping, logits):
+            g._take(runner, row)
+    for g in new:
+        if g.batch.full():
+            g.batch, g.view = None, MemoryView(g.context, extra=g.size + g.max_new_tokens)
+            continue
+        g.seat, logits = g.batch.admit(g.context, g.position, g.inputs, g.max_new_tokens)
+        g.context = None
+        g._take(runner, logits)

@@ -27,6 +27,7 @@ from streamer.engine.models import BUILTIN_MODELS, RANDOM_MODELS, LoadedModel, f
 from streamer.engine.positions import as_position_ids, text_positions, video_positions
 from streamer.engine.probing import ChunkProbes
 from streamer.engine.recall import recall
+from streamer.engine.static_batch import StaticBatch
 from streamer.engine.prompt import SYSTEM_PROMPT, VISION_END, chat_layout, pair_opening, pair_seconds
 from streamer.engine.view import MemoryView
 from streamer.engine.vision import encode_pairs
@@ -71,7 +72,8 @@ class Runner:
     def __init__(self, loaded: LoadedModel, preset: VisionPreset | None = None, system_prompt: str = SYSTEM_PROMPT,
                  cuda_graphs: bool = True, repetition_penalty: float | None = None):
         """preset: frame resolution; default the checkpoint's own, else its family's processor defaults.
-        cuda_graphs: on a GPU, answer from static buffers replayed as CUDA graphs (streamer.engine.decode).
+        cuda_graphs: on a GPU, answer from static buffers replayed as CUDA graphs (streamer.engine.decode; answers
+        stepped together: streamer.engine.static_batch).
         repetition_penalty: default the checkpoint's generation_config.json's, else 1.0 (none)."""
         self.model = loaded.model
         self.model_name = loaded.name  # a built-in name or an absolute path
@@ -93,7 +95,9 @@ class Runner:
             raise ValueError("the vision preset's patch sizes do not match the model's vision config")
         self.layout = chat_layout(self.tokenizer, system_prompt, timestamps=self.family.timestamps)
         self.prefix_ids = self.encode(self.layout.prefix)
-        self.static_decoder = StaticDecoder(self) if cuda_graphs and self.device.type == "cuda" else None
+        graphs = cuda_graphs and self.device.type == "cuda"
+        self.static_decoder = StaticDecoder(self) if graphs else None  # answers one at a time
+        self.static_batch = StaticBatch(self) if graphs else None  # answers stepped together (packed=True)
         # what transformers' generate() would take from the checkpoint: its eos ids and repetition penalty
         # (its sampling settings do not apply: answers are greedy, which top_k = 1 in the releases is too)
         generation = loaded.generation
@@ -353,6 +357,8 @@ class Runner:
         decoder = None if packed else self.decoder(len(ids))
         if isinstance(decoder, StaticDecoder):
             generation.static, generation.context = decoder, memory.context()
+        elif packed and self.static_batch is not None:
+            generation.batch, generation.context = self.static_batch, memory.context()
         else:
             generation.view = MemoryView(memory.context(), extra=len(ids) + max_new_tokens)
         return generation

@@ -126,6 +126,7 @@ class ModelExecutor:
         for job in self.jobs:
             self._settle(job, error=RuntimeError("the server is shutting down"))
         for running in self.running:
+            running.generation.release()
             self._settle(running.job, error=RuntimeError("the server is shutting down"))
         self.runner.between_layers = None
 
@@ -177,6 +178,9 @@ class ModelExecutor:
 
     def _step(self) -> None:
         """One forward over the next token of up to max_batch answers (oldest first)."""
+        for r in self.running:
+            if r.job.cancelled:
+                r.generation.release()  # its memory copy and any seat it holds, now
         self.running = [r for r in self.running if not r.job.cancelled]
         batch = self.running[:self.max_batch]
         if not batch:
@@ -190,6 +194,7 @@ class ModelExecutor:
             log.exception("an answer step of %d answers failed", len(batch))
             self.running = [r for r in self.running if r not in batch]  # out before anyone hears of it
             for r in batch:
+                r.generation.release()
                 self._settle(r.job, error=exc)
             return
         finally:
