@@ -41,6 +41,8 @@ def test_memories_are_given_by_config_or_policy_with_options():
     assert config.memory.policy == "emloc" and config.memory.limits()["budget"] == 256
     assert config.memory.recall == 128 and config.make_policy().delta == 0.2
     assert memory_config("full:full", 512)[1].memory.limits()["budget"] is None
+    assert memory_config("a:stream_default", 512, "builtin-choice")[1].model.name == "builtin-choice"
+    assert memory_config("a:stream_default:model=tuned,recall=0", 512)[1].model.name == "tuned", "its own model"
     with pytest.raises(ValueError, match="LABEL:CONFIG_OR_POLICY"):
         memory_config("recent", 512)
     with pytest.raises(ValueError, match="unknown"):
@@ -56,12 +58,14 @@ def test_a_short_run_end_to_end(tmp_path, capsys):
     page.write_text("# Synthetic\n\ntables\n")
     out = tmp_path / "long.json"
     args = ["eval", "long-stream", "--lengths", "3", "--streams", "1", "--chunk-frames", "128", "--bootstrap", "50",
-            "--memories", "default:stream_default;recent:recent:frames=32;recall:stream_default:budget=64,recall=32",
+"--memories", "default:stream_default;recent:recent:frames=32;recall:stream_default:budget=64,recall=32;"
+            "other:stream_default:model=builtin-choice",
             "--write", str(page), "--json", str(out)]
     assert main(args) == 0
     summary = json.loads(out.read_text())
     table = summary["lengths"]["3"]
-    assert table["first"] == "default" and list(table["memories"]) == ["default", "recent", "recall", "full", "alone"]
+    assert table["first"] == "default"
+    assert list(table["memories"]) == ["default", "recent", "recall", "other", "full", "alone"]
     questions = {p: table["memories"]["default"]["parts"][p]["questions"] for p in PARTS}
     for label, row in table["memories"].items():
         for part in PARTS:
@@ -69,7 +73,7 @@ def test_a_short_run_end_to_end(tmp_path, capsys):
             assert entry["questions"] == questions[part] and 0 <= entry["accuracy"] <= 1
             assert entry["interval"][0] <= entry["accuracy"] <= entry["interval"][1]
             assert ("answer_js" in entry) == (label != "full") and ("vs_first" in entry) == (label != "default")
-        assert (MID in row["parts"]) == (label in ("default", "recent", "recall"))
+        assert (MID in row["parts"]) == (label in ("default", "recent", "recall", "other"))
         assert (row["host_tokens"] > 0) == (label == "recall"), "only a recalling memory keeps evicted tokens"
         if label != "alone":  # 9 chunks of 128 frames: every quarter of the stream has one
             assert len(row["chunk_seconds"]) == 4 and min(row["chunk_seconds"]) > 0

@@ -162,8 +162,10 @@ def add_long_stream(benchmarks) -> None:
                    help="tokens per layer on average (default: %(default)s, the service's 8,192 scaled to the "
                         "builtin's 9 tokens per frame pair)")
     p.add_argument("--memories", type=lambda s: [m for m in s.split(";") if m], default=defaults.memories,
-                   help="semicolon-separated LABEL:CONFIG_OR_POLICY[:KEY=VALUE,...]; the first is what the others "
-                        "are compared with and what `alone` uses (default: %(default)s)")
+                   help="semicolon-separated LABEL:CONFIG_OR_POLICY[:KEY=VALUE,...] (keys: memory settings such as "
+                        "budget, recall, tier_growth; model=DIR to read it with another checkpoint; the policy's "
+                        "options); the first is what the others are compared with and what `alone` uses (default: "
+                        "%(default)s)")
     p.add_argument("--no-mid-stream", action="store_true", help="skip the middle part's questions asked right "
                                                                 "after it")
     p.add_argument("--no-alone", action="store_true", help="skip each part's video streamed alone")

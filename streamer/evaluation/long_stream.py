@@ -8,7 +8,8 @@ Each memory (LABEL:CONFIG_OR_POLICY[:KEY=VALUE,...], under `budget` tokens per l
 sets its own) streams every stream chunk by chunk. Two references run beside them: `full`, the full context without a
 budget (positions re-timed past the model's limit as always), whose first answer token's distribution the
 answer JS compares with; and `alone`, each part's video streamed alone through the first memory, which is
-what that memory knows of the part without the rest of the stream.
+what that memory knows of the part without the rest of the stream. A memory may name its own model
+(`model=DIR`): two checkpoints compared on the same streams and questions (`full` is --model's).
 
 Per length and memory: accuracy per part with a 95% bootstrap interval over streams (each stream's
 questions of a part count as one resample unit), the paired difference to the first memory per part,
@@ -77,14 +78,15 @@ class LongStreamConfig:
         if not self.memories:
             raise ValueError("give at least one memory")
         for spec in self.memories:
-            memory_config(spec, self.budget)  # refuses a bad spec by name before anything runs
+            memory_config(spec, self.budget, self.model)  # refuses a bad spec by name before anything runs
         return self
 
 
-def memory_config(spec: str, budget: int) -> tuple[str, Config]:
+def memory_config(spec: str, budget: int, model: str = "builtin") -> tuple[str, Config]:
     """LABEL:CONFIG_OR_POLICY[:KEY=VALUE,...] -> (label, config) under `budget` tokens per layer (none for the
-    full policy); an option named like a [memory] setting (budget, age_power, recall, ...) sets it, the others
-    go to the policy."""
+    full policy); an option named like a [memory] setting (budget, age_power, recall, ...) sets it, `model`
+    the model that reads this memory (default `model`: two checkpoints compared on the same streams), the
+    others go to the policy."""
     label, _, rest = spec.partition(":")
     source, _, options_text = rest.partition(":")
     if not label or not source:
@@ -97,6 +99,7 @@ def memory_config(spec: str, budget: int) -> tuple[str, Config]:
     for pair in filter(None, options_text.split(",")):
         key, _, value = pair.partition("=")
         (memory if key in MEMORY_SETTINGS else options)[key] = _number(value)
+    override(config, "model", name=str(options.pop("model", model)))
     override(config, "memory", **{"budget": 0 if config.memory.policy == "full" else budget, **memory})
     if options:
         override(config, config.memory.policy, **options)
@@ -175,8 +178,14 @@ def alone(runner: Runner, stream: LongStream, config: Config, chunk_frames: int)
 def evaluate(config: LongStreamConfig, log=print) -> dict:
     config.validate()
     torch.set_num_threads(config.threads)
-    runner = Runner(load_model(config.model, device=config.device))
-    memories = [memory_config(spec, config.budget) for spec in config.memories]
+    runners: dict[str, Runner] = {}
+
+    def runner_for(name: str) -> Runner:
+        if name not in runners:
+            runners[name] = Runner(load_model(name, device=config.device))
+        return runners[name]
+
+    memories = [memory_config(spec, config.budget, config.model) for spec in config.memories]
     summary = dict(config=asdict(config), lengths={})
     started = time.perf_counter()
     for count in config.lengths:
@@ -186,11 +195,12 @@ def evaluate(config: LongStreamConfig, log=print) -> dict:
             stream = make_stream(seed, count)
             with torch.inference_mode():
                 for label, memory in memories:
-                    runs[label].append(stream_through(runner, stream, memory, config.mid_stream,
-                                                      config.chunk_frames))
-                runs["full"].append(stream_through(runner, stream, FULL, False, config.chunk_frames))
+                    runs[label].append(stream_through(runner_for(memory.model.name), stream, memory,
+                                                      config.mid_stream, config.chunk_frames))
+                runs["full"].append(stream_through(runner_for(config.model), stream, FULL, False, config.chunk_frames))
                 if config.alone:
-                    runs["alone"].append(alone(runner, stream, memories[0][1], config.chunk_frames))
+                    first = memories[0][1]
+                    runs["alone"].append(alone(runner_for(first.model.name), stream, first, config.chunk_frames))
             log(f"{count} x {SEGMENT} frames: stream {s + 1}/{config.streams} "
                 f"({time.perf_counter() - started:.0f} s)")
         if not config.alone:
