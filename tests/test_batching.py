@@ -144,3 +144,26 @@ def test_seated_answers_replayed_as_cuda_graphs_equal_each_alone():
         for g, expected in zip(generations, alone):
             assert_same(expected, g.answer(runner.tokenizer))
     assert batch.cuda_graphs and batch.graphs, "graphs should have been recorded, not skipped"
+
+
+def test_an_answer_with_no_memory_for_a_seat_takes_the_packed_steps(tiny_runner, monkeypatch):
+    """Larger seat buffers that do not fit on the device leave the seated answers as they were; the answer that
+    asked for them is stepped packed beside them, and every answer is what it is alone."""
+    stored = memories(tiny_runner)[:3]
+    alone = [tiny_runner.answer(m, q, max_new_tokens=6, stop_at_end=False) for m, q in zip(stored, QUESTIONS)]
+    batch = StaticBatch(tiny_runner, cuda_graphs=False)
+    monkeypatch.setattr(tiny_runner, "static_batch", batch)
+    generations = [tiny_runner.begin(m, q, 6, stop_at_end=False, packed=True) for m, q in zip(stored, QUESTIONS)]
+    advance(tiny_runner, generations[:2])  # two seats
+
+    def no_memory(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory (a test)")
+
+    monkeypatch.setattr(batch, "_reserve", no_memory)
+    while not all(g.done for g in generations):
+        advance(tiny_runner, generations)
+        if generations[2].first_logits is not None:
+            assert generations[2].seat is None and generations[2].batch is None
+    for g, expected in zip(generations, alone):
+        assert_same(expected, g.answer(tiny_runner.tokenizer))
+    assert batch.seats == 2 and batch.seated == []

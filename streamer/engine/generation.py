@@ -32,7 +32,7 @@ import torch
 
 from streamer.engine.decode import Context, StaticDecoder
 from streamer.engine.positions import text_positions
-from streamer.engine.static_batch import Seat, StaticBatch
+from streamer.engine.static_batch import Seat, SeatsTaken, StaticBatch
 from streamer.engine.text_model import TextModel
 from streamer.engine.view import MemoryView
 
@@ -186,9 +186,10 @@ def _seated(runner: TextModel, generations: list[Generation]) -> None:
         for g, row in zip(stepping, logits):
             g._take(runner, row)
     for g in new:
-        if g.batch.full():
+        try:
+            g.seat, logits = g.batch.admit(g.context, g.position, g.inputs, g.max_new_tokens)
+        except SeatsTaken:  # every seat taken, or no memory for more: packed steps (the batch is as it was)
             g.batch, g.view = None, MemoryView(g.context, extra=g.size + g.max_new_tokens)
             continue
-        g.seat, logits = g.batch.admit(g.context, g.position, g.inputs, g.max_new_tokens)
         g.context = None
         g._take(runner, logits)

@@ -36,6 +36,10 @@ log = logging.getLogger("streamer")
 BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # batch sizes with a graph each; the largest is the most seats
 
 
+class SeatsTaken(RuntimeError):
+    """No seat for another answer: all BUCKETS[-1] are taken, or the device has no memory for larger buffers."""
+
+
 class Seat:
     """An answer's row in a StaticBatch; `index` changes when another answer's leaving moves this one."""
 
@@ -90,9 +94,12 @@ class StaticBatch:
         """Seat an answer: copy its context in and run its question (text positions from next_position on);
         returns its seat and the float32 logits after the question's last token."""
         if self.full():
-            raise RuntimeError(f"every one of the {BUCKETS[-1]} seats is taken")
+            raise SeatsTaken(f"every one of the {BUCKETS[-1]} seats is taken")
         lengths = [keys.shape[2] for keys, _ in context]
-        self._reserve(len(self.seated) + 1, max(lengths), len(ids) + max_new_tokens)
+        try:
+            self._reserve(len(self.seated) + 1, max(lengths), len(ids) + max_new_tokens)
+        except torch.OutOfMemoryError as exc:
+            raise SeatsTaken(f"no device memory for larger seat buffers ({exc})") from None
         seat = Seat(self, len(self.seated))
         self.seated.append(seat)
         s = seat.index
@@ -146,22 +153,22 @@ class StaticBatch:
         capacity = context_slots + answer
         log.info("static batch buffers: %d seats of %d context + %d answer slots per layer", new_seats,
                  context_slots, answer)
-        old = (self.keys, self.values, self.context_slots, self.capacity)
-        self.graphs = {}  # recorded on the old buffers
-        self.keys = [torch.zeros(new_seats, heads, capacity, runner.head_dim, device=device, dtype=dtype)
-                     for _ in range(layers)]
-        self.values = [torch.zeros_like(keys) for keys in self.keys]
-        shift = context_slots - self.context_slots
-        count = len(self.seated)
-        for layer, (keys, values) in enumerate(zip(*old[:2])):
-            for new, was in ((self.keys[layer], keys), (self.values[layer], values)):
-                new[:count, :, :old[2]] = was[:count, :, :old[2]]
-                new[:count, :, context_slots:context_slots + old[3] - old[2]] = was[:count, :, old[2]:old[3]]
+        # everything new is allocated before anything changes: out of memory leaves the batch as it was
+        keys = [torch.zeros(new_seats, heads, capacity, runner.head_dim, device=device, dtype=dtype)
+                for _ in range(layers)]
+        values = [torch.zeros_like(layer) for layer in keys]
         visible = torch.zeros(layers, new_seats, heads, capacity, dtype=torch.bool, device=device)
+        shift = context_slots - self.context_slots
+        count, old, answered = len(self.seated), self.context_slots, self.capacity - self.context_slots
+        for new, was in zip(keys + values, self.keys + self.values):
+            new[:count, :, :old] = was[:count, :, :old]
+            new[:count, :, context_slots:context_slots + answered] = was[:count, :, old:]
+        self.graphs = {}  # recorded on the old buffers
+        self.keys, self.values = keys, values
         cursor = torch.full((new_seats,), context_slots, dtype=torch.long, device=device)
         position = torch.zeros(new_seats, dtype=torch.long, device=device)
         if count:
-            visible[:, :count, :, :old[2]] = self.context_visible[:, :count, :, :old[2]]
+            visible[:, :count, :, :old] = self.context_visible[:, :count, :, :old]
             cursor[:count] = self.cursor[:count] + shift
             position[:count] = self.position[:count]
         self.context_visible, self.cursor, self.position = visible, cursor, position
