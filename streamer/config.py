@@ -25,6 +25,7 @@ class ModelOptions:
     name: str = "builtin"  # a built-in model (builtin, tiny-random, ...) or a local checkpoint directory
     device: str = "auto"  # auto: cuda if available, else cpu
     dtype: str = "auto"  # auto: bfloat16 on cuda, float32 on cpu
+    cuda_graphs: bool = True  # on a GPU, answers and probes replay CUDA graphs (streamer.engine.decode, static_batch)
 
 
 @dataclass
@@ -118,6 +119,8 @@ class Config:
 
     def validate(self) -> "Config":
         video, mem = self.video, self.memory
+        if not isinstance(self.model.cuda_graphs, bool):
+            raise ValueError(f"model.cuda_graphs must be true or false (--no-cuda-graphs), got {self.model.cuda_graphs!r}")
         if (video.frames is None) == (video.fps is None):
             raise ValueError("set exactly one of video.frames (--frames) and video.fps (--fps)")
         if video.frames is not None and video.frames < 1:

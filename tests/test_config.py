@@ -36,11 +36,33 @@ def test_switches_override_only_what_is_given():
     assert config.memory.chunk_frames == 8 and config.memory.policy == "full"
 
 
+def test_no_cuda_graphs_reaches_the_runner(monkeypatch):
+    from streamer.cli import build_parser
+    from streamer.cli.switches import config_from_args
+    from streamer.engine import runner
+
+    args = build_parser().parse_args(["ask", "v.mp4", "q?", "--model", "tiny-random", "--no-cuda-graphs"])
+    config = config_from_args(args)
+    assert config.model.cuda_graphs is False
+    assert config_from_args(build_parser().parse_args(["ask", "v.mp4", "q?"])).model.cuda_graphs is True
+    made, real = {}, runner.Runner
+
+    def spy(*args, **kwargs):
+        made.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "Runner", spy)
+    runner.load_runner(config)
+    assert made["cuda_graphs"] is False
+
+
 @pytest.mark.parametrize("section, values, message", [
     ("memory", {"chunk_frames": 5}, "multiple of 2"),
     ("video", {"frames": 0}, "frames"),
     ("video", {"backend": "opencv"}, "backend"),
     ("video", {"min_pixels": 10, "max_pixels": 5}, "min_pixels"),
+    ("model", {"cuda_graphs": "yes"}, "cuda_graphs"),
+    ("memory", {"tier_growth": -1}, "tier_growth"),
 ])
 def test_invalid_values(section, values, message):
     with pytest.raises(ValueError, match=message):

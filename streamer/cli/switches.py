@@ -25,6 +25,8 @@ def add_run_switches(p: argparse.ArgumentParser, config_default: str | None = No
     p.add_argument("--model", help="builtin (default) | builtin-choice | tiny-random | qwen2-vl-{2b,7b,72b}-random | a local checkpoint directory")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--dtype", help="auto | float32 | bfloat16 | float16")
+    p.add_argument("--no-cuda-graphs", action="store_true", help="on a GPU, answer with eager forwards instead of "
+                   "replayed CUDA graphs (slower; for a driver or model where graphs misbehave)")
     sampling = p.add_mutually_exclusive_group()
     sampling.add_argument("--frames", type=int, help="sample N frames uniformly over the video")
     sampling.add_argument("--fps", type=float, help="sample F frames per second of video time")
@@ -62,7 +64,8 @@ def add_run_switches(p: argparse.ArgumentParser, config_default: str | None = No
 def config_from_args(args) -> Config:
     """The config file named by --config with the run switches on top, validated."""
     config = load_config(args.config)
-    override(config, "model", name=args.model, device=args.device, dtype=args.dtype)
+    override(config, "model", name=args.model, device=args.device, dtype=args.dtype,
+             cuda_graphs=False if args.no_cuda_graphs else None)
     if args.fps is not None:  # a switch replaces the config's way of sampling, whichever it was
         config.video.frames = None
     if args.frames is not None:

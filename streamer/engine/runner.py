@@ -381,7 +381,8 @@ def load_runner(config: Config, device: str | None = None) -> tuple[Runner, floa
     seconds = time.perf_counter() - started
     log.info("model on %s (%s), loaded in %.1f s", loaded.device, loaded.dtype, seconds)
     preset = config.vision_preset(loaded.preset or family_of(loaded.model).preset)
-    runner = Runner(loaded, preset, repetition_penalty=config.generation.repetition_penalty)
+    runner = Runner(loaded, preset, cuda_graphs=config.model.cuda_graphs,
+                    repetition_penalty=config.generation.repetition_penalty)
     if loaded.name in RANDOM_MODELS:
         log.warning("model %s has RANDOM WEIGHTS: its answers are noise, good for exactness and speed "
                     "measurements only; give --model a checkpoint directory (or builtin) for real answers",
