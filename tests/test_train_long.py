@@ -8,7 +8,7 @@ from conftest import Stopped, stop_at
 
 from streamer.builtin.streams import make_stream
 from streamer.builtin.train import TRAIN_SEEDS
-from streamer.builtin.train_long import LongTrainConfig, answer_loss, main, train_long
+from streamer.builtin.train_long import LongTrainConfig, answer_loss, export, main, train_long
 from streamer.config import load_config
 from streamer.engine.models import load_model
 from streamer.engine.runner import Runner
@@ -65,3 +65,9 @@ def test_training_changes_the_reader_not_the_tower_and_resumes_exactly(tmp_path)
         train_long(LongTrainConfig(**{**QUICK, "steps": 3}), None, checkpoint=checkpoint)
     with pytest.raises(SystemExit, match="2"):  # weights there already, no --force
         main(["--steps", "1", "--out", str(resumed)])
+    exported = tmp_path / "exported"  # a look at a run's checkpoint: here the finished run's last step
+    assert "step 2 of 2" in export(config, checkpoint, exported)
+    for name, tensor in load_model(str(exported), device="cpu", dtype="float32").model.state_dict().items():
+        assert torch.equal(tensor, weights["resumed"][name]), name
+    with pytest.raises(SystemExit, match="2"):  # nothing to export from
+        main(["--export", "--out", str(tmp_path / "none"), "--checkpoint", str(tmp_path / "none.ckpt")])

@@ -178,7 +178,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, help="steps (overrides the config)")
     parser.add_argument("--threads", type=int, help="CPU threads (overrides the config)")
     parser.add_argument("--force", action="store_true", help="replace the weights already in --out")
+    parser.add_argument("--export", action="store_true", help="write --checkpoint's weights as they are to --out "
+                        "and stop (a look at a run that is still going: evaluate it with --model OUT)")
     args = parser.parse_args(argv)
+    if args.export and (args.out is None or args.checkpoint is None or not args.checkpoint.exists()):
+        parser.exit(2, f"{parser.prog}: error: --export needs --out and an existing --checkpoint\n")
     if args.out is not None and (args.out / "model.safetensors").exists() and not args.force:
         parser.exit(2, f"{parser.prog}: error: --out {args.out} holds weights already; give another --out, or "
                        "--force to replace them\n")
@@ -186,8 +190,24 @@ def main(argv: list[str] | None = None) -> int:
     for key in ("init", "steps", "threads"):
         if getattr(args, key) is not None:
             data[key] = getattr(args, key)
+    if args.export:
+        print(export(LongTrainConfig.from_dict(data), args.checkpoint, args.out))
+        return 0
     train_long(LongTrainConfig.from_dict(data), args.out, checkpoint=args.checkpoint)
     return 0
+
+
+def export(config: LongTrainConfig, checkpoint: Path, out: Path) -> str:
+    """The checkpoint's weights as a model directory, with a record saying at which step they were taken."""
+    state = torch.load(checkpoint)
+    if same_run(state["config"]) != same_run(asdict(config)):
+        raise ValueError(f"{checkpoint} was written by another training config than the one given")
+    model = load_model(config.init, device="cpu", dtype="float32").model
+    model.load_state_dict(state["model"])
+    record = dict(long_stream=asdict(config), seconds=state["seconds"], history=state["history"],
+                  exported_at_step=state["step"], torch=torch.__version__, transformers=transformers.__version__)
+    save(model.eval(), record, out)
+    return f"wrote {out}: the weights at step {state['step']} of {config.steps}"
 
 
 if __name__ == "__main__":
