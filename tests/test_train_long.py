@@ -71,3 +71,27 @@ def test_training_changes_the_reader_not_the_tower_and_resumes_exactly(tmp_path)
         assert torch.equal(tensor, weights["resumed"][name]), name
     with pytest.raises(SystemExit, match="2"):  # nothing to export from
         main(["--export", "--out", str(tmp_path / "none"), "--checkpoint", str(tmp_path / "none.ckpt")])
+
+
+def test_replay_adds_the_init_models_own_loss_and_older_checkpoints_resume(tmp_path):
+    """replay > 0 adds the init model's own training loss (gradients through the video tokens) to a step;
+    a checkpoint written before the replay settings existed resumes as a run without replay."""
+    one = {**QUICK, "steps": 1}
+    plain, replayed = tmp_path / "plain", tmp_path / "replayed"
+    train_long(LongTrainConfig(**one), plain, log=lambda line: None)
+    train_long(LongTrainConfig(**one, replay=1.0, replay_videos=1), replayed, log=lambda line: None)
+    weights = [load_model(str(path), device="cpu", dtype="float32").model.state_dict() for path in (plain, replayed)]
+    assert any(not torch.equal(tensor, weights[1][name]) for name, tensor in weights[0].items()
+               if name.startswith("model.language_model"))
+    checkpoint = tmp_path / "old.ckpt"
+    with pytest.raises(Stopped):
+        train_long(LongTrainConfig(**QUICK), None, log=stop_at("step 2/"), checkpoint=checkpoint)
+    state = torch.load(checkpoint)  # written at step 1 (the log line comes first)
+    assert state["step"] == 1
+    for key in ("replay", "replay_videos"):
+        del state["config"][key]
+    torch.save(state, checkpoint)
+    record = train_long(LongTrainConfig(**QUICK), None, log=lambda line: None, checkpoint=checkpoint)
+    assert [h["step"] for h in record["history"]] == [1, 2]
+    with pytest.raises(ValueError, match="replay"):
+        LongTrainConfig.from_dict({"replay": -1.0})

@@ -13,6 +13,11 @@ it, over the memory as it stood then. The memory is rebuilt with the current wei
 the model learns to read is what it now writes; its keys and values themselves get no gradient (what is
 trained is the reading: every layer's weights as the question's tokens use them). The vision tower is frozen.
 The stream length and the videos of every step are fixed by (seed, step).
+
+Since the video tokens' own processing gets no gradient, it drifts as the shared weights learn to read: at
+step 230 of the first run the 384-frame accuracy had fallen from 96 to 82 (docs/MEMORY.md). `replay` adds,
+at each step, the init model's own training loss (streamer.builtin.train: full context, gradients through
+the video) on a few videos of 128-384 frames, with that weight.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import json
 import math
 import time
 import tomllib
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +37,7 @@ import transformers
 
 from memory.store import KVMemory
 from streamer.builtin.streams import PARTS, SEGMENT, make_stream
-from streamer.builtin.train import TRAIN_SEEDS, same_run, save
+from streamer.builtin.train import TRAIN_KINDS, TRAIN_SEEDS, Packer, Stage, batch_loss, make_batch, same_run, save
 from streamer.builtin.videos import QA
 from streamer.config import load_config
 from streamer.engine.models import checkpoint_directory, load_model
@@ -62,6 +67,10 @@ class LongTrainConfig:
     seed: int = 0
     threads: int = 1
     log_every: int = 10
+    # > 0: each step also takes the init model's own training loss on `replay_videos` videos of 128-384 frames
+    # (full context, gradients through the video), times this weight, to keep what it knew (0: off)
+    replay: float = 0.0
+    replay_videos: int = 2
 
     @classmethod
     def from_dict(cls, data: dict) -> "LongTrainConfig":
@@ -73,7 +82,17 @@ class LongTrainConfig:
             raise ValueError(f"videos must be [least, most] with 1 <= least <= most, got {config.videos}")
         if config.steps < 1 or config.budget < 1:
             raise ValueError(f"need steps >= 1 and budget >= 1, got {config.steps}, {config.budget}")
+        if config.replay < 0 or config.replay_videos < 1:
+            raise ValueError(f"need replay >= 0 and replay_videos >= 1, got {config.replay}, {config.replay_videos}")
         return config
+
+
+def run_of(saved: dict) -> dict:
+    """A checkpoint's config as the settings that make a run, keys added since it was written at their defaults."""
+    return same_run({**asdict(LongTrainConfig()), **saved})
+
+
+REPLAY = Stage(128, 384, 1, 1)  # the length of the init model's last training stage (streamer.builtin.train)
 
 
 def answer_loss(runner: Runner, memory: KVMemory, questions: list[QA]) -> torch.Tensor:
@@ -118,10 +137,14 @@ def train_long(config: LongTrainConfig, out: Path | None, log=print, checkpoint:
         parameter.requires_grad_(not name.startswith("model.visual"))
     trained = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trained, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.98))
+    record_file = checkpoint_directory(config.init) / "training.json"  # what the fine-tuned model came from
+    base = json.loads(record_file.read_text()) if record_file.is_file() else None
+    packer = Packer(runner.tokenizer)  # replayed questions drawn as the init model learned them
+    questions = tuple((base or {}).get("config", {}).get("questions") or TRAIN_KINDS)
     done, history, spent = 0, [], 0.0
     if checkpoint is not None and checkpoint.exists():
         state = torch.load(checkpoint)
-        if same_run(state["config"]) != same_run(asdict(config)):
+        if run_of(state["config"]) != same_run(asdict(config)):
             raise ValueError(f"{checkpoint} was written by another training config; delete it to start afresh")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -142,6 +165,9 @@ def train_long(config: LongTrainConfig, out: Path | None, log=print, checkpoint:
         ingest_video(runner, frames[middle_end:], memory_config.make_policy(), config.chunk_frames, memory)
         losses.append(answer_loss(runner, memory, unique([qa for part in PARTS for qa in stream.questions[part]])))
         loss = torch.stack(losses).mean()
+        if config.replay:
+            batch = make_batch(packer, config.seed, step, replace(REPLAY, batch=config.replay_videos), questions)
+            loss = loss + config.replay * batch_loss(model, batch)[0]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trained, config.grad_clip)
@@ -158,8 +184,6 @@ def train_long(config: LongTrainConfig, out: Path | None, log=print, checkpoint:
                              model=model.state_dict(), optimizer=optimizer.state_dict())
                 torch.save(state, checkpoint.with_suffix(".tmp"))
                 checkpoint.with_suffix(".tmp").replace(checkpoint)  # never half-written
-    record_file = checkpoint_directory(config.init) / "training.json"  # what the fine-tuned model came from
-    base = json.loads(record_file.read_text()) if record_file.is_file() else None
     record = dict(long_stream=asdict(config), seconds=time.perf_counter() - started, history=history,
                   torch=torch.__version__, transformers=transformers.__version__, base=base)
     if out is not None:
@@ -200,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
 def export(config: LongTrainConfig, checkpoint: Path, out: Path) -> str:
     """The checkpoint's weights as a model directory, with a record saying at which step they were taken."""
     state = torch.load(checkpoint)
-    if same_run(state["config"]) != same_run(asdict(config)):
+    if run_of(state["config"]) != same_run(asdict(config)):
         raise ValueError(f"{checkpoint} was written by another training config than the one given")
     model = load_model(config.init, device="cpu", dtype="float32").model
     model.load_state_dict(state["model"])
