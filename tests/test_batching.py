@@ -115,6 +115,7 @@ def test_seated_answers_equal_each_alone(family_runner, monkeypatch, buckets):
             first_slots = runner.static_batch.context_slots
         if step == 3:  # four answers in flight: the third and fourth seated only if there are four seats
             assert all((generations[i].seat is not None) == (buckets[-1] >= 4) for i in (2, 3))
+            assert not runner.static_batch.trim(), "seats in use are never freed"
         step += 1
     assert left.tokens == alone[0].token_ids[:4]
     for i, g in generations.items():

@@ -15,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from test_server import push, running_server, server_config, wait_until
 
 import streamer.engine.runner as runner_module
+import streamer.service.executor as executor_module
 from streamer.engine.static_batch import StaticBatch
 from streamer.service.client import ServerError, StreamerClient
 from streamer.service.protocol import ServerLimits
@@ -148,6 +149,37 @@ def test_a_session_that_leaves_mid_answer_leaves_the_batch(tiny_runner, monkeypa
     assert answer["text"] == expected
     if seats:
         assert tiny_runner.static_batch.seats >= 1 and tiny_runner.static_batch.seated == [], "seated, then freed"
+
+
+def test_an_idle_model_thread_frees_the_seat_buffers(tiny_runner, monkeypatch):
+    """The seats grow to the largest burst of answers; once the model thread has been idle TRIM_AFTER_S, their
+    device memory goes back (for the sessions' memories), and the next answer allocates again."""
+    monkeypatch.setattr(executor_module, "TRIM_AFTER_S", 0.2)
+    batch = StaticBatch(tiny_runner, cuda_graphs=False)
+    monkeypatch.setattr(tiny_runner, "static_batch", batch)
+    seated, admit = [], batch.admit
+    monkeypatch.setattr(batch, "admit", lambda *args: seated.append(batch.seats) or admit(*args))
+    frames = random_frames(4)
+    expected = alone(tiny_runner, frames, "Short?", 3)
+
+    async def scenario(url):
+        client = await ready_client(url, frames)
+        try:
+            first = await client.ask("Short?", max_new_tokens=3)
+            for _ in range(200):  # idle: freed
+                if not batch.seats and not batch.keys:
+                    break
+                await asyncio.sleep(0.05)
+            freed = not batch.seats and not batch.keys
+            second = await client.ask("Short?", max_new_tokens=3)
+        finally:
+            await client.close()
+        return first, second, freed
+
+    with running_server(tiny_runner) as (_, url):
+        first, second, freed = asyncio.run(scenario(url))
+    assert freed and first["text"] == second["text"] == expected
+    assert seated == [0, 0], "both answers were seated, the second into buffers allocated again"
 
 
 def fetch(url: str) -> tuple[int, str, str]:

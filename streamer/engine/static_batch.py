@@ -86,6 +86,17 @@ class StaticBatch:
     def full(self) -> bool:
         return len(self.seated) >= BUCKETS[-1]
 
+    def trim(self) -> bool:
+        """Free the buffers and graphs while no answer holds a seat (they grow to the largest burst of answers:
+        on a 7B up to ~0.9 GB a seat, room the sessions' memories need); the next answer allocates again.
+        Returns whether anything was freed."""
+        if self.seated or not self.seats:
+            return False
+        log.info("static batch: %d idle seats freed", self.seats)
+        self.keys, self.values, self.graphs = [], [], {}
+        self.seats = self.context_slots = self.capacity = 0
+        return True
+
     # --- the answers' side ----------------------------------------------------------------
 
     @torch.inference_mode()

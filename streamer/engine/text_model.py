@@ -22,6 +22,7 @@ class TextModel(Protocol):
     model: torch.nn.Module  # the whole checkpoint (its dtype sizes static buffers)
     language_model: torch.nn.Module  # its decoder stack: embed_tokens, layers, rotary_emb, norm
     between_layers: Callable[[], None] | None  # called after every layer of forward_layers (the executor's hook)
+    static_batch: object | None  # streamer.engine.static_batch.StaticBatch: answers' seats on a GPU (None: packed)
 
     @property
     def device(self) -> torch.device: ...

@@ -36,6 +36,7 @@ log = logging.getLogger("streamer")
 
 ASK = 0  # questions first
 INGEST = 1
+TRIM_AFTER_S = 30.0  # idle this long, the model thread frees the answers' seat buffers (streamer.engine.static_batch)
 
 
 @dataclass(order=True)
@@ -136,7 +137,8 @@ class ModelExecutor:
         while True:
             with self.wake:
                 while not self.stopping and not self.jobs and not self.running:
-                    self.wake.wait()
+                    if not self.wake.wait(timeout=TRIM_AFTER_S) and self.runner.static_batch is not None:
+                        self.runner.static_batch.trim()  # idle: give the seats' device memory back
                 if self.stopping:
                     return
             self._questions()
