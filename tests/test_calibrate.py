@@ -68,7 +68,8 @@ def test_the_command_writes_a_config_and_refuses_clearly(tmp_path, capsys):
     video = tmp_path / "v.mp4"
     write_video(video, 16, fps=8.0, size=(112, 56))
     out = tmp_path / "calibrated.toml"
-    args = ["-q", "calibrate", str(video), "--model", "tiny-random", "--frames", "8", "--out", str(out)]
+    args = ["-q", "calibrate", str(video), "--model", "tiny-random", "--frames", "8", "--out", str(out),
+            "--prompts", "What colour appeared first?;Where was it?"]
     assert main(args) == 0
     printed = json.loads(capsys.readouterr().out)
     assert len(printed["layer_weights"]) == len(printed["layer_js"]) == 6

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from memory.probe import GENERIC_PROMPTS
 from streamer.cli.ask import open_video
 from streamer.config import load_config, override
 from streamer.engine.runner import load_runner
@@ -35,6 +36,9 @@ def add_parser(sub) -> None:
     p.add_argument("--device", help="cpu | cuda | auto (default: the config's)")
     p.add_argument("--frames", type=int, default=64, help="frames read from each video, spread over it")
     p.add_argument("--ratio", type=float, default=0.02, help="what a layer keeps of each chunk when pruned alone")
+    p.add_argument("--prompts", type=lambda s: [q for q in s.split(";") if q.strip()],
+                   help="semicolon-separated questions like your users' (no answers needed) whose answers the "
+                        "memories are compared on (default: a generic description prompt)")
     p.add_argument("--profile-ratio", type=float, default=0.05, help="the mean share of a chunk each compared "
                                                                         "profile keeps")
     p.add_argument("--spread", type=float, default=SPREAD, help="the most needed layer's weight over the least's, "
@@ -62,7 +66,8 @@ def run(args) -> int:
     for number, (video, source) in enumerate(zip(args.videos, sources), start=1):
         frames = [frame.image for frame in source]
         log.info("video %d/%d: %s, %d frames", number, len(sources), video, len(frames))
-        judges.append(AnswerJS(runner, frames, config.memory.chunk_frames, fps=source.sampled_fps))
+        judges.append(AnswerJS(runner, frames, config.memory.chunk_frames, prompts=args.prompts or GENERIC_PROMPTS,
+                               fps=source.sampled_fps))
     divergences = np.mean([layer_js(judge, config.probe, args.ratio, log.info) for judge in judges], axis=0).tolist()
     base = config.make_policy()
     candidates = candidate_profiles(base, divergences, args.spread)
