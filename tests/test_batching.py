@@ -168,3 +168,19 @@ def test_an_answer_with_no_memory_for_a_seat_takes_the_packed_steps(tiny_runner,
     for g, expected in zip(generations, alone):
         assert_same(expected, g.answer(tiny_runner.tokenizer))
     assert batch.seats == 2 and batch.seated == []
+
+
+def test_a_question_that_fails_in_its_seat_leaves_no_seat_taken(tiny_runner, monkeypatch):
+    batch = StaticBatch(tiny_runner, cuda_graphs=False)
+    monkeypatch.setattr(tiny_runner, "static_batch", batch)
+    generation = tiny_runner.begin(memories(tiny_runner)[0], QUESTIONS[0], 4, packed=True)
+
+    def fails(*args):
+        raise RuntimeError("CUDA error: an illegal memory access (a test)")
+
+    monkeypatch.setattr(batch, "_question", fails)
+    with pytest.raises(RuntimeError, match="a test"):
+        advance(tiny_runner, [generation])
+    assert batch.seated == [] and generation.seat is None
+    generation.release()  # what the executor does for a failed step
+    assert batch.trim() and batch.keys == []

@@ -82,6 +82,11 @@ class StaticBatch:
         self.keys: list[torch.Tensor] = []  # per layer [seats, kv_heads, capacity, head_dim]
         self.values: list[torch.Tensor] = []
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._free_state()
+
+    def _free_state(self) -> None:
+        """The per-seat state tensors _reserve allocates with the buffers."""
+        self.context_visible = self.cursor = self.position = self.ids = self.rows = self.columns = None
 
     def full(self) -> bool:
         return len(self.seated) >= BUCKETS[-1]
@@ -95,6 +100,7 @@ class StaticBatch:
         log.info("static batch: %d idle seats freed", self.seats)
         self.keys, self.values, self.graphs = [], [], {}
         self.seats = self.context_slots = self.capacity = 0
+        self._free_state()
         return True
 
     # --- the answers' side ----------------------------------------------------------------
@@ -120,7 +126,11 @@ class StaticBatch:
         limits = torch.tensor(lengths, device=self.columns.device)[:, None]
         self.context_visible[:, s] = (self.columns < limits)[:, None, :]
         self.cursor[s], self.position[s] = self.context_slots, next_position
-        return seat, self._question(s, ids)
+        try:
+            return seat, self._question(s, ids)
+        except BaseException:  # the executor fails this answer; its seat must not stay taken
+            seat.release()
+            raise
 
     @torch.inference_mode()
     def step(self, tokens: list[tuple[Seat, int]]) -> list[torch.Tensor]:
