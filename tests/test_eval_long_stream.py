@@ -92,3 +92,13 @@ def test_a_short_run_end_to_end(tmp_path, capsys):
     synthetic.write_markdown(page, dict(results=[]), synthetic.EvalConfig(), "streamer eval synthetic")
     assert page.read_text().count(SECTION) == 1 and "`again`" in page.read_text()
     assert "| default |" in capsys.readouterr().out
+
+
+def test_worker_processes_give_one_process_results():
+    """Streams measured in two processes (each stream whole in one) give what one process gives."""
+    config = dict(lengths=[3], streams=2, chunk_frames=128, memories=["recent:recent:frames=32"], mid_stream=False,
+                  alone=False, bootstrap=20)
+    one, two = (long_stream.evaluate(LongStreamConfig(**config, workers=w), log=lambda line: None) for w in (1, 2))
+    for label in ("recent", "full"):
+        mine, theirs = (s["lengths"][3]["memories"][label] for s in (one, two))
+        assert mine["parts"] == theirs["parts"] and mine["memory_tokens"] == theirs["memory_tokens"]

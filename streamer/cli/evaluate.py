@@ -171,7 +171,10 @@ def add_long_stream(benchmarks) -> None:
     p.add_argument("--no-alone", action="store_true", help="skip each part's video streamed alone")
     p.add_argument("--bootstrap", type=int, default=defaults.bootstrap, help="resamples per interval")
     p.add_argument("--device", default=defaults.device)
-    p.add_argument("--threads", type=int, default=defaults.threads, help="CPU threads (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=defaults.threads, help="CPU threads per process (default: "
+                                                                          "%(default)s)")
+    p.add_argument("--workers", type=int, default=defaults.workers, help="processes, each measuring whole streams "
+                   "(default: %(default)s; results equal one process's)")
     p.add_argument("--write", type=Path, help="also put the tables into this Markdown file's long-stream section "
                                               "(e.g. docs/SYNTHETIC.md)")
     p.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON")
@@ -183,7 +186,7 @@ def run_long_stream(args) -> int:
         model=args.model, lengths=args.lengths, streams=args.streams, first_seed=args.first_seed,
         chunk_frames=args.chunk_frames, budget=args.budget, memories=args.memories,
         mid_stream=not args.no_mid_stream, alone=not args.no_alone, bootstrap=args.bootstrap, device=args.device,
-        threads=args.threads)
+        threads=args.threads, workers=args.workers)
     summary = long_stream.evaluate(config, log=lambda line: print(line, file=sys.stderr))
     return report(args, "long-stream", summary, long_stream.format_tables(summary),
                   lambda path, command: long_stream.write_section(path, summary, config, command))

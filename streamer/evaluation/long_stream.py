@@ -19,11 +19,14 @@ on: a chunk's ingest seconds per quarter of the stream, and a question's seconds
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import platform
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import date
+from itertools import repeat
 from pathlib import Path
 
 import numpy as np
@@ -61,7 +64,8 @@ class LongStreamConfig:
     alone: bool = True
     bootstrap: int = 2000
     device: str = "auto"
-    threads: int = 1
+    threads: int = 1  # per process
+    workers: int = 1  # processes, each measuring whole streams
 
     def validate(self) -> "LongStreamConfig":
         if not self.lengths or min(self.lengths) < 3:
@@ -71,6 +75,8 @@ class LongStreamConfig:
         if (self.first_seed + self.streams) * DRAWS > TRAIN_SEEDS:
             raise ValueError(f"streams from seed {self.first_seed} on would draw training videos (seeds >= "
                              f"{TRAIN_SEEDS}); use at most {TRAIN_SEEDS // DRAWS - self.first_seed} streams")
+        if self.workers < 1 or self.threads < 1:
+            raise ValueError(f"workers and threads must be >= 1, got {self.workers} and {self.threads}")
         if self.chunk_frames < 2 or self.chunk_frames % 2 or SEGMENT % self.chunk_frames:
             raise ValueError(f"chunk_frames must be even and divide {SEGMENT}, got {self.chunk_frames}")
         if self.budget < 1:
@@ -175,37 +181,57 @@ def alone(runner: Runner, stream: LongStream, config: Config, chunk_frames: int)
     return answers
 
 
-def evaluate(config: LongStreamConfig, log=print) -> dict:
-    config.validate()
+_runners: dict[str, Runner] = {}  # this process's models, by name (a memory may name its own)
+
+
+def runner_for(name: str, device: str) -> Runner:
+    if name not in _runners:
+        _runners[name] = Runner(load_model(name, device=device))
+    return _runners[name]
+
+
+def measure_stream(config: LongStreamConfig, count: int, seed: int) -> dict[str, Answers]:
+    """One stream of `count` videos through every memory, the full context and (config.alone) each part alone."""
     torch.set_num_threads(config.threads)
-    runners: dict[str, Runner] = {}
-
-    def runner_for(name: str) -> Runner:
-        if name not in runners:
-            runners[name] = Runner(load_model(name, device=config.device))
-        return runners[name]
-
     memories = [memory_config(spec, config.budget, config.model) for spec in config.memories]
+    stream = make_stream(seed, count)
+    runs = {}
+    with torch.inference_mode():
+        for label, memory in memories:
+            runs[label] = stream_through(runner_for(memory.model.name, config.device), stream, memory,
+                                         config.mid_stream, config.chunk_frames)
+        runs["full"] = stream_through(runner_for(config.model, config.device), stream, FULL, False, config.chunk_frames)
+        if config.alone:
+            first = memories[0][1]
+            runs["alone"] = alone(runner_for(first.model.name, config.device), stream, first, config.chunk_frames)
+    return runs
+
+
+def evaluate(config: LongStreamConfig, log=print) -> dict:
+    """The streams are measured in `config.workers` processes (each stream whole in one of them), so the results
+    equal one process's; the seconds per chunk are then measured beside the other workers."""
+    config.validate()
+    label = memory_config(config.memories[0], config.budget, config.model)[0]
     summary = dict(config=asdict(config), lengths={})
     started = time.perf_counter()
-    for count in config.lengths:
-        runs: dict[str, list[Answers]] = {label: [] for label, _ in memories}
-        runs["full"], runs["alone"] = [], []
-        for s, seed in enumerate(range(config.first_seed, config.first_seed + config.streams)):
-            stream = make_stream(seed, count)
-            with torch.inference_mode():
-                for label, memory in memories:
-                    runs[label].append(stream_through(runner_for(memory.model.name), stream, memory,
-                                                      config.mid_stream, config.chunk_frames))
-                runs["full"].append(stream_through(runner_for(config.model), stream, FULL, False, config.chunk_frames))
-                if config.alone:
-                    first = memories[0][1]
-                    runs["alone"].append(alone(runner_for(first.model.name), stream, first, config.chunk_frames))
-            log(f"{count} x {SEGMENT} frames: stream {s + 1}/{config.streams} "
-                f"({time.perf_counter() - started:.0f} s)")
-        if not config.alone:
-            del runs["alone"]
-        summary["lengths"][count] = summarize(runs, memories[0][0], config.bootstrap)
+    seeds = range(config.first_seed, config.first_seed + config.streams)
+    pool = None
+    if config.workers > 1 and config.streams > 1:
+        pool = ProcessPoolExecutor(min(config.workers, config.streams), mp_context=multiprocessing.get_context("spawn"))
+    try:
+        for count in config.lengths:
+            runs: dict[str, list[Answers]] = {}
+            measured = pool.map(measure_stream, repeat(config), repeat(count), seeds) if pool else \
+                (measure_stream(config, count, seed) for seed in seeds)
+            for s, result in enumerate(measured):
+                for name, answers in result.items():
+                    runs.setdefault(name, []).append(answers)
+                log(f"{count} x {SEGMENT} frames: stream {s + 1}/{config.streams} "
+                    f"({time.perf_counter() - started:.0f} s)")
+            summary["lengths"][count] = summarize(runs, label, config.bootstrap)
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
     summary["seconds"] = time.perf_counter() - started
     return summary
 
@@ -290,7 +316,8 @@ def write_section(path: Path, summary: dict, config: LongStreamConfig, command: 
     section = "\n".join([
         SECTION, "",
         f"Produced by `{command}` on {date.today().isoformat()} ({platform.machine()} CPU with {os.cpu_count()} "
-        f"cores, {summary['seconds'] / 60:.0f} min), model `{config.model}`, chunks of {config.chunk_frames} frames, "
+        f"cores, {config.workers} process(es) of {config.threads} thread(s), {summary['seconds'] / 60:.0f} min), "
+        f"model `{config.model}`, chunks of {config.chunk_frames} frames, "
         f"budget {config.budget} tokens per layer, streams of seeds {config.first_seed}.."
         f"{config.first_seed + config.streams - 1}. " + DESCRIPTION, "",
         format_tables(summary)])
