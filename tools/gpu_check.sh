@@ -21,6 +21,10 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,memory.used --format=csv
 timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_decode.py tests/test_vision.py tests/test_video_io.py \
     tests/test_batching.py tests/test_checkpoints.py tests/test_bench.py tests/test_builtin_model.py -k "not training" 2>&1 | tee "$OUT/tests.log"
 
+# Packed answer steps of the service's executor at batch 1, 8, 32, eager and as the static seats' CUDA graphs (issue 32:
+# on a GPU a step for 32 sessions should cost about what one does).
+timeout 150 python3 tools/decode_batch_curve.py --model qwen2-vl-7b-random --device cuda --batches 1,8,32 --modes eager,graphs \
+    2>&1 | tee "$OUT/decode_batch_curve_7b.md"
 # The 7B figures: the paper's EMLoC preset, then the search-free path at 10% retention.
 timeout 200 python3 -m streamer bench --model qwen2-vl-7b-random --out "$OUT/bench_7b.json" \
     --markdown "$OUT/bench_7b.md" 2>&1 | tee "$OUT/bench_7b.log"
@@ -29,10 +33,6 @@ timeout 100 python3 -m streamer bench --model qwen2-vl-7b-random --fixed-ratios 
 # The probe without generated answer tokens (each costs a weight-bound decode step per chunk).
 timeout 100 python3 -m streamer bench --model qwen2-vl-7b-random --policies emloc --answer-tokens 0 \
     --out "$OUT/bench_7b_probe0.json" --markdown "$OUT/bench_7b_probe0.md" 2>&1 | tee "$OUT/bench_7b_probe0.log"
-# Packed answer steps of the service's executor at batch 1, 8, 32, eager and as the static seats' CUDA graphs (issue 32:
-# on a GPU a step for 32 sessions should cost about what one does).
-timeout 150 python3 tools/decode_batch_curve.py --model qwen2-vl-7b-random --device cuda --batches 1,8,32 --modes eager,graphs \
-    2>&1 | tee "$OUT/decode_batch_curve_7b.md"
 # Last, if time is left: Qwen2.5-VL-7B (windowed vision tower, time-following positions), full and emloc.
 timeout 120 python3 -m streamer bench --model qwen2.5-vl-7b-random --policies full,emloc \
     --out "$OUT/bench_25_7b.json" --markdown "$OUT/bench_25_7b.md" 2>&1 | tee "$OUT/bench_25_7b.log"
