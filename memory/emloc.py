@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass, field
 
 import torch
-from dataclasses import dataclass, field
 
 from memory.baselines import pyramid_ratios
 from memory.policy import ChunkContext, ProbedPolicy, Selection, check_ratio
@@ -122,13 +122,13 @@ class EmlocPolicy(ProbedPolicy):
                 for run in runs if batch else []:
                     for i, logits in enumerate(run.rerun(layers.start, [{**accepted, **keep} for _, keep in batch])):
                         js_sums[i] += js_divergence(run.reference, logits, self.js_reduce)
-                for (ratio, candidate), js_sum in zip(batch, js_sums):
-                    evaluations.append([g, ratio, js_sum / len(runs)])
+                js_means = [js_sum / len(runs) for js_sum in js_sums]
+                for (ratio, candidate), js in zip(batch, js_means):
+                    evaluations.append([g, ratio, js])
                     for layer, keep in candidate.items() if levels is not None else ():
-                        level = js_sum / len(runs) / self.delta
-                        levels[layer] = torch.where(keep, levels[layer], levels[layer].clamp(max=level))
-                passed = next(((ratio, candidate, js_sum / len(runs)) for (ratio, candidate), js_sum
-                               in zip(batch, js_sums) if js_sum / len(runs) <= self.delta), None)
+                        levels[layer] = torch.where(keep, levels[layer], levels[layer].clamp(max=js / self.delta))
+                passed = next(((ratio, candidate, js) for (ratio, candidate), js in zip(batch, js_means)
+                               if js <= self.delta), None)
                 if passed is not None:
                     chosen, candidate, chosen_js = passed
                     accepted.update(candidate)

@@ -21,7 +21,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from memory.store import (HISTORY, TOKEN_FIELDS, ChunkRecord, KVMemory, LayerMemory, check_age_power,
-                          check_tier_growth, chunk_ranks, empty_layer)
+                          check_tier_growth, chunk_ranks)
 
 SNAPSHOT_FORMAT = "video-streamer-memory"
 # 4: each token's JS level (tiered compaction); 3: a history of four numbers per chunk, reports of the newest
@@ -278,6 +278,6 @@ def load_memory(path, identity: dict | None, device="cpu", dtype=None) -> tuple[
             from None
     if stream["grid_hw"] is not None:
         stream["grid_hw"] = tuple(stream["grid_hw"])  # JSON has no tuples
-    _, kv_heads, _, head_dim = layers[0].keys.shape
-    host = [empty_layer(kv_heads, head_dim, "cpu", layers[0].keys.dtype) for _ in layers] if stream["recall"] else []
-    return KVMemory(layers=layers, host=host, **stream), meta
+    memory = KVMemory(layers=layers, **stream)
+    memory.reset_host()
+    return memory, meta

@@ -130,10 +130,17 @@ class KVMemory:
             raise ValueError(f"memory recall must be >= 0 tokens per layer (0: evicted tokens are gone), got {recall}")
         if host_budget is not None and host_budget < 1:
             raise ValueError(f"memory host_budget must be >= 1 token per layer (None: unbounded), got {host_budget}")
-        host = [empty_layer(kv_heads, head_dim, "cpu", dtype) for _ in range(num_layers)] if recall else []
-        return cls(layers=[empty_layer(kv_heads, head_dim, device, dtype) for _ in range(num_layers)],
-                   budget=budget, age_power=age_power, max_positions=max_positions, recall=recall,
-                   host_budget=host_budget, tier_growth=float(tier_growth), host=host)
+        memory = cls(layers=[empty_layer(kv_heads, head_dim, device, dtype) for _ in range(num_layers)],
+                     budget=budget, age_power=age_power, max_positions=max_positions, recall=recall,
+                     host_budget=host_budget, tier_growth=float(tier_growth))
+        memory.reset_host()
+        return memory
+
+    def reset_host(self) -> None:
+        """An empty host (CPU) layer per layer where recall keeps evicted tokens, none without recall."""
+        _, heads, _, dim = self.layers[0].keys.shape
+        self.host = [empty_layer(heads, dim, "cpu", self.layers[0].keys.dtype) for _ in self.layers] \
+            if self.recall else []
 
     def fork(self) -> "KVMemory":
         """A copy to extend without changing this memory. It shares the tensors: commit, forget and
@@ -465,23 +472,25 @@ def chunk_stretches(memory: KVMemory, count: int) -> list[tuple[str, float, floa
     return [(f"{k + 1} of {len(bounds) - 1}", bounds[k], bounds[k + 1]) for k in range(len(bounds) - 1)]
 
 
-def coverage(memory: KVMemory, stretches: list[tuple[str, float, float]] | None = None) -> list[dict]:
+def coverage(memory: KVMemory, stretches: list[tuple[str, float, float]] | None = None,
+             layers: list[LayerMemory] | None = None) -> list[dict]:
     """How much of each stretch of the stream the memory still holds, a chunk counting where its middle lies:
     `held`, the share of the stretch's video tokens still in the memory (mean over layers), and `of_kept`, the
-    share of those its policy kept that evictions have left. Default stretches: default_stretches."""
+    share of those its policy kept that evictions have left. Default stretches: default_stretches. `layers`:
+    whose tokens count (default the device's; memory.host: what a question may recall)."""
     fps = memory.fps or 1.0
     history = memory.history
     starts = torch.tensor([0] + history["frames"]).cumsum(0).double() / fps
     middles = (starts[:-1] + starts[1:]) / 2
     video = torch.tensor(history["video_tokens"], dtype=torch.float64)
     kept = torch.tensor(history["kept"], dtype=torch.float64)
-    layers = len(memory.layers)
     held = torch.stack([torch.bincount(layer.chunk[0][torch.isfinite(layer.importance[0])].cpu(),
-                                       minlength=memory.chunk_count).double() for layer in memory.layers], dim=1)
+                                       minlength=memory.chunk_count).double()
+                        for layer in (memory.layers if layers is None else layers)], dim=1)
     report = []
     for label, start, end in stretches if stretches is not None else default_stretches(float(starts[-1])):
         inside = (middles >= start) & (middles < end)
-        taken, policy = video[inside].sum() * layers, kept[inside].sum()
+        taken, policy = video[inside].sum() * len(memory.layers), kept[inside].sum()
         report.append(dict(stretch=label, start_s=round(start, 3), end_s=round(end, 3),
                            held=round(float(held[inside].sum() / taken), 4) if taken else None,
                            of_kept=round(float(held[inside].sum() / policy), 4) if policy else None))

@@ -14,7 +14,7 @@ import argparse
 
 import torch
 
-from memory.store import KVMemory, default_stretches
+from memory.store import KVMemory, coverage, default_stretches
 from streamer.config import load_config
 
 LAYERS, HEADS, DIM = 4, 1, 1  # every layer thins alike (memory/store.py), so four stand for any number
@@ -39,19 +39,11 @@ def simulate(config, seconds: float, kept_share: float, tokens_per_pair: int, fp
     return memory
 
 
-def held(memory: KVMemory, layers, stretches) -> list[float]:
-    """Per stretch, the share of what its policy kept that `layers` hold, a chunk counting where its middle lies
-    (memory.store.coverage's `of_kept`)."""
-    starts = torch.tensor([0] + memory.history["frames"]).cumsum(0).double() / memory.fps
-    middles = (starts[:-1] + starts[1:]) / 2
-    kept = torch.tensor(memory.history["kept"], dtype=torch.float64)
-    counts = sum(torch.bincount(layer.chunk[0], minlength=memory.chunk_count).double() for layer in layers) \
-        if layers else torch.zeros(memory.chunk_count, dtype=torch.float64)
-    shares = []
-    for _, start, end in stretches:
-        inside = (middles >= start) & (middles < end)
-        shares.append(float(counts[inside].sum() / kept[inside].sum()))
-    return shares
+def held(memory: KVMemory, stretches, host: bool = False) -> list[float]:
+    """Per stretch, the share of what its policy kept that the device (or the host) holds."""
+    if host and not memory.host:
+        return [0.0] * len(stretches)
+    return [row["of_kept"] for row in coverage(memory, stretches, memory.host if host else None)]
 
 
 def main() -> None:
@@ -77,7 +69,7 @@ def main() -> None:
             stretches = {label: (label, start, end) for label, start, end in default_stretches(hours * 3600)}
             chosen = [stretches[name] for name in ("first hour", "quarter 2 of 4", "quarter 3 of 4", "last hour",
                                                    "last 10 minutes", "last minute")]
-            device, host = held(memory, memory.layers, chosen), held(memory, memory.host, chosen)
+            device, host = held(memory, chosen), held(memory, chosen, host=True)
             cells = [f"{d:.1%} / {h:.1%}" if memory.host else f"{d:.1%}" for d, h in zip(device, host)]
             print(f"| {hours:g} h | " + " | ".join(cells) + " |")
         print()

@@ -79,8 +79,8 @@ class Generation:
         return len(self.inputs)
 
     def answer(self, tokenizer) -> Answer:
-        """The finished answer; timings: question_prefill from creation to the first token (in a batch:
-        the wait for the step included), decode from there to the end."""
+        """The finished answer; timings: question_prefill from Runner.begin (recall included) to the first token
+        (in a batch: the wait for the step included), decode from there to the end."""
         ttft = self.first_token_at - self.created
         decode = self.finished_at - self.first_token_at
         rate = self.decode_steps / decode if self.decode_steps and decode > 0 else None

@@ -349,11 +349,12 @@ class Runner:
         steps). packed=True: the answer may share steps with others (never the static decoder's buffers)."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        started = time.perf_counter()  # its time to the first token counts the recall too
         ids = self._question_ids(memory, question)
         memory = recall(self, memory, ids)  # with evicted tokens on the host: the chunks the question reads, back
         seen = self.prompt_ids(memory, ids) if self.repetition_penalty != 1.0 else set()
         generation = Generation(position=memory.next_position, inputs=ids, max_new_tokens=max_new_tokens,
-                                stop_at_end=stop_at_end, seen=seen, on_text=on_text)
+                                stop_at_end=stop_at_end, seen=seen, on_text=on_text, created=started)
         decoder = None if packed else self.decoder(len(ids))
         if isinstance(decoder, StaticDecoder):
             generation.static, generation.context = decoder, memory.context()

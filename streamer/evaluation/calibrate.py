@@ -69,23 +69,20 @@ class AnswerJS:
 def layer_js(judge: AnswerJS, probe: ProbeConfig, ratio: float,
              progress: Callable[[str], None] | None = None) -> list[float]:
     """Per layer, the answer JS with that layer alone pruned to `ratio` of each chunk."""
-    divergences = []
-    for layer in range(judge.runner.num_layers):
-        divergences.append(judge.of(LayerRatios(layer_ratios={layer: ratio}, probe=probe)))
-        if progress:
-            progress(f"layer {layer}: JS {divergences[-1]:.4f} with it alone pruned to {ratio:g}")
-    return divergences
+    alone = {f"layer {layer} alone at {ratio:g}": {layer: ratio} for layer in range(judge.runner.num_layers)}
+    return list(profile_js(judge, probe, alone, progress).values())
 
 
-def profile_js(judge: AnswerJS, probe: ProbeConfig, profiles: dict[str, list[float]],
+def profile_js(judge: AnswerJS, probe: ProbeConfig, profiles: dict[str, list[float] | dict[int, float]],
                progress: Callable[[str], None] | None = None) -> dict[str, float]:
-    """Per named profile (what each layer keeps of a chunk), the answer JS of a memory that keeps just that:
-    profiles of the same size compared on how well they spend it."""
+    """Per named profile (what each layer keeps of a chunk: a list, or {layer: ratio} with the others whole),
+    the answer JS of a memory that keeps just that: profiles of the same size compared on how they spend it."""
     divergences = {}
     for name, ratios in profiles.items():
-        divergences[name] = judge.of(LayerRatios(layer_ratios=dict(enumerate(ratios)), probe=probe))
+        layer_ratios = ratios if isinstance(ratios, dict) else dict(enumerate(ratios))
+        divergences[name] = judge.of(LayerRatios(layer_ratios=layer_ratios, probe=probe))
         if progress:
-            progress(f"profile {name}: JS {divergences[name]:.4f}")
+            progress(f"{name}: JS {divergences[name]:.4f}")
     return divergences
 
 

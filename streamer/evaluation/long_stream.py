@@ -37,7 +37,6 @@ from streamer.builtin.train import TRAIN_SEEDS
 from streamer.builtin.streams import DRAWS, PARTS, SEGMENT, LongStream, make_stream
 from streamer.builtin.videos import QA
 from streamer.config import Config, load_config, override
-from streamer.engine.generation import advance
 from streamer.engine.models import load_model
 from streamer.engine.runner import Runner
 from streamer.engine.stream import ingest_video
@@ -141,12 +140,8 @@ def ask(runner: Runner, memory, questions: list[QA], answers: Answers, part: str
     correct, logits = answers.correct.setdefault(part, []), answers.logits.setdefault(part, [])
     first_token_s = answers.first_token_s.setdefault(part, [])
     for qa in questions:
-        started = time.perf_counter()
-        generation = runner.begin(memory, qa.question, max_new_tokens=4)  # its first token's logits are in
-        first_token_s.append(time.perf_counter() - started)
-        while not generation.done:
-            advance(runner, [generation])
-        reply = generation.answer(runner.tokenizer)
+        reply = runner.answer(memory, qa.question, max_new_tokens=4)
+        first_token_s.append(reply.timings["question_prefill"])
         correct.append(reply.text.strip() == qa.answer)
         logits.append(reply.first_logits)
 
@@ -190,10 +185,10 @@ def runner_for(name: str, device: str) -> Runner:
     return _runners[name]
 
 
-def measure_stream(config: LongStreamConfig, count: int, seed: int) -> dict[str, Answers]:
+def measure_stream(config: LongStreamConfig, memories: list[tuple[str, Config]], count: int,
+                   seed: int) -> dict[str, Answers]:
     """One stream of `count` videos through every memory, the full context and (config.alone) each part alone."""
     torch.set_num_threads(config.threads)
-    memories = [memory_config(spec, config.budget, config.model) for spec in config.memories]
     stream = make_stream(seed, count)
     runs = {}
     with torch.inference_mode():
@@ -211,7 +206,7 @@ def evaluate(config: LongStreamConfig, log=print) -> dict:
     """The streams are measured in `config.workers` processes (each stream whole in one of them), so the results
     equal one process's; the seconds per chunk are then measured beside the other workers."""
     config.validate()
-    label = memory_config(config.memories[0], config.budget, config.model)[0]
+    memories = [memory_config(spec, config.budget, config.model) for spec in config.memories]
     summary = dict(config=asdict(config), lengths={})
     started = time.perf_counter()
     seeds = range(config.first_seed, config.first_seed + config.streams)
@@ -221,14 +216,14 @@ def evaluate(config: LongStreamConfig, log=print) -> dict:
     try:
         for count in config.lengths:
             runs: dict[str, list[Answers]] = {}
-            measured = pool.map(measure_stream, repeat(config), repeat(count), seeds) if pool else \
-                (measure_stream(config, count, seed) for seed in seeds)
+            measured = pool.map(measure_stream, repeat(config), repeat(memories), repeat(count), seeds) if pool else \
+                (measure_stream(config, memories, count, seed) for seed in seeds)
             for s, result in enumerate(measured):
                 for name, answers in result.items():
                     runs.setdefault(name, []).append(answers)
                 log(f"{count} x {SEGMENT} frames: stream {s + 1}/{config.streams} "
                     f"({time.perf_counter() - started:.0f} s)")
-            summary["lengths"][count] = summarize(runs, label, config.bootstrap)
+            summary["lengths"][count] = summarize(runs, memories[0][0], config.bootstrap)
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)

@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from memory.snapshot import load_memory, save_memory
-from memory.store import ChunkRecord, chunk_stretches, coverage, empty_layer
+from memory.store import ChunkRecord, chunk_stretches, coverage
 from streamer.config import Config
 from streamer.engine.runner import CHUNK_STAGES, DEFAULT_FPS, PositionLimitError, Runner
 from streamer.engine.stream import with_newest
@@ -355,9 +355,7 @@ class StreamSession:
         self.coverage, self.timeline = (coverage(memory), timeline(memory)) if memory.chunk_count else ([], [])
         memory.budget = self.memory.budget  # the session's bounds, not the file's
         memory.recall, memory.host_budget = self.memory.recall, self.memory.host_budget
-        _, heads, _, dim = memory.layers[0].keys.shape
-        memory.host = [empty_layer(heads, dim, "cpu", memory.layers[0].keys.dtype)
-                       for _ in memory.layers] if memory.recall else []
+        memory.reset_host()
         self.memory = memory
         self.frame_shape = None  # the saved stream's frames are not known; the next frame sets the size
         return dict(type="loaded", path=str(path), frames=memory.frames, memory_tokens=memory.mean_tokens())
