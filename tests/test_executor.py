@@ -297,3 +297,53 @@ def test_a_cancelled_answer_stops_with_its_text_so_far_and_the_session_goes_on(t
     assert answer["text"] == "".join(pieces) and whole.startswith(answer["text"])
     assert 3 <= len(pieces) < LONG / 4, "the answer went on after the cancel"
     assert again["text"] == alone(tiny_runner, frames, "Short?", 2) and not late
+
+
+def test_chunks_of_several_sessions_are_ingested_together(tiny_runner, monkeypatch):
+    """With chunks of three sessions queued, the model thread ingests them together (their probe forwards packed:
+    tests/test_together.py), and every session answers as it would alone; one chunk at a time (max_together 1)
+    never does. The first chunk holds the model thread until the others' chunks are queued."""
+    videos = [random_frames(8, seed=20 + i) for i in range(3)]
+    expected = [alone(tiny_runner, frames, "What now?", 3) for frames in videos]
+    original_ingest, together_sizes, first = tiny_runner.ingest, [], []
+    original_together = executor_module.ingest_together
+
+    def ingest_together(runner, calls):
+        together_sizes.append(len(calls))
+        return original_together(runner, calls)
+
+    def ingest(*args, **kwargs):
+        if not first:  # the server's first chunk: wait for two more
+            first.append(True)
+            wait_until(lambda: len(service.shared.executor.jobs) >= 2, timeout=60)
+        return original_ingest(*args, **kwargs)
+
+    monkeypatch.setattr(executor_module, "ingest_together", ingest_together)
+    monkeypatch.setattr(tiny_runner, "ingest", ingest)
+
+    async def scenario(url):
+        clients = [StreamerClient(url) for _ in videos]
+        try:
+            for client in clients:
+                await client.__aenter__()
+                await client.start()
+            await asyncio.gather(*[push(client, frames) for client, frames in zip(clients, videos)])
+            await asyncio.gather(*[client.wait_ingested() for client in clients])
+            return [(await client.ask("What now?", max_new_tokens=3))["text"] for client in clients]
+        finally:
+            await asyncio.gather(*[client.close() for client in clients])
+
+    for max_together in (8, 1):
+        together_sizes.clear()
+        first.clear()
+        with running_server(tiny_runner, ServerLimits(max_together=max_together)) as (service, url):
+            answers = asyncio.run(scenario(url))
+            metrics = service.metrics.text().decode()
+        assert answers == expected
+        if max_together == 1:
+            assert together_sizes == []
+        else:
+            assert max(together_sizes) >= 2
+            count = next(s.value for f in text_string_to_metric_families(metrics) if f.name == "streamer:ingest_together"
+                         for s in f.samples if s.name.endswith("_count"))
+            assert count == len(together_sizes)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU session's checks and figures, in one device call (tool library: device):
 #   run(command="bash tools/gpu_check.sh", carry=[".whl"], timeout_s=600)
-# .whl holds the wheels the GPU image lacks (av, decord, websockets, prometheus-client, qwen-vl-utils for cp312; see
+# .whl holds the wheels the GPU image lacks (av, decord, websockets, prometheus-client, greenlet, qwen-vl-utils for cp312; see
 # the device README for the pip download line). Writes logs, bench JSON and markdown to $OUT.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_check}
@@ -25,6 +25,10 @@ timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_decode.py tes
 # on a GPU a step for 32 sessions should cost about what one does).
 timeout 150 python3 tools/decode_batch_curve.py --model qwen2-vl-7b-random --device cuda --batches 1,8,32 --modes eager,graphs \
     2>&1 | tee "$OUT/decode_batch_curve_7b.md"
+# Chunks of 8 sessions ingested one at a time and together (issue 32: their probe forwards packed, eager, against
+# the static decoder's CUDA graphs one session at a time).
+timeout 120 python3 tools/ingest_together.py --model qwen2-vl-7b-random --device cuda --sessions 8 --chunk-frames 8 \
+    --repeats 1 2>&1 | tee "$OUT/ingest_together_7b.md"
 # The 7B figures: the paper's EMLoC preset, then the search-free path at 10% retention.
 timeout 200 python3 -m streamer bench --model qwen2-vl-7b-random --out "$OUT/bench_7b.json" \
     --markdown "$OUT/bench_7b.md" 2>&1 | tee "$OUT/bench_7b.log"

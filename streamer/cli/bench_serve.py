@@ -5,7 +5,8 @@ every client connects and starts a session at once (sessions accepted per second
 frames as PNG and waits until they are ingested (frames per second), then asks its questions one
 after another while the others ask theirs (answers and generated tokens per second, time to first
 token seen by the client). Against a running server (--url); against a server started here with
-each --max-batch in turn (1: one answer at a time, the engine without batching), plus the time to
+each --max-batch in turn (1: one answer at a time and one chunk at a time, the engine without batching;
+otherwise chunks of up to --max-together sessions are ingested together), plus the time to
 first token of a question asked alone and while another session generates a long answer; or
 against Ray Serve started here with each replica count of --replicas in turn. Each setting gets the
 same load after one unmeasured pass that warms it, so that one run gives the ratios.
@@ -161,6 +162,7 @@ def measure_batching(args, batches: list[int]) -> list[dict]:
     rows = []
     for max_batch in batches:
         limits = ServerLimits(max_sessions=args.sessions + 2, max_unstarted=args.sessions + 2, max_batch=max_batch,
+                              max_together=1 if max_batch == 1 else args.max_together,
                               max_new_tokens=max(512, args.long_tokens, args.max_new_tokens))
         port = free_port()
         server = multiprocessing.get_context("spawn").Process(target=serve_here, args=(config, limits, port),
@@ -233,15 +235,18 @@ def measure_on_ray(args, replica_counts: list[int]) -> list[dict]:
 
 
 def format_batching(rows: list[dict]) -> str:
-    lines = ["| max batch | sessions | answers / s | generated tokens / s | tokens per answer | TTFT p50 s | "
-             "TTFT p99 s | 1-token answer alone s | beside a long answer s |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| max batch | sessions | frames ingested / s | answers / s | generated tokens / s | tokens per answer | "
+             "TTFT p50 s | TTFT p99 s | 1-token answer alone s | beside a long answer s |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['max_batch']} | {r['sessions']} | {r['answers_per_s']:.2f} | {r['tokens_per_s']:.1f} | "
+        lines.append(f"| {r['max_batch']} | {r['sessions']} | {r['frames_per_s']:.1f} | {r['answers_per_s']:.2f} | "
+                     f"{r['tokens_per_s']:.1f} | "
                      f"{r['mean_tokens']:.1f} | {r['ttft_p50_s']:.3f} | {r['ttft_p99_s']:.3f} | "
                      f"{r['ttft_alone_s']:.3f} | {r['ttft_beside_long_s']:.3f} |")
     if len(rows) > 1:
         first, last = rows[0], rows[-1]
-        lines.append(f"\nmax batch {last['max_batch']} vs {first['max_batch']}: answers/s x"
+        lines.append(f"\nmax batch {last['max_batch']} vs {first['max_batch']}: frames ingested/s x"
+                     f"{last['frames_per_s'] / first['frames_per_s']:.2f}, answers/s x"
                      f"{last['answers_per_s'] / first['answers_per_s']:.2f}, tokens/s x"
                      f"{last['tokens_per_s'] / first['tokens_per_s']:.2f}; TTFT beside a "
                      f"{last['long_answer_tokens']}-token answer / alone: x"
@@ -300,6 +305,8 @@ def add_parser(sub) -> None:
     p.add_argument("--max-batch", metavar="N,N", help="measure a server started here (no Ray) with each of these "
                                                     "max batch sizes in turn, e.g. 1,32 (1: batching off)")
     p.add_argument("--ray-address", help="a Ray cluster to use (default: $RAY_ADDRESS, else start one here)")
+    p.add_argument("--max-together", type=int, default=8,
+                   help="with --max-batch above 1: chunks of different sessions ingested together (default 8)")
     p.add_argument("--model", default="builtin")
     p.add_argument("--dtype")
     p.add_argument("--config", default="stream_default")

@@ -44,6 +44,9 @@ def add_parser(sub) -> None:
     p.add_argument("--max-batch", type=int, default=32,
                    help="answers of all sessions generated together, one forward per token (1: one at a time; "
                         "default 32)")
+    p.add_argument("--max-together", type=int, default=8,
+                   help="chunks of different sessions ingested together, their probe forwards in one forward "
+                        "(1: one at a time; default 8); each holds a copy of its session's memory meanwhile")
     p.add_argument("--overflow", choices=["subsample", "drop"], default="subsample",
                    help="when frames arrive faster than they are ingested")
     ray = p.add_argument_group("Ray Serve", "serve the same protocol from model replicas on a Ray cluster "
@@ -89,8 +92,8 @@ def replicas(text: str) -> int | tuple[int, int]:
 
 
 def run(args) -> int:
-    if args.max_batch < 1:
-        raise ValueError(f"--max-batch must be >= 1, got {args.max_batch}")
+    if args.max_batch < 1 or args.max_together < 1:
+        raise ValueError(f"--max-batch and --max-together must be >= 1, got {args.max_batch} and {args.max_together}")
     config = load_config(args.config)
     override(config, "model", name=args.model, device=args.device, dtype=args.dtype)
     config.validate()
@@ -103,7 +106,7 @@ def run(args) -> int:
             raise FileNotFoundError(f"--allow-root {root}: no such directory")
     limits = ServerLimits(max_sessions=args.max_sessions, max_frames_per_session=args.max_frames,
                           max_message_bytes=int(args.max_message_mb * 2**20), idle_timeout=args.idle_timeout,
-                          max_batch=args.max_batch, overflow=args.overflow, allowed_roots=roots, allow_urls=args.allow_urls, token=args.token)
+                          max_batch=args.max_batch, max_together=args.max_together, overflow=args.overflow, allowed_roots=roots, allow_urls=args.allow_urls, token=args.token)
     if args.ray:
         from streamer.service.ray_serve import serve_on_ray  # Ray is an optional dependency
         serve_on_ray(config, limits, args.host, args.port, args.replicas, args.ray_address, args.drain_seconds,

@@ -15,8 +15,9 @@ this function through the decoder layers' **kwargs:
   visibility of every query (several candidates in one forward, streamer.engine.decode);
 - attention_recorder: called as recorder(layer_idx, probs) with the probe rows' attention
   probabilities, float32 [kv_heads, groups, q, kv] (queries grouped by the KV head they share).
-A third serves packed forwards of several sessions (streamer.engine.generation): `segments`, their
-cache, whose rows of the sequence each attend to their own keys: one call per segment, as alone.
+A third serves packed forwards of several sessions (streamer.engine.packed): `segments`, their
+cache, whose rows of the sequence each attend to their own keys, with their own key masks and
+recorder: one call per segment, as alone.
 """
 
 from __future__ import annotations
@@ -49,9 +50,10 @@ def memory_attention(module, query, key, value, attention_mask=None, scaling=Non
     (streamer.engine.static_batch's seats); otherwise the q new tokens are the last q keys and the
     mask is lower-right causal. B is 1 but for static_batch's steps.
     """
-    if segments is not None:  # each segment's queries over its own keys (streamer.engine.generation.Packed)
-        return torch.cat([memory_attention(module, query[:, :, a:b], keys, values, scaling=scaling)[0]
-                          for (a, b), (keys, values) in zip(segments.bounds, segments.latest)], dim=1), None
+    if segments is not None:  # each segment's queries over its own keys (streamer.engine.packed.Packed)
+        return torch.cat([memory_attention(module, query[:, :, a:b], keys, values, scaling=scaling, **extra)[0]
+                          for (a, b), (keys, values), extra in zip(segments.bounds, segments.latest, segments.extras)],
+                         dim=1), None
     q_len, kv_len = query.shape[2], key.shape[2]
     heads, kv_heads = query.shape[1], key.shape[1]
     groups = heads // kv_heads

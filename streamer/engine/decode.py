@@ -15,7 +15,8 @@ plus the chunk being ingested. It is never modified. Both decoders offer the sam
   memory.emloc. The eager decoder runs them all in one forward: each candidate's copy of the probe
   is a block of rows that sees the context through its own mask and only its own probe keys.
 
-EagerDecoder runs each forward at its exact length (Runner.forward_layers).
+EagerDecoder runs each forward at its exact length, as a streamer.engine.packed.Segment: alone, or packed with
+other sessions' forwards where chunks are ingested together (streamer.engine.together).
 
 StaticDecoder exists for CUDA graphs. Eager forwards of a few tokens on a 7B model spend most of
 their time launching kernels from Python (docs/DESIGN.md section 8: ~29 of 34 ms per decode step); a
@@ -45,6 +46,7 @@ from dataclasses import dataclass, field
 import torch
 
 from streamer.engine.attention import run_layer
+from streamer.engine.packed import Segment, run_segments
 from streamer.engine.positions import text_positions
 from streamer.engine.text_model import TextModel
 from streamer.engine.view import MemoryView
@@ -75,8 +77,11 @@ class ProbeForward:
 
 
 class EagerDecoder:
-    def __init__(self, runner: TextModel):
+    def __init__(self, runner: TextModel, run: Callable[[Segment], torch.Tensor] | None = None):
+        """run: how a forward runs (default: at once, alone); a chunk ingested together hands its forwards to
+        streamer.engine.together, which packs them with the other chunks'."""
         self.runner = runner
+        self.run = run or (lambda segment: run_segments(runner, [segment])[0])
 
     def start(self, context: Context, next_position: int, ids: list[int], max_new_tokens: int) -> torch.Tensor:
         self.begin(context, next_position, len(ids) + max_new_tokens)
@@ -90,12 +95,10 @@ class EagerDecoder:
         self.position, self.written = next_position, 0
 
     def extend(self, ids: list[int], rows: int = 1) -> torch.Tensor:
-        runner = self.runner
         positions = text_positions(self.position, len(ids))
         self.position += len(ids)
         self.written += len(ids)
-        hidden = runner.forward_layers(runner.embed_tokens(ids), positions, self.view)
-        return runner.logits(hidden[:, -rows:])[0]
+        return self.run(Segment(self.view, positions, ids=ids, rows=_last(rows, len(ids))))
 
     def back(self, count: int) -> None:
         self.position -= count
@@ -113,11 +116,10 @@ class EagerDecoder:
             attention[layer] = probs[..., :lengths[layer]].mean(dim=1).sum(dim=1)
 
         layer_inputs: list[torch.Tensor] = []
-        hidden = runner.forward_layers(runner.embed_tokens(ids), text_positions(next_position, len(ids)), self.view,
-                                       layer_inputs=layer_inputs, attention_recorder=record)
+        reference = self.run(Segment(self.view, text_positions(next_position, len(ids)), ids=ids,
+                                     rows=_last(rows, len(ids)), recorder=record, layer_inputs=layer_inputs))
         self.view.rewind(0)
-        return ProbeForward(next_position, len(ids), torch.stack(layer_inputs), attention,
-                            runner.logits(hidden[:, -rows:])[0], self)
+        return ProbeForward(next_position, len(ids), torch.stack(layer_inputs), attention, reference, self)
 
     def rerun(self, probe: ProbeForward, from_layer: int,
               visibles: list[dict[int, torch.Tensor]]) -> list[torch.Tensor]:
@@ -138,13 +140,13 @@ class EagerDecoder:
                                                                           device=runner.device) for v in visibles])
             rows = context.permute(1, 0, 2).repeat_interleave(n, dim=1)  # [kv_heads, copies * n, M_l]
             key_masks[layer] = torch.cat([rows, own.expand(runner.kv_heads, -1, -1)], dim=2)
-        hidden = runner.forward_layers(probe.layer_inputs[from_layer].repeat(1, copies, 1),
-                                       text_positions(probe.next_position, n).repeat(copies, 1), self.view,
-                                       layers=layers, key_masks=key_masks)
-        self.view.rewind(0)
         rows = probe.reference.shape[0]
-        last = torch.cat([torch.arange((c + 1) * n - rows, (c + 1) * n) for c in range(copies)]).to(runner.device)
-        return list(runner.logits(hidden[:, last])[0].split(rows))
+        logits = self.run(Segment(self.view, text_positions(probe.next_position, n).repeat(copies, 1),
+                                  hidden=probe.layer_inputs[from_layer].repeat(1, copies, 1), start=from_layer,
+                                  rows=[r for c in range(copies) for r in _last(rows, (c + 1) * n)],
+                                  key_masks=key_masks))
+        self.view.rewind(0)
+        return list(logits.split(rows))
 
 
 @dataclass
@@ -367,6 +369,11 @@ def graphed(graphs: dict, key, forward: Callable[[], torch.Tensor], device) -> t
     graph, output = graphs[key]
     graph.replay()
     return output
+
+
+def _last(rows: int, end: int) -> list[int]:
+    """The `rows` row indices before `end`."""
+    return list(range(end - rows, end))
 
 
 def _round_up(tokens: float) -> int:

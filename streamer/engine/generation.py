@@ -7,12 +7,11 @@ read once per step for all of them. Decoding is bound by reading the weights (on
 CPU for a 2B model), so a step for 32 answers costs about what a step for one does.
 
 Attention cannot be packed that way: each generation attends to its own memory, whose length
-differs per layer and per session. So the cache of a packed forward (Packed) writes each
-segment's new keys into that generation's own MemoryView, and streamer.engine.attention runs one
-attention call per segment: the call the generation makes alone, on the same keys. A generation's
-tokens and logits are therefore the ones it gets alone, up to the rounding of matrix products over
-more rows (float32: ~1e-7). A generation alone takes the same path with one segment, so
-`Runner.answer`, the evaluations and the service all generate through this file.
+differs per layer and per session. Each generation's step is a segment of a packed forward
+(streamer.engine.packed), whose attention is the call the generation makes alone, on the same keys.
+A generation's tokens and logits are therefore the ones it gets alone, up to the rounding of matrix
+products over more rows (float32: ~1e-7). A generation alone takes the same path with one segment,
+so `Runner.answer`, the evaluations and the service all generate through this file.
 
 A generation given a StaticDecoder (CUDA graphs, streamer.engine.decode) steps alone: its buffers
 are shared by every user of that decoder, so it is for answers run one at a time (`streamer ask`,
@@ -23,7 +22,6 @@ CUDA graph per batch size; with every seat taken, an answer takes the packed ste
 
 from __future__ import annotations
 
-import itertools
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -31,6 +29,7 @@ from typing import Callable
 import torch
 
 from streamer.engine.decode import Context, StaticDecoder
+from streamer.engine.packed import Segment, run_segments
 from streamer.engine.positions import text_positions
 from streamer.engine.static_batch import Seat, SeatsTaken, StaticBatch
 from streamer.engine.text_model import TextModel
@@ -130,23 +129,6 @@ class Generation:
         self.view = self.context = self.seat = self.batch = None
 
 
-class Packed:
-    """The cache of a packed forward: segment i (rows bounds[i] of the sequence) is generation i's,
-    and its new keys go to that generation's view. `latest` holds, after each layer's update, every
-    segment's full keys and values for streamer.engine.attention (which the `segments` argument names)."""
-
-    def __init__(self, views: list[MemoryView], sizes: list[int]):
-        self.views = views
-        ends = list(itertools.accumulate(sizes))
-        self.bounds = list(zip([0] + ends[:-1], ends))
-        self.latest: list[tuple[torch.Tensor, torch.Tensor]] = []
-
-    def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *args, **kwargs):
-        self.latest = [view.update(keys[:, :, a:b], values[:, :, a:b], layer_idx)
-                       for view, (a, b) in zip(self.views, self.bounds)]
-        return keys, values
-
-
 @torch.inference_mode()
 def advance(runner: TextModel, generations: list[Generation]) -> None:
     """One step of every unfinished generation: their inputs in one forward (those with a static decoder
@@ -162,18 +144,9 @@ def advance(runner: TextModel, generations: list[Generation]) -> None:
     packed = [g for g in live if g.static is None and g.batch is None and not g.done]
     if not packed:
         return
-    ids = [token for g in packed for token in g.inputs]
-    positions = torch.cat([text_positions(g.position, g.size) for g in packed])
-    if len(packed) == 1:  # alone: the view is the cache, as in every other forward
-        hidden = runner.forward_layers(runner.embed_tokens(ids), positions, packed[0].view)
-        lasts = [len(ids) - 1]
-    else:
-        cache = Packed([g.view for g in packed], [g.size for g in packed])
-        hidden = runner.forward_layers(runner.embed_tokens(ids), positions, cache, segments=cache)
-        lasts = [b - 1 for _, b in cache.bounds]
-    logits = runner.logits(hidden[:, lasts])[0]
-    for g, row in zip(packed, logits):
-        g._take(runner, row)
+    segments = [Segment(g.view, text_positions(g.position, g.size), ids=g.inputs, rows=[g.size - 1]) for g in packed]
+    for g, logits in zip(packed, run_segments(runner, segments)):
+        g._take(runner, logits[0])
 
 
 def _seated(runner: TextModel, generations: list[Generation]) -> None:

@@ -28,6 +28,7 @@ from streamer.engine.positions import as_position_ids, text_positions, video_pos
 from streamer.engine.probing import ChunkProbes
 from streamer.engine.recall import recall
 from streamer.engine.static_batch import StaticBatch
+from streamer.engine.together import fiber_forward
 from streamer.engine.prompt import SYSTEM_PROMPT, VISION_END, chat_layout, pair_opening, pair_seconds
 from streamer.engine.view import MemoryView
 from streamer.engine.vision import encode_pairs
@@ -302,7 +303,11 @@ class Runner:
     # --- questions out ----------------------------------------------------------------------
 
     def decoder(self, question_tokens: int) -> EagerDecoder | StaticDecoder:
-        """The CUDA-graph decoder where there is one and the question fits its buckets, else eager forwards."""
+        """The CUDA-graph decoder where there is one and the question fits its buckets, else eager forwards; in a
+        chunk ingested together with others (streamer.engine.together), eager forwards packed with theirs."""
+        hand_off = fiber_forward()
+        if hand_off is not None:
+            return EagerDecoder(self, run=hand_off)  # not the static decoder: its buffers hold one forward's context
         if self.static_decoder is not None and self.static_decoder.fits(question_tokens):
             return self.static_decoder
         return EagerDecoder(self)

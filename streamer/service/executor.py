@@ -1,11 +1,12 @@
 """One model, many sessions: the model thread runs steps, not whole jobs.
 
 Two kinds of work reach the model thread:
-- jobs (a chunk to ingest, a question's set-up, a save or load) run one at a time from a priority
-  queue: questions' work first (ASK), then chunks (INGEST) in submission order, so a session's chunks
-  stay in stream order. Each round of the thread runs the question jobs queued when it began (so
-  every question that arrived joins the next step together), one step, then one chunk: questions
-  cannot starve ingestion.
+- jobs (a chunk to ingest, a question's set-up, a save or load) run from a priority queue: questions'
+  work first (ASK), then chunks (INGEST) in submission order, so a session's chunks stay in stream
+  order. Each round of the thread runs the question jobs queued when it began (so every question
+  that arrived joins the next step together), one step, then the oldest chunk -- together with the
+  oldest queued chunk of each other session, up to `max_together` chunks, their probe forwards
+  packed across sessions (streamer.engine.together): questions cannot starve ingestion.
 - answers being generated (streamer.engine.generation) advance together: one step is one forward
   over the next token of every answer in flight (up to `max_batch`, oldest first) and the tokens of
   questions that have just joined.
@@ -21,6 +22,7 @@ The event loop never runs model code; results come back to it with call_soon_thr
 from __future__ import annotations
 
 import asyncio
+import functools
 import heapq
 import itertools
 import logging
@@ -31,6 +33,7 @@ from typing import Any, Callable
 
 from streamer.engine.generation import Generation, advance
 from streamer.engine.text_model import TextModel
+from streamer.engine.together import ingest_together
 
 log = logging.getLogger("streamer")
 
@@ -48,6 +51,7 @@ class Job:
     future: asyncio.Future = field(compare=False)
     submitted: float = field(compare=False, default_factory=time.perf_counter)
     admits: bool = field(compare=False, default=False)  # fn returns (Generation, extra): an answer to step
+    owner: str | None = field(compare=False, default=None)  # a chunk's session: chunks of different ones go together
     cancelled: bool = field(compare=False, default=False)
 
 
@@ -62,12 +66,14 @@ class Running:
 
 
 class ModelExecutor:
-    def __init__(self, runner: TextModel, max_batch: int = 32, metrics=None):
-        """max_batch: answers stepped together (1: one answer at a time, the unbatched engine).
-        metrics: a streamer.service.metrics.Metrics that records latencies, batch sizes and step times."""
-        if max_batch < 1:
-            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
-        self.runner, self.max_batch, self.metrics = runner, max_batch, metrics
+    def __init__(self, runner: TextModel, max_batch: int = 32, metrics=None, max_together: int = 8):
+        """max_batch: answers stepped together (1: one answer at a time, the unbatched engine). max_together:
+        chunks of different sessions ingested together (1: one chunk at a time); each holds a copy of its
+        session's memory while it runs. metrics: a streamer.service.metrics.Metrics that records latencies,
+        batch sizes and step times."""
+        if max_batch < 1 or max_together < 1:
+            raise ValueError(f"max_batch and max_together must be >= 1, got {max_batch} and {max_together}")
+        self.runner, self.max_batch, self.max_together, self.metrics = runner, max_batch, max_together, metrics
         self.jobs: list[Job] = []
         self.running: list[Running] = []
         self.order = itertools.count()
@@ -93,6 +99,11 @@ class ModelExecutor:
     async def submit(self, priority: int, fn: Callable[..., Any], *args) -> Any:
         """fn(*args) on the model thread when its turn comes; cancelling the await drops the job."""
         return await self._queue(Job(priority, next(self.order), fn, args, self.loop.create_future()))
+
+    async def ingest(self, owner: str, fn: Callable[..., Any], *args) -> Any:
+        """A chunk of session `owner`: fn(*args) on the model thread in the session's stream order, possibly
+        together with other sessions' chunks."""
+        return await self._queue(Job(INGEST, next(self.order), fn, args, self.loop.create_future(), owner=owner))
 
     async def generate(self, setup: Callable[..., tuple[Generation, Any]], *args) -> tuple[Any, Any]:
         """An answer: setup(*args) runs as a question's job and returns (generation, extra); the generation
@@ -146,8 +157,39 @@ class ModelExecutor:
                 self._step()
             with self.wake:
                 job = heapq.heappop(self.jobs) if self.jobs else None
-            if job is not None:
+                others = self._companions(job) if job is not None and job.owner is not None else []
+            if others:
+                self._together([job, *others])
+            elif job is not None:
                 self._do(job)
+
+    def _companions(self, job: Job) -> list[Job]:
+        """The oldest queued chunk of each other session, up to max_together - 1 (taken off the queue)."""
+        owners, taken = {job.owner}, []
+        for other in sorted(self.jobs):
+            if len(taken) == self.max_together - 1:
+                break
+            if other.priority == INGEST and other.owner is not None and other.owner not in owners:
+                owners.add(other.owner)
+                if not other.cancelled:
+                    taken.append(other)
+        if taken:
+            self.jobs = [j for j in self.jobs if all(j is not t for t in taken)]
+            heapq.heapify(self.jobs)
+        return taken
+
+    def _together(self, jobs: list[Job]) -> None:
+        """Chunks of different sessions, their probe forwards packed; each settles as it would alone."""
+        live = [job for job in jobs if not job.cancelled]
+        if self.metrics is not None:
+            self.metrics.ingest_together.observe(len(live))
+        try:
+            outcomes = ingest_together(self.runner, [functools.partial(job.fn, *job.args) for job in live])
+        except Exception as exc:  # not one chunk's failure (those come back as outcomes): the loop's own
+            log.exception("ingesting %d chunks together failed", len(live))
+            outcomes = [(None, exc)] * len(live)
+        for job, (result, error) in zip(live, outcomes):
+            self._settle(job, result=result, error=error)
 
     def _questions(self) -> None:
         """Run the question jobs queued now (not those that arrive meanwhile: a round ends)."""

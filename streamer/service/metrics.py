@@ -4,7 +4,7 @@ Names follow vLLM's where one exists (its `vllm:` prefix becomes `streamer:`), s
 alerts written for vLLM read ours: time_to_first_token_seconds, inter_token_latency_seconds,
 e2e_request_latency_seconds, request_queue_time_seconds, num_requests_running / _waiting,
 generation_tokens_total, prompt_tokens_total. What only a streaming memory has (sessions, memory
-tokens, ingest lag, dropped frames, chunk times, the executor's batch sizes and step times) gets
+tokens, ingest lag, dropped frames, chunk times, the executor's batch sizes and step times, chunks ingested together) gets
 names of its own. Latencies and counters are recorded as they happen (the executor, the sessions);
 gauges are read from the service when scraped. Each service has its own registry: several
 services in one process (tests, Ray replicas in one worker) never share numbers.
@@ -39,7 +39,10 @@ class Metrics:
         self.batch_size = histogram("batch_size", "Answers in each executor step.", BATCH_BUCKETS)
         self.step_seconds = histogram("step_seconds", "Duration of each executor step.", STEP_BUCKETS)
         self.chunk_seconds = histogram("chunk_seconds", "Model time of each ingested chunk "
-                                       "(preprocess, vision, prefill, memory policy).")
+                                       "(preprocess, vision, prefill, memory policy; chunks ingested together "
+                                       "count the others' work done meanwhile).")
+        self.ingest_together = histogram("ingest_together", "Chunks of different sessions ingested together, "
+                                         "their probe forwards packed (runs of two or more).", BATCH_BUCKETS)
         self.generation_tokens = Counter("streamer:generation_tokens", "Answer tokens generated.", registry=registry)
         self.prompt_tokens = Counter("streamer:prompt_tokens", "Question tokens prefilled.", registry=registry)
         self.frames_ingested = Counter("streamer:frames_ingested", "Frames ingested into memories.",

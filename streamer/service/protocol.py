@@ -55,6 +55,7 @@ class ServerLimits:
     max_questions: int = 4  # outstanding per session
     max_new_tokens: int = 512
     max_batch: int = 32  # answers of all sessions stepped together in one forward (1: one answer at a time)
+    max_together: int = 8  # chunks of different sessions ingested together, probe forwards packed (1: one at a time)
     max_question_chars: int = 4000
     max_budget: int = 65536  # tokens per layer
     max_pixels: int = 768 * 32 * 32  # per frame after resize (the largest family default: Qwen3-VL's)

@@ -105,7 +105,8 @@ class StreamService:
         self.defaults = defaults
         self.roots = [root.resolve() for root in limits.allowed_roots]
         self.metrics = Metrics(self)
-        self.shared = Shared(runner=runner, executor=ModelExecutor(runner, limits.max_batch, self.metrics),
+        self.shared = Shared(runner=runner, executor=ModelExecutor(runner, limits.max_batch, self.metrics,
+                                                                          limits.max_together),
                              metrics=self.metrics, limits=limits, defaults=defaults, model_name=runner.model_name,
                              identity=model_identity(runner.model, runner.model_name), name=name)
         self.sessions: dict[str, StreamSession] = {}

@@ -31,7 +31,7 @@ from streamer.engine.runner import CHUNK_STAGES, DEFAULT_FPS, PositionLimitError
 from streamer.engine.stream import with_newest
 from streamer.service.metrics import Metrics
 from streamer.service.protocol import ProtocolError, ServerLimits
-from streamer.service.executor import ASK, INGEST, ModelExecutor
+from streamer.service.executor import ASK, ModelExecutor
 from video_io.errors import VideoError
 from video_io.frames import Frame
 from video_io.preprocess import resize_frames
@@ -178,7 +178,7 @@ class StreamSession:
         try:
             async with self.room:
                 self.room.notify_all()
-            record = await self.shared.executor.submit(INGEST, self._ingest_now, frames)
+            record = await self.shared.executor.ingest(self.id, self._ingest_now, frames)
             seconds = sum(record.timings[stage] for stage in CHUNK_STAGES)
             self.ingested_ts = frames[-1].ts
             self.shared.metrics.chunk_seconds.observe(seconds)
