@@ -31,12 +31,15 @@ def main() -> None:
     parser.add_argument("--sessions", type=int, default=8)
     parser.add_argument("--chunk-frames", type=int, default=8)
     parser.add_argument("--pixels", type=int, help="frame size in pixels (default: the model's)")
+    parser.add_argument("--policy", help="the sessions' memory policy (default: the service's, EMLoC)")
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
     config = load_config("stream_default")
     override(config, "model", name=args.model, device=args.device)
     if args.pixels:
         override(config, "video", min_pixels=args.pixels, max_pixels=args.pixels)
+    if args.policy:
+        override(config, "memory", policy=args.policy)
     runner, _ = load_runner(config)
     preset = config.vision_preset(runner.preset)
     chunk = args.chunk_frames
