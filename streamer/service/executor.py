@@ -181,6 +181,10 @@ class ModelExecutor:
     def _together(self, jobs: list[Job]) -> None:
         """Chunks of different sessions, their probe forwards packed; each settles as it would alone."""
         live = [job for job in jobs if not job.cancelled]
+        if len(live) < 2:
+            for job in live:
+                self._do(job)
+            return
         if self.metrics is not None:
             self.metrics.ingest_together.observe(len(live))
         try:
