@@ -145,3 +145,32 @@ def test_a_chunk_that_fails_together_fails_alone(tiny_runner, monkeypatch):
     monkeypatch.undo()
     outcomes = ingest_together(runner, [lambda: ingest(runner, joint[0], joint[0]["chunks"][1])])
     assert outcomes[0][1] is None
+
+
+def test_chunks_together_pack_their_probes_where_a_static_decoder_exists(tiny_runner, monkeypatch):
+    """On a GPU a chunk alone probes through the static decoder (CUDA graphs over one set of buffers, one forward
+    at a time); chunks together take packed eager forwards instead, and decide as the static decoder does alone.
+    Here the static decoder runs its eager path (CPU)."""
+    from streamer.engine.decode import StaticDecoder
+
+    runner = tiny_runner
+    monkeypatch.setattr(runner, "static_decoder", StaticDecoder(runner, cuda_graphs=False))
+    packed = []
+
+    def spy(runner_, segments):
+        packed.append(len(segments))
+        return run_segments(runner_, segments)
+
+    monkeypatch.setattr(together, "run_segments", spy)
+    alone, joint = plan(runner)[:3], plan(runner)[:3]
+    for s in alone:
+        for chunk in s["chunks"][:2]:
+            ingest(runner, s, chunk)
+    for round_ in range(2):
+        outcomes = ingest_together(runner, [lambda s=s: ingest(runner, s, s["chunks"][round_]) for s in joint])
+        assert all(error is None for _, error in outcomes), outcomes
+    for s, ref in zip(joint, alone):
+        for record, reference in zip(s["memory"].chunks, ref["memory"].chunks, strict=True):
+            assert_close(record.chosen, reference.chosen)
+        assert_same_memory(s["memory"], ref["memory"])
+    assert packed and max(packed) == 3  # the three sessions' probe forwards, packed

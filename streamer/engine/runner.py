@@ -307,7 +307,7 @@ class Runner:
         chunk ingested together with others (streamer.engine.together), eager forwards packed with theirs."""
         hand_off = fiber_forward()
         if hand_off is not None:
-            return EagerDecoder(self, run=hand_off)  # not the static decoder: its buffers hold one forward's context
+            return EagerDecoder(self, run=hand_off)  # packed with other sessions' forwards: the static decoder runs one
         if self.static_decoder is not None and self.static_decoder.fits(question_tokens):
             return self.static_decoder
         return EagerDecoder(self)
