@@ -1,7 +1,7 @@
 """Seconds to ingest a round of chunks of N sessions one at a time and together (streamer.engine.together: their
 probe forwards packed), in one process, alternating, with the chunk stages summed (docs/PERFORMANCE.md).
 
-    python tools/ingest_together.py --model qwen2-vl-2b-random --sessions 4 --chunk-frames 4 --pixels 12544
+    python tools/ingest_together.py --model qwen2-vl-2b-random --sessions 2,4 --chunk-frames 4 --pixels 12544
 
 Each session streams its own built-in video with the service's live default memory (configs/stream_default.toml);
 its first chunk is ingested untimed, then two rounds of one chunk per session are timed, alone (one chunk after
@@ -28,7 +28,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="builtin")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--sessions", type=int, default=8)
+    parser.add_argument("--sessions", default="8", help="session counts, comma-separated (one table each)")
     parser.add_argument("--chunk-frames", type=int, default=8)
     parser.add_argument("--pixels", type=int, help="frame size in pixels (default: the model's)")
     parser.add_argument("--policy", help="the sessions' memory policy (default: the service's, EMLoC)")
@@ -43,8 +43,12 @@ def main() -> None:
     runner, _ = load_runner(config)
     preset = config.vision_preset(runner.preset)
     chunk = args.chunk_frames
-    videos = [list(make_video(seed, max(16, 3 * chunk)).frames()) for seed in range(args.sessions)]
+    for sessions in [int(n) for n in args.sessions.split(",")]:
+        videos = [list(make_video(seed, max(16, 3 * chunk)).frames()) for seed in range(sessions)]
+        table(runner, config, preset, videos, chunk, args.repeats, f"{args.model}, {sessions} sessions")
 
+
+def table(runner, config, preset, videos: list, chunk: int, repeats: int, title: str) -> None:
     def measure(together: bool) -> tuple[float, dict]:
         sessions = [(runner.new_memory(**config.memory.limits()), config.make_policy()) for _ in videos]
         for (memory, policy), frames in zip(sessions, videos):
@@ -68,11 +72,11 @@ def main() -> None:
                     stages[stage] += record.timings.get(stage, 0.0)
         return seconds, stages
 
-    print(f"{args.model}, {args.sessions} sessions, chunks of {chunk} frames, {runner.device}: 2 rounds")
+    print(f"\n{title}, chunks of {chunk} frames, {runner.device}: 2 rounds")
     print("| ingest | seconds | " + " | ".join(f"{s} s (sum)" for s in STAGES) + " |")
     print("|---|---:|" + "---:|" * len(STAGES))
     totals = {False: [], True: []}
-    for _ in range(args.repeats):
+    for _ in range(repeats):
         for together in (False, True):
             seconds, stages = measure(together)
             totals[together].append(seconds)
