@@ -347,3 +347,67 @@ def test_chunks_of_several_sessions_are_ingested_together(tiny_runner, monkeypat
             count = next(s.value for f in text_string_to_metric_families(metrics) if f.name == "streamer:ingest_together"
                          for s in f.samples if s.name.endswith("_count"))
             assert count == len(together_sizes)
+
+
+def test_a_question_is_answered_while_chunks_ingest_together(tiny_runner, monkeypatch):
+    """While two sessions' chunks are ingested together (each layer of their forwards slowed to 0.1 s, in their
+    prefills and in their packed probe forwards), a third session's question is set up and answered between
+    their layers, and equals the answer alone; the chunks then finish as they would."""
+    frames = random_frames(4)
+    expected = alone(tiny_runner, frames, "What now?", 3)
+    grouped, release = threading.Event(), threading.Event()
+    original_run_layer, original_together = runner_module.run_layer, executor_module.ingest_together
+
+    def run_layer(*args, **kwargs):
+        if grouped.is_set() and not service.shared.executor.inside:
+            threading.Event().wait(0.1)
+        return original_run_layer(*args, **kwargs)
+
+    def ingest_together(runner, calls):
+        grouped.set()
+        try:
+            return original_together(runner, calls)
+        finally:
+            grouped.clear()
+
+    monkeypatch.setattr(runner_module, "run_layer", run_layer)
+    monkeypatch.setattr(executor_module, "ingest_together", ingest_together)
+
+    def hold():  # a job that keeps the model thread until both chunks are queued, so they go together
+        release.wait(timeout=60)
+        wait_until(lambda: len(service.shared.executor.jobs) >= 2, timeout=60)
+
+    async def scenario(url):
+        b = await ready_client(url, frames)
+        a1, a2 = StreamerClient(url), StreamerClient(url)
+        for client in (a1, a2):
+            await client.__aenter__()
+            await client.start()
+        executor = service.shared.executor
+        held = asyncio.wrap_future(asyncio.run_coroutine_threadsafe(executor.submit(executor_module.INGEST, hold),
+                                                                    executor.loop))
+        await push(a1, random_frames(4, seed=7))
+        await push(a2, random_frames(4, seed=8))
+        release.set()
+        await held
+        await asyncio.to_thread(grouped.wait, 60)
+        order = []
+
+        async def chunk(client):
+            await client.next_event("progress", timeout=120)
+            order.append("chunk")
+
+        async def question():
+            answer = await b.ask("What now?", max_new_tokens=3)
+            order.append("answer")
+            return answer
+
+        *_, answer = await asyncio.gather(chunk(a1), chunk(a2), question())
+        for client in (a1, a2, b):
+            await client.close()
+        return order, answer
+
+    with running_server(tiny_runner, ServerLimits()) as (service, url):
+        order, answer = asyncio.run(scenario(url))
+    assert order == ["answer", "chunk", "chunk"]
+    assert answer["text"] == expected
