@@ -102,6 +102,8 @@ def test_chunks_ingested_together_take_the_decisions_each_takes_alone(family_run
         for record, reference in zip(records, records_ref, strict=True):
             assert_close(record.chosen, reference.chosen)
             assert record.evicted == reference.evicted
+            assert "waited" not in reference.timings
+            assert 0 <= record.timings.get("waited", 0.0) < record.timings["policy"]  # its wait, within its stages
         assert_same_memory(s["memory"], ref["memory"])
     assert max(map(len, packed)) == 3  # the three probing sessions' forwards ran packed...
     assert any(len(set(starts)) > 1 for starts in packed)  # ...re-runs from different layers among them

@@ -6,7 +6,7 @@ probe forwards packed), in one process, alternating, with the chunk stages summe
 Each session streams its own built-in video with the service's live default memory (configs/stream_default.toml);
 its first chunk is ingested untimed, then two rounds of one chunk per session are timed, alone (one chunk after
 another) and together, each `--repeats` times on fresh memories. Stage sums count, in chunks ingested together,
-the time a chunk waited for the others' (so they add up to more than the round).
+the time a chunk waited for the others' (so they add up to more than the round); `waited` sums those waits.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from streamer.config import load_config, override
 from streamer.engine.runner import load_runner
 from streamer.engine.together import ingest_together
 
-STAGES = ("vision", "prefill", "probe", "search")
+STAGES = ("vision", "prefill", "probe", "search", "waited")
 
 
 def main() -> None:

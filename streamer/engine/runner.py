@@ -28,7 +28,7 @@ from streamer.engine.positions import as_position_ids, text_positions, video_pos
 from streamer.engine.probing import ChunkProbes
 from streamer.engine.recall import recall
 from streamer.engine.static_batch import StaticBatch
-from streamer.engine.together import fiber_forward
+from streamer.engine.together import fiber_forward, fiber_waited
 from streamer.engine.prompt import SYSTEM_PROMPT, VISION_END, chat_layout, pair_opening, pair_seconds
 from streamer.engine.view import MemoryView
 from streamer.engine.vision import encode_pairs
@@ -38,7 +38,8 @@ log = logging.getLogger("streamer")
 # a stream's frame rate when its caller states none: qwen-vl-utils' default sampling rate
 DEFAULT_FPS = 2.0
 # the stages that add up to a chunk's time in Runner.ingest's timings (a policy's own, e.g. probe and search, are
-# parts of `policy`; `read`, the wait for frames, is added by the chunk loop)
+# parts of `policy`; `read`, the wait for frames, is added by the chunk loop; `waited`, in a chunk ingested together
+# with other sessions', is the part of them it spent waiting for theirs: streamer.engine.together)
 CHUNK_STAGES = ("preprocess", "vision", "prefill", "policy")
 # positions kept free after a stream's video for a question and its answer, at most (an eighth of a smaller
 # limit: a question past it still works, only further from what the model was trained on); docs/DESIGN.md section 4
@@ -257,6 +258,8 @@ class Runner:
             record.chosen["probe_tokens"] = dict(answer=model.answer_tokens, drafted=model.drafted_tokens)
         record.timings = dict(preprocess=preprocess_s, vision=vision_s, prefill=prefill_s, policy=timer.seconds,
                               **selection.timings)
+        if waited := fiber_waited():  # ingested together with other sessions' chunks: the stages count this wait
+            record.timings["waited"] = waited
         return record
 
     def check_positions(self, memory: KVMemory, positions: torch.Tensor, frames: int) -> None:

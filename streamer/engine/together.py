@@ -14,13 +14,15 @@ over more rows), while the probe forwards of N sessions read the weights once in
 What runs one chunk at a time: the vision tower and each chunk's prefill (hundreds to thousands of
 tokens, bound by compute rather than by reading the weights: packing them would save little), the
 policy's own Python between forwards, and the commit. A fiber's chunk timings count the time it
-waited for the others.
+waited for the others; `fiber_waited` says how much (less its share of the packed forwards).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
+
+import time
 
 import torch
 from greenlet import greenlet
@@ -35,12 +37,20 @@ class _Fiber(greenlet):
     def __init__(self, run: Callable[[], Any], hand_off: Callable[[Segment], torch.Tensor]):
         super().__init__(run)
         self.hand_off = hand_off
+        self.paused_at = 0.0
+        self.waited = 0.0  # seconds paused while others ran, less its share of the packed forwards
 
 
 def fiber_forward() -> Callable[[Segment], torch.Tensor] | None:
     """Inside a chunk ingested together: how its probe forwards run (packed with the other chunks'); else None."""
     current = greenlet.getcurrent()
     return current.hand_off if isinstance(current, _Fiber) else None
+
+
+def fiber_waited() -> float:
+    """Inside a chunk ingested together: the seconds it has waited for the others so far; else 0."""
+    current = greenlet.getcurrent()
+    return current.waited if isinstance(current, _Fiber) else 0.0
 
 
 def ingest_together(runner: TextModel, calls: list[Callable[[], Any]]) -> list[tuple[Any, BaseException | None]]:
@@ -62,6 +72,7 @@ def ingest_together(runner: TextModel, calls: list[Callable[[], Any]]) -> list[t
             outcomes[i] = (handed, None)
         else:
             waiting[i] = handed
+            fiber.paused_at = time.perf_counter()
 
     # one inference mode around all fibers: each fiber's own (Runner.ingest's) then enters and leaves it inside this
     # one, so a fiber that finishes first cannot switch it off under another that is paused inside its own
@@ -72,12 +83,15 @@ def ingest_together(runner: TextModel, calls: list[Callable[[], Any]]) -> list[t
         while waiting:
             batch = sorted(waiting.items())
             waiting.clear()
+            started = time.perf_counter()
             try:
                 results = run_segments(runner, [segment for _, segment in batch])
             except Exception as exc:  # e.g. out of memory: every fiber of this forward fails, its stack unwinding
                 for i, _ in batch:
                     resume(i, fibers[i], lambda fiber=fibers[i], error=exc: fiber.throw(error))
                 continue
+            share = (time.perf_counter() - started) / len(batch)
             for (i, _), result in zip(batch, results):
+                fibers[i].waited += time.perf_counter() - fibers[i].paused_at - share
                 resume(i, fibers[i], lambda fiber=fibers[i], result=result: fiber.switch(result))
     return outcomes

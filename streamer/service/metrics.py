@@ -39,8 +39,8 @@ class Metrics:
         self.batch_size = histogram("batch_size", "Answers in each executor step.", BATCH_BUCKETS)
         self.step_seconds = histogram("step_seconds", "Duration of each executor step.", STEP_BUCKETS)
         self.chunk_seconds = histogram("chunk_seconds", "Model time of each ingested chunk "
-                                       "(preprocess, vision, prefill, memory policy; chunks ingested together "
-                                       "count the others' work done meanwhile).")
+                                       "(preprocess, vision, prefill, memory policy; ingested together with other "
+                                       "sessions' chunks: less the time it waited for theirs).")
         self.ingest_together = histogram("ingest_together", "Chunks of different sessions ingested together, "
                                          "their probe forwards packed (runs of two or more).", BATCH_BUCKETS)
         self.generation_tokens = Counter("streamer:generation_tokens", "Answer tokens generated.", registry=registry)

@@ -179,7 +179,7 @@ class StreamSession:
             async with self.room:
                 self.room.notify_all()
             record = await self.shared.executor.ingest(self.id, self._ingest_now, frames)
-            seconds = sum(record.timings[stage] for stage in CHUNK_STAGES)
+            seconds = sum(record.timings[stage] for stage in CHUNK_STAGES) - record.timings.get("waited", 0.0)
             self.ingested_ts = frames[-1].ts
             self.shared.metrics.chunk_seconds.observe(seconds)
             self.shared.metrics.frames_ingested.inc(len(frames))
