@@ -144,6 +144,7 @@ def _read_meta(header: dict, path: Path, tensors: int) -> dict:
     stream.setdefault("recall", 0)  # written before a memory could keep evicted tokens on the host
     stream.setdefault("host_budget", None)
     stream.setdefault("tier_growth", 0.0)  # written before tiered compaction
+    stream.setdefault("focus", 0)  # written before a question could read only the chunks it attends to
     differing = set(stream) ^ set(STREAM_FIELDS)
     if differing:
         raise ValueError(f"{path} stream fields differ from this build's KVMemory in {sorted(differing)}; "
@@ -157,6 +158,7 @@ def _read_meta(header: dict, path: Path, tensors: int) -> dict:
     _field(path, "stream.video_start", stream["video_start"], int, 0, optional=True)
     _field(path, "stream.max_positions", stream["max_positions"], int, 1, optional=True)
     _field(path, "stream.recall", stream["recall"], int, 0)
+    _field(path, "stream.focus", stream["focus"], int, 0)
     _field(path, "stream.host_budget", stream["host_budget"], int, 1, optional=True)
     try:
         check_tier_growth(_field(path, "stream.tier_growth", stream["tier_growth"], float))

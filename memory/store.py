@@ -96,6 +96,9 @@ class KVMemory:
     # with recall: tokens per layer on average the host may keep (None: all); beyond it the host thins by the
     # same rank x age rule as the device
     host_budget: int | None = None
+    # > 0: a question reads only the chunks it attends to most (the device's and the host's), up to this many tokens
+    # per layer on average, and the prompt's text (streamer/engine/recall.py); 0: the whole memory
+    focus: int = 0
     # > 0: tiered compaction. A chunk of age a gives up first the tokens its search's candidates dropped at a JS
     # of up to a^tier_growth times its bound (`level`), then evictions go on by rank x age; 0: rank x age alone
     tier_growth: float = 0.0
@@ -123,16 +126,19 @@ class KVMemory:
     @classmethod
     def empty(cls, num_layers: int, kv_heads: int, head_dim: int, device, dtype,
               budget: int | None = None, age_power: float = 1.0, max_positions: int | None = None,
-              recall: int = 0, host_budget: int | None = None, tier_growth: float = 0.0) -> "KVMemory":
+              recall: int = 0, host_budget: int | None = None, tier_growth: float = 0.0,
+              focus: int = 0) -> "KVMemory":
         check_age_power(age_power)
         check_tier_growth(tier_growth)
         if recall < 0:
             raise ValueError(f"memory recall must be >= 0 tokens per layer (0: evicted tokens are gone), got {recall}")
+        if focus < 0:
+            raise ValueError(f"memory focus must be >= 0 tokens per layer (0: a question reads it all), got {focus}")
         if host_budget is not None and host_budget < 1:
             raise ValueError(f"memory host_budget must be >= 1 token per layer (None: unbounded), got {host_budget}")
         memory = cls(layers=[empty_layer(kv_heads, head_dim, device, dtype) for _ in range(num_layers)],
                      budget=budget, age_power=age_power, max_positions=max_positions, recall=recall,
-                     host_budget=host_budget, tier_growth=float(tier_growth))
+                     host_budget=host_budget, tier_growth=float(tier_growth), focus=focus)
         memory.reset_host()
         return memory
 

@@ -64,12 +64,15 @@ class MemoryOptions:
     # > 0: tiered compaction: under the budget a chunk of age a first gives up what its EMLoC search dropped at a JS
     # of up to a^tier_growth times the bound (memory.store eviction_keys; docs/MEMORY.md); 0: rank x age alone
     tier_growth: float = 0.0
+    # > 0: a question reads only the chunks it attends to most, device and host alike, up to this many tokens per
+    # layer on average (streamer/engine/recall.py; docs/MEMORY.md); 0: the whole memory
+    focus: int = 0
 
     def limits(self) -> dict:
         """The keyword arguments of Runner.new_memory: what bounds a memory and how it evicts."""
         return dict(budget=self.budget or None, age_power=float(self.age_power), max_positions=self.max_positions or None,
                     recall=int(self.recall), host_budget=self.host_budget or None,
-                    tier_growth=float(self.tier_growth))
+                    tier_growth=float(self.tier_growth), focus=int(self.focus))
 
 
 @dataclass
@@ -154,6 +157,8 @@ class Config:
             raise ValueError(f"memory.max_positions must be >= 0 (0 = the model's), got {mem.max_positions}")
         if isinstance(mem.host_budget, bool) or not isinstance(mem.host_budget, int) or mem.host_budget < 0:
             raise ValueError(f"memory.host_budget must be a token count >= 0 (0 = unbounded), got {mem.host_budget!r}")
+        if isinstance(mem.focus, bool) or not isinstance(mem.focus, int) or mem.focus < 0:
+            raise ValueError(f"memory.focus must be a token count >= 0 (0 = a question reads it all), got {mem.focus!r}")
         if isinstance(mem.recall, bool) or not isinstance(mem.recall, int) or mem.recall < 0:
             raise ValueError(f"memory.recall must be a token count >= 0 (0 = evicted tokens are gone), got {mem.recall!r}")
         self.probe.validate()

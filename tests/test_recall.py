@@ -5,6 +5,7 @@ from conftest import random_frames
 
 from memory.baselines import FullPolicy
 from memory.snapshot import load_memory, save_memory
+from streamer.engine.decode import EagerDecoder
 from streamer.engine.models import model_identity
 from streamer.engine.recall import recall
 
@@ -110,9 +111,62 @@ def test_a_host_budget_thins_the_host_by_age_and_rank(tiny_runner):
         assert torch.equal(a.keys, b.keys)
 
 
-def test_a_snapshot_keeps_recall_but_not_the_host(tiny_runner, tmp_path):
-    memory = streamed(tiny_runner, random_frames(16, seed=24), budget=40, recall=30, host_budget=50)
+def test_a_snapshot_keeps_recall_and_focus_but_not_the_host(tiny_runner, tmp_path):
+    memory = streamed(tiny_runner, random_frames(16, seed=24), budget=40, recall=30, host_budget=50, focus=20)
     save_memory(memory, tmp_path / "m.safetensors", model_identity(tiny_runner.model, tiny_runner.model_name))
     loaded, _ = load_memory(tmp_path / "m.safetensors", model_identity(tiny_runner.model, tiny_runner.model_name))
     assert loaded.recall == 30 and loaded.host_budget == 50 and all(len(layer) == 0 for layer in loaded.host)
-    assert len(loaded.host) == tiny_runner.num_layers
+    assert len(loaded.host) == tiny_runner.num_layers and loaded.focus == 20
+
+
+def video_chunks(layer) -> set:
+    return {int(c) for c in layer.chunk[torch.isfinite(layer.importance)].tolist()}
+
+
+def texts(layer) -> set:
+    return {token for token, finite in zip(held(layer), torch.isfinite(layer.importance).flatten().tolist())
+            if not finite}
+
+
+def test_a_focused_question_reads_only_the_chunks_it_attends_to_most(tiny_runner):
+    """With focus, a question reads whole chunks of the device and the host, the ones its probe attends to most,
+    within focus tokens per layer on average, and every text token; the memory itself is unchanged."""
+    frames = random_frames(24, seed=24)
+    memory = streamed(tiny_runner, frames, budget=40, recall=30)
+    ids = tiny_runner.suffix_ids(QUESTION)
+    readable = [{**held(a), **held(b)} for a, b in zip(memory.layers, memory.host)]
+    memory.focus = 25
+    focused = recall(tiny_runner, memory, ids)
+    assert focused.focus == 0 and focused.recall == 0 and focused.host == []
+    assert recall(tiny_runner, focused, ids) is focused  # once per question
+    chosen = video_chunks(focused.layers[0])
+    everything = set().union(*(video_chunks(layer) for layer in memory.layers + memory.host))
+    assert chosen and chosen < everything  # some chunks, not all
+    used = 0.0
+    for layer, device, tokens in zip(focused.layers, memory.layers, readable):
+        now = held(layer)
+        assert all(torch.equal(now[token], tokens[token]) for token in now)  # read as they were kept
+        assert set(now) == {t for t in tokens if t[1] in chosen} | texts(device)  # whole chunks and the text
+        used += sum(t[1] in chosen for t in tokens) / tiny_runner.kv_heads
+    assert used <= 25 * tiny_runner.num_layers
+    # the chunk the question attends to most, over device and host alike, is among them
+    forward = EagerDecoder(tiny_runner).probe(
+        [(torch.cat([a.keys, b.keys], 2), torch.cat([a.values, b.values], 2)) for a, b in zip(memory.layers, memory.host)],
+        memory.next_position, ids, rows=1)
+    score = {}
+    for a, b, attention in zip(memory.layers, memory.host, forward.attention):
+        chunk, finite = torch.cat([a.chunk, b.chunk.to(a.chunk.device)], 1), torch.cat([a.importance, b.importance], 1)
+        for c, value in zip(chunk[finite.isfinite()].tolist(), attention[finite.isfinite()].tolist()):
+            score[c] = score.get(c, 0.0) + value
+    assert max(score, key=score.get) in chosen
+    # the memory is unchanged and answers through its focus; focus over everything reads everything
+    assert [held(layer).keys() for layer in memory.layers] == [{t for t in d if t in held(m)} for d, m in
+                                                                zip(readable, memory.layers)]
+    assert tiny_runner.answer(memory, QUESTION, 3, stop_at_end=False).token_ids == \
+        tiny_runner.answer(focused, QUESTION, 3, stop_at_end=False).token_ids
+    memory.focus = 10**6
+    whole = recall(tiny_runner, memory, ids)
+    assert [set(held(layer)) for layer in whole.layers] == [set(tokens) for tokens in readable]
+    plain = streamed(tiny_runner, frames, budget=40)  # no host: the device's chunks only
+    plain.focus = 25
+    assert video_chunks(recall(tiny_runner, plain, ids).layers[0]) <= video_chunks(plain.layers[0])

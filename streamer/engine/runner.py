@@ -135,17 +135,18 @@ class Runner:
 
     def new_memory(self, budget: int | None = None, age_power: float = 1.0,
                    max_positions: int | None = None, recall: int = 0, host_budget: int | None = None,
-                   tier_growth: float = 0.0) -> KVMemory:
+                   tier_growth: float = 0.0, focus: int = 0) -> KVMemory:
         """An empty memory; `budget` caps the tokens per layer on average (None: unbounded), `age_power` how
         evictions weigh age (memory.store), `max_positions` the positions a stream may span (None: the model's),
         `recall` the evicted tokens per layer on average a question may bring back from the host (0: none kept;
         streamer/engine/recall.py), `host_budget` how many per layer the host may keep (None: all), `tier_growth`
-        how fast the JS bound that compacts old chunks loosens with age (0: off; memory.store eviction_keys)."""
+        how fast the JS bound that compacts old chunks loosens with age (0: off; memory.store eviction_keys),
+        `focus` the tokens per layer a question reads, of the chunks it attends to most (0: all of it)."""
         if max_positions is not None and max_positions < len(self.prefix_ids) + 2:
             raise ValueError(f"max_positions {max_positions} leaves no room for a stream: give at least "
                              f"{len(self.prefix_ids) + 2} (0 or none: the model's own)")
         return KVMemory.empty(self.num_layers, self.kv_heads, self.head_dim, self.device, self.model.dtype, budget,
-                              age_power, max_positions, recall, host_budget, tier_growth)
+                              age_power, max_positions, recall, host_budget, tier_growth, focus)
 
     # --- forwards -------------------------------------------------------------------------
 

@@ -45,7 +45,7 @@ from streamer.evaluation.synthetic import bootstrap_interval
 MID = "middle, then"  # the middle part's questions asked right after it
 SECTION = "## Long streams"  # the section of docs/SYNTHETIC.md this evaluation writes
 FULL = override(Config(), "memory", policy="full")
-MEMORY_SETTINGS = ("budget", "age_power", "max_positions", "recall", "host_budget", "tier_growth")  # what a memory spec may set
+MEMORY_SETTINGS = ("budget", "age_power", "max_positions", "recall", "host_budget", "tier_growth", "focus")  # what a memory spec may set
 
 
 @dataclass
