@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU session's checks and figures, in one device call (tool library: device):
 #   run(command="bash tools/gpu_check.sh", carry=[".whl"], timeout_s=600)
-# .whl holds the wheels the GPU image lacks (av, decord, websockets, starlette, uvicorn, greenlet for cp312; the image has
+# .whl holds the wheels the GPU image lacks (av, decord, websockets, starlette, uvicorn, greenlet, qwen-vl-utils for cp312; the image has
 # prometheus-client; see the device README for the pip download line). Writes logs, bench JSON and markdown to $OUT.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_check}
