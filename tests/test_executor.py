@@ -28,6 +28,13 @@ def alone(runner, frames, question, tokens, config=None):
     return runner.answer(stream(runner, frames, 4, policy), question, tokens).text
 
 
+async def noted(order: list, label: str, awaitable):
+    """awaitable's result, with `label` appended to `order` when it is done."""
+    result = await awaitable
+    order.append(label)
+    return result
+
+
 async def ready_client(url, frames):
     client = StreamerClient(url)
     await client.__aenter__()
@@ -103,17 +110,8 @@ def test_a_question_is_answered_inside_a_long_chunk(tiny_runner, monkeypatch):
             await push(a, random_frames(4, seed=9))
             await asyncio.to_thread(ingesting.wait)
             order = []
-
-            async def chunk():
-                await a.next_event("progress", timeout=60)
-                order.append("chunk")
-
-            async def question():
-                answer = await b.ask("What now?", max_new_tokens=3)
-                order.append("answer")
-                return answer
-
-            _, answer = await asyncio.gather(chunk(), question())
+            _, answer = await asyncio.gather(noted(order, "chunk", a.next_event("progress", timeout=60)),
+                                             noted(order, "answer", b.ask("What now?", max_new_tokens=3)))
         await b.close()
         return order, answer
 
@@ -392,17 +390,9 @@ def test_a_question_is_answered_while_chunks_ingest_together(tiny_runner, monkey
         await held
         await asyncio.to_thread(grouped.wait, 60)
         order = []
-
-        async def chunk(client):
-            await client.next_event("progress", timeout=120)
-            order.append("chunk")
-
-        async def question():
-            answer = await b.ask("What now?", max_new_tokens=3)
-            order.append("answer")
-            return answer
-
-        *_, answer = await asyncio.gather(chunk(a1), chunk(a2), question())
+        *_, answer = await asyncio.gather(*[noted(order, "chunk", client.next_event("progress", timeout=120))
+                                            for client in (a1, a2)],
+                                          noted(order, "answer", b.ask("What now?", max_new_tokens=3)))
         for client in (a1, a2, b):
             await client.close()
         return order, answer

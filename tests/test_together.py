@@ -16,7 +16,7 @@ from streamer.engine.packed import run_segments
 from streamer.engine.together import ingest_together
 
 
-def sessions(runner):
+def sessions():
     """(policy, memory budget, frames per chunk, chunks): four streams whose memories differ per layer and session."""
     config = load_config("stream_default")
     default = config.make_policy()  # EMLoC with drafted probe answers, the service's live default
@@ -32,7 +32,7 @@ def sessions(runner):
 def plan(runner):
     """Per session its memory, policy and chunks of frames."""
     out = []
-    for seed, (policy, budget, per_chunk, chunks) in enumerate(sessions(runner)):
+    for seed, (policy, budget, per_chunk, chunks) in enumerate(sessions()):
         frames = random_frames(per_chunk * chunks, seed=10 + seed)
         out.append(dict(memory=runner.new_memory(budget=budget), policy=policy,
                         chunks=[frames[i:i + per_chunk] for i in range(0, len(frames), per_chunk)]))

@@ -32,12 +32,12 @@ def recall(runner: TextModel, memory: KVMemory, ids: list[int]) -> KVMemory:
     """The memory with the evicted chunks that `ids` (a question's tokens after the video) attends to most
     brought back, within memory.recall tokens per layer on average; with memory.focus, only the chunks it attends
     to most, within memory.focus; the memory itself if it keeps nothing on the host and has no focus."""
-    stored = memory.recall and any(len(layer) for layer in memory.host)
-    if not stored and not memory.focus:
+    hosted = memory.recall and any(len(layer) for layer in memory.host)
+    if not hosted and not memory.focus:
         return memory
     device = runner.device
     host = [LayerMemory(*(getattr(layer, name).to(device) for name in TOKEN_FIELDS)) for layer in memory.host] \
-        if stored else [None] * len(memory.layers)
+        if hosted else [None] * len(memory.layers)
     context = [(torch.cat([layer.keys, part.keys], 2), torch.cat([layer.values, part.values], 2)) if part is not None
                else (layer.keys, layer.values) for layer, part in zip(memory.layers, host)]
     forward = EagerDecoder(runner).probe(context, memory.next_position, ids, rows=1)
@@ -49,19 +49,24 @@ def recall(runner: TextModel, memory: KVMemory, ids: list[int]) -> KVMemory:
                           for attention, layer in zip(forward.attention, memory.layers)])
     score = torch.zeros(int(chunks.max()) + 1, device=device).index_add_(0, chunks, received.float())
     tokens = torch.bincount(chunks, minlength=score.shape[0])
-    room, chosen = memory.recall * len(memory.layers), []
-    for chunk in score.argsort(descending=True).tolist():
-        if 0 < int(tokens[chunk]) <= room:
-            chosen.append(chunk)
-            room -= int(tokens[chunk])
+    picked = _best_chunks(score, tokens.float(), memory.recall * len(memory.layers))
     recalled = memory.fork()
     recalled.recall, recalled.host = 0, []  # an answer's memory: what it brought back is in it, once
-    picked = torch.tensor(chosen, dtype=torch.long, device=device)
     for layer, stored in zip(recalled.layers, host):
         index = torch.isin(stored.chunk[0], picked).nonzero()[:, 0]
         if len(index):
             append(layer, columns(stored, index.expand(stored.chunk.shape[0], -1)))
     return recalled
+
+
+def _best_chunks(score: torch.Tensor, tokens: torch.Tensor, room: float) -> torch.Tensor:
+    """The chunks of highest score, best first, while their tokens (summed over layers) fit in `room`."""
+    chosen = []
+    for chunk in score.argsort(descending=True).tolist():
+        if 0 < float(tokens[chunk]) <= room:
+            chosen.append(chunk)
+            room -= float(tokens[chunk])
+    return torch.tensor(chosen, dtype=torch.long, device=score.device)
 
 
 def _focus(memory: KVMemory, host: list[LayerMemory | None], attention: list[torch.Tensor]) -> KVMemory:
@@ -81,12 +86,7 @@ def _focus(memory: KVMemory, host: list[LayerMemory | None], attention: list[tor
         heads = layer.chunk.shape[0]
         score.index_add_(0, layer.chunk[video], received[video].float() / heads)
         tokens.index_add_(0, layer.chunk[video], torch.full_like(received[video], 1.0 / heads, dtype=torch.float))
-    room, chosen = memory.focus * len(layers), []
-    for chunk in score.argsort(descending=True).tolist():
-        if 0 < float(tokens[chunk]) <= room:
-            chosen.append(chunk)
-            room -= float(tokens[chunk])
-    picked = torch.tensor(chosen, dtype=torch.long, device=device)
+    picked = _best_chunks(score, tokens, memory.focus * len(layers))
     focused = memory.fork()
     focused.recall, focused.focus, focused.host = 0, 0, []  # an answer's memory: read as it is
     for i, layer in enumerate(layers):
