@@ -98,6 +98,7 @@ def test_eval_synthetic_json(tmp_path, capsys):
         assert row["frames"] == 32 and row["videos"] == 4
         low, high = row["accuracy_interval"]
         assert low <= row["accuracy"] <= high
+        assert len(row["correct"]) == 4 and 100 * np.mean(row["correct"]) == pytest.approx(row["accuracy"])
         assert 0 < row["memory_fraction"] <= 1 and row["answer_js"] >= 0
         if row["policy"] == "uniform":
             assert "vs_uniform" not in row

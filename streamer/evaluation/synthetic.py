@@ -189,7 +189,8 @@ def summarize(run: Run, frames: int, sweep: list[Run], resamples: int) -> dict:
                families=dict(zip(QUESTION_KINDS, families.tolist())), memory_fraction=run.memory_fraction,
                memory_tokens=float(np.mean(run.memory_tokens)), full_tokens=float(np.mean(run.full_tokens)),
                answer_js=float(run.mean_js().mean()), probe_s_per_chunk=timings["probe"],
-               search_s_per_chunk=timings["search"], seconds=run.seconds)
+               search_s_per_chunk=timings["search"], seconds=run.seconds,
+               correct=run.correct)  # [video][question], families in order: pairs two runs on the same videos
     if run.policy != "uniform":
         matched = uniform_at(sweep, run.memory_fraction)
         if matched is None:  # below the smallest uniform ratio: add a smaller one to compare
