@@ -2,7 +2,7 @@ import json
 import math
 import tomllib
 from collections import Counter
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import numpy as np
 import pytest
@@ -14,6 +14,7 @@ from memory.baselines import FullPolicy
 from streamer.builtin.train import (DEFAULT_CONFIG, NAMED_HEADS, PROBE_HEADS, QUESTION_HEADS, VIDEO_HEADS, ModelConfig,
                                     Packer, Probes, Stage, TrainConfig, batch_loss, build_model, main, make_batch,
                                     token_labels, train)
+from streamer.builtin.train_long import LongTrainConfig
 from streamer.builtin.videos import (ANSWER_WORDS, BUILTIN_PRESET, COLOURS, DURATIONS, QUESTION_KINDS, OPTIONS,
                                      TRAIN_KINDS, Event, SyntheticVideo, make_video)
 from streamer.engine.attention import MEMORY_ATTENTION
@@ -96,12 +97,17 @@ def test_training_layout_is_what_the_runner_computes(builtin):
 def test_shipped_weights_come_from_the_shipped_configs():
     config = TrainConfig.from_dict(tomllib.loads(DEFAULT_CONFIG.read_text()))
     record = json.loads((TRAINED_MODELS[BUILTIN] / "training.json").read_text())
-    # from scratch; written before `init` and the stages' `questions` existed (their defaults)
-    assert asdict(TrainConfig.from_dict(record["config"])) == asdict(config)
-    # builtin-choice: builtin_tune.toml from exactly the shipped builtin
+    # builtin: builtin_long_replay.toml (threads aside) from v2, trained from scratch by builtin.toml (written
+    # before `init` and the stages' `questions` existed: their defaults)
+    long = LongTrainConfig.from_dict(tomllib.loads((DEFAULT_CONFIG.parent / "builtin_long_replay.toml").read_text()))
+    assert replace(LongTrainConfig.from_dict(record["long_stream"]), threads=long.threads) == long
+    assert [h["step"] for h in record["history"]][-1] == long.steps and "exported_at_step" not in record
+    v2 = record["base"]
+    assert asdict(TrainConfig.from_dict(v2["config"])) == asdict(config)
+    # builtin-choice: builtin_tune.toml from exactly v2
     tune = TrainConfig.from_dict(tomllib.loads((DEFAULT_CONFIG.parent / "builtin_tune.toml").read_text()))
     tuned = json.loads((TRAINED_MODELS[BUILTIN_CHOICE] / "training.json").read_text())
-    assert tuned["config"]["init"] == "streamer/assets/builtin" and tuned["base"] == record
+    assert tuned["config"]["init"] == "streamer/assets/builtin" and tuned["base"] == v2
     assert asdict(TrainConfig.from_dict({**tuned["config"], "init": ""})) == asdict(tune)
 
 

@@ -451,17 +451,29 @@ def model_note(name: str) -> str:
     if not (path / "training.json").is_file():
         return ""
     record = json.loads((path / "training.json").read_text())
-    return (f" The model ({record['parameters'] / 1e6:.2f} M parameters) was trained by `python -m "
-            f"streamer.builtin.train`: {training_note(record)}.")
+    first = record
+    while first.get("base"):
+        first = first["base"]
+    return f" The model ({first['parameters'] / 1e6:.2f} M parameters) was trained by {training_note(record)}."
 
 
 def training_note(record: dict) -> str:
     """A training record's stages and time; a fine-tune's after its base's."""
+    if "long_stream" in record:  # streamer.builtin.train_long
+        c = record["long_stream"]
+        note = (f"`python -m streamer.builtin.train_long` on long streams: {c['steps']} steps of a stream of "
+                f"{c['videos'][0]}-{c['videos'][1]} videos of 384 frames read through its memory ({c['memory']}, "
+                f"budget {c['budget']}, recall {c['recall']})"
+                + (f", replaying its own training on {c['replay_videos']} videos at weight {c['replay']}"
+                   if c.get("replay") else "") + f" ({record['seconds'] / 60:.0f} min)")
+        return f"{training_note(record['base'])}; then fine-tuned by {note}" if record.get("base") else note
+
     def stage(s: dict) -> str:
         frames = f"{s['min_frames']}-{s['max_frames']} frames"
         samples = "text-only samples" if s["max_frames"] == 0 else f"videos of {frames}"
         return f"{s['steps']} steps of {s['batch']} {samples}"
-    note = f"{', '.join(stage(s) for s in record['config']['stages'])} ({record['seconds'] / 60:.0f} min)"
+    note = (f"`python -m streamer.builtin.train`: {', '.join(stage(s) for s in record['config']['stages'])} "
+            f"({record['seconds'] / 60:.0f} min)")
     return f"{training_note(record['base'])}; then fine-tuned by {note}" if record.get("base") else note
 
 
