@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import numpy as np
 
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("b", help="the second run's --json (B)")
     parser.add_argument("--bootstrap", type=int, default=2000, help="resamples per interval")
     args = parser.parse_args(argv)
-    runs = [json.loads(open(path).read()) for path in (args.a, args.b)]
+    runs = [json.loads(Path(path).read_text()) for path in (args.a, args.b)]
     print("\n".join(paired_rows(*runs, args.bootstrap)))
     return 0
 

@@ -457,6 +457,11 @@ def model_note(name: str) -> str:
     return f" The model ({first['parameters'] / 1e6:.2f} M parameters) was trained by {training_note(record)}."
 
 
+def _stage(s: dict) -> str:
+    samples = "text-only samples" if s["max_frames"] == 0 else f"videos of {s['min_frames']}-{s['max_frames']} frames"
+    return f"{s['steps']} steps of {s['batch']} {samples}"
+
+
 def training_note(record: dict) -> str:
     """A training record's stages and time; a fine-tune's after its base's."""
     if "long_stream" in record:  # streamer.builtin.train_long
@@ -466,14 +471,9 @@ def training_note(record: dict) -> str:
                 f"budget {c['budget']}, recall {c['recall']})"
                 + (f", replaying its own training on {c['replay_videos']} videos at weight {c['replay']}"
                    if c.get("replay") else "") + f" ({record['seconds'] / 60:.0f} min)")
-        return f"{training_note(record['base'])}; then fine-tuned by {note}" if record.get("base") else note
-
-    def stage(s: dict) -> str:
-        frames = f"{s['min_frames']}-{s['max_frames']} frames"
-        samples = "text-only samples" if s["max_frames"] == 0 else f"videos of {frames}"
-        return f"{s['steps']} steps of {s['batch']} {samples}"
-    note = (f"`python -m streamer.builtin.train`: {', '.join(stage(s) for s in record['config']['stages'])} "
-            f"({record['seconds'] / 60:.0f} min)")
+    else:  # streamer.builtin.train
+        note = (f"`python -m streamer.builtin.train`: {', '.join(map(_stage, record['config']['stages']))} "
+                f"({record['seconds'] / 60:.0f} min)")
     return f"{training_note(record['base'])}; then fine-tuned by {note}" if record.get("base") else note
 
 
